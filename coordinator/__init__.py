@@ -1,0 +1,1 @@
+"""Load tracking and replication plans. Pure planning functions here need no torch."""

@@ -1,0 +1,1 @@
+"""Command line, config files, local swarm launcher and service files."""

@@ -1,0 +1,58 @@
+"""Entry point of `moeswarm node`: start an ExpertNode, report readiness, stop cleanly on signals."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import pathlib
+import signal
+
+from moeswarm.node.config import NodeConfig
+
+logger = logging.getLogger(__name__)
+
+
+def run_node(config: NodeConfig, *, ready_file: str | None = None, exit_with_parent: bool = False) -> int:
+    """Serve until SIGTERM/SIGINT; returns the exit code."""
+    try:
+        import uvloop
+    except ImportError:  # uvloop is optional on platforms without it
+        return asyncio.run(_serve(config, ready_file, exit_with_parent))
+    return uvloop.run(_serve(config, ready_file, exit_with_parent))
+
+
+async def _serve(config: NodeConfig, ready_file: str | None, exit_with_parent: bool) -> int:
+    from moeswarm.node.checkpoint import write_atomic
+    from moeswarm.node.node import ExpertNode
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if exit_with_parent:
+        watchdog = asyncio.create_task(_stop_when_orphaned(os.getppid(), stop))
+    node = ExpertNode(config)
+    try:
+        await node.start()
+        maddrs = node.dht_maddrs()
+        print(f"moeswarm node ready: {len(node.uids)} experts of {config.model.name}", flush=True)
+        print(f"  grpc endpoint : {node.endpoint}", flush=True)
+        print(f"  dht multiaddr : {maddrs[0] if maddrs else '(none)'}", flush=True)
+        if ready_file:
+            ready = {"endpoint": node.endpoint, "maddrs": maddrs, "peer_id": node.peer_id, "uids": list(node.uids)}
+            write_atomic(pathlib.Path(ready_file), lambda file: file.write(json.dumps(ready).encode()))
+        await stop.wait()
+        logger.info("stopping: finishing in-flight requests and writing a last checkpoint")
+    finally:
+        await node.stop()
+    return 0
+
+
+async def _stop_when_orphaned(parent_pid: int, stop: asyncio.Event) -> None:
+    """A launcher killed with SIGKILL cannot stop its nodes; they notice and stop themselves."""
+    while os.getppid() == parent_pid:
+        await asyncio.sleep(0.5)
+    logger.warning("launcher (pid %d) is gone: stopping", parent_pid)
+    stop.set()

@@ -1,0 +1,40 @@
+"""`moeswarm status`: what the DHT says about a swarm's nodes and experts, as a table or JSON."""
+
+from __future__ import annotations
+
+import json
+import re
+
+from moeswarm.model.directory import SwarmView, read_swarm
+from moeswarm.protocol.dht import start_dht, stop_dht
+
+
+def _natural_key(uid: str) -> list:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", uid)]
+
+
+def format_expert_table(view: SwarmView) -> str:
+    lines = [f"{len(view.nodes)} nodes, {len(view.experts)} experts"]
+    lines.append(f"{'expert':<24} {'replicas':>8}  endpoints (queue rows, rows/s, version)")
+    for uid in sorted(view.experts, key=_natural_key):
+        replicas = sorted(view.experts[uid], key=lambda record: record.endpoint)
+        where = ", ".join(f"{r.endpoint} ({r.queue_depth}, {r.rows_per_s:.0f}, v{r.version})" for r in replicas)
+        lines.append(f"{uid:<24} {len(replicas):>8}  {where or '-- none --'}")
+    return "\n".join(lines)
+
+
+def view_as_json(view: SwarmView) -> dict:
+    return {
+        "nodes": {peer: record.model_dump() for peer, record in view.nodes.items()},
+        "experts": {uid: [r.model_dump() for r in records] for uid, records in view.experts.items()},
+    }
+
+
+def print_status(initial_peers: list[str], swarm: str, *, as_json: bool) -> int:
+    dht = start_dht(initial_peers=initial_peers, client_mode=True)
+    try:
+        view = read_swarm(dht, swarm)
+    finally:
+        stop_dht(dht)
+    print(json.dumps(view_as_json(view), indent=1) if as_json else format_expert_table(view))
+    return 0 if view.nodes else 1

@@ -1,0 +1,187 @@
+"""`moeswarm swarm up`: a bootstrap DHT peer plus N node processes on 127.0.0.1, stopped together."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import yaml
+
+from moeswarm.coordinator.placement import place_experts
+from moeswarm.protocol.errors import StartupError
+from moeswarm.protocol.spec import ModelSpec
+
+logger = logging.getLogger(__name__)
+START_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 8.0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SwarmPlan:
+    model: ModelSpec
+    nodes: int = 4
+    replicas: int = 2
+    swarm: str = "default"
+    run_dir: pathlib.Path | None = None  # node state (checkpoints); a temp dir when None
+    seed: int = 0
+    torch_threads: int = 1
+
+
+def node_configs(plan: SwarmPlan, initial_peers: list[str], run_dir: pathlib.Path) -> list[dict]:
+    """One node YAML mapping per node, from the placement plan."""
+    placement = place_experts(plan.model.all_uids(), plan.nodes, plan.replicas)
+    return [
+        {
+            "model": dataclasses.asdict(plan.model),
+            "experts": uids,
+            "seed": plan.seed,
+            "swarm": plan.swarm,
+            "initial_peers": initial_peers,
+            "state_dir": str(run_dir / f"node{i}"),
+            "torch_threads": plan.torch_threads,
+        }
+        for i, uids in enumerate(placement)
+    ]
+
+
+class LocalSwarm:
+    """Owns the bootstrap DHT peer and the node processes, each in its own session (so a terminal's
+    Ctrl-C reaches only the launcher). Use as a context manager; stop() leaves no process behind."""
+
+    def __init__(self, plan: SwarmPlan):
+        self.plan = plan
+        self.procs: list[subprocess.Popen] = []  # [dht, node0, node1, ...]
+        self.ready: list[dict] = []  # what each node reported: endpoint, maddrs, peer_id, uids
+        self.initial_peers: list[str] = []
+        self._tmp = None if plan.run_dir else tempfile.TemporaryDirectory(prefix="moeswarm-swarm-")
+        self.run_dir = pathlib.Path(plan.run_dir or self._tmp.name)
+
+    def __enter__(self) -> "LocalSwarm":
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    @property
+    def nodes(self) -> list[subprocess.Popen]:
+        return self.procs[1:]
+
+    def start(self) -> None:
+        dht_dir = self.run_dir / "dht"
+        self._spawn(dht_dir, ["dht", "--ready-file", str(dht_dir / "ready.json")])
+        self.initial_peers = self._wait_ready(dht_dir, self.procs[0])["maddrs"]
+        configs = node_configs(self.plan, self.initial_peers, self.run_dir)
+        for i, config in enumerate(configs):
+            node_dir = self.run_dir / f"node{i}"
+            node_dir.mkdir(parents=True, exist_ok=True)
+            (node_dir / "node.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+            cmd = ["node", "--config", str(node_dir / "node.yaml"), "--ready-file", str(node_dir / "ready.json")]
+            self._spawn(node_dir, cmd)
+        self.ready = [self._wait_ready(self.run_dir / f"node{i}", proc) for i, proc in enumerate(self.nodes)]
+
+    def _spawn(self, work_dir: pathlib.Path, args: list[str]) -> None:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        (work_dir / "ready.json").unlink(missing_ok=True)
+        cmd = [sys.executable, "-m", "moeswarm.deploy.cli", *args, "--exit-with-parent"]
+        with open(work_dir / "log.txt", "ab") as log:
+            self.procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+
+    def _wait_ready(self, work_dir: pathlib.Path, proc: subprocess.Popen) -> dict:
+        ready_file = work_dir / "ready.json"
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if ready_file.exists():
+                return json.loads(ready_file.read_text())
+            if proc.poll() is not None:
+                raise StartupError(f"{work_dir.name} exited with code {proc.returncode}; see {work_dir / 'log.txt'}")
+            time.sleep(0.05)
+        raise StartupError(f"{work_dir.name} not ready after {START_TIMEOUT_S:.0f} s; see {work_dir / 'log.txt'}")
+
+    def stop(self) -> None:
+        """SIGTERM every process (nodes first), SIGKILL what is left after the grace period."""
+        for proc in self.procs[::-1]:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        for proc in self.procs:
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                logger.warning("pid %d did not stop in %.0f s; killing it", proc.pid, STOP_TIMEOUT_S)
+            _kill_group(proc)
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """Kill the node's whole process group (its DHT child and p2pd too), even if the node died first."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def format_placement(ready: list[dict]) -> str:
+    """Expert -> endpoints table from what the nodes reported when they became ready."""
+    endpoints: dict[str, list[str]] = {}
+    for node in ready:
+        for uid in node["uids"]:
+            endpoints.setdefault(uid, []).append(node["endpoint"])
+    lines = [f"{'expert':<24} endpoints"]
+    lines += [f"{uid:<24} {', '.join(where)}" for uid, where in endpoints.items()]
+    return "\n".join(lines)
+
+
+def watch_until_signal(swarm: LocalSwarm, stop: threading.Event) -> None:
+    """Block until `stop` is set; report nodes that die meanwhile."""
+    reported = set()
+    while not stop.wait(0.5):
+        for i, proc in enumerate(swarm.nodes):
+            if proc.poll() is not None and i not in reported:
+                reported.add(i)
+                logger.warning("node %d exited with code %s; see %s", i, proc.returncode, swarm.run_dir / f"node{i}" / "log.txt")
+
+
+def swarm_up(args) -> int:
+    """CLI body of `moeswarm swarm up`: start, print where to connect, wait for Ctrl-C or SIGTERM."""
+
+    spec = ModelSpec(name=args.model_name, d_model=args.d_model, d_ff=args.d_ff, n_layers=args.layers, n_experts=args.experts)
+    plan = SwarmPlan(
+        model=spec,
+        nodes=args.nodes,
+        replicas=args.replicas,
+        swarm=args.swarm,
+        run_dir=pathlib.Path(args.run_dir) if args.run_dir else None,
+    )
+    place_experts(spec.all_uids(), plan.nodes, plan.replicas)  # fail fast on a bad nodes/replicas pair
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"starting {plan.nodes} nodes: {spec.n_layers} layers x {spec.n_experts} experts, {plan.replicas} replicas each", flush=True)
+    started = time.monotonic()
+    with LocalSwarm(plan) as swarm:
+        print(f"swarm up in {time.monotonic() - started:.1f} s", flush=True)
+        print(format_placement(swarm.ready), flush=True)
+        print(f"\ninitial peers: {swarm.initial_peers[0]}", flush=True)
+        print(f"try:  moeswarm status --initial-peers {swarm.initial_peers[0]}", flush=True)
+        print("Ctrl-C stops the swarm", flush=True)
+        watch_until_signal(swarm, stop)
+        print("stopping the swarm...", flush=True)
+    print("stopped", flush=True)
+    return 0

@@ -1,0 +1,62 @@
+"""SwiGLU expert FFN (Mixtral's), its deterministic init, and the forward/backward a node runs.
+
+Shapes: N rows routed to this expert, D model dim, F expert hidden dim.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+class SwiGLUExpert(nn.Module):
+    """y = w2(silu(w1 x) * w3 x), as Mixtral's block_sparse_moe experts (no biases)."""
+
+    def __init__(self, d_model: int, d_ff: int):
+        super().__init__()
+        self.w1 = nn.Linear(d_model, d_ff, bias=False)  # gate
+        self.w3 = nn.Linear(d_model, d_ff, bias=False)  # up
+        self.w2 = nn.Linear(d_ff, d_model, bias=False)  # down
+
+    def forward(self, x_ND: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x_ND)) * self.w3(x_ND))
+
+
+def expert_seed(seed: int, uid: str) -> int:
+    """A stable 63-bit seed for one expert: same (seed, uid) gives the same weights on any machine."""
+    digest = hashlib.sha256(f"{seed}:{uid}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def init_expert(d_model: int, d_ff: int, *, seed: int, uid: str) -> SwiGLUExpert:
+    """Create an expert whose weights depend only on (d_model, d_ff, seed, uid)."""
+    expert = SwiGLUExpert(d_model, d_ff)
+    generator = torch.Generator().manual_seed(expert_seed(seed, uid))
+    with torch.no_grad():
+        for linear in (expert.w1, expert.w3, expert.w2):
+            fan_in = linear.weight.shape[1]
+            linear.weight.normal_(0.0, fan_in**-0.5, generator=generator)
+    return expert
+
+
+def expert_forward(expert: nn.Module, x_ND: torch.Tensor) -> torch.Tensor:
+    """Inference forward in the expert's dtype; returns y_ND (a new tensor)."""
+    param = next(expert.parameters())
+    with torch.no_grad():
+        return expert(x_ND.to(param.dtype))
+
+
+def expert_backward(expert: nn.Module, x_ND: torch.Tensor, grad_y_ND: torch.Tensor) -> torch.Tensor:
+    """Recompute the forward from x, backpropagate grad_y; returns grad_x_ND and ADDS param grads.
+
+    Stateless about the forward, so any replica holding the same weights can serve the backward.
+    """
+    param = next(expert.parameters())
+    x_ND = x_ND.to(param.dtype).detach().requires_grad_(True)
+    with torch.enable_grad():
+        y_ND = expert(x_ND)
+        y_ND.backward(grad_y_ND.to(param.dtype))
+    return x_ND.grad

@@ -1,0 +1,1 @@
+"""The expert-hosting node: gRPC service, request batching, DHT announcing, checkpoints."""

@@ -1,0 +1,53 @@
+"""Keeps this node's DHT records alive: one signed entry per hosted expert plus the node list entry."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from typing import Callable
+
+import hivemind
+from hivemind.utils.timed_storage import get_dht_time
+
+from moeswarm.protocol.records import ExpertRecord, NodeRecord, expert_key, nodes_key
+
+logger = logging.getLogger(__name__)
+
+
+async def _store_many(dht: hivemind.DHT, node, keys, values, expiration_time: float, subkey: bytes) -> dict:
+    # Runs inside the DHT process (see hivemind.DHT.run_coroutine).
+    return await node.store_many(keys, values, expiration_time, subkeys=[subkey] * len(keys))
+
+
+class Announcer:
+    def __init__(
+        self,
+        dht: hivemind.DHT,
+        *,
+        swarm: str,
+        subkey: bytes,
+        ttl_s: float,
+        records: Callable[[], tuple[NodeRecord, dict[str, ExpertRecord]]],
+    ):
+        self._dht, self._swarm, self._subkey, self._ttl_s, self._records = dht, swarm, subkey, ttl_s, records
+
+    async def announce_once(self) -> None:
+        node_record, expert_records = self._records()
+        keys = [nodes_key(self._swarm)] + [expert_key(self._swarm, uid) for uid in expert_records]
+        values = [node_record.model_dump()] + [record.model_dump() for record in expert_records.values()]
+        expiration = get_dht_time() + self._ttl_s
+        call = functools.partial(_store_many, keys=keys, values=values, expiration_time=expiration, subkey=self._subkey)
+        results = await asyncio.wait_for(self._dht.run_coroutine(call, return_future=True), self._ttl_s / 3)
+        failed = [key for key, ok in results.items() if not ok]
+        if failed:
+            logger.warning("DHT refused %d of %d records (first: %s)", len(failed), len(keys), failed[0])
+
+    async def run(self) -> None:
+        """Refresh every third of the TTL, so a record survives two lost refreshes."""
+        while True:
+            await asyncio.sleep(self._ttl_s / 3)
+            try:
+                await self.announce_once()
+            except Exception:  # task boundary: a DHT hiccup must not stop future refreshes
+                logger.warning("DHT announce failed; retrying in %.1f s", self._ttl_s / 3, exc_info=True)

@@ -1,0 +1,110 @@
+"""Merges concurrent requests for the same expert into one matmul, run on one compute thread.
+
+No fixed wait: a lone request runs at once; requests that arrive while a batch computes are merged
+into the next batch for that expert (up to `max_rows`). Each (uid, op) key has at most one batch in
+flight, and all compute goes through a single thread, so expert state is never touched concurrently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import dataclasses
+import logging
+import time
+from typing import Callable
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+# run(uid, op, inputs_ND, grads_ND or None) -> output_ND; called on the compute thread.
+ComputeFn = Callable[[str, str, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+
+@dataclasses.dataclass
+class _Pending:
+    x_ND: torch.Tensor
+    g_ND: torch.Tensor | None
+    future: asyncio.Future
+
+
+class RateMeter:
+    """Rows per second over a sliding window."""
+
+    def __init__(self, window_s: float = 10.0):
+        self.window_s = window_s
+        self._events: collections.deque[tuple[float, int]] = collections.deque()
+
+    def add(self, rows: int) -> None:
+        self._events.append((time.monotonic(), rows))
+
+    def rate(self) -> float:
+        now = time.monotonic()
+        while self._events and self._events[0][0] < now - self.window_s:
+            self._events.popleft()
+        return sum(rows for _, rows in self._events) / self.window_s
+
+
+class Batcher:
+    def __init__(self, compute: ComputeFn, executor: concurrent.futures.Executor, *, max_rows: int):
+        self._compute, self._executor, self.max_rows = compute, executor, max_rows
+        self._queues: dict[tuple[str, str], collections.deque[_Pending]] = collections.defaultdict(collections.deque)
+        self._drainers: dict[tuple[str, str], asyncio.Task] = {}
+        self.queued_rows = 0
+        self.meter = RateMeter()
+
+    async def submit(self, uid: str, op: str, x_ND: torch.Tensor, g_ND: torch.Tensor | None = None) -> torch.Tensor:
+        """Queue rows for one expert; returns its output rows (forward) or input grads (backward)."""
+        key = (uid, op)
+        pending = _Pending(x_ND, g_ND, asyncio.get_running_loop().create_future())
+        self._queues[key].append(pending)
+        self.queued_rows += x_ND.shape[0]
+        if key not in self._drainers:
+            self._drainers[key] = asyncio.create_task(self._drain(key))
+        return await pending.future
+
+    async def _drain(self, key: tuple[str, str]) -> None:
+        queue = self._queues[key]
+        try:
+            while queue:
+                batch = self._take_batch(queue)
+                if batch:
+                    await self._run(key, batch)
+        finally:
+            del self._drainers[key]
+
+    def _take_batch(self, queue: collections.deque[_Pending]) -> list[_Pending]:
+        batch, rows = [], 0
+        while queue and (not batch or rows + queue[0].x_ND.shape[0] <= self.max_rows):
+            item = queue.popleft()
+            self.queued_rows -= item.x_ND.shape[0]
+            if item.future.done():  # caller gave up (deadline, cancelled): skip its rows
+                continue
+            batch.append(item)
+            rows += item.x_ND.shape[0]
+        return batch
+
+    async def _run(self, key: tuple[str, str], batch: list[_Pending]) -> None:
+        uid, op = key
+        x_ND = batch[0].x_ND if len(batch) == 1 else torch.cat([item.x_ND for item in batch])
+        g_ND = None
+        if op == "backward":
+            g_ND = batch[0].g_ND if len(batch) == 1 else torch.cat([item.g_ND for item in batch])
+        loop = asyncio.get_running_loop()
+        try:
+            out_ND = await loop.run_in_executor(self._executor, self._compute, uid, op, x_ND, g_ND)
+        except Exception as e:  # task boundary: hand the failure to every waiting caller
+            logger.error("expert %s %s failed on %d rows", uid, op, x_ND.shape[0], exc_info=True)
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(e)
+            return
+        self.meter.add(x_ND.shape[0])
+        offset = 0
+        for item in batch:
+            rows = item.x_ND.shape[0]
+            if not item.future.done():
+                item.future.set_result(out_ND[offset : offset + rows])
+            offset += rows

@@ -1,0 +1,73 @@
+"""Atomic checkpoints of a node's experts and optimizer state, and the node's persistent identity.
+
+A checkpoint is written to a temporary file, fsynced, renamed over the old one, and the directory
+fsynced: a crash at any moment leaves either the previous or the new checkpoint, never a torn one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+import tempfile
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "experts.pt"
+IDENTITY_NAME = "identity.key"
+
+
+def write_atomic(path: pathlib.Path, write) -> None:
+    """Call write(file) on a temp file beside `path`, fsync it, then rename it over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        pathlib.Path(tmp_name).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def save_checkpoint(state_dir: pathlib.Path, state: dict) -> pathlib.Path:
+    path = state_dir / CHECKPOINT_NAME
+    write_atomic(path, lambda file: torch.save(state, file))
+    return path
+
+
+def load_checkpoint(state_dir: pathlib.Path) -> dict | None:
+    """The last checkpoint, or None if there is none. A corrupt file raises with its path."""
+    path = state_dir / CHECKPOINT_NAME
+    if not path.exists():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise RuntimeError(f"checkpoint {path} is unreadable ({e}); move it away to start from fresh weights") from e
+
+
+def load_or_create_identity(state_dir: pathlib.Path | None):
+    """The node's RSA key: kept in state_dir so a restarted node rewrites its own DHT entries."""
+    from hivemind.utils.crypto import RSAPrivateKey
+
+    if state_dir is None:
+        return RSAPrivateKey()
+    path = state_dir / IDENTITY_NAME
+    if path.exists():
+        key = RSAPrivateKey.__new__(RSAPrivateKey)
+        key.__setstate__({"_private_key": path.read_bytes()})  # DER, as RSAPrivateKey pickles it
+        return key
+    key = RSAPrivateKey()
+    write_atomic(path, lambda file: file.write(key.to_bytes()))
+    os.chmod(path, 0o600)
+    return key

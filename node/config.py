@@ -1,0 +1,76 @@
+"""Typed, validated node configuration (one YAML file per node, see deploy/node.example.yaml)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from moeswarm.protocol.codec import WIRE_DTYPES
+from moeswarm.protocol.errors import ConfigError
+from moeswarm.protocol.records import check_swarm_name
+from moeswarm.protocol.spec import ModelSpec, check_uid_in_spec
+
+
+def _require(condition: bool, key: str, value: object, rule: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}={value!r}: {rule}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OptimizerConfig:
+    name: Literal["sgd", "adam"] = "adam"  # optimizer applied to each hosted expert
+    lr: float = 1e-3  # learning rate
+    update_every: int = 1  # apply the optimizer once this many rows (samples) of gradient arrived
+
+    def __post_init__(self) -> None:
+        _require(self.name in ("sgd", "adam"), "optimizer.name", self.name, "one of 'sgd', 'adam'")
+        _require(0 < self.lr < 10, "optimizer.lr", self.lr, "must be in (0, 10)")
+        _require(self.update_every >= 1, "optimizer.update_every", self.update_every, "must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class NodeConfig:
+    model: ModelSpec  # dimensions shared by every expert of the model
+    experts: tuple[str, ...] | Literal["all"] = "all"  # hosted UIDs ({model}.L{layer}.E{expert}) or "all"
+    seed: int = 0  # deterministic init of experts that have no checkpoint (same seed -> same weights)
+    swarm: str = "default"  # swarm name, part of every DHT key
+    host: str = "127.0.0.1"  # address to bind gRPC and the DHT to, and to announce
+    port: int = 0  # gRPC port; 0 picks a free one
+    dht_port: int = 0  # DHT (libp2p) TCP port; 0 picks a free one
+    initial_peers: tuple[str, ...] = ()  # DHT multiaddrs to join; empty starts a new swarm
+    state_dir: str | None = None  # checkpoints and the node's identity key; None keeps nothing on disk
+    checkpoint_interval_s: float = 60.0  # write weights + optimizer state this often (if they changed)
+    announce_ttl_s: float = 30.0  # DHT records expire after this; refreshed every third of it
+    max_rows: int = 8192  # most rows one expert batch in a request may carry
+    max_message_bytes: int = 64 << 20  # largest gRPC message accepted or sent
+    batch_max_rows: int = 8192  # most rows merged into one expert matmul across requests
+    wire_dtypes: tuple[str, ...] = ("float32", "bfloat16", "float16")  # dtypes accepted on the wire
+    torch_threads: int = 1  # intra-op threads for expert compute (several nodes share a machine)
+    optimizer: OptimizerConfig = OptimizerConfig()
+
+    def __post_init__(self) -> None:
+        try:
+            check_swarm_name(self.swarm)
+        except ValueError as e:
+            raise ConfigError(f"swarm: {e}") from e
+        if self.experts != "all":
+            _require(len(self.experts) > 0, "experts", self.experts, "list at least one UID, or 'all'")
+            for uid in self.experts:
+                check_uid_in_spec(uid, self.model)
+            _require(len(set(self.experts)) == len(self.experts), "experts", self.experts, "has duplicates")
+        _require(0 <= self.port < 65536, "port", self.port, "must be in [0, 65535]")
+        _require(0 <= self.dht_port < 65536, "dht_port", self.dht_port, "must be in [0, 65535]")
+        _require(self.checkpoint_interval_s > 0, "checkpoint_interval_s", self.checkpoint_interval_s, "must be > 0")
+        _require(self.announce_ttl_s >= 3, "announce_ttl_s", self.announce_ttl_s, "must be >= 3")
+        _require(1 <= self.max_rows <= 1 << 20, "max_rows", self.max_rows, "must be in [1, 1048576]")
+        _require(self.batch_max_rows >= 1, "batch_max_rows", self.batch_max_rows, "must be >= 1")
+        _require(
+            4096 <= self.max_message_bytes <= 2**31 - 1, "max_message_bytes", self.max_message_bytes, "must be in [4096, 2^31-1]"
+        )
+        _require("float32" in self.wire_dtypes, "wire_dtypes", self.wire_dtypes, "must include float32")
+        for dtype in self.wire_dtypes:
+            _require(dtype in WIRE_DTYPES, "wire_dtypes", dtype, f"not one of {sorted(WIRE_DTYPES)}")
+        _require(1 <= self.torch_threads <= 256, "torch_threads", self.torch_threads, "must be in [1, 256]")
+
+    def hosted_uids(self) -> tuple[str, ...]:
+        return tuple(self.model.all_uids()) if self.experts == "all" else self.experts

@@ -1,0 +1,176 @@
+"""ExpertNode: one process that hosts experts, serves them over gRPC and announces them in the DHT."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import pathlib
+import time
+
+import grpc
+import hivemind
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from moeswarm.node.announcer import Announcer
+from moeswarm.node.batcher import Batcher
+from moeswarm.node.checkpoint import load_checkpoint, load_or_create_identity, save_checkpoint
+from moeswarm.node.config import NodeConfig
+from moeswarm.node.registry import ExpertRegistry
+from moeswarm.node.service import ExpertServicer
+from moeswarm.node.validation import Limits
+from moeswarm.protocol import expert_pb2, expert_pb2_grpc
+from moeswarm.protocol.errors import ConfigError
+from moeswarm.protocol.dht import start_dht, stop_dht
+from moeswarm.protocol.records import ExpertRecord, NodeRecord, dht_subkey
+
+logger = logging.getLogger(__name__)
+SERVICE_NAME = "moeswarm.ExpertService"
+SHUTDOWN_GRACE_S = 2.0
+
+
+class ExpertNode:
+    def __init__(self, config: NodeConfig):
+        self.config = config
+        self.uids = config.hosted_uids()
+        self.state_dir = pathlib.Path(config.state_dir) if config.state_dir else None
+        self.endpoint = ""
+        self.dht: hivemind.DHT | None = None
+        self._server: grpc.aio.Server | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._saved_fingerprint: dict | None = None
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="expert-compute", initializer=torch.set_num_threads, initargs=(config.torch_threads,)
+        )
+
+    async def start(self) -> None:
+        """Start the DHT (it forks, so before any gRPC object), load experts, serve, announce."""
+        config = self.config
+        identity = load_or_create_identity(self.state_dir)
+        self.dht = start_dht(
+            initial_peers=config.initial_peers, host=config.host, port=config.dht_port, private_key=identity
+        )
+        self.peer_id = str(self.dht.peer_id)
+        self.registry = ExpertRegistry(config.model, self.uids, seed=config.seed, optimizer=config.optimizer)
+        self._restore()
+        self.batcher = Batcher(self._compute, self._executor, max_rows=config.batch_max_rows)
+        await self._start_server()
+        self.announcer = Announcer(
+            self.dht, swarm=config.swarm, subkey=dht_subkey(identity), ttl_s=config.announce_ttl_s, records=self._records
+        )
+        await self.announcer.announce_once()
+        self._tasks = [asyncio.create_task(self.announcer.run()), asyncio.create_task(self._checkpoint_loop())]
+        logger.info("serving %d experts of %s on %s", len(self.uids), config.model.name, self.endpoint)
+
+    async def _start_server(self) -> None:
+        config = self.config
+        options = [
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes),
+            ("grpc.so_reuseport", 0),  # a taken port must fail, not be shared with another node
+        ]
+        self._server = grpc.aio.server(options=options)
+        limits = Limits(config.model, frozenset(self.uids), config.max_rows, frozenset(config.wire_dtypes))
+        expert_pb2_grpc.add_ExpertServiceServicer_to_server(ExpertServicer(self.batcher, limits, self.info), self._server)
+        self._health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        try:
+            port = self._server.add_insecure_port(f"{config.host}:{config.port}")
+        except RuntimeError as e:
+            raise ConfigError(f"port={config.port}: cannot bind gRPC on {config.host} ({e})") from e
+        self.endpoint = f"{config.host}:{port}"
+        await self._server.start()
+        for name in ("", SERVICE_NAME):
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    def dht_maddrs(self) -> list[str]:
+        return [str(maddr) for maddr in self.dht.get_visible_maddrs()]
+
+    def _compute(self, uid: str, op: str, x_ND: torch.Tensor, g_ND: torch.Tensor | None) -> torch.Tensor:
+        if op == "forward":
+            return self.registry.forward(uid, x_ND)
+        return self.registry.backward(uid, x_ND, g_ND)
+
+    def info(self) -> expert_pb2.InfoResponse:
+        spec = self.config.model
+        return expert_pb2.InfoResponse(
+            model=expert_pb2.ModelSpecMsg(
+                name=spec.name, d_model=spec.d_model, d_ff=spec.d_ff, n_layers=spec.n_layers, n_experts=spec.n_experts
+            ),
+            experts=[
+                expert_pb2.ExpertState(uid=uid, version=hosted.version, rows_served=hosted.rows_served)
+                for uid, hosted in self.registry.experts.items()
+            ],
+            queue_depth=self.batcher.queued_rows,
+            rows_per_s=self.batcher.meter.rate(),
+            wire_dtypes=list(self.config.wire_dtypes),
+            max_rows=self.config.max_rows,
+            max_message_bytes=self.config.max_message_bytes,
+            peer_id=self.peer_id,
+        )
+
+    def _records(self) -> tuple[NodeRecord, dict[str, ExpertRecord]]:
+        load = dict(peer_id=self.peer_id, endpoint=self.endpoint, queue_depth=self.batcher.queued_rows)
+        load["rows_per_s"] = self.batcher.meter.rate()
+        spec = self.config.model
+        node = NodeRecord(**load, model=vars(spec).copy(), uids=self.uids)
+        wire = tuple(self.config.wire_dtypes)
+        experts = {
+            uid: ExpertRecord(**load, version=hosted.version, wire_dtypes=wire) for uid, hosted in self.registry.experts.items()
+        }
+        return node, experts
+
+    def _restore(self) -> None:
+        if self.state_dir is None:
+            logger.warning("no state_dir: expert weights and optimizer state will not survive a restart")
+            return
+        state = load_checkpoint(self.state_dir)
+        if state is None:
+            logger.info("no checkpoint in %s: starting %d experts from seed %d", self.state_dir, len(self.uids), self.config.seed)
+            return
+        try:
+            restored = self.registry.load_state_dict(state)
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise ConfigError(f"checkpoint in {self.state_dir} does not fit this node: {e}") from e
+        self._saved_fingerprint = self.registry.fingerprint()
+        logger.info("resumed %d of %d experts from %s", len(restored), len(self.uids), self.state_dir)
+
+    async def checkpoint(self) -> bool:
+        """Save if any expert changed since the last save; returns whether it wrote."""
+        if self.state_dir is None:
+            return False
+        if self.registry.fingerprint() == self._saved_fingerprint:
+            return False
+        loop = asyncio.get_running_loop()
+        # Snapshot on the compute thread: no forward/backward can run halfway through it.
+        fingerprint, state = await loop.run_in_executor(
+            self._executor, lambda: (self.registry.fingerprint(), self.registry.state_dict())
+        )
+        started = time.monotonic()
+        path = await asyncio.to_thread(save_checkpoint, self.state_dir, state)
+        self._saved_fingerprint = fingerprint
+        logger.info("checkpoint written to %s in %.2f s", path, time.monotonic() - started)
+        return True
+
+    async def _checkpoint_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.checkpoint_interval_s)
+            try:
+                await self.checkpoint()
+            except Exception:  # task boundary: keep serving, try again next interval
+                logger.error("checkpoint failed; will retry", exc_info=True)
+
+    async def stop(self) -> None:
+        """Stop taking requests, let in-flight ones finish, checkpoint, leave the DHT."""
+        for task in self._tasks:
+            task.cancel()
+        if self._server is not None:
+            await self._health.enter_graceful_shutdown()
+            await self._server.stop(SHUTDOWN_GRACE_S)
+        try:
+            await self.checkpoint()
+        finally:
+            self._executor.shutdown(wait=True)
+            if self.dht is not None:
+                stop_dht(self.dht)

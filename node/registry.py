@@ -1,0 +1,105 @@
+"""The experts a node hosts, with their optimizers: forward, backward + scheduled optimizer step.
+
+Not thread-safe: the node runs every call on its single compute thread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import torch
+
+from moeswarm.model.experts import SwiGLUExpert, expert_backward, expert_forward, init_expert
+from moeswarm.node.config import OptimizerConfig
+from moeswarm.protocol.spec import ModelSpec
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class HostedExpert:
+    module: SwiGLUExpert
+    optimizer: torch.optim.Optimizer
+    version: int = 0  # optimizer steps applied
+    rows_since_step: int = 0  # gradient rows accumulated since the last step
+    rows_served: int = 0  # forward + backward rows, for load reporting
+
+
+def make_optimizer(params, config: OptimizerConfig) -> torch.optim.Optimizer:
+    if config.name == "sgd":
+        return torch.optim.SGD(params, lr=config.lr)
+    return torch.optim.Adam(params, lr=config.lr)
+
+
+class ExpertRegistry:
+    """Owns the hosted experts' weights and optimizer state."""
+
+    def __init__(self, spec: ModelSpec, uids: tuple[str, ...], *, seed: int, optimizer: OptimizerConfig):
+        self.spec, self.optimizer_config = spec, optimizer
+        self.experts: dict[str, HostedExpert] = {}
+        for uid in uids:
+            module = init_expert(spec.d_model, spec.d_ff, seed=seed, uid=uid)
+            self.experts[uid] = HostedExpert(module, make_optimizer(module.parameters(), optimizer))
+
+    def forward(self, uid: str, x_ND: torch.Tensor) -> torch.Tensor:
+        hosted = self.experts[uid]
+        hosted.rows_served += x_ND.shape[0]
+        return expert_forward(hosted.module, x_ND)
+
+    def backward(self, uid: str, x_ND: torch.Tensor, grad_y_ND: torch.Tensor) -> torch.Tensor:
+        """Return grad_x; accumulate parameter grads and step every `update_every` rows."""
+        hosted = self.experts[uid]
+        grad_x_ND = expert_backward(hosted.module, x_ND, grad_y_ND)
+        hosted.rows_served += x_ND.shape[0]
+        hosted.rows_since_step += x_ND.shape[0]
+        if hosted.rows_since_step >= self.optimizer_config.update_every:
+            hosted.optimizer.step()
+            hosted.optimizer.zero_grad(set_to_none=True)
+            hosted.rows_since_step = 0
+            hosted.version += 1
+        return grad_x_ND
+
+    def state_dict(self) -> dict:
+        """A deep copy of everything a restart needs (taken on the compute thread, so consistent)."""
+        state = {}
+        for uid, hosted in self.experts.items():
+            state[uid] = {
+                "weights": {k: v.detach().clone() for k, v in hosted.module.state_dict().items()},
+                "optimizer": _clone_tree(hosted.optimizer.state_dict()),
+                "grads": {n: p.grad.clone() for n, p in hosted.module.named_parameters() if p.grad is not None},
+                "version": hosted.version,
+                "rows_since_step": hosted.rows_since_step,
+            }
+        return {"model": dataclasses.asdict(self.spec), "experts": state}
+
+    def load_state_dict(self, state: dict) -> list[str]:
+        """Restore experts found in `state`; returns the UIDs restored. Shape mismatches raise ValueError."""
+        if state.get("model") != dataclasses.asdict(self.spec):
+            raise ValueError(f"checkpoint is for model {state.get('model')}, but this node serves {self.spec}")
+        restored = []
+        for uid, hosted in self.experts.items():
+            saved = state["experts"].get(uid)
+            if saved is None:
+                continue
+            hosted.module.load_state_dict(saved["weights"])
+            hosted.optimizer.load_state_dict(saved["optimizer"])
+            for name, param in hosted.module.named_parameters():
+                param.grad = saved["grads"].get(name)
+            hosted.version, hosted.rows_since_step = saved["version"], saved["rows_since_step"]
+            restored.append(uid)
+        return restored
+
+    def fingerprint(self) -> dict[str, tuple[int, int]]:
+        """Changes whenever weights, optimizer state or accumulated grads change."""
+        return {uid: (hosted.version, hosted.rows_since_step) for uid, hosted in self.experts.items()}
+
+
+def _clone_tree(tree):
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().clone()
+    if isinstance(tree, dict):
+        return {k: _clone_tree(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_clone_tree(v) for v in tree]
+    return tree

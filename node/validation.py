@@ -1,0 +1,78 @@
+"""Checks every inbound request before torch computes on it; raises errors from protocol/errors.py."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from moeswarm.protocol import codec, expert_pb2
+from moeswarm.protocol.errors import BadRequest, ExpertNotFound, Overloaded
+from moeswarm.protocol.spec import ModelSpec, parse_uid
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    spec: ModelSpec
+    hosted: frozenset[str]
+    max_rows: int
+    wire_dtypes: frozenset[str]
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertWork:
+    uid: str
+    x_ND: torch.Tensor  # read-only view of the request bytes
+    g_ND: torch.Tensor | None  # Backward only
+
+
+def validate_request(request: expert_pb2.ExpertRequest, limits: Limits, *, backward: bool) -> list[ExpertWork]:
+    """Decode and check a Forward/Backward request; returns one ExpertWork per batch, in order."""
+    if request.model != limits.spec.name:
+        raise BadRequest(f"request is for model {request.model[:64]!r}, this node serves {limits.spec.name!r}")
+    if not request.batches:
+        raise BadRequest("request carries no expert batches")
+    if len(request.batches) > len(limits.hosted):
+        raise BadRequest(f"request carries {len(request.batches)} batches, this node hosts {len(limits.hosted)} experts")
+    seen = set()
+    work = []
+    for batch in request.batches:
+        if batch.uid in seen:
+            raise BadRequest(f"expert {batch.uid[:96]!r} appears twice in one request; merge its rows")
+        seen.add(batch.uid)
+        work.append(_validate_batch(batch, limits, backward))
+    return work
+
+
+def _validate_batch(batch: expert_pb2.ExpertBatch, limits: Limits, backward: bool) -> ExpertWork:
+    if batch.uid not in limits.hosted:
+        parse_uid(batch.uid)  # malformed -> BadRequest; well-formed but not here -> NOT_FOUND below
+        raise ExpertNotFound(f"expert {batch.uid!r} is not hosted by this node; look it up in the DHT again")
+    x_ND = _decode_rows(batch.inputs, "inputs", batch.uid, limits)
+    g_ND = None
+    if backward:
+        if not batch.HasField("grad_outputs"):
+            raise BadRequest(f"Backward batch for {batch.uid} has no grad_outputs")
+        g_ND = _decode_rows(batch.grad_outputs, "grad_outputs", batch.uid, limits)
+        if g_ND.shape != x_ND.shape or g_ND.dtype != x_ND.dtype:
+            raise BadRequest(
+                f"{batch.uid}: grad_outputs {list(g_ND.shape)} {g_ND.dtype} must match inputs {list(x_ND.shape)} {x_ND.dtype}"
+            )
+    elif batch.HasField("grad_outputs"):
+        raise BadRequest(f"Forward batch for {batch.uid} must not carry grad_outputs")
+    return ExpertWork(batch.uid, x_ND, g_ND)
+
+
+def _decode_rows(message: expert_pb2.Tensor, what: str, uid: str, limits: Limits) -> torch.Tensor:
+    d_model = limits.spec.d_model
+    shape = list(message.shape)
+    if len(shape) != 2 or shape[1] != d_model:
+        raise BadRequest(f"{uid}: {what} must have shape [rows, {d_model}], got {shape[:8]}")
+    if shape[0] > limits.max_rows:
+        raise Overloaded(f"{uid}: {shape[0]} rows is over this node's limit of {limits.max_rows}; split the batch")
+    if message.dtype not in limits.wire_dtypes:
+        raise BadRequest(f"{uid}: {what} dtype {message.dtype[:32]!r} not accepted; use one of {sorted(limits.wire_dtypes)}")
+    tensor = codec.decode(message, max_elements=limits.max_rows * d_model)
+    if not bool(torch.isfinite(tensor).all()):
+        raise BadRequest(f"{uid}: {what} contains NaN or infinite values")
+    return tensor

@@ -1,0 +1,1 @@
+"""The wire: protobuf schema, tensor codec, DHT record schema, model spec and error table."""

@@ -1,0 +1,68 @@
+"""Tensor codec: dtype + shape + raw little-endian bytes. No pickle; decoding does not copy."""
+
+from __future__ import annotations
+
+import math
+import sys
+import warnings
+
+import torch
+
+from moeswarm.protocol import expert_pb2
+from moeswarm.protocol.errors import BadRequest
+
+# Wire dtypes we accept, by their wire name. fp32 is the default (bit-exact); the others are opt-in.
+WIRE_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+WIRE_NAME_OF: dict[torch.dtype, str] = {dtype: name for name, dtype in WIRE_DTYPES.items()}
+# Same-width integer views, used to byte-swap on big-endian hosts.
+_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_LITTLE_ENDIAN = sys.byteorder == "little"
+
+# Decoded tensors are read-only views of the message bytes; torch warns about that once. We never
+# write into them (the node and client only read inputs), so the warning carries no information.
+warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
+
+
+def encode(tensor: torch.Tensor, wire_dtype: torch.dtype | None = None) -> expert_pb2.Tensor:
+    """Serialise a tensor (any layout, any device) as `wire_dtype` (default: its own dtype)."""
+    tensor = tensor.detach()
+    if wire_dtype is not None and tensor.dtype != wire_dtype:
+        tensor = tensor.to(wire_dtype)
+    if tensor.dtype not in WIRE_NAME_OF:
+        raise TypeError(f"cannot send dtype {tensor.dtype}; wire dtypes are {sorted(WIRE_DTYPES)}")
+    flat = tensor.cpu().contiguous().reshape(-1)
+    as_ints = flat.view(_INT_VIEW[flat.element_size()])
+    if not _LITTLE_ENDIAN:
+        as_ints = torch.from_numpy(as_ints.numpy().byteswap())
+    return expert_pb2.Tensor(dtype=WIRE_NAME_OF[tensor.dtype], shape=list(tensor.shape), data=as_ints.numpy().tobytes())
+
+
+def decode(message: expert_pb2.Tensor, *, max_elements: int | None = None) -> torch.Tensor:
+    """Read a Tensor message without copying its bytes (the result is a read-only view).
+
+    Checks dtype, shape and byte count before torch sees the data; raises BadRequest otherwise.
+    """
+    dtype = WIRE_DTYPES.get(message.dtype)
+    if dtype is None:
+        raise BadRequest(f"unsupported tensor dtype {message.dtype[:32]!r}; wire dtypes are {sorted(WIRE_DTYPES)}")
+    shape = tuple(message.shape)
+    if any(dim < 0 for dim in shape):
+        raise BadRequest(f"negative dimension in tensor shape {list(shape)}")
+    numel = math.prod(shape)
+    if max_elements is not None and numel > max_elements:
+        raise BadRequest(f"tensor of shape {list(shape)} has {numel} elements, over the limit of {max_elements}")
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if len(message.data) != numel * itemsize:
+        raise BadRequest(
+            f"tensor of shape {list(shape)} and dtype {message.dtype} needs {numel * itemsize} bytes, got {len(message.data)}"
+        )
+    if numel == 0:
+        return torch.empty(shape, dtype=dtype)
+    if _LITTLE_ENDIAN:
+        return torch.frombuffer(message.data, dtype=dtype).view(shape)
+    swapped = torch.frombuffer(message.data, dtype=_INT_VIEW[itemsize]).numpy().byteswap()
+    return torch.from_numpy(swapped).view(dtype).view(shape)

@@ -1,0 +1,74 @@
+"""moeswarm's error hierarchy and the one table that maps it to gRPC status codes."""
+
+from __future__ import annotations
+
+import grpc
+
+
+class MoeSwarmError(Exception):
+    """Base of every error moeswarm raises on purpose."""
+
+
+class ConfigError(MoeSwarmError, ValueError):
+    """A config file, CLI flag or model spec is invalid; the message names the key."""
+
+
+class StartupError(MoeSwarmError):
+    """A process of ours could not start (a node exited, a port was taken); the message says where to look."""
+
+
+class BadRequest(MoeSwarmError):
+    """A request is malformed: wrong dtype, shape, size, non-finite values, bad UID."""
+
+
+class ExpertNotFound(MoeSwarmError):
+    """The node does not host the requested expert."""
+
+
+class Overloaded(MoeSwarmError):
+    """The request is over a size limit or the node's queue is full; retry smaller or elsewhere."""
+
+
+class NodeUnavailable(MoeSwarmError):
+    """A node did not answer in time, or is shutting down."""
+
+
+class AllReplicasFailed(MoeSwarmError):
+    """Every replica of an expert failed; `attempts` lists (endpoint, reason) pairs."""
+
+    def __init__(self, uid: str, attempts: list[tuple[str, str]]):
+        self.uid, self.attempts = uid, attempts
+        tried = "; ".join(f"{endpoint}: {reason}" for endpoint, reason in attempts) or "no replica known"
+        super().__init__(f"all replicas of expert {uid} failed ({tried})")
+
+
+# The single error <-> status table. Anything not listed is a bug and maps to INTERNAL.
+STATUS_OF_ERROR: dict[type[MoeSwarmError], grpc.StatusCode] = {
+    BadRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    ConfigError: grpc.StatusCode.INVALID_ARGUMENT,
+    ExpertNotFound: grpc.StatusCode.NOT_FOUND,
+    Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    NodeUnavailable: grpc.StatusCode.UNAVAILABLE,
+    AllReplicasFailed: grpc.StatusCode.UNAVAILABLE,
+}
+ERROR_OF_STATUS: dict[grpc.StatusCode, type[MoeSwarmError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: BadRequest,
+    grpc.StatusCode.NOT_FOUND: ExpertNotFound,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: Overloaded,
+    grpc.StatusCode.UNAVAILABLE: NodeUnavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: NodeUnavailable,
+}
+
+
+def status_of(error: MoeSwarmError) -> grpc.StatusCode:
+    for cls in type(error).__mro__:
+        if cls in STATUS_OF_ERROR:
+            return STATUS_OF_ERROR[cls]
+    return grpc.StatusCode.INTERNAL
+
+
+def error_from_rpc(error: grpc.RpcError, endpoint: str) -> MoeSwarmError:
+    """Turn a failed call into our error type, keeping the node's message and naming the endpoint."""
+    code = error.code()
+    cls = ERROR_OF_STATUS.get(code, MoeSwarmError)
+    return cls(f"{endpoint}: {code.name}: {error.details()}")

@@ -1,0 +1,76 @@
+"""Model specs and expert UIDs: what an expert is called and which shapes it must have."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+from moeswarm.protocol.errors import BadRequest, ConfigError
+
+# A model name is a DNS-label-like token; it is part of every UID and DHT key.
+_MODEL_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+_UID_RE = re.compile(r"^(?P<model>[a-z0-9][a-z0-9_-]{0,63})\.L(?P<layer>\d{1,5})\.E(?P<expert>\d{1,6})$")
+MAX_UID_CHARS = 96
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelSpec:
+    """The dimensions every expert of one MoE model shares (SwiGLU experts, as in Mixtral)."""
+
+    name: str  # model name, part of each UID, e.g. "tiny-moe"
+    d_model: int  # hidden size D: expert input and output width
+    d_ff: int  # expert hidden size F
+    n_layers: int  # number of MoE layers
+    n_experts: int  # experts per MoE layer
+
+    def __post_init__(self) -> None:
+        if not _MODEL_NAME_RE.match(self.name):
+            raise ConfigError(f"model.name={self.name!r}: use 1-64 chars of [a-z0-9_-], starting with a letter or digit")
+        for key in ("d_model", "d_ff", "n_layers", "n_experts"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 1 << 20:
+                raise ConfigError(f"model.{key}={value!r}: must be an integer in [1, 1048576]")
+
+    def uid(self, layer: int, expert: int) -> str:
+        return format_uid(self.name, layer, expert)
+
+    def all_uids(self) -> list[str]:
+        return [self.uid(layer, expert) for layer in range(self.n_layers) for expert in range(self.n_experts)]
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertUID:
+    model: str
+    layer: int
+    expert: int
+
+    def __str__(self) -> str:
+        return format_uid(self.model, self.layer, self.expert)
+
+
+def format_uid(model: str, layer: int, expert: int) -> str:
+    return f"{model}.L{layer}.E{expert}"
+
+
+def parse_uid(uid: str) -> ExpertUID:
+    """Parse `{model}.L{layer}.E{expert}`; raise BadRequest naming the UID when it is malformed."""
+    match = _UID_RE.match(uid) if len(uid) <= MAX_UID_CHARS else None
+    if match is None:
+        raise BadRequest(f"malformed expert uid {uid[:MAX_UID_CHARS]!r}: expected '{{model}}.L{{layer}}.E{{expert}}'")
+    return ExpertUID(match["model"], int(match["layer"]), int(match["expert"]))
+
+
+def check_uid_in_spec(uid: str, spec: ModelSpec) -> ExpertUID:
+    """Parse a UID and check it names an expert that exists in `spec`; raise ConfigError otherwise."""
+    try:
+        parsed = parse_uid(uid)
+    except BadRequest as e:
+        raise ConfigError(str(e)) from e
+    if parsed.model != spec.name:
+        raise ConfigError(f"expert {uid!r} belongs to model {parsed.model!r}, but this node serves {spec.name!r}")
+    if parsed.layer >= spec.n_layers or parsed.expert >= spec.n_experts:
+        raise ConfigError(
+            f"expert {uid!r} is outside model {spec.name!r} "
+            f"({spec.n_layers} layers x {spec.n_experts} experts, numbered from 0)"
+        )
+    return parsed
