@@ -18,15 +18,14 @@ from moeswarm.node.batcher import Batcher
 from moeswarm.node.checkpoint import load_checkpoint, load_or_create_identity, save_checkpoint
 from moeswarm.node.config import NodeConfig
 from moeswarm.node.registry import ExpertRegistry
-from moeswarm.node.service import ExpertServicer
+from moeswarm.node.service import SERVICE_NAME, ExpertServicer
 from moeswarm.node.validation import Limits
-from moeswarm.protocol import expert_pb2, expert_pb2_grpc
+from moeswarm.protocol import expert_pb2
 from moeswarm.protocol.errors import ConfigError
 from moeswarm.protocol.dht import start_dht, stop_dht
 from moeswarm.protocol.records import ExpertRecord, NodeRecord, dht_subkey
 
 logger = logging.getLogger(__name__)
-SERVICE_NAME = "moeswarm.ExpertService"
 SHUTDOWN_GRACE_S = 2.0
 
 
@@ -72,7 +71,7 @@ class ExpertNode:
         ]
         self._server = grpc.aio.server(options=options)
         limits = Limits(config.model, frozenset(self.uids), config.max_rows, frozenset(config.wire_dtypes))
-        expert_pb2_grpc.add_ExpertServiceServicer_to_server(ExpertServicer(self.batcher, limits, self.info), self._server)
+        self._server.add_generic_rpc_handlers([ExpertServicer(self.batcher, limits, self.info).generic_handler()])
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         try:

