@@ -4,23 +4,17 @@ from __future__ import annotations
 
 
 def place_experts(uids: list[str], n_nodes: int, replicas: int) -> list[list[str]]:
-    """Return, for each node, the UIDs it hosts. Replica r of expert i goes to node (i + r * step) % n.
+    """Return, for each node, the UIDs it hosts: every expert on `replicas` distinct nodes.
 
-    The step spreads the replicas of neighbouring experts over different node pairs, so losing one
-    node moves its load onto several others rather than onto a single neighbour.
+    Replica slots are dealt round-robin (slot i * replicas + r goes to node slot % n), so node loads
+    differ by at most one expert and an expert's replicas sit on consecutive, distinct nodes.
     """
     if n_nodes < 1:
         raise ValueError(f"nodes={n_nodes}: need at least one node")
     if not 1 <= replicas <= n_nodes:
         raise ValueError(f"replicas={replicas}: must be between 1 and the number of nodes ({n_nodes})")
-    step = max(1, n_nodes // replicas)
     plan: list[list[str]] = [[] for _ in range(n_nodes)]
     for i, uid in enumerate(uids):
-        nodes = {(i + r * step) % n_nodes for r in range(replicas)}
-        r = replicas
-        while len(nodes) < replicas:  # step collided: fill with the next free nodes
-            nodes.add((i + r) % n_nodes)
-            r += 1
-        for node in sorted(nodes):
-            plan[node].append(uid)
+        for r in range(replicas):
+            plan[(i * replicas + r) % n_nodes].append(uid)
     return plan

@@ -88,15 +88,15 @@ class Batcher:
 
     async def _run(self, key: tuple[str, str], batch: list[_Pending]) -> None:
         uid, op = key
-        x_ND = batch[0].x_ND if len(batch) == 1 else torch.cat([item.x_ND for item in batch])
-        g_ND = None
-        if op == "backward":
-            g_ND = batch[0].g_ND if len(batch) == 1 else torch.cat([item.g_ND for item in batch])
         loop = asyncio.get_running_loop()
         try:
+            x_ND = batch[0].x_ND if len(batch) == 1 else torch.cat([item.x_ND for item in batch])
+            g_ND = None
+            if op == "backward":
+                g_ND = batch[0].g_ND if len(batch) == 1 else torch.cat([item.g_ND for item in batch])
             out_ND = await loop.run_in_executor(self._executor, self._compute, uid, op, x_ND, g_ND)
         except Exception as e:  # task boundary: hand the failure to every waiting caller
-            logger.error("expert %s %s failed on %d rows", uid, op, x_ND.shape[0], exc_info=True)
+            logger.error("expert %s %s failed on %d requests", uid, op, len(batch), exc_info=True)
             for item in batch:
                 if not item.future.done():
                     item.future.set_exception(e)

@@ -20,7 +20,7 @@ def _require(condition: bool, key: str, value: object, rule: str) -> None:
 class OptimizerConfig:
     name: Literal["sgd", "adam"] = "adam"  # optimizer applied to each hosted expert
     lr: float = 1e-3  # learning rate
-    update_every: int = 1  # apply the optimizer once this many rows (samples) of gradient arrived
+    update_every: int = 1  # step once at least this many gradient rows (samples) have accumulated
 
     def __post_init__(self) -> None:
         _require(self.name in ("sgd", "adam"), "optimizer.name", self.name, "one of 'sgd', 'adam'")

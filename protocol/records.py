@@ -19,8 +19,8 @@ from moeswarm.protocol.codec import WIRE_DTYPES
 
 logger = logging.getLogger(__name__)
 
-_SWARM_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
-_ENDPOINT_RE = re.compile(r"^[A-Za-z0-9.\-\[\]:]{1,253}:\d{1,5}$")
+_SWARM_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")  # fullmatch: "$" would allow a trailing "\n"
+_ENDPOINT_RE = re.compile(r"[A-Za-z0-9.\-\[\]:]{1,253}:\d{1,5}")
 MAX_UIDS_PER_NODE = 100_000
 
 
@@ -48,7 +48,7 @@ def nodes_key(swarm: str) -> str:
 
 
 def check_swarm_name(swarm: str) -> str:
-    if not _SWARM_RE.match(swarm):
+    if not _SWARM_RE.fullmatch(swarm):
         raise ValueError(f"swarm name {swarm!r}: use 1-64 chars of [a-z0-9_-]")
     return swarm
 
@@ -65,7 +65,7 @@ class _Record(pydantic.BaseModel):
     @pydantic.field_validator("endpoint")
     @classmethod
     def _check_endpoint(cls, value: str) -> str:
-        if not _ENDPOINT_RE.match(value) or not 0 < int(value.rsplit(":", 1)[1]) < 65536:
+        if not _ENDPOINT_RE.fullmatch(value) or not 0 < int(value.rsplit(":", 1)[1]) < 65536:
             raise ValueError(f"bad endpoint {value[:64]!r}")
         return value
 

@@ -8,8 +8,9 @@ import re
 from moeswarm.protocol.errors import BadRequest, ConfigError
 
 # A model name is a DNS-label-like token; it is part of every UID and DHT key.
-_MODEL_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
-_UID_RE = re.compile(r"^(?P<model>[a-z0-9][a-z0-9_-]{0,63})\.L(?P<layer>\d{1,5})\.E(?P<expert>\d{1,6})$")
+_MODEL_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")  # used with fullmatch: "$" would allow "\n"
+# Canonical numbers only (no leading zeros): UIDs are compared as strings in the DHT and the node.
+_UID_RE = re.compile(r"(?P<model>[a-z0-9][a-z0-9_-]{0,63})\.L(?P<layer>0|[1-9]\d{0,4})\.E(?P<expert>0|[1-9]\d{0,5})")
 MAX_UID_CHARS = 96
 
 
@@ -24,7 +25,7 @@ class ModelSpec:
     n_experts: int  # experts per MoE layer
 
     def __post_init__(self) -> None:
-        if not _MODEL_NAME_RE.match(self.name):
+        if not isinstance(self.name, str) or not _MODEL_NAME_RE.fullmatch(self.name):
             raise ConfigError(f"model.name={self.name!r}: use 1-64 chars of [a-z0-9_-], starting with a letter or digit")
         for key in ("d_model", "d_ff", "n_layers", "n_experts"):
             value = getattr(self, key)
@@ -54,7 +55,7 @@ def format_uid(model: str, layer: int, expert: int) -> str:
 
 def parse_uid(uid: str) -> ExpertUID:
     """Parse `{model}.L{layer}.E{expert}`; raise BadRequest naming the UID when it is malformed."""
-    match = _UID_RE.match(uid) if len(uid) <= MAX_UID_CHARS else None
+    match = _UID_RE.fullmatch(uid) if len(uid) <= MAX_UID_CHARS else None
     if match is None:
         raise BadRequest(f"malformed expert uid {uid[:MAX_UID_CHARS]!r}: expected '{{model}}.L{{layer}}.E{{expert}}'")
     return ExpertUID(match["model"], int(match["layer"]), int(match["expert"]))

@@ -1,0 +1,197 @@
+"""node/batcher.py with a plain-Python compute function: merging, splitting, limits and failures."""
+
+import asyncio
+import concurrent.futures
+import threading
+
+import pytest
+import torch
+
+from moeswarm.node.batcher import Batcher
+
+UID, OTHER_UID = "tiny.L0.E0", "tiny.L0.E1"
+WAIT_S = 5.0  # every wait is bounded: a hang fails the test instead of freezing it
+
+
+class FakeCompute:
+    """Records each batch; forward is 2x+1, backward is x*g. Blocks while `gate` is closed."""
+
+    def __init__(self, fail_over_rows: int | None = None):
+        self.batches: list[tuple[str, str, int]] = []
+        self.gate, self.started = threading.Event(), threading.Event()
+        self.gate.set()
+        self.fail_over_rows = fail_over_rows
+
+    def __call__(self, uid, op, x_ND, g_ND):
+        self.batches.append((uid, op, x_ND.shape[0]))
+        self.started.set()
+        if not self.gate.wait(WAIT_S):
+            raise TimeoutError("test never opened the gate")
+        if self.fail_over_rows is not None and x_ND.shape[0] > self.fail_over_rows:
+            raise ValueError(f"boom on {x_ND.shape[0]} rows")
+        return x_ND * 2 + 1 if op == "forward" else x_ND * g_ND
+
+    def hold(self) -> None:
+        self.gate.clear()
+        self.started.clear()
+
+
+def _rows(n: int, seed: int) -> torch.Tensor:
+    return torch.randn(n, 4, generator=torch.Generator().manual_seed(seed))
+
+
+async def _until_computing(compute: FakeCompute) -> None:
+    assert await asyncio.wait_for(asyncio.to_thread(compute.started.wait, WAIT_S), WAIT_S + 1)
+
+
+async def _start(batcher: Batcher, uid: str, op: str, x_ND, g_ND=None) -> asyncio.Task:
+    task = asyncio.create_task(batcher.submit(uid, op, x_ND, g_ND))
+    await asyncio.sleep(0)  # let it enqueue
+    return task
+
+
+def _run(scenario, compute: FakeCompute, max_rows: int):
+    async def main():
+        with concurrent.futures.ThreadPoolExecutor(1) as executor:
+            batcher = Batcher(compute, executor, max_rows=max_rows)
+            return await asyncio.wait_for(scenario(batcher), WAIT_S * 2)
+
+    return asyncio.run(main())
+
+
+def test_lone_request_runs_at_once():
+    compute = FakeCompute()
+
+    async def scenario(batcher):
+        x_ND = _rows(3, seed=0)
+        out_ND = await batcher.submit(UID, "forward", x_ND)
+        assert torch.equal(out_ND, x_ND * 2 + 1)
+        assert batcher.queued_rows == 0
+
+    _run(scenario, compute, max_rows=16)
+    assert compute.batches == [(UID, "forward", 3)]
+
+
+def test_requests_arriving_during_a_batch_are_merged_and_split_back():
+    compute = FakeCompute()
+    inputs = [_rows(n, seed=i) for i, n in enumerate([3, 2, 1, 4])]
+
+    async def scenario(batcher):
+        compute.hold()
+        first = await _start(batcher, UID, "forward", inputs[0])
+        await _until_computing(compute)
+        rest = [await _start(batcher, UID, "forward", x_ND) for x_ND in inputs[1:]]
+        assert batcher.queued_rows == 2 + 1 + 4  # the running batch is no longer queued
+        compute.gate.set()
+        outputs = await asyncio.gather(first, *rest)
+        assert batcher.queued_rows == 0
+        assert batcher.meter.rate() == pytest.approx(10 / batcher.meter.window_s)
+        return outputs
+
+    outputs = _run(scenario, compute, max_rows=16)
+    assert compute.batches == [(UID, "forward", 3), (UID, "forward", 7)]
+    for x_ND, out_ND in zip(inputs, outputs):
+        assert torch.equal(out_ND, x_ND * 2 + 1)
+
+
+def test_batches_never_exceed_max_rows():
+    compute = FakeCompute()
+    sizes = [1, 3, 3, 2, 4, 5, 1]
+    inputs = [_rows(n, seed=10 + i) for i, n in enumerate(sizes)]
+
+    async def scenario(batcher):
+        compute.hold()
+        first = await _start(batcher, UID, "forward", inputs[0])
+        await _until_computing(compute)
+        rest = [await _start(batcher, UID, "forward", x_ND) for x_ND in inputs[1:]]
+        compute.gate.set()
+        return await asyncio.gather(first, *rest)
+
+    outputs = _run(scenario, compute, max_rows=5)
+    assert [rows for _, _, rows in compute.batches] == [1, 3, 5, 4, 5, 1]
+    for x_ND, out_ND in zip(inputs, outputs):
+        assert torch.equal(out_ND, x_ND * 2 + 1)
+
+
+def test_ops_and_experts_are_batched_separately():
+    compute = FakeCompute()
+    x_ND, g_ND = _rows(2, seed=20), _rows(2, seed=21)
+
+    async def scenario(batcher):
+        compute.hold()
+        first = await _start(batcher, UID, "forward", _rows(1, seed=22))
+        await _until_computing(compute)
+        forward = await _start(batcher, UID, "forward", x_ND)
+        backward = await _start(batcher, UID, "backward", x_ND, g_ND)
+        other = await _start(batcher, OTHER_UID, "forward", x_ND)
+        compute.gate.set()
+        await first
+        return await forward, await backward, await other
+
+    forward, backward, other = _run(scenario, compute, max_rows=16)
+    assert torch.equal(forward, x_ND * 2 + 1) and torch.equal(other, x_ND * 2 + 1)
+    assert torch.equal(backward, x_ND * g_ND)
+    assert compute.batches[0] == (UID, "forward", 1)
+    assert sorted(compute.batches[1:]) == [(UID, "backward", 2), (UID, "forward", 2), (OTHER_UID, "forward", 2)]
+
+
+def test_merged_backward_splits_input_grads_per_caller():
+    compute = FakeCompute()
+    pairs = [(_rows(n, seed=30 + n), _rows(n, seed=40 + n)) for n in (2, 3, 1)]
+
+    async def scenario(batcher):
+        compute.hold()
+        first = await _start(batcher, UID, "backward", *pairs[0])
+        await _until_computing(compute)
+        rest = [await _start(batcher, UID, "backward", x_ND, g_ND) for x_ND, g_ND in pairs[1:]]
+        compute.gate.set()
+        return await asyncio.gather(first, *rest)
+
+    outputs = _run(scenario, compute, max_rows=16)
+    assert compute.batches == [(UID, "backward", 2), (UID, "backward", 4)]
+    for (x_ND, g_ND), out_ND in zip(pairs, outputs):
+        assert torch.equal(out_ND, x_ND * g_ND)
+
+
+def test_compute_error_reaches_every_caller_of_that_batch():
+    compute = FakeCompute(fail_over_rows=1)
+
+    async def scenario(batcher):
+        compute.hold()
+        first = await _start(batcher, UID, "forward", _rows(1, seed=50))
+        await _until_computing(compute)
+        merged = [await _start(batcher, UID, "forward", _rows(1, seed=51 + i)) for i in range(3)]
+        compute.gate.set()
+        results = await asyncio.gather(first, *merged, return_exceptions=True)
+        assert batcher.queued_rows == 0
+        # The batcher keeps serving after a failed batch.
+        after = await batcher.submit(UID, "forward", _rows(1, seed=60))
+        return results, after
+
+    (first, *merged), after = _run(scenario, compute, max_rows=16)
+    assert isinstance(first, torch.Tensor)
+    assert all(isinstance(error, ValueError) and "boom on 3 rows" in str(error) for error in merged), merged
+    assert torch.equal(after, _rows(1, seed=60) * 2 + 1)
+    assert [rows for _, _, rows in compute.batches] == [1, 3, 1]
+
+
+def test_cancelled_caller_rows_are_skipped():
+    compute = FakeCompute()
+    kept_ND = _rows(3, seed=71)
+
+    async def scenario(batcher):
+        compute.hold()
+        first = await _start(batcher, UID, "forward", _rows(1, seed=70))
+        await _until_computing(compute)
+        gone = await _start(batcher, UID, "forward", _rows(2, seed=72))
+        kept = await _start(batcher, UID, "forward", kept_ND)
+        gone.cancel()
+        await asyncio.sleep(0)
+        compute.gate.set()
+        await first
+        result = await kept
+        assert gone.cancelled() and batcher.queued_rows == 0
+        return result
+
+    assert torch.equal(_run(scenario, compute, max_rows=16), kept_ND * 2 + 1)
+    assert [rows for _, _, rows in compute.batches] == [1, 3]

@@ -1,0 +1,206 @@
+"""model/experts.py (SwiGLU expert, init, forward/backward) and node/registry.py (optimizer schedule, state)."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from moeswarm.model.experts import expert_backward, expert_forward, init_expert
+from moeswarm.node.config import OptimizerConfig
+from moeswarm.node.registry import ExpertRegistry
+from moeswarm.protocol.spec import ModelSpec
+
+SPEC = ModelSpec(name="tiny", d_model=8, d_ff=16, n_layers=1, n_experts=2)
+UID, OTHER_UID = "tiny.L0.E0", "tiny.L0.E1"
+
+
+def _rows(n: int, seed: int) -> torch.Tensor:
+    return torch.randn(n, SPEC.d_model, generator=torch.Generator().manual_seed(seed))
+
+
+def _weights(module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in module.named_parameters()}
+
+
+def _assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+# ---------------------------------------------------------------- experts
+
+
+def test_init_is_deterministic_per_seed_and_uid():
+    a = init_expert(8, 16, seed=3, uid=UID)
+    b = init_expert(8, 16, seed=3, uid=UID)
+    _assert_same_weights(_weights(a), _weights(b))
+    for other in (init_expert(8, 16, seed=3, uid=OTHER_UID), init_expert(8, 16, seed=4, uid=UID)):
+        for name, weight in _weights(other).items():
+            assert not torch.equal(weight, _weights(a)[name]), name
+
+
+def test_init_scale_is_fan_in_based():
+    expert = init_expert(256, 512, seed=0, uid=UID)
+    for linear in (expert.w1, expert.w3, expert.w2):
+        expected_std = linear.weight.shape[1] ** -0.5
+        assert abs(linear.weight.std().item() / expected_std - 1) < 0.05
+
+
+def test_expert_forward_equals_module_forward():
+    expert = init_expert(8, 16, seed=0, uid=UID)
+    x_ND = _rows(5, seed=1)
+    y_ND = expert_forward(expert, x_ND)
+    assert not y_ND.requires_grad
+    assert torch.equal(y_ND, expert(x_ND).detach())
+    w1, w3, w2 = expert.w1.weight, expert.w3.weight, expert.w2.weight
+    manual = (torch.nn.functional.silu(x_ND @ w1.T) * (x_ND @ w3.T)) @ w2.T
+    torch.testing.assert_close(y_ND, manual.detach())
+
+
+def test_expert_forward_casts_input_to_expert_dtype():
+    expert = init_expert(8, 16, seed=0, uid=UID)
+    x_ND = _rows(3, seed=2).to(torch.bfloat16)
+    y_ND = expert_forward(expert, x_ND)
+    assert y_ND.dtype == torch.float32
+    assert torch.equal(y_ND, expert(x_ND.float()).detach())
+
+
+def test_expert_backward_matches_autograd_and_accumulates_param_grads():
+    expert = init_expert(8, 16, seed=0, uid=UID)
+    reference = init_expert(8, 16, seed=0, uid=UID)
+    x_ND, grad_y_ND = _rows(6, seed=3), _rows(6, seed=4)
+
+    x_ref = x_ND.clone().requires_grad_(True)
+    reference(x_ref).backward(grad_y_ND)
+
+    grad_x_ND = expert_backward(expert, x_ND, grad_y_ND)
+    assert grad_x_ND.shape == x_ND.shape and not x_ND.requires_grad
+    torch.testing.assert_close(grad_x_ND, x_ref.grad)
+    once = {name: p.grad.clone() for name, p in expert.named_parameters()}
+    for name, p in reference.named_parameters():
+        torch.testing.assert_close(once[name], p.grad)
+
+    expert_backward(expert, x_ND, grad_y_ND)
+    for name, p in expert.named_parameters():
+        torch.testing.assert_close(p.grad, 2 * once[name])
+
+
+def test_expert_backward_does_not_change_weights():
+    expert = init_expert(8, 16, seed=0, uid=UID)
+    before = _weights(expert)
+    expert_backward(expert, _rows(4, seed=5), _rows(4, seed=6))
+    _assert_same_weights(before, _weights(expert))
+
+
+# ---------------------------------------------------------------- registry
+
+
+def _registry(seed=0, **optimizer) -> ExpertRegistry:
+    return ExpertRegistry(SPEC, (UID, OTHER_UID), seed=seed, optimizer=OptimizerConfig(**optimizer))
+
+
+def test_registry_forward_uses_seeded_expert():
+    registry = _registry(seed=7)
+    x_ND = _rows(4, seed=8)
+    expected = expert_forward(init_expert(8, 16, seed=7, uid=UID), x_ND)
+    assert torch.equal(registry.forward(UID, x_ND), expected)
+    assert registry.experts[UID].rows_served == 4 and registry.experts[OTHER_UID].rows_served == 0
+
+
+def test_registry_backward_returns_grad_x():
+    registry = _registry()
+    x_ND, grad_y_ND = _rows(3, seed=9), _rows(3, seed=10)
+    expected = expert_backward(init_expert(8, 16, seed=0, uid=UID), x_ND, grad_y_ND)
+    torch.testing.assert_close(registry.backward(UID, x_ND, grad_y_ND), expected)
+
+
+def test_sgd_steps_exactly_every_update_every_rows():
+    lr = 0.1
+    registry = _registry(name="sgd", lr=lr, update_every=4)
+    hosted = registry.experts[UID]
+    reference = init_expert(8, 16, seed=0, uid=UID)
+    start = _weights(hosted.module)
+
+    for step in range(1, 3):
+        before = _weights(hosted.module)
+        for half in range(2):  # two batches of 2 rows make one update
+            seed = 100 * step + 10 * half
+            x_ND, grad_y_ND = _rows(2, seed), _rows(2, seed + 1)
+            registry.backward(UID, x_ND, grad_y_ND)
+            expert_backward(reference, x_ND, grad_y_ND)
+            if half == 0:
+                assert hosted.version == step - 1 and hosted.rows_since_step == 2
+                _assert_same_weights(before, _weights(hosted.module))
+        assert hosted.version == step and hosted.rows_since_step == 0
+        with torch.no_grad():  # plain SGD on the summed grads of both batches
+            for p in reference.parameters():
+                p -= lr * p.grad
+                p.grad = None
+        for name, weight in _weights(hosted.module).items():
+            torch.testing.assert_close(weight, dict(reference.named_parameters())[name].detach())
+        assert all(p.grad is None for p in hosted.module.parameters())
+    assert not torch.equal(start["w1.weight"], hosted.module.w1.weight)
+    assert registry.experts[OTHER_UID].version == 0
+    untouched = init_expert(8, 16, seed=0, uid=OTHER_UID)
+    _assert_same_weights(_weights(registry.experts[OTHER_UID].module), _weights(untouched))
+
+
+def test_adam_steps_every_call_with_update_every_one():
+    registry = _registry(name="adam", lr=1e-2, update_every=1)
+    before = _weights(registry.experts[UID].module)
+    for i in range(3):
+        registry.backward(UID, _rows(1, seed=i), _rows(1, seed=i + 50))
+    assert registry.experts[UID].version == 3
+    assert not torch.equal(before["w2.weight"], registry.experts[UID].module.w2.weight)
+
+
+def _train(registry: ExpertRegistry, seeds) -> None:
+    for seed in seeds:
+        registry.backward(UID, _rows(1, seed), _rows(1, seed + 1000))
+
+
+def test_state_dict_round_trip_restores_weights_optimizer_grads_and_version():
+    source = _registry(name="adam", lr=1e-2, update_every=3)
+    _train(source, range(7))  # two steps, then one row of accumulated grads
+    state = source.state_dict()
+    assert source.experts[UID].version == 2 and source.experts[UID].rows_since_step == 1
+
+    target = _registry(seed=99, name="adam", lr=1e-2, update_every=3)
+    assert sorted(target.load_state_dict(state)) == sorted([UID, OTHER_UID])
+    for uid in (UID, OTHER_UID):
+        _assert_same_weights(_weights(source.experts[uid].module), _weights(target.experts[uid].module))
+    assert target.fingerprint() == source.fingerprint() == {UID: (2, 1), OTHER_UID: (0, 0)}
+    assert torch.equal(target.experts[UID].module.w1.weight.grad, source.experts[UID].module.w1.weight.grad)
+
+    # Identical Adam moments and step counts are what keep the two in lockstep from here on.
+    _train(source, range(10, 15))
+    _train(target, range(10, 15))
+    _assert_same_weights(_weights(source.experts[UID].module), _weights(target.experts[UID].module))
+    assert target.experts[UID].version == source.experts[UID].version == 4
+
+
+def test_state_dict_is_a_snapshot():
+    registry = _registry(name="sgd", lr=0.5, update_every=1)
+    state = registry.state_dict()
+    saved = state["experts"][UID]["weights"]["w1.weight"].clone()
+    _train(registry, range(2))
+    assert torch.equal(state["experts"][UID]["weights"]["w1.weight"], saved)
+    assert state["experts"][UID]["version"] == 0
+
+
+def test_load_state_dict_restores_only_saved_uids():
+    source = ExpertRegistry(SPEC, (UID,), seed=5, optimizer=OptimizerConfig(name="sgd", lr=0.5))
+    _train(source, range(2))
+    target = _registry(seed=0, name="sgd", lr=0.5)
+    assert target.load_state_dict(source.state_dict()) == [UID]
+    _assert_same_weights(_weights(source.experts[UID].module), _weights(target.experts[UID].module))
+    untouched = init_expert(8, 16, seed=0, uid=OTHER_UID)
+    _assert_same_weights(_weights(target.experts[OTHER_UID].module), _weights(untouched))
+
+
+@pytest.mark.parametrize("change", [{"d_model": 4}, {"name": "other"}, {"n_experts": 3}])
+def test_load_state_dict_for_another_model_raises(change):
+    source = ExpertRegistry(dataclasses.replace(SPEC, **change), (), seed=0, optimizer=OptimizerConfig())
+    with pytest.raises(ValueError, match="checkpoint is for model"):
+        _registry().load_state_dict(source.state_dict())
