@@ -40,9 +40,9 @@ def wait_for(predicate, timeout_s: float = 20.0, what: str = "condition"):
 
 
 def test_client_finds_every_expert_through_the_dht(node_factory, client_dht):
-    a = node_factory("a", experts=["itest.L0.E0", "itest.L0.E1"])
-    b = node_factory("b", experts=["itest.L0.E1", "itest.L1.E3"])
-    found = find_experts(client_dht, "default", ["itest.L0.E0", "itest.L0.E1", "itest.L1.E3", "itest.L1.E0"])
+    a = node_factory("a", experts=["itest.L0.E0", "itest.L0.E1"], swarm="discovery")
+    b = node_factory("b", experts=["itest.L0.E1", "itest.L1.E3"], swarm="discovery")
+    found = find_experts(client_dht, "discovery", ["itest.L0.E0", "itest.L0.E1", "itest.L1.E3", "itest.L1.E0"])
     assert {r.endpoint for r in found["itest.L0.E0"]} == {a.ready["endpoint"]}
     assert {r.endpoint for r in found["itest.L0.E1"]} == {a.ready["endpoint"], b.ready["endpoint"]}
     assert {r.endpoint for r in found["itest.L1.E3"]} == {b.ready["endpoint"]}
@@ -55,9 +55,10 @@ async def _store(dht, node, key, value, subkey):
 
 
 def test_forged_and_malformed_records_are_dropped(node_factory, client_dht, dht_peer):
-    node = node_factory("victim", experts=["itest.L0.E0"])
-    key = expert_key("default", "itest.L0.E0")
-    victim_subkey = next(iter(get_records(client_dht, [key])[key]))
+    # Own swarm name: other tests' nodes left entries under "default" that live until their TTL.
+    node = node_factory("victim", experts=["itest.L0.E0"], swarm="forgery")
+    key = expert_key("forgery", "itest.L0.E0")
+    (victim_subkey,) = get_records(client_dht, [key])[key]
     forged = dict(peer_id="evil", endpoint="127.0.0.1:1", queue_depth=0, rows_per_s=0.0, version=0)
     attacker = start_dht(initial_peers=dht_peer.ready["maddrs"], private_key=RSAPrivateKey())
     try:
@@ -69,7 +70,7 @@ def test_forged_and_malformed_records_are_dropped(node_factory, client_dht, dht_
         assert attacker.run_coroutine(functools.partial(_store, key=key, value=garbage, subkey=own))
         raw = wait_for(lambda: len(get_records(client_dht, [key])[key]) == 2 and get_records(client_dht, [key])[key])
         assert set(raw) == {victim_subkey, own}
-        found = find_experts(client_dht, "default", ["itest.L0.E0"])["itest.L0.E0"]
+        found = find_experts(client_dht, "forgery", ["itest.L0.E0"])["itest.L0.E0"]
         assert [(r.peer_id, r.endpoint) for r in found] == [(node.ready["peer_id"], node.ready["endpoint"])]
     finally:
         stop_dht(attacker)
