@@ -10,12 +10,14 @@ import pathlib
 import signal
 
 from moeswarm.node.config import NodeConfig
+from moeswarm.protocol.malloc import keep_freed_memory
 
 logger = logging.getLogger(__name__)
 
 
 def run_node(config: NodeConfig, *, ready_file: str | None = None, exit_with_parent: bool = False) -> int:
     """Serve until SIGTERM/SIGINT; returns the exit code."""
+    keep_freed_memory()
     try:
         import uvloop
     except ImportError:  # uvloop is optional on platforms without it

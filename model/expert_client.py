@@ -29,8 +29,8 @@ class ExpertClient:
         self, model: str, inputs: dict[str, torch.Tensor], *, timeout_s: float, wire_dtype: torch.dtype | None = None
     ) -> dict[str, torch.Tensor]:
         """Run several experts of this node on their rows: {uid: x_ND} -> {uid: y_ND} (wire dtype)."""
-        batches = [expert_pb2.ExpertBatch(uid=uid, inputs=codec.encode(x, wire_dtype)) for uid, x in inputs.items()]
-        return await self._call(self._stub.Forward, model, batches, list(inputs), timeout_s)
+        request = _request(model, inputs, None, wire_dtype)
+        return await self._call(self._stub.Forward, request, list(inputs), timeout_s)
 
     async def backward(
         self,
@@ -42,13 +42,8 @@ class ExpertClient:
         wire_dtype: torch.dtype | None = None,
     ) -> dict[str, torch.Tensor]:
         """Send output grads; returns input grads {uid: grad_x_ND}. The node accumulates param grads."""
-        batches = [
-            expert_pb2.ExpertBatch(
-                uid=uid, inputs=codec.encode(x, wire_dtype), grad_outputs=codec.encode(grad_outputs[uid], wire_dtype)
-            )
-            for uid, x in inputs.items()
-        ]
-        return await self._call(self._stub.Backward, model, batches, list(inputs), timeout_s)
+        request = _request(model, inputs, grad_outputs, wire_dtype)
+        return await self._call(self._stub.Backward, request, list(inputs), timeout_s)
 
     async def info(self, *, timeout_s: float) -> expert_pb2.InfoResponse:
         try:
@@ -56,8 +51,7 @@ class ExpertClient:
         except grpc.RpcError as e:
             raise error_from_rpc(e, self.endpoint) from e
 
-    async def _call(self, method, model: str, batches, uids: list[str], timeout_s: float) -> dict[str, torch.Tensor]:
-        request = expert_pb2.ExpertRequest(model=model, request_id=uuid.uuid4().hex, batches=batches)
+    async def _call(self, method, request, uids: list[str], timeout_s: float) -> dict[str, torch.Tensor]:
         try:
             response = await method(request, timeout=timeout_s)
         except grpc.RpcError as e:
@@ -69,3 +63,13 @@ class ExpertClient:
     async def close(self) -> None:
         await self._channel.close()
 
+
+
+def _request(model: str, inputs: dict, grad_outputs: dict | None, wire_dtype) -> expert_pb2.ExpertRequest:
+    request = expert_pb2.ExpertRequest(model=model, request_id=uuid.uuid4().hex)
+    for uid, x in inputs.items():
+        batch = request.batches.add(uid=uid)  # filled in place: no extra payload copies
+        codec.encode_into(batch.inputs, x, wire_dtype)
+        if grad_outputs is not None:
+            codec.encode_into(batch.grad_outputs, grad_outputs[uid], wire_dtype)
+    return request

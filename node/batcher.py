@@ -3,6 +3,9 @@
 No fixed wait: a lone request runs at once; requests that arrive while a batch computes are merged
 into the next batch for that expert (up to `max_rows`). Each (uid, op) key has at most one batch in
 flight, and all compute goes through a single thread, so expert state is never touched concurrently.
+Exception: a tiny batch (at most `inline_rows`) arriving while the compute thread is idle runs right
+on the event-loop thread, since a thread hop costs more than its matmul; the compute thread is idle
+and the loop is busy meanwhile, so nothing else touches expert state.
 """
 
 from __future__ import annotations
@@ -48,8 +51,9 @@ class RateMeter:
 
 
 class Batcher:
-    def __init__(self, compute: ComputeFn, executor: concurrent.futures.Executor, *, max_rows: int):
-        self._compute, self._executor, self.max_rows = compute, executor, max_rows
+    def __init__(self, compute: ComputeFn, executor: concurrent.futures.Executor, *, max_rows: int, inline_rows: int = 0):
+        self._compute, self._executor, self.max_rows, self.inline_rows = compute, executor, max_rows, inline_rows
+        self._in_executor = 0  # jobs submitted to the compute thread and not finished
         self._queues: dict[tuple[str, str], collections.deque[_Pending]] = collections.defaultdict(collections.deque)
         self._drainers: dict[tuple[str, str], asyncio.Task] = {}
         self.queued_rows = 0
@@ -58,6 +62,11 @@ class Batcher:
     async def submit(self, uid: str, op: str, x_ND: torch.Tensor, g_ND: torch.Tensor | None = None) -> torch.Tensor:
         """Queue rows for one expert; returns its output rows (forward) or input grads (backward)."""
         key = (uid, op)
+        rows = x_ND.shape[0] * (3 if op == "backward" else 1)  # backward costs ~3 forwards
+        if rows <= self.inline_rows and self._in_executor == 0 and not self._queues.get(key):
+            out_ND = self._compute(uid, op, x_ND, g_ND)
+            self.meter.add(x_ND.shape[0])
+            return out_ND
         pending = _Pending(x_ND, g_ND, asyncio.get_running_loop().create_future())
         self._queues[key].append(pending)
         self.queued_rows += x_ND.shape[0]
@@ -88,13 +97,12 @@ class Batcher:
 
     async def _run(self, key: tuple[str, str], batch: list[_Pending]) -> None:
         uid, op = key
-        loop = asyncio.get_running_loop()
         try:
             x_ND = batch[0].x_ND if len(batch) == 1 else torch.cat([item.x_ND for item in batch])
             g_ND = None
             if op == "backward":
                 g_ND = batch[0].g_ND if len(batch) == 1 else torch.cat([item.g_ND for item in batch])
-            out_ND = await loop.run_in_executor(self._executor, self._compute, uid, op, x_ND, g_ND)
+            out_ND = await self.run_on_compute_thread(self._compute, uid, op, x_ND, g_ND)
         except Exception as e:  # task boundary: hand the failure to every waiting caller
             logger.error("expert %s %s failed on %d requests", uid, op, len(batch), exc_info=True)
             for item in batch:
@@ -108,3 +116,11 @@ class Batcher:
             if not item.future.done():
                 item.future.set_result(out_ND[offset : offset + rows])
             offset += rows
+
+    async def run_on_compute_thread(self, fn, *args):
+        """Run fn(*args) on the compute thread, serialised with every expert computation."""
+        self._in_executor += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        finally:
+            self._in_executor -= 1

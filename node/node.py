@@ -27,10 +27,14 @@ from moeswarm.protocol.records import ExpertRecord, NodeRecord, dht_subkey
 
 logger = logging.getLogger(__name__)
 SHUTDOWN_GRACE_S = 2.0
+INLINE_FLOPS = 2_000_000
 
 
 class ExpertNode:
     def __init__(self, config: NodeConfig):
+        # Per-thread in OpenMP: set here for the event-loop thread (validation, codec) and in the
+        # compute thread's initializer below; a default of all cores stalls on a shared machine.
+        torch.set_num_threads(config.torch_threads)
         self.config = config
         self.uids = config.hosted_uids()
         self.state_dir = pathlib.Path(config.state_dir) if config.state_dir else None
@@ -53,7 +57,9 @@ class ExpertNode:
         self.peer_id = str(self.dht.peer_id)
         self.registry = ExpertRegistry(config.model, self.uids, seed=config.seed, optimizer=config.optimizer)
         self._restore()
-        self.batcher = Batcher(self._compute, self._executor, max_rows=config.batch_max_rows)
+        # Inline below ~2 MFLOP (about the cost of handing work to another thread and back).
+        inline_rows = INLINE_FLOPS // (6 * config.model.d_model * config.model.d_ff)
+        self.batcher = Batcher(self._compute, self._executor, max_rows=config.batch_max_rows, inline_rows=inline_rows)
         await self._start_server()
         self.announcer = Announcer(
             self.dht, swarm=config.swarm, subkey=dht_subkey(identity), ttl_s=config.announce_ttl_s, records=self._records
@@ -141,10 +147,9 @@ class ExpertNode:
             return False
         if self.registry.fingerprint() == self._saved_fingerprint:
             return False
-        loop = asyncio.get_running_loop()
         # Snapshot on the compute thread: no forward/backward can run halfway through it.
-        fingerprint, state = await loop.run_in_executor(
-            self._executor, lambda: (self.registry.fingerprint(), self.registry.state_dict())
+        fingerprint, state = await self.batcher.run_on_compute_thread(
+            lambda: (self.registry.fingerprint(), self.registry.state_dict())
         )
         started = time.monotonic()
         path = await asyncio.to_thread(save_checkpoint, self.state_dir, state)

@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 @dataclasses.dataclass
 class HostedExpert:
     module: SwiGLUExpert
-    optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.Optimizer | None = None  # made on the first backward (see _optimizer)
     version: int = 0  # optimizer steps applied
     rows_since_step: int = 0  # gradient rows accumulated since the last step
     rows_served: int = 0  # forward + backward rows, for load reporting
@@ -39,8 +39,7 @@ class ExpertRegistry:
         self.spec, self.optimizer_config = spec, optimizer
         self.experts: dict[str, HostedExpert] = {}
         for uid in uids:
-            module = init_expert(spec.d_model, spec.d_ff, seed=seed, uid=uid)
-            self.experts[uid] = HostedExpert(module, make_optimizer(module.parameters(), optimizer))
+            self.experts[uid] = HostedExpert(init_expert(spec.d_model, spec.d_ff, seed=seed, uid=uid))
 
     def forward(self, uid: str, x_ND: torch.Tensor) -> torch.Tensor:
         hosted = self.experts[uid]
@@ -54,11 +53,19 @@ class ExpertRegistry:
         hosted.rows_served += x_ND.shape[0]
         hosted.rows_since_step += x_ND.shape[0]
         if hosted.rows_since_step >= self.optimizer_config.update_every:
-            hosted.optimizer.step()
-            hosted.optimizer.zero_grad(set_to_none=True)
+            optimizer = self._optimizer(hosted)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
             hosted.rows_since_step = 0
             hosted.version += 1
         return grad_x_ND
+
+    def _optimizer(self, hosted: HostedExpert) -> torch.optim.Optimizer:
+        # Lazily: the first optimizer built in a process imports torch._dynamo (~1.2 s), and a node
+        # that only serves inference never needs one, so it stays off the start-up path.
+        if hosted.optimizer is None:
+            hosted.optimizer = make_optimizer(hosted.module.parameters(), self.optimizer_config)
+        return hosted.optimizer
 
     def state_dict(self) -> dict:
         """A deep copy of everything a restart needs (taken on the compute thread, so consistent)."""
@@ -66,7 +73,7 @@ class ExpertRegistry:
         for uid, hosted in self.experts.items():
             state[uid] = {
                 "weights": {k: v.detach().clone() for k, v in hosted.module.state_dict().items()},
-                "optimizer": _clone_tree(hosted.optimizer.state_dict()),
+                "optimizer": _clone_tree(hosted.optimizer.state_dict()) if hosted.optimizer else None,
                 "grads": {n: p.grad.clone() for n, p in hosted.module.named_parameters() if p.grad is not None},
                 "version": hosted.version,
                 "rows_since_step": hosted.rows_since_step,
@@ -83,7 +90,8 @@ class ExpertRegistry:
             if saved is None:
                 continue
             hosted.module.load_state_dict(saved["weights"])
-            hosted.optimizer.load_state_dict(saved["optimizer"])
+            if saved["optimizer"] is not None:
+                self._optimizer(hosted).load_state_dict(saved["optimizer"])
             for name, param in hosted.module.named_parameters():
                 param.grad = saved["grads"].get(name)
             hosted.version, hosted.rows_since_step = saved["version"], saved["rows_since_step"]

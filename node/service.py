@@ -48,15 +48,17 @@ class ExpertServicer:
             request = _parse_request(data)
             work = validate_request(request, self._limits, backward=backward)
             outputs = await asyncio.gather(*(self._submit(item, backward) for item in work))
-            # Answer in the caller's wire dtype (fp32 unless it opted into compression).
-            tensors = [codec.encode(out, item.x_ND.dtype) for item, out in zip(work, outputs)]
+            response = expert_pb2.ExpertResponse(request_id=request.request_id)
+            for item, out in zip(work, outputs):
+                # In place (see codec.encode_into), in the caller's wire dtype (fp32 unless it opted in).
+                codec.encode_into(response.tensors.add(), out, item.x_ND.dtype)
         except MoeSwarmError as e:
             logger.debug("rejected request %.64s: %s", request.request_id, e)
             await context.abort(status_of(e), str(e))
         except Exception:  # process boundary: a bug must not take the node down
             logger.error("request %.64s failed", request.request_id, exc_info=True)
             await context.abort(grpc.StatusCode.INTERNAL, "internal error in the expert node (see its log)")
-        return expert_pb2.ExpertResponse(request_id=request.request_id, tensors=tensors)
+        return response
 
     def _submit(self, item: ExpertWork, backward: bool):
         """One expert's rows to the batcher; returns an awaitable of its output rows."""

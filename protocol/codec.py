@@ -29,6 +29,15 @@ warnings.filterwarnings("ignore", message="The given buffer is not writable", ca
 
 def encode(tensor: torch.Tensor, wire_dtype: torch.dtype | None = None) -> expert_pb2.Tensor:
     """Serialise a tensor (any layout, any device) as `wire_dtype` (default: its own dtype)."""
+    message = expert_pb2.Tensor()
+    encode_into(message, tensor, wire_dtype)
+    return message
+
+
+def encode_into(message: expert_pb2.Tensor, tensor: torch.Tensor, wire_dtype: torch.dtype | None = None) -> None:
+    """Fill a Tensor message in place. Prefer this inside a parent message (`parent.field`,
+    `repeated.add()`): with protobuf's upb runtime, passing a built sub-message to a parent's
+    constructor copies its payload again, which cost ~2 ms per MiB."""
     tensor = tensor.detach()
     if wire_dtype is not None and tensor.dtype != wire_dtype:
         tensor = tensor.to(wire_dtype)
@@ -38,7 +47,9 @@ def encode(tensor: torch.Tensor, wire_dtype: torch.dtype | None = None) -> exper
     as_ints = flat.view(_INT_VIEW[flat.element_size()])
     if not _LITTLE_ENDIAN:
         as_ints = torch.from_numpy(as_ints.numpy().byteswap())
-    return expert_pb2.Tensor(dtype=WIRE_NAME_OF[tensor.dtype], shape=list(tensor.shape), data=as_ints.numpy().tobytes())
+    message.dtype = WIRE_NAME_OF[tensor.dtype]
+    message.shape[:] = tensor.shape
+    message.data = as_ints.numpy().tobytes()
 
 
 def decode(message: expert_pb2.Tensor, *, max_elements: int | None = None) -> torch.Tensor:
