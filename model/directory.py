@@ -5,11 +5,16 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
+import logging
+import threading
 
 import hivemind
 
 from moeswarm.protocol.errors import NodeUnavailable
 from moeswarm.protocol.records import ExpertRecord, NodeRecord, expert_key, nodes_key, parse_entries
+
+
+logger = logging.getLogger(__name__)
 
 
 async def _get_many(dht: hivemind.DHT, node, keys: list[str]) -> dict:
@@ -49,3 +54,48 @@ def read_swarm(dht: hivemind.DHT, swarm: str) -> SwarmView:
     nodes = {record.peer_id: record for record in parse_entries(found.get(nodes_key(swarm)), NodeRecord).values()}
     uids = sorted({uid for record in nodes.values() for uid in record.uids})
     return SwarmView(nodes=nodes, experts=find_experts(dht, swarm, uids) if uids else {})
+
+
+class ExpertDirectory:
+    """In-memory view of who hosts which expert, refreshed from the DHT by a background thread.
+
+    Routing reads this view and never waits for the DHT; a new node shows up within one refresh.
+    """
+
+    def __init__(self, dht: hivemind.DHT, swarm: str, *, refresh_s: float = 2.0):
+        self._dht, self.swarm, self.refresh_s = dht, swarm, refresh_s
+        self._uids: set[str] = set()
+        self._view: dict[str, list[ExpertRecord]] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._refresh_loop, name="moeswarm-directory", daemon=True)
+        self._thread.start()
+
+    def track(self, uids: list[str]) -> None:
+        """Start following these UIDs; looks them up now (blocking) so the first call can route."""
+        with self._lock:
+            new = set(uids) - self._uids
+            self._uids |= new
+        if new:
+            self.refresh(sorted(new))
+
+    def replicas(self, uid: str) -> list[ExpertRecord]:
+        return self._view.get(uid, [])
+
+    def refresh(self, uids: list[str] | None = None) -> None:
+        uids = sorted(self._uids) if uids is None else uids
+        if uids:
+            found = find_experts(self._dht, self.swarm, uids)
+            with self._lock:
+                self._view = {**self._view, **found}  # replace, never mutate: readers hold no lock
+
+    def _refresh_loop(self) -> None:
+        while not self._stop.wait(self.refresh_s):
+            try:
+                self.refresh()
+            except Exception:  # thread boundary: keep the last view, try again next period
+                logger.warning("expert directory refresh failed; keeping the last view", exc_info=True)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=DHT_TIMEOUT_S + 1)

@@ -1,0 +1,218 @@
+"""Sends a layer's routed rows to expert replicas: one RPC per node, all nodes at once, each with a
+deadline; falls back to other replicas, bans failing ones and hedges slow calls.
+
+Owns the client's single event loop, on its own thread: the sync<->async bridge (`run`).
+Legend: T tokens, K experts per token, D model dim, N rows of one expert.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import threading
+import time
+
+import torch
+
+from moeswarm.model.directory import ExpertDirectory
+from moeswarm.model.expert_client import ExpertClient
+from moeswarm.model.replicas import ReplicaPicker
+from moeswarm.protocol.codec import WIRE_DTYPES
+from moeswarm.protocol.errors import AllReplicasFailed, BadRequest, ConfigError, ExpertNotFound, MoeSwarmError
+
+logger = logging.getLogger(__name__)
+Attempts = dict[str, list[tuple[str, str]]]  # uid -> [(endpoint, reason)]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DispatchConfig:
+    timeout_s: float = 5.0  # deadline of one RPC
+    max_attempts: int = 3  # replicas tried per expert within one layer call
+    hedge_floor_s: float = 0.05  # never hedge a call younger than this
+    min_experts: int = 1  # a token may lose experts whose replicas all failed, down to this many
+    wire_dtype: str = "float32"  # activations on the wire; bfloat16/float16 halve the bytes
+
+    def __post_init__(self) -> None:
+        if self.timeout_s <= 0 or self.max_attempts < 1 or self.hedge_floor_s < 0 or self.min_experts < 1:
+            raise ConfigError(f"invalid dispatch config {self}")
+        if self.wire_dtype not in WIRE_DTYPES:
+            raise ConfigError(f"wire_dtype={self.wire_dtype!r}: one of {sorted(WIRE_DTYPES)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertRows:
+    token_idx: torch.Tensor  # [N] long: which tokens were routed to this expert
+    slot_idx: torch.Tensor  # [N] long: in which of their k slots
+
+
+@dataclasses.dataclass
+class DispatchResult:
+    y_TKD: torch.Tensor  # expert output per (token, slot), zeros where dropped
+    served_TK: torch.Tensor  # bool: slot has an expert output
+    rows: dict[str, ExpertRows]
+    endpoints: dict[str, str]  # uid -> endpoint that served the forward (backward goes there first)
+    attempts: Attempts  # failed tries, for error messages
+
+
+def group_rows(topk_ids_TK: torch.Tensor, uids: list[str]) -> dict[str, ExpertRows]:
+    """Which (token, slot) pairs each expert of the layer gets. Pure."""
+    rows = {}
+    for expert in torch.unique(topk_ids_TK).tolist():
+        token_idx, slot_idx = torch.where(topk_ids_TK == expert)
+        rows[uids[expert]] = ExpertRows(token_idx, slot_idx)
+    return rows
+
+
+class Dispatcher:
+    def __init__(self, directory: ExpertDirectory, model: str, config: DispatchConfig, picker: ReplicaPicker | None = None):
+        self.directory, self.model, self.config = directory, model, config
+        self.picker = picker or ReplicaPicker()
+        self._wire_dtype = WIRE_DTYPES[config.wire_dtype]
+        self._clients: dict[str, ExpertClient] = {}
+        self._loop = _new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="moeswarm-dispatch", daemon=True)
+        self._thread.start()
+
+    def run(self, coro, timeout_s: float | None = None):
+        """Run a coroutine on the dispatcher's loop from any thread; block for its result."""
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        bound = timeout_s if timeout_s is not None else self.config.timeout_s * (self.config.max_attempts + 1)
+        return future.result(bound)
+
+    async def forward(self, uids: list[str], x_TD: torch.Tensor, topk_ids_TK: torch.Tensor) -> DispatchResult:
+        rows = group_rows(topk_ids_TK, uids)
+        inputs = {uid: x_TD[r.token_idx] for uid, r in rows.items()}
+        outputs, endpoints, attempts = await self._run_experts("forward", inputs, None, {})
+        T, K = topk_ids_TK.shape
+        y_TKD = torch.zeros(T, K, x_TD.shape[-1], dtype=torch.float32)
+        served_TK = torch.zeros(T, K, dtype=torch.bool)
+        for uid, y_ND in outputs.items():
+            r = rows[uid]
+            y_TKD[r.token_idx, r.slot_idx] = y_ND.float()
+            served_TK[r.token_idx, r.slot_idx] = True
+        return DispatchResult(y_TKD, served_TK, rows, endpoints, attempts)
+
+    async def backward(self, result: DispatchResult, x_TD: torch.Tensor, grad_y_TKD: torch.Tensor) -> torch.Tensor:
+        """Send output grads of every served expert (to the replica that served the forward first)."""
+        inputs = {uid: x_TD[result.rows[uid].token_idx] for uid in result.endpoints}
+        grads = {uid: grad_y_TKD[result.rows[uid].token_idx, result.rows[uid].slot_idx] for uid in result.endpoints}
+        grad_x, _, attempts = await self._run_experts("backward", inputs, grads, result.endpoints)
+        missing = set(inputs) - set(grad_x)
+        if missing:  # a lost gradient would silently bias training: fail loudly instead
+            uid = sorted(missing)[0]
+            raise AllReplicasFailed(uid, attempts.get(uid, []))
+        grad_x_TD = torch.zeros(x_TD.shape, dtype=torch.float32)
+        for uid, g_ND in grad_x.items():
+            grad_x_TD.index_add_(0, result.rows[uid].token_idx, g_ND.float())
+        return grad_x_TD
+
+    async def _run_experts(self, op: str, inputs: dict, grads: dict | None, preferred: dict[str, str]):
+        """Up to max_attempts rounds: each round groups the pending experts by chosen replica."""
+        outputs, served_by, attempts = {}, {}, {uid: [] for uid in inputs}
+        pending = set(inputs)
+        for _ in range(self.config.max_attempts):
+            plan = self._assign(pending, attempts, preferred)
+            if not plan:
+                break
+            calls = [self._call_hedged(op, endpoint, uids, inputs, grads, attempts) for endpoint, uids in plan.items()]
+            for answered in await asyncio.gather(*calls):
+                for uid, (tensor, endpoint) in answered.items():
+                    outputs[uid], served_by[uid] = tensor, endpoint
+            pending -= set(outputs)
+        return outputs, served_by, attempts
+
+    def _assign(self, pending: set[str], attempts: Attempts, preferred: dict[str, str]) -> dict[str, list[str]]:
+        plan: dict[str, list[str]] = {}
+        for uid in sorted(pending):
+            endpoint = self._choose(uid, {e for e, _ in attempts[uid]}, preferred.get(uid))
+            if endpoint is not None:
+                plan.setdefault(endpoint, []).append(uid)
+        return plan
+
+    def _choose(self, uid: str, exclude: set[str], preferred: str | None) -> str | None:
+        if preferred is not None and preferred not in exclude and not self.picker.is_banned(preferred):
+            return preferred
+        ranked = self.picker.rank(self.directory.replicas(uid), exclude)
+        return ranked[0].endpoint if ranked else None
+
+    async def _call_hedged(self, op, endpoint, uids, inputs, grads, attempts: Attempts) -> dict:
+        """Call one node; if it runs past its hedge delay, send the same experts to other replicas too
+        and take whichever answers first. Returns {uid: (tensor, endpoint)} for what succeeded."""
+        primary = asyncio.ensure_future(self._call(op, endpoint, uids, inputs, grads, attempts))
+        done, _ = await asyncio.wait({primary}, timeout=self.picker.hedge_after_s(endpoint, self.config.hedge_floor_s))
+        if done:
+            return primary.result()
+        exclude = {uid: {endpoint} | {e for e, _ in attempts[uid]} for uid in uids}
+        alternatives = {uid: self._choose(uid, exclude[uid], None) for uid in uids}
+        if any(alt is None for alt in alternatives.values()):
+            return await primary
+        logger.info("hedging %s call to %s after %.0f ms", op, endpoint, self.picker.hedge_after_s(endpoint, 0) * 1e3)
+        hedge = asyncio.ensure_future(self._call_group(op, alternatives, inputs, grads, attempts))
+        done, pending = await asyncio.wait({primary, hedge}, return_when=asyncio.FIRST_COMPLETED)
+        answered = {uid: value for task in done for uid, value in task.result().items()}
+        if len(answered) < len(uids) and pending:  # the first one failed (partly): the other decides
+            for result in await asyncio.gather(*pending):
+                answered = {**result, **answered}
+            return answered
+        for task in pending:
+            task.cancel()
+        if primary in pending:
+            self.picker.on_failure(endpoint)  # slower than its replicas: avoid it for a while
+        return answered
+
+    async def _call_group(self, op, assignment: dict[str, str], inputs, grads, attempts: Attempts) -> dict:
+        by_endpoint: dict[str, list[str]] = {}
+        for uid, endpoint in assignment.items():
+            by_endpoint.setdefault(endpoint, []).append(uid)
+        results = await asyncio.gather(*(self._call(op, e, u, inputs, grads, attempts) for e, u in by_endpoint.items()))
+        return {uid: value for result in results for uid, value in result.items()}
+
+    async def _call(self, op, endpoint: str, uids: list[str], inputs, grads, attempts: Attempts) -> dict:
+        """One RPC. Failures are recorded (and the replica banned), not raised, except caller bugs."""
+        client = self._client(endpoint)
+        started = time.monotonic()
+        try:
+            batch = {uid: inputs[uid] for uid in uids}
+            if op == "forward":
+                out = await client.forward(self.model, batch, timeout_s=self.config.timeout_s, wire_dtype=self._wire_dtype)
+            else:
+                grad_batch = {uid: grads[uid] for uid in uids}
+                out = await client.backward(
+                    self.model, batch, grad_batch, timeout_s=self.config.timeout_s, wire_dtype=self._wire_dtype
+                )
+        except BadRequest:
+            raise  # our request was malformed: a bug, not a replica fault; never retried
+        except MoeSwarmError as e:
+            reason = str(e).split(": ", 1)[-1][:200]
+            for uid in uids:
+                attempts[uid].append((endpoint, reason))
+            if not isinstance(e, ExpertNotFound):  # the node is fine, just no longer hosts it
+                ban_s = self.picker.on_failure(endpoint)
+                logger.warning("%s to %s failed (%s); banned for %.0f s", op, endpoint, reason, ban_s)
+            return {}
+        self.picker.on_success(endpoint, time.monotonic() - started)
+        return {uid: (tensor, endpoint) for uid, tensor in out.items()}
+
+    def _client(self, endpoint: str) -> ExpertClient:
+        if endpoint not in self._clients:  # created on the loop thread, used only there
+            self._clients[endpoint] = ExpertClient(endpoint)
+        return self._clients[endpoint]
+
+    def close(self) -> None:
+        async def close_all():
+            await asyncio.gather(*(client.close() for client in self._clients.values()), return_exceptions=True)
+
+        if self._loop.is_running():
+            self.run(close_all(), timeout_s=5)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=5)
+        self._loop.close()
+
+
+def _new_event_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()

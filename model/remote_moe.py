@@ -1,0 +1,131 @@
+"""RemoteMoE: a drop-in MoE FFN block whose experts run on the swarm, forward and backward.
+
+    moe = RemoteMoE(model="tiny-moe", layer=0, d_model=256, n_experts=8, k=2, initial_peers=[MADDR])
+    y = moe(x)            # x: [..., 256] -> y: [..., 256]; gradients reach x, the router and the experts
+    moe.close()
+
+Legend: T tokens, K experts per token, D model dim, E experts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import torch
+from torch import nn
+
+from moeswarm.model.directory import ExpertDirectory
+from moeswarm.model.dispatcher import DispatchConfig, Dispatcher, DispatchResult
+from moeswarm.model.local_moe import combine
+from moeswarm.model.router import Router, RouterOutput
+from moeswarm.protocol.errors import AllReplicasFailed
+from moeswarm.protocol.malloc import keep_freed_memory
+from moeswarm.protocol.spec import format_uid
+
+
+class SwarmClient:
+    """One process's connection to a swarm: a DHT peer, the expert directory and the dispatcher.
+    Share it between the MoE layers of a model. Creates its DHT before any gRPC channel (hivemind forks)."""
+
+    def __init__(
+        self,
+        initial_peers: list[str],
+        *,
+        model: str,
+        swarm: str = "default",
+        config: DispatchConfig = DispatchConfig(),
+        refresh_s: float = 2.0,
+        tune_allocator: bool = True,
+    ):
+        from moeswarm.protocol.dht import start_dht
+
+        if tune_allocator:
+            keep_freed_memory()  # see protocol/malloc.py: ~1 ms per MiB of payload otherwise
+        self.dht = start_dht(initial_peers=initial_peers, client_mode=True)
+        self.directory = ExpertDirectory(self.dht, swarm, refresh_s=refresh_s)
+        self.dispatcher = Dispatcher(self.directory, model, config)
+
+    def close(self) -> None:
+        from moeswarm.protocol.dht import stop_dht
+
+        self.dispatcher.close()
+        self.directory.close()
+        stop_dht(self.dht)
+
+
+class _RemoteExperts(torch.autograd.Function):
+    """Ties an already-dispatched forward (DispatchResult) into autograd: backward sends the output
+    grads through the dispatcher. The network logic lives in Dispatcher, not here."""
+
+    @staticmethod
+    def forward(ctx, x_TD, dispatcher: Dispatcher, result: DispatchResult):
+        ctx.dispatcher, ctx.result = dispatcher, result
+        ctx.save_for_backward(x_TD)
+        return result.y_TKD
+
+    @staticmethod
+    def backward(ctx, grad_y_TKD):
+        (x_TD,) = ctx.saved_tensors
+        grad_x_TD = ctx.dispatcher.run(ctx.dispatcher.backward(ctx.result, x_TD.detach(), grad_y_TKD.contiguous()))
+        return grad_x_TD.to(x_TD.dtype), None, None
+
+
+def check_min_experts(result: DispatchResult, topk_ids_TK: torch.Tensor, uids: list[str], min_experts: int) -> None:
+    """Raise AllReplicasFailed (naming the expert and endpoints tried) if a token kept too few experts."""
+    served_TK = result.served_TK
+    short_T = served_TK.sum(dim=-1) < min(min_experts, served_TK.shape[1])
+    if bool(short_T.any()):
+        token = int(torch.nonzero(short_T)[0])
+        slot = int(torch.nonzero(~served_TK[token])[0])
+        uid = uids[int(topk_ids_TK[token, slot])]
+        raise AllReplicasFailed(uid, result.attempts.get(uid, []))
+
+
+class RemoteMoE(nn.Module):
+    def __init__(
+        self,
+        *,
+        model: str,
+        layer: int,
+        d_model: int,
+        n_experts: int,
+        k: int,
+        initial_peers: list[str] = (),
+        swarm: str = "default",
+        client: SwarmClient | None = None,
+        config: DispatchConfig = DispatchConfig(),
+    ):
+        super().__init__()
+        self.d_model, self.k = d_model, k
+        self.router = Router(d_model, n_experts, k)
+        self.uids = [format_uid(model, layer, e) for e in range(n_experts)]
+        self._owns_client = client is None
+        self.client = client or SwarmClient(list(initial_peers), model=model, swarm=swarm, config=config)
+        self.config = self.client.dispatcher.config
+        self.client.directory.track(self.uids)
+        self.last_routing: RouterOutput | None = None  # for load-balancing / z losses
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.d_model:
+            raise ValueError(f"RemoteMoE expects [..., {self.d_model}] inputs, got {list(x.shape)}")
+        x_TD = x.reshape(-1, self.d_model)
+        routing = self.router(x_TD)
+        self.last_routing = routing
+        if x_TD.shape[0] == 0:
+            return torch.zeros_like(x)
+        dispatcher = self.client.dispatcher
+        result = dispatcher.run(dispatcher.forward(self.uids, x_TD.detach(), routing.topk_ids_TK))
+        check_min_experts(result, routing.topk_ids_TK, self.uids, self.config.min_experts)
+        y_TKD = _RemoteExperts.apply(x_TD, dispatcher, result)
+        out_TD = combine(y_TKD, routing.weights_TK, result.served_TK)
+        return out_TD.to(x.dtype).reshape(x.shape)
+
+    async def forward_async(self, x: torch.Tensor) -> torch.Tensor:
+        """Inference from an asyncio program: awaits the dispatch without blocking the caller's loop."""
+        loop = asyncio.get_running_loop()
+        with torch.no_grad():
+            return await loop.run_in_executor(None, self.forward, x)
+
+    def close(self) -> None:
+        if self._owns_client:
+            self.client.close()

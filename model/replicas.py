@@ -1,0 +1,76 @@
+"""Replica choice: prefer fast, lightly loaded replicas; ban failing ones with exponential backoff.
+
+Pure bookkeeping (no I/O); the dispatcher reports each call's outcome here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import time
+from typing import Callable
+
+from moeswarm.protocol.records import ExpertRecord
+
+UNKNOWN_LATENCY_S = 0.002  # optimistic prior, so new replicas get tried
+
+
+@dataclasses.dataclass
+class _Health:
+    latency_s: float = UNKNOWN_LATENCY_S  # EWMA of successful call latency
+    deviation_s: float = UNKNOWN_LATENCY_S  # EWMA of |latency - mean|
+    failures: int = 0  # consecutive failures
+    banned_until: float = 0.0
+
+
+class ReplicaPicker:
+    def __init__(
+        self,
+        *,
+        ban_base_s: float = 1.0,
+        ban_max_s: float = 60.0,
+        alpha: float = 0.2,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ):
+        self.ban_base_s, self.ban_max_s, self.alpha, self.clock = ban_base_s, ban_max_s, alpha, clock
+        self._rng = rng or random.Random()
+        self._health: dict[str, _Health] = {}
+
+    def _get(self, endpoint: str) -> _Health:
+        return self._health.setdefault(endpoint, _Health())
+
+    def rank(self, records: list[ExpertRecord], exclude: set[str] = frozenset()) -> list[ExpertRecord]:
+        """Candidates best first: usable ones by score (latency x load, with jitter to spread load),
+        then banned ones (tried only when nothing else is left)."""
+        now = self.clock()
+        candidates = [r for r in records if r.endpoint not in exclude]
+        usable = [r for r in candidates if self._get(r.endpoint).banned_until <= now]
+        banned = sorted((r for r in candidates if r not in usable), key=lambda r: self._get(r.endpoint).banned_until)
+        return sorted(usable, key=self._score) + banned
+
+    def _score(self, record: ExpertRecord) -> float:
+        health = self._get(record.endpoint)
+        return health.latency_s * (1.0 + record.queue_depth / 1024) * self._rng.uniform(0.8, 1.25)
+
+    def is_banned(self, endpoint: str) -> bool:
+        return self._get(endpoint).banned_until > self.clock()
+
+    def hedge_after_s(self, endpoint: str, floor_s: float) -> float:
+        """A call running past mean + 4 deviations is slow enough to send to a second replica."""
+        health = self._get(endpoint)
+        return max(floor_s, health.latency_s + 4 * health.deviation_s)
+
+    def on_success(self, endpoint: str, latency_s: float) -> None:
+        health = self._get(endpoint)
+        health.deviation_s += self.alpha * (abs(latency_s - health.latency_s) - health.deviation_s)
+        health.latency_s += self.alpha * (latency_s - health.latency_s)
+        health.failures, health.banned_until = 0, 0.0
+
+    def on_failure(self, endpoint: str) -> float:
+        """Ban the endpoint: 1, 2, 4, ... s (capped) after consecutive failures; returns the ban."""
+        health = self._get(endpoint)
+        health.failures += 1
+        ban_s = min(self.ban_max_s, self.ban_base_s * 2 ** (health.failures - 1))
+        health.banned_until = self.clock() + ban_s
+        return ban_s
