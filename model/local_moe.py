@@ -34,10 +34,11 @@ class LocalMoE(nn.Module):
 
 def combine(y_TKD: torch.Tensor, weights_TK: torch.Tensor, served_TK: torch.Tensor) -> torch.Tensor:
     """Gate-weighted sum of expert outputs in fp32. Where an expert was dropped (all its replicas
-    failed) the token's remaining weights are renormalised. Pure."""
+    failed) the token's remaining weights are rescaled to the token's original total weight. Pure."""
     weights_TK = weights_TK.float()
     if not bool(served_TK.all()):
-        weights_TK = weights_TK * served_TK
-        weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+        kept_TK = weights_TK * served_TK
+        scale_T1 = weights_TK.sum(dim=-1, keepdim=True) / kept_TK.sum(dim=-1, keepdim=True).clamp_min(1e-30)
+        weights_TK = kept_TK * scale_T1
     return torch.einsum("tk,tkd->td", weights_TK, y_TKD.float())
 

@@ -58,7 +58,7 @@ class _RemoteExperts(torch.autograd.Function):
     grads through the dispatcher. The network logic lives in Dispatcher, not here."""
 
     @staticmethod
-    def forward(ctx, x_TD, dispatcher: Dispatcher, result: DispatchResult):
+    def forward(ctx, x_TD, anchor, dispatcher: Dispatcher, result: DispatchResult):
         ctx.dispatcher, ctx.result = dispatcher, result
         ctx.save_for_backward(x_TD)
         return result.y_TKD
@@ -67,7 +67,7 @@ class _RemoteExperts(torch.autograd.Function):
     def backward(ctx, grad_y_TKD):
         (x_TD,) = ctx.saved_tensors
         grad_x_TD = ctx.dispatcher.run(ctx.dispatcher.backward(ctx.result, x_TD.detach(), grad_y_TKD.contiguous()))
-        return grad_x_TD.to(x_TD.dtype), None, None
+        return grad_x_TD.to(x_TD.dtype), None, None, None
 
 
 def check_min_experts(result: DispatchResult, topk_ids_TK: torch.Tensor, uids: list[str], min_experts: int) -> None:
@@ -94,8 +94,15 @@ class RemoteMoE(nn.Module):
         swarm: str = "default",
         client: SwarmClient | None = None,
         config: DispatchConfig = DispatchConfig(),
+        min_experts: int = 1,
     ):
+        """min_experts: a token may lose experts whose replicas all failed (its remaining gate weights
+        are renormalised) as long as it keeps this many; otherwise forward raises AllReplicasFailed.
+        config applies when this layer creates its own SwarmClient; a shared client has its own."""
         super().__init__()
+        if not 1 <= min_experts <= k:
+            raise ValueError(f"min_experts={min_experts}: must be between 1 and k={k}")
+        self.min_experts = min_experts
         self.d_model, self.k = d_model, k
         self.router = Router(d_model, n_experts, k)
         self.uids = [format_uid(model, layer, e) for e in range(n_experts)]
@@ -104,6 +111,7 @@ class RemoteMoE(nn.Module):
         self.config = self.client.dispatcher.config
         self.client.directory.track(self.uids)
         self.last_routing: RouterOutput | None = None  # for load-balancing / z losses
+        self._anchor = torch.empty(0, requires_grad=True)  # not a Parameter: nothing to optimise
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.d_model:
@@ -115,8 +123,11 @@ class RemoteMoE(nn.Module):
             return torch.zeros_like(x)
         dispatcher = self.client.dispatcher
         result = dispatcher.run(dispatcher.forward(self.uids, x_TD.detach(), routing.topk_ids_TK))
-        check_min_experts(result, routing.topk_ids_TK, self.uids, self.config.min_experts)
-        y_TKD = _RemoteExperts.apply(x_TD, dispatcher, result)
+        check_min_experts(result, routing.topk_ids_TK, self.uids, self.min_experts)
+        # The anchor requires grad, so backward reaches the remote experts even when neither the
+        # input nor anything before this layer requires grad (the experts' weights live on nodes).
+        anchor = self._anchor if self.training and torch.is_grad_enabled() else self._anchor.detach()
+        y_TKD = _RemoteExperts.apply(x_TD, anchor, dispatcher, result)
         out_TD = combine(y_TKD, routing.weights_TK, result.served_TK)
         return out_TD.to(x.dtype).reshape(x.shape)
 

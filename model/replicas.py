@@ -53,6 +53,10 @@ class ReplicaPicker:
         health = self._get(record.endpoint)
         return health.latency_s * (1.0 + record.queue_depth / 1024) * self._rng.uniform(0.8, 1.25)
 
+    def failures(self, endpoint: str) -> int:
+        """Consecutive failures of this endpoint (0 after any success)."""
+        return self._get(endpoint).failures
+
     def is_banned(self, endpoint: str) -> bool:
         return self._get(endpoint).banned_until > self.clock()
 
@@ -71,6 +75,6 @@ class ReplicaPicker:
         """Ban the endpoint: 1, 2, 4, ... s (capped) after consecutive failures; returns the ban."""
         health = self._get(endpoint)
         health.failures += 1
-        ban_s = min(self.ban_max_s, self.ban_base_s * 2 ** (health.failures - 1))
+        ban_s = min(self.ban_max_s, self.ban_base_s * 2.0 ** min(health.failures - 1, 60))  # no overflow
         health.banned_until = self.clock() + ban_s
         return ban_s

@@ -1,0 +1,285 @@
+"""RemoteMoE against real node processes: equality with a local MoE, replica failures, training."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from procs import Proc, run, start_dht_peer, start_node
+from moeswarm.model.expert_client import ExpertClient
+from moeswarm.model.dispatcher import DispatchConfig
+from moeswarm.model.local_moe import LocalMoE
+from moeswarm.model.remote_moe import RemoteMoE
+from moeswarm.protocol.errors import AllReplicasFailed
+
+D, F, E, SEED = 32, 64, 4, 11
+NO_UPDATES = dict(name="sgd", lr=0.1, update_every=1_000_000_000)  # equality tests must not move weights
+
+
+def model_spec(name: str) -> dict:
+    return dict(name=name, d_model=D, d_ff=F, n_layers=1, n_experts=E)
+
+
+def start_nodes(root: pathlib.Path, peers: list[str], name: str, hosted: list[list[int]], **extra) -> list[Proc]:
+    nodes = []
+    try:
+        for i, experts in enumerate(hosted):
+            config = dict(model=model_spec(name), experts=[f"{name}.L0.E{e}" for e in experts], initial_peers=peers)
+            config.update(seed=SEED, torch_threads=1, swarm=name, optimizer=NO_UPDATES, **extra)
+            nodes.append(start_node(root / f"{name}-n{i}", config))
+    except BaseException:
+        for node in nodes:
+            node.kill()
+        raise
+    return nodes
+
+
+@pytest.fixture(scope="module")
+def dht(tmp_path_factory):
+    proc = start_dht_peer(tmp_path_factory.mktemp("dht"))
+    yield proc
+    proc.kill()
+
+
+@pytest.fixture(scope="module")
+def split_swarm(dht, tmp_path_factory):
+    """Two nodes, each expert on exactly one of them (no replicas)."""
+    nodes = start_nodes(tmp_path_factory.mktemp("split"), dht.ready["maddrs"], "split", [[0, 2], [1, 3]])
+    yield nodes
+    for node in nodes:
+        node.kill()
+
+
+def make_pair(name: str, k: int, peers: list[str], **config) -> tuple[LocalMoE, RemoteMoE]:
+    local = LocalMoE(model=name, layer=0, d_model=D, d_ff=F, n_experts=E, k=k, seed=SEED)
+    remote = RemoteMoE(
+        model=name, layer=0, d_model=D, n_experts=E, k=k, initial_peers=peers, swarm=name, config=DispatchConfig(**config)
+    )
+    remote.router.load_state_dict(local.router.state_dict())
+    return local, remote
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_remote_moe_equals_local_moe_outputs_and_grads(split_swarm, dht, k):
+    local, remote = make_pair("split", k, dht.ready["maddrs"])
+    try:
+        for shape in [(1, D), (5, D), (2, 3, D), (64, D), (512, D)]:
+            x_local = torch.randn(*shape, requires_grad=True)
+            x_remote = x_local.detach().clone().requires_grad_(True)
+            y_local, y_remote = local(x_local), remote(x_remote)
+            grad = torch.randn_like(y_local)
+            y_local.backward(grad)
+            y_remote.backward(grad)
+            assert y_remote.shape == shape
+            assert (y_remote - y_local).abs().max() <= 1e-6
+            assert (x_remote.grad - x_local.grad).abs().max() <= 1e-6
+            gate_diff = remote.router.gate.weight.grad - local.router.gate.weight.grad
+            assert gate_diff.abs().max() <= 1e-6, shape
+            local.zero_grad()
+            remote.zero_grad()
+    finally:
+        remote.close()
+
+
+def test_lost_expert_is_dropped_and_renormalised_or_fails_clearly(dht, tmp_path):
+    nodes = start_nodes(tmp_path, dht.ready["maddrs"], "lost", [[0, 1], [2, 3]])
+    local, remote = make_pair("lost", 2, dht.ready["maddrs"], timeout_s=2.0)
+    strict = RemoteMoE(model="lost", layer=0, d_model=D, n_experts=E, k=2, client=remote.client, min_experts=2)
+    strict.router.load_state_dict(local.router.state_dict())
+    try:
+        nodes[1].kill()  # experts 2 and 3 are gone: no replica left
+        x = torch.randn(256, D)
+        with torch.no_grad():
+            routing = local.router(x)
+        keeps_one = (routing.topk_ids_TK < 2).any(dim=-1)
+        loses_one = (routing.topk_ids_TK >= 2).any(dim=-1)
+        assert bool((keeps_one & loses_one).any())
+        with pytest.raises(AllReplicasFailed, match=r"lost\.L0\.E[23]"):
+            remote(x[~keeps_one])  # tokens left with no expert at all: an error, never zeros
+        x, routing = x[keeps_one], local.router(x[keeps_one])
+        y = remote(x)
+        assert torch.isfinite(y).all()
+        with torch.no_grad():  # expected: each token's surviving experts, weights renormalised over them
+            for t in range(x.shape[0]):
+                alive = [(e, w) for e, w in zip(routing.topk_ids_TK[t].tolist(), routing.weights_TK[t]) if e < 2]
+                total = sum(w for _, w in alive)
+                expected = sum((w / total) * local.experts[e](x[t : t + 1])[0] for e, w in alive)
+                assert torch.allclose(y[t], expected, atol=1e-6), t
+        # A caller who needs both experts of every token gets an error naming what was lost.
+        with pytest.raises(AllReplicasFailed, match=r"lost\.L0\.E[23]") as error:
+            strict(x)
+        assert nodes[1].ready["endpoint"] in str(error.value)
+    finally:
+        remote.close()
+        for node in nodes:
+            node.kill()
+
+
+def test_kill9_one_replica_inside_a_loop_of_calls(dht, tmp_path):
+    nodes = start_nodes(tmp_path, dht.ready["maddrs"], "kill", [[0, 1, 2, 3], [0, 1, 2, 3]])
+    local, remote = make_pair("kill", 2, dht.ready["maddrs"], timeout_s=2.0)
+    picker = remote.client.dispatcher.picker
+    dead = nodes[0].ready["endpoint"]
+    try:
+        x = torch.randn(32, D)
+        with torch.no_grad():
+            expected = local(x)
+        latencies = []
+        for i in range(60):
+            if i == 10:
+                nodes[0].kill()
+            started = time.monotonic()
+            with torch.no_grad():
+                y = remote(x)
+            latencies.append(time.monotonic() - started)
+            assert torch.equal(y, expected), f"call {i}"  # zero errors, zero NaN, exact
+        # The dead node failed at most a few times (its first failure, then one re-probe per backoff),
+        # and no call after the kill waited for a deadline.
+        assert picker.is_banned(dead)
+        assert 1 <= picker.failures(dead) <= 4
+        assert max(latencies[10:]) < remote.config.timeout_s
+    finally:
+        remote.close()
+        for node in nodes:
+            node.kill()
+
+
+def _info(node: Proc) -> dict:
+    """uid -> ExpertState (version, rows_served) as the node reports it."""
+
+    async def info():
+        client = ExpertClient(node.ready["endpoint"])
+        try:
+            return await client.info(timeout_s=5)
+        finally:
+            await client.close()
+
+    return {state.uid: state for state in run(info()).experts}
+
+
+def _rows_served(node: Proc, uid: str) -> int:
+    return _info(node)[uid].rows_served
+
+
+def test_sigstop_replica_is_hedged_avoided_and_used_again_after_sigcont(dht, tmp_path):
+    nodes = start_nodes(tmp_path, dht.ready["maddrs"], "stop", [[0, 1, 2, 3], [0, 1, 2, 3]])
+    local, remote = make_pair("stop", 1, dht.ready["maddrs"], timeout_s=3.0, hedge_floor_s=0.05)
+    stopped = nodes[0]
+    try:
+        x = torch.randn(16, D)
+        with torch.no_grad():
+            expected = local(x)
+            for _ in range(10):
+                remote(x)  # warm up both replicas' latency estimates
+            os.kill(stopped.popen.pid, signal.SIGSTOP)
+            for i in range(20):
+                started = time.monotonic()
+                assert torch.equal(remote(x), expected)
+                assert time.monotonic() - started < remote.config.timeout_s, f"call {i} waited for a deadline"
+            assert remote.client.dispatcher.picker.is_banned(stopped.ready["endpoint"])
+            os.kill(stopped.popen.pid, signal.SIGCONT)
+            before = sum(_rows_served(stopped, f"stop.L0.E{e}") for e in range(E))
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                assert torch.equal(remote(x), expected)
+                if sum(_rows_served(stopped, f"stop.L0.E{e}") for e in range(E)) > before:
+                    break
+                time.sleep(0.1)
+            else:
+                pytest.fail("the resumed replica was never used again")
+    finally:
+        os.kill(stopped.popen.pid, signal.SIGCONT)
+        remote.close()
+        for node in nodes:
+            node.kill()
+
+
+def test_new_node_is_picked_up_within_a_refresh_period(dht, tmp_path):
+    nodes = start_nodes(tmp_path, dht.ready["maddrs"], "fresh", [[0, 1, 2, 3]])
+    remote = RemoteMoE(
+        model="fresh", layer=0, d_model=D, n_experts=E, k=2, initial_peers=dht.ready["maddrs"], swarm="fresh"
+    )
+    try:
+        directory = remote.client.directory
+        assert len(directory.replicas("fresh.L0.E0")) == 1
+        nodes += start_nodes(tmp_path / "late", dht.ready["maddrs"], "fresh", [[0, 1, 2, 3]])
+        joined = time.monotonic()
+        while len(directory.replicas("fresh.L0.E0")) < 2:
+            assert time.monotonic() - joined < 2 * directory.refresh_s + 1.0, "new node not seen"
+            time.sleep(0.05)
+    finally:
+        remote.close()
+        for node in nodes:
+            node.kill()
+
+
+CLIENT_SCRIPT = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+from test_remote_moe import make_pair, D
+peers = sys.argv[1:]
+torch.manual_seed(int({seed}))
+local, remote = make_pair("split", 2, peers)
+for _ in range(20):
+    x = torch.randn(48, D)
+    with torch.no_grad():
+        assert torch.equal(remote(x), local(x))
+remote.close()
+print("client ok")
+"""
+
+
+def test_two_client_processes_at_once(split_swarm, dht):
+    tests = str(pathlib.Path(__file__).parent)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", CLIENT_SCRIPT.format(tests=tests, seed=seed), *dht.ready["maddrs"]],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for seed in (1, 2)
+    ]
+    for proc in procs:
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0 and "client ok" in out, out[-2000:]
+
+
+def test_training_through_remote_moe_lowers_loss_and_moves_remote_experts(dht, tmp_path):
+    trained = dict(name="sgd", lr=0.05, update_every=1)
+    nodes = []
+    for i, experts in enumerate([[0, 1], [2, 3]]):
+        config = dict(model=model_spec("train"), experts=[f"train.L0.E{e}" for e in experts])
+        config.update(initial_peers=dht.ready["maddrs"], seed=SEED, torch_threads=1, swarm="train", optimizer=trained)
+        nodes.append(start_node(tmp_path / f"trained{i}", config))
+    local, remote = make_pair("train", 2, dht.ready["maddrs"])
+    try:
+        torch.manual_seed(0)
+        target = torch.nn.Linear(D, D)
+        optimizer = torch.optim.Adam(remote.router.parameters(), lr=1e-2)
+        x = torch.randn(128, D)
+        with torch.no_grad():
+            y_target = target(x)
+            before = remote(x)
+        losses = []
+        for _ in range(25):
+            loss = torch.nn.functional.mse_loss(remote(x), y_target)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        assert losses[-1] < 0.9 * losses[0], losses
+        versions = [_info(node)[uid].version for node in nodes for uid in _info(node)]
+        assert min(versions) >= 1, versions  # every expert took optimizer steps on its node
+        with torch.no_grad():  # ...and learned: the same router now gives different outputs
+            remote.router.load_state_dict(local.router.state_dict())
+            assert (remote(x) - before).abs().max() > 1e-4
+    finally:
+        remote.close()
+        for node in nodes:
+            node.kill()

@@ -1,0 +1,321 @@
+"""The pure math around a dispatch: group_rows, combine, check_min_experts, DispatchConfig
+validation, and the LocalMoE reference that RemoteMoE must equal.
+
+Legend: T tokens, D model dim, E experts, K experts per token.
+"""
+
+import pytest
+import torch
+
+from moeswarm.model.dispatcher import DispatchConfig, DispatchResult, group_rows
+from moeswarm.model.experts import init_expert
+from moeswarm.model.local_moe import LocalMoE, combine
+from moeswarm.model.remote_moe import RemoteMoE, check_min_experts
+from moeswarm.protocol.errors import AllReplicasFailed, ConfigError
+
+D = 8
+UIDS = [f"tiny.L0.E{e}" for e in range(4)]
+
+
+def _randn(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------- group_rows
+
+
+def test_group_rows_covers_every_token_slot_exactly_once_with_the_right_uid():
+    topk_ids_TK = torch.tensor([[0, 2], [2, 1], [3, 0], [0, 2], [1, 3]])
+    rows = group_rows(topk_ids_TK, UIDS)
+    seen = []
+    for uid, r in rows.items():
+        assert r.token_idx.shape == r.slot_idx.shape
+        assert r.token_idx.dtype == r.slot_idx.dtype == torch.long
+        for t, k in zip(r.token_idx.tolist(), r.slot_idx.tolist()):
+            assert UIDS[int(topk_ids_TK[t, k])] == uid
+            seen.append((t, k))
+    assert sorted(seen) == [(t, k) for t in range(5) for k in range(2)]
+
+
+def test_group_rows_lists_only_the_experts_that_got_rows():
+    topk_ids_TK = torch.tensor([[3], [1], [3]])
+    rows = group_rows(topk_ids_TK, UIDS)
+    assert set(rows) == {UIDS[1], UIDS[3]}
+    assert rows[UIDS[3]].token_idx.tolist() == [0, 2]
+    assert rows[UIDS[3]].slot_idx.tolist() == [0, 0]
+    assert rows[UIDS[1]].token_idx.tolist() == [1]
+
+
+def test_group_rows_random_routing_partitions_all_pairs():
+    topk_ids_TK = torch.stack([torch.randperm(4, generator=torch.Generator().manual_seed(t))[:2] for t in range(50)])
+    rows = group_rows(topk_ids_TK, UIDS)
+    assert sum(r.token_idx.numel() for r in rows.values()) == topk_ids_TK.numel()
+    pairs = {(t, k) for r in rows.values() for t, k in zip(r.token_idx.tolist(), r.slot_idx.tolist())}
+    assert len(pairs) == topk_ids_TK.numel()
+    rebuilt_TK = torch.full_like(topk_ids_TK, -1)
+    for uid, r in rows.items():
+        rebuilt_TK[r.token_idx, r.slot_idx] = UIDS.index(uid)
+    assert torch.equal(rebuilt_TK, topk_ids_TK)
+
+
+def test_group_rows_of_no_tokens_is_empty():
+    assert group_rows(torch.zeros(0, 2, dtype=torch.long), UIDS) == {}
+
+
+# ---------------------------------------------------------------- DispatchConfig
+
+
+def test_dispatch_config_defaults_are_valid():
+    config = DispatchConfig()
+    assert config.timeout_s > 0 and config.max_attempts >= 1 and config.hedge_floor_s >= 0
+    DispatchConfig(wire_dtype="bfloat16", hedge_floor_s=0.0, max_attempts=1)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"timeout_s": 0},
+        {"timeout_s": -1.0},
+        {"max_attempts": 0},
+        {"max_attempts": -2},
+        {"hedge_floor_s": -0.01},
+        {"wire_dtype": "int8"},
+        {"wire_dtype": "fp32"},
+    ],
+)
+def test_dispatch_config_rejects_bad_values(bad):
+    with pytest.raises(ConfigError):
+        DispatchConfig(**bad)
+
+
+def test_dispatch_config_error_names_the_bad_wire_dtype_and_the_choices():
+    with pytest.raises(ConfigError, match="'int8'.*bfloat16"):
+        DispatchConfig(wire_dtype="int8")
+
+
+def test_dispatch_config_rejects_nan_timeout():
+    # `nan <= 0` is False, so NaN slips past the check; Dispatcher.run then waits
+    # future.result(nan), which times out at once: every layer call fails with a bare TimeoutError.
+    with pytest.raises(ConfigError):
+        DispatchConfig(timeout_s=float("nan"))
+
+
+def test_dispatch_config_is_frozen_and_keyword_only():
+    config = DispatchConfig()
+    with pytest.raises(AttributeError):
+        config.timeout_s = 1.0
+    with pytest.raises(TypeError):
+        DispatchConfig(1.0)
+
+
+@pytest.mark.parametrize("min_experts", [0, -1, 3])
+def test_remote_moe_rejects_min_experts_outside_1_to_k(min_experts):
+    # validated before any client is touched: the sentinel client is never used
+    with pytest.raises(ValueError, match=f"min_experts={min_experts}"):
+        RemoteMoE(model="tiny", layer=0, d_model=D, n_experts=4, k=2, client=object(), min_experts=min_experts)
+
+
+# ---------------------------------------------------------------- combine
+
+
+def test_combine_all_served_is_the_weighted_sum():
+    y_TKD, weights_TK = _randn(5, 2, D, seed=1), torch.softmax(_randn(5, 2, seed=2), -1)
+    out_TD = combine(y_TKD, weights_TK, torch.ones(5, 2, dtype=torch.bool))
+    assert out_TD.shape == (5, D) and out_TD.dtype == torch.float32
+    torch.testing.assert_close(out_TD, torch.einsum("tk,tkd->td", weights_TK, y_TKD))
+    torch.testing.assert_close(out_TD[3], weights_TK[3, 0] * y_TKD[3, 0] + weights_TK[3, 1] * y_TKD[3, 1])
+
+
+def test_combine_all_served_keeps_unnormalised_weights():
+    y_TKD = torch.ones(1, 2, D)
+    out_TD = combine(y_TKD, torch.tensor([[0.3, 0.2]]), torch.ones(1, 2, dtype=torch.bool))
+    torch.testing.assert_close(out_TD, torch.full((1, D), 0.5))
+
+
+def test_combine_token_with_one_slot_dropped_gets_exactly_the_other_expert():
+    y_TKD, weights_TK = _randn(3, 2, D, seed=3), torch.softmax(_randn(3, 2, seed=4), -1)
+    served_TK = torch.ones(3, 2, dtype=torch.bool)
+    served_TK[1, 0] = False
+    served_TK[2, 1] = False
+    out_TD = combine(y_TKD, weights_TK, served_TK)
+    torch.testing.assert_close(out_TD[1], y_TKD[1, 1])
+    torch.testing.assert_close(out_TD[2], y_TKD[2, 0])
+    torch.testing.assert_close(out_TD[0], weights_TK[0] @ y_TKD[0])  # untouched token
+
+
+def test_combine_renormalises_the_remaining_weights_of_three():
+    y_TKD = _randn(1, 3, D, seed=5)
+    weights_TK = torch.tensor([[0.5, 0.3, 0.2]])
+    served_TK = torch.tensor([[True, False, True]])
+    expected = (0.5 * y_TKD[0, 0] + 0.2 * y_TKD[0, 2]) / 0.7
+    torch.testing.assert_close(combine(y_TKD, weights_TK, served_TK)[0], expected)
+
+
+def test_combine_token_with_every_slot_dropped_is_zero_not_nan():
+    y_TKD = torch.zeros(2, 2, D)
+    y_TKD[0] = _randn(2, D, seed=6)
+    served_TK = torch.tensor([[True, True], [False, False]])
+    out_TD = combine(y_TKD, torch.full((2, 2), 0.5), served_TK)
+    assert bool(torch.isfinite(out_TD).all())
+    assert torch.equal(out_TD[1], torch.zeros(D))
+
+
+def test_combine_computes_in_fp32_from_low_precision_inputs():
+    y_TKD = _randn(4, 2, D, seed=7).to(torch.bfloat16)
+    weights_TK = torch.softmax(_randn(4, 2, seed=8), -1).to(torch.bfloat16)
+    out_TD = combine(y_TKD, weights_TK, torch.ones(4, 2, dtype=torch.bool))
+    assert out_TD.dtype == torch.float32
+    torch.testing.assert_close(out_TD, torch.einsum("tk,tkd->td", weights_TK.float(), y_TKD.float()))
+
+
+def test_combine_rescales_surviving_weights_to_the_original_total():
+    y_TKD = _randn(1, 2, D, seed=9)
+    weights_TK = torch.tensor([[0.3, 0.2]], requires_grad=True)  # unnormalised router (sum 0.5)
+    out_TD = combine(y_TKD, weights_TK, torch.tensor([[True, False]]))
+    torch.testing.assert_close(out_TD[0], 0.5 * y_TKD[0, 0])  # the output keeps its scale
+    out_TD.sum().backward()
+    # output = (w0 + w1) * y0: both weights get d/dw = sum(y0)
+    expected = y_TKD[0, 0].sum().expand(1, 2)
+    torch.testing.assert_close(weights_TK.grad, expected, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- LocalMoE
+
+
+def _moe(k: int, n_experts: int = 4, seed: int = 0) -> LocalMoE:
+    torch.manual_seed(123)  # router init
+    return LocalMoE(model="tiny", layer=3, d_model=D, d_ff=16, n_experts=n_experts, k=k, seed=seed)
+
+
+def _hand_loop(moe: LocalMoE, x_TD: torch.Tensor) -> torch.Tensor:
+    routing = moe.router(x_TD)
+    out = torch.zeros_like(x_TD)
+    with torch.no_grad():
+        for t in range(x_TD.shape[0]):
+            for k in range(routing.topk_ids_TK.shape[1]):
+                expert = moe.experts[int(routing.topk_ids_TK[t, k])]
+                out[t] += routing.weights_TK[t, k] * expert(x_TD[t : t + 1])[0]
+    return out
+
+
+@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("t", [1, 7])
+def test_local_moe_equals_a_hand_loop_over_tokens(k, t):
+    moe = _moe(k)
+    x_TD = _randn(t, D, seed=10 + t)
+    with torch.no_grad():
+        out_TD = moe(x_TD)
+    assert out_TD.shape == (t, D) and out_TD.dtype == torch.float32
+    torch.testing.assert_close(out_TD, _hand_loop(moe, x_TD), rtol=0, atol=1e-6)
+
+
+def test_local_moe_uses_more_than_one_expert_for_this_input():
+    # guards the loop test above from passing with a degenerate router
+    moe = _moe(2)
+    assert len(torch.unique(moe.router(_randn(7, D, seed=17)).topk_ids_TK)) > 1
+
+
+def test_local_moe_handles_3d_inputs_like_their_flattened_tokens():
+    moe = _moe(2)
+    x_BSD = _randn(2, 3, D, seed=20)
+    with torch.no_grad():
+        out_BSD = moe(x_BSD)
+        flat_TD = moe(x_BSD.reshape(-1, D))
+    assert out_BSD.shape == (2, 3, D)
+    torch.testing.assert_close(out_BSD.reshape(-1, D), flat_TD, rtol=0, atol=0)
+    torch.testing.assert_close(flat_TD, _hand_loop(moe, x_BSD.reshape(-1, D)), rtol=0, atol=1e-6)
+
+
+def test_local_moe_batch_of_one_3d():
+    moe = _moe(1)
+    x = _randn(1, 1, D, seed=21)
+    with torch.no_grad():
+        out = moe(x)
+    assert out.shape == (1, 1, D)
+    torch.testing.assert_close(out[0], _hand_loop(moe, x[0]), rtol=0, atol=1e-6)
+
+
+def test_local_moe_experts_equal_what_nodes_host():
+    moe = _moe(2, seed=5)
+    assert moe.uids == [f"tiny.L3.E{e}" for e in range(4)]
+    for e, expert in enumerate(moe.experts):
+        reference = init_expert(D, 16, seed=5, uid=f"tiny.L3.E{e}")
+        theirs, ours = dict(reference.named_parameters()), dict(expert.named_parameters())
+        assert theirs.keys() == ours.keys()
+        for name in theirs:
+            assert torch.equal(theirs[name], ours[name]), (e, name)
+    # different experts, different weights
+    assert not torch.equal(moe.experts[0].w1.weight, moe.experts[1].w1.weight)
+
+
+def test_local_moe_gradients_reach_router_experts_and_input():
+    moe = _moe(2)
+    x_TD = _randn(6, D, seed=22).requires_grad_(True)
+    moe(x_TD).square().sum().backward()
+    assert x_TD.grad is not None and x_TD.grad.abs().sum() > 0
+    assert moe.router.gate.weight.grad.abs().sum() > 0
+    used = torch.unique(moe.router(x_TD.detach()).topk_ids_TK).tolist()
+    for e, expert in enumerate(moe.experts):
+        got_grad = expert.w1.weight.grad is not None and expert.w1.weight.grad.abs().sum() > 0
+        assert got_grad == (e in used), e
+
+
+# ---------------------------------------------------------------- check_min_experts
+
+
+def _result(served_TK: torch.Tensor, attempts: dict | None = None) -> DispatchResult:
+    T, K = served_TK.shape
+    return DispatchResult(
+        y_TKD=torch.zeros(T, K, D),
+        served_TK=served_TK,
+        rows={},
+        endpoints={},
+        attempts=attempts if attempts is not None else {},
+    )
+
+
+TOPK_TK = torch.tensor([[0, 1], [2, 3], [1, 2]])
+FAILED = [("127.0.0.1:1", "UNAVAILABLE: x")]
+
+
+def test_check_min_experts_passes_when_everything_was_served():
+    check_min_experts(_result(torch.ones(3, 2, dtype=torch.bool)), TOPK_TK, UIDS, min_experts=2)
+
+
+def test_check_min_experts_allows_dropping_down_to_min_experts():
+    served_TK = torch.tensor([[True, False], [False, True], [True, True]])
+    check_min_experts(_result(served_TK), TOPK_TK, UIDS, min_experts=1)
+
+
+def test_check_min_experts_names_the_missing_slot_and_lists_attempts():
+    served_TK = torch.tensor([[True, True], [True, False], [True, True]])  # token 1 lost expert 3
+    attempts = {UIDS[3]: FAILED, UIDS[0]: [("127.0.0.1:9", "other")]}
+    with pytest.raises(AllReplicasFailed) as info:
+        check_min_experts(_result(served_TK, attempts), TOPK_TK, UIDS, min_experts=2)
+    assert info.value.uid == UIDS[3]
+    assert info.value.attempts == FAILED
+    assert UIDS[3] in str(info.value) and "127.0.0.1:1: UNAVAILABLE: x" in str(info.value)
+    assert "127.0.0.1:9" not in str(info.value)
+
+
+def test_check_min_experts_token_with_nothing_served_fails_even_at_min_one():
+    served_TK = torch.tensor([[True, True], [True, True], [False, False]])
+    with pytest.raises(AllReplicasFailed) as info:
+        check_min_experts(_result(served_TK, {UIDS[1]: FAILED}), TOPK_TK, UIDS, min_experts=1)
+    assert info.value.uid == UIDS[1]  # token 2, slot 0 -> expert 1
+    assert info.value.attempts == FAILED
+
+
+def test_check_min_experts_caps_min_experts_at_k():
+    check_min_experts(_result(torch.ones(3, 2, dtype=torch.bool)), TOPK_TK, UIDS, min_experts=5)
+    served_TK = torch.tensor([[True, True], [True, True], [False, True]])
+    with pytest.raises(AllReplicasFailed) as info:
+        check_min_experts(_result(served_TK, {UIDS[1]: FAILED}), TOPK_TK, UIDS, min_experts=5)
+    assert info.value.uid == UIDS[1]
+
+
+def test_check_min_experts_without_recorded_attempts_says_no_replica_known():
+    served_TK = torch.tensor([[True, True], [False, True], [True, True]])
+    with pytest.raises(AllReplicasFailed, match="no replica known") as info:
+        check_min_experts(_result(served_TK), TOPK_TK, UIDS, min_experts=2)
+    assert info.value.uid == UIDS[2] and info.value.attempts == []
