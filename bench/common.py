@@ -7,6 +7,7 @@ import dataclasses
 import importlib.metadata
 import importlib.util
 import json
+import logging
 import os
 import pathlib
 import platform
@@ -49,6 +50,39 @@ def quantile(values: list[float], q: float) -> float:
 
 def median(values: list[float]) -> float:
     return quantile(values, 0.5)
+
+
+def stats_ms(seconds: list[float]) -> dict:
+    """n, min, median, p90, p99, max of a non-empty list of seconds, in milliseconds."""
+    return {"n": len(seconds), "min": min(seconds) * 1e3, "median": median(seconds) * 1e3,
+            "p90": quantile(seconds, 0.9) * 1e3, "p99": quantile(seconds, 0.99) * 1e3, "max": max(seconds) * 1e3}
+
+
+def time_call(call) -> float:
+    """Seconds one synchronous call takes."""
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
+
+
+def time_within(call, budget_s: float, max_calls: int) -> list[float]:
+    """Time calls until budget_s has passed or max_calls were made (at least one call)."""
+    seconds = []
+    start = time.perf_counter()
+    while len(seconds) < max_calls and (not seconds or time.perf_counter() - start < budget_s):
+        seconds.append(time_call(call))
+    return seconds
+
+
+class LogCapture(logging.Handler):
+    """Keeps (perf_counter, message) of each record at WARNING and above; attach it to a logger."""
+
+    def __init__(self, level: int = logging.WARNING):
+        super().__init__(level)
+        self.messages: list[tuple[float, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append((time.perf_counter(), record.getMessage()))
 
 
 def print_table(figures: list[Figure]) -> None:

@@ -78,7 +78,11 @@ class Dispatcher:
         """Run a coroutine on the dispatcher's loop from any thread; block for its result."""
         future = asyncio.run_coroutine_threadsafe(coro, self._loop)
         bound = timeout_s if timeout_s is not None else self.config.timeout_s * (self.config.max_attempts + 1)
-        return future.result(bound)
+        try:
+            return future.result(bound)
+        except TimeoutError:
+            future.cancel()  # do not leave the work running on the loop after the caller gave up
+            raise
 
     async def forward(self, uids: list[str], x_TD: torch.Tensor, topk_ids_TK: torch.Tensor) -> DispatchResult:
         rows = group_rows(topk_ids_TK, uids)

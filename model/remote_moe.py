@@ -18,6 +18,7 @@ from moeswarm.model.directory import ExpertDirectory
 from moeswarm.model.dispatcher import DispatchConfig, Dispatcher, DispatchResult
 from moeswarm.model.local_moe import combine
 from moeswarm.model.router import Router, RouterOutput
+from moeswarm.protocol.dht import IsolatedDHT
 from moeswarm.protocol.errors import AllReplicasFailed
 from moeswarm.protocol.malloc import keep_freed_memory
 from moeswarm.protocol.spec import format_uid
@@ -25,7 +26,7 @@ from moeswarm.protocol.spec import format_uid
 
 class SwarmClient:
     """One process's connection to a swarm: a DHT peer, the expert directory and the dispatcher.
-    Share it between the MoE layers of a model. Creates its DHT before any gRPC channel (hivemind forks)."""
+    Share it between the MoE layers of a model."""
 
     def __init__(
         self,
@@ -37,20 +38,27 @@ class SwarmClient:
         refresh_s: float = 2.0,
         tune_allocator: bool = True,
     ):
-        from moeswarm.protocol.dht import start_dht
-
         if tune_allocator:
             keep_freed_memory()  # see protocol/malloc.py: ~1 ms per MiB of payload otherwise
-        self.dht = start_dht(initial_peers=initial_peers, client_mode=True)
+        self.dht = IsolatedDHT(initial_peers)  # spawned, never forked from the user's process
         self.directory = ExpertDirectory(self.dht, swarm, refresh_s=refresh_s)
         self.dispatcher = Dispatcher(self.directory, model, config)
+        self._closed = False
+
+    def __enter__(self) -> "SwarmClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def close(self) -> None:
-        from moeswarm.protocol.dht import stop_dht
-
+        """Idempotent: closes channels, stops the directory thread and the DHT peer."""
+        if self._closed:
+            return
+        self._closed = True
         self.dispatcher.close()
         self.directory.close()
-        stop_dht(self.dht)
+        self.dht.close()
 
 
 class _RemoteExperts(torch.autograd.Function):
@@ -137,6 +145,13 @@ class RemoteMoE(nn.Module):
         with torch.no_grad():
             return await loop.run_in_executor(None, self.forward, x)
 
+    def __enter__(self) -> "RemoteMoE":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def close(self) -> None:
+        """Release the swarm connection this layer created (a shared client is its owner's to close)."""
         if self._owns_client:
             self.client.close()

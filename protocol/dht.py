@@ -1,4 +1,4 @@
-"""Starting and stopping our hivemind DHT peers the same way everywhere.
+"""Starting, stopping and reading our hivemind DHT peers the same way everywhere.
 
 A DHT peer is a forked child plus a p2pd daemon. A terminal's Ctrl-C reaches p2pd too (uvloop resets
 its SIGINT disposition), after which a graceful DHT shutdown can only time out: keep that timeout
@@ -7,11 +7,28 @@ short and kill the child after it. `moeswarm swarm up` avoids it by giving each 
 
 from __future__ import annotations
 
+import concurrent.futures
+import functools
+import itertools
+import json
 import logging
+import multiprocessing.connection
+import os
+import secrets
+import select
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
 
+from moeswarm.protocol.errors import NodeUnavailable
 from moeswarm.protocol.records import dht_validators
 
 logger = logging.getLogger(__name__)
+DHT_TIMEOUT_S = 10.0  # bound on one lookup
+DHT_START_TIMEOUT_S = 60.0
 DHT_STOP_TIMEOUT_S = 1.0  # keeps a node's whole shutdown under 5 s even when p2pd died first
 
 
@@ -42,3 +59,114 @@ def stop_dht(dht) -> None:
         logger.warning("DHT process %s did not stop in %.0f s; killing it", dht.pid, DHT_STOP_TIMEOUT_S)
         dht.kill()
         dht.join(DHT_STOP_TIMEOUT_S)
+
+
+async def _get_many(dht, node, keys: list[str]) -> dict:
+    # Runs inside the DHT process. Latest values: a cached get can miss subkeys added later by others.
+    found = await node.get_many(keys, sufficient_expiration_time=float("inf"))
+    return {key: (value.value if value is not None else None) for key, value in found.items()}
+
+
+def get_records(dht, keys: list[str], timeout_s: float = DHT_TIMEOUT_S) -> dict:
+    """Latest values of `keys` (None where absent) from a hivemind.DHT or an IsolatedDHT.
+    Raises NodeUnavailable if the DHT does not answer in time."""
+    if isinstance(dht, IsolatedDHT):
+        return dht.get_records(keys, timeout_s)
+    future = dht.run_coroutine(functools.partial(_get_many, keys=keys), return_future=True)
+    try:
+        return future.result(timeout=timeout_s)
+    except concurrent.futures.TimeoutError as e:
+        future.cancel()
+        raise NodeUnavailable(f"the DHT did not answer within {timeout_s:.0f} s; check --initial-peers") from e
+
+
+class IsolatedDHT:
+    """A client-mode DHT peer in a child interpreter (not a fork), answering lookups over a local socket.
+
+    hivemind.DHT forks its worker from the calling process. Forking a process that already runs
+    threads (gRPC pollers, torch, user code) can leave the child deadlocked: we saw a client's DHT
+    child spin and never answer after the test process had used gRPC and autograd. Clients live
+    inside users' processes, so they never fork: a fresh `python -m moeswarm.protocol.dht` does,
+    from a clean state. (multiprocessing's spawn would re-run the user's __main__; this does not.)
+    """
+
+    def __init__(self, initial_peers: list[str], *, start_timeout_s: float = DHT_START_TIMEOUT_S):
+        authkey = secrets.token_bytes(32)
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "moeswarm.protocol.dht"], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        )
+        self._proc.stdin.write(json.dumps({"authkey": authkey.hex(), "initial_peers": list(initial_peers)}).encode() + b"\n")
+        self._proc.stdin.close()
+        self._lock, self._ids = threading.Lock(), itertools.count()
+        address = self._read_address(start_timeout_s)
+        self._conn = multiprocessing.connection.Client(address, family="AF_UNIX", authkey=authkey)
+
+    def _read_address(self, timeout_s: float) -> str:
+        ready, _, _ = select.select([self._proc.stdout], [], [], timeout_s)
+        line = self._proc.stdout.readline().decode().strip() if ready else ""
+        if not line.startswith("ready "):
+            self._proc.kill()
+            self._proc.wait()
+            raise NodeUnavailable(f"the client DHT peer did not start within {timeout_s:.0f} s ({line or 'no answer'})")
+        return line.split(" ", 1)[1]
+
+    def get_records(self, keys: list[str], timeout_s: float = DHT_TIMEOUT_S) -> dict:
+        with self._lock:  # one request at a time; replies carry the request id, stale ones are skipped
+            request_id = next(self._ids)
+            self._conn.send((request_id, keys, timeout_s))
+            deadline = time.monotonic() + timeout_s + 1.0
+            while self._conn.poll(max(0.0, deadline - time.monotonic())):
+                reply_id, ok, value = self._conn.recv()
+                if reply_id == request_id:
+                    if ok:
+                        return value
+                    raise NodeUnavailable(value)
+        raise NodeUnavailable(f"the DHT did not answer within {timeout_s:.0f} s; check --initial-peers")
+
+    def close(self) -> None:
+        try:
+            self._conn.send(None)
+            self._conn.close()
+        except (OSError, ValueError, AttributeError):
+            pass
+        try:
+            self._proc.wait(DHT_STOP_TIMEOUT_S + 3)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+
+
+def _serve_lookups() -> None:
+    """Body of `python -m moeswarm.protocol.dht`: one client DHT peer serving one owner."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the owner process decides when we stop
+    request = json.loads(sys.stdin.readline())
+    dht = start_dht(initial_peers=request["initial_peers"], client_mode=True)
+    try:
+        with tempfile.TemporaryDirectory(prefix="moeswarm-dht-") as tmp:
+            address = os.path.join(tmp, "socket")
+            authkey = bytes.fromhex(request["authkey"])
+            with multiprocessing.connection.Listener(address, family="AF_UNIX", authkey=authkey) as listener:
+                print(f"ready {address}", flush=True)
+                with listener.accept() as conn:
+                    _answer(conn, dht)
+    finally:
+        stop_dht(dht)
+
+
+def _answer(conn, dht) -> None:
+    while True:
+        try:
+            request = conn.recv()
+        except EOFError:  # the owner died
+            return
+        if request is None:
+            return
+        request_id, keys, timeout_s = request
+        try:
+            conn.send((request_id, True, get_records(dht, keys, timeout_s)))
+        except NodeUnavailable as e:
+            conn.send((request_id, False, str(e)))
+
+
+if __name__ == "__main__":
+    _serve_lookups()

@@ -14,9 +14,9 @@ from hivemind.utils.timed_storage import get_dht_time
 
 from conftest import MODEL
 from procs import run
-from moeswarm.model.directory import find_experts, get_records
+from moeswarm.model.directory import find_experts
 from moeswarm.model.expert_client import ExpertClient
-from moeswarm.protocol.dht import start_dht, stop_dht
+from moeswarm.protocol.dht import IsolatedDHT, get_records, start_dht, stop_dht
 from moeswarm.protocol.records import dht_subkey, expert_key
 
 D = MODEL["d_model"]
@@ -24,9 +24,9 @@ D = MODEL["d_model"]
 
 @pytest.fixture
 def client_dht(dht_peer):
-    dht = start_dht(initial_peers=dht_peer.ready["maddrs"], client_mode=True)
+    dht = IsolatedDHT(dht_peer.ready["maddrs"])  # never fork the test process (see IsolatedDHT)
     yield dht
-    stop_dht(dht)
+    dht.close()
 
 
 def wait_for(predicate, timeout_s: float = 20.0, what: str = "condition"):
