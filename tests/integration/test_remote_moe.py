@@ -148,6 +148,9 @@ def test_kill9_one_replica_inside_a_loop_of_calls(dht, tmp_path, reap):
         latencies = []
         for i in range(60):
             if i == 10:
+                for _ in range(20):  # make the replica we kill look fastest, so it is tried first
+                    picker.on_success(dead, 0.0005)
+                    picker.on_success(nodes[1].ready["endpoint"], 0.02)
                 nodes[0].kill()
             started = time.monotonic()
             with torch.no_grad():
@@ -193,13 +196,17 @@ def test_sigstop_replica_is_hedged_avoided_and_used_again_after_sigcont(dht, tmp
             expected = local(x)
             for _ in range(10):
                 remote(x)  # warm up both replicas' latency estimates
+            picker = remote.client.dispatcher.picker
+            for _ in range(20):  # make the soon-stopped replica look fastest, so it is tried first
+                picker.on_success(stopped.ready["endpoint"], 0.0005)
+                picker.on_success(nodes[1].ready["endpoint"], 0.02)
             os.kill(stopped.popen.pid, signal.SIGSTOP)
             for i in range(20):
                 started = time.monotonic()
                 assert torch.equal(remote(x), expected)
                 assert time.monotonic() - started < remote.config.timeout_s, f"call {i} waited for a deadline"
             # Penalised (banned after losing the hedge; re-probed only when a ban runs out).
-            assert remote.client.dispatcher.picker.failures(stopped.ready["endpoint"]) >= 1
+            assert picker.failures(stopped.ready["endpoint"]) >= 1
             os.kill(stopped.popen.pid, signal.SIGCONT)
             before = sum(_rows_served(stopped, f"stop.L0.E{e}") for e in range(E))
             deadline = time.monotonic() + 30
