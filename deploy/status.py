@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import json
-import re
 
 from moeswarm.model.directory import SwarmView, read_swarm
 from moeswarm.protocol.dht import start_dht, stop_dht
-
-
-def _natural_key(uid: str) -> list:
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", uid)]
+from moeswarm.protocol.spec import uid_sort_key
 
 
 def format_expert_table(view: SwarmView) -> str:
     lines = [f"{len(view.nodes)} nodes, {len(view.experts)} experts"]
     lines.append(f"{'expert':<24} {'replicas':>8}  endpoints (queue rows, rows/s, version)")
-    for uid in sorted(view.experts, key=_natural_key):
+    for uid in sorted(view.experts, key=uid_sort_key):
         replicas = sorted(view.experts[uid], key=lambda record: record.endpoint)
         where = ", ".join(f"{r.endpoint} ({r.queue_depth}, {r.rows_per_s:.0f}, v{r.version})" for r in replicas)
         lines.append(f"{uid:<24} {len(replicas):>8}  {where or '-- none --'}")

@@ -18,7 +18,7 @@ import yaml
 
 from moeswarm.coordinator.placement import place_experts
 from moeswarm.protocol.errors import StartupError
-from moeswarm.protocol.spec import ModelSpec
+from moeswarm.protocol.spec import ModelSpec, uid_sort_key
 
 logger = logging.getLogger(__name__)
 START_TIMEOUT_S = 60.0
@@ -144,7 +144,7 @@ def format_placement(ready: list[dict]) -> str:
         for uid in node["uids"]:
             endpoints.setdefault(uid, []).append(node["endpoint"])
     lines = [f"{'expert':<24} endpoints"]
-    lines += [f"{uid:<24} {', '.join(where)}" for uid, where in endpoints.items()]
+    lines += [f"{uid:<24} {', '.join(endpoints[uid])}" for uid in sorted(endpoints, key=uid_sort_key)]
     return "\n".join(lines)
 
 

@@ -53,6 +53,11 @@ def format_uid(model: str, layer: int, expert: int) -> str:
     return f"{model}.L{layer}.E{expert}"
 
 
+def uid_sort_key(uid: str) -> list:
+    """Sort key that puts L2 before L10 (works for malformed UIDs too)."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", uid)]
+
+
 def parse_uid(uid: str) -> ExpertUID:
     """Parse `{model}.L{layer}.E{expert}`; raise BadRequest naming the UID when it is malformed."""
     match = _UID_RE.fullmatch(uid) if len(uid) <= MAX_UID_CHARS else None

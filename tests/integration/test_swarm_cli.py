@@ -51,6 +51,14 @@ def test_swarm_up_status_and_ctrl_c(tmp_path):
             endpoints = {replica["endpoint"] for replica in replicas}
             assert len(endpoints) == 2, f"{uid}: {endpoints}"
 
+        table = subprocess.run(
+            [sys.executable, "-m", "moeswarm.deploy.cli", "status", "--initial-peers", peer],
+            capture_output=True, text=True, timeout=60,
+        )
+        assert table.returncode == 0, table.stderr
+        rows = [line.split() for line in table.stdout.splitlines() if line.startswith("tiny-moe.")]
+        assert sorted(row[0] for row in rows) == sorted(uids) and all(row[1] == "2" for row in rows), table.stdout
+
         os.killpg(swarm.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
         assert swarm.wait(30) == 0
         deadline = time.monotonic() + 10
