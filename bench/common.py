@@ -262,3 +262,13 @@ def _kill_group(proc: subprocess.Popen, descendants: list[tuple[int, str | None]
             except (ProcessLookupError, PermissionError):
                 pass
     proc.wait()
+
+
+def finish(figures, details: dict, load_before, started: float, quick: bool, json_path: str | None, report, print_context) -> None:
+    """Print the table and context, and write the JSON report if asked."""
+    details["loadavg_1_5_15"] = {"before": load_before, "after": os.getloadavg()}
+    print_table(figures)
+    print_context(details)
+    print(f"(total {time.monotonic() - started:.1f} s; {'quick' if quick else 'full'} run)")
+    if json_path:
+        write_json(json_path, report(figures, details, quick))

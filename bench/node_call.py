@@ -38,6 +38,7 @@ from moeswarm.protocol.malloc import keep_freed_memory
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from common import (  # noqa: E402  (bench/ is a folder of scripts, not a package)
+    finish,
     POLL_S,
     Children,
     Figure,
@@ -103,12 +104,7 @@ def main() -> int:
         kill_descendants()  # what libraries started here: torch_shm_manager (hivemind's MPFuture)
     figures += swarm_figures
     details.update(swarm_details)
-    details["loadavg_1_5_15"] = {"before": load_before, "after": os.getloadavg()}
-    print_table(figures)
-    print_context(details)
-    print(f"(total {time.monotonic() - started:.1f} s; {'quick' if args.quick else 'full'} run)")
-    if args.json:
-        write_json(args.json, report(figures, details, args.quick))
+    finish(figures, details, load_before, started, args.quick, args.json, report, print_context)
     return 0
 
 

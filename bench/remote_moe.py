@@ -43,6 +43,7 @@ import yaml
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from common import (  # noqa: E402  (bench/ is a folder of scripts, not a package)
+    finish,
     POLL_S,
     Children,
     Figure,
@@ -108,13 +109,8 @@ def main() -> int:
         kill_descendants()  # what libraries started here: DHT children, p2pd, torch_shm_manager
     seconds.update(more_seconds)
     details.update(more_details)
-    details["loadavg_1_5_15"] = {"before": load_before, "after": os.getloadavg()}
     figures = throughput_figures(seconds, details) + fault_figures(details["fault"])
-    print_table(figures)
-    print_context(details)
-    print(f"(total {time.monotonic() - started:.1f} s; {'quick' if args.quick else 'full'} run)")
-    if args.json:
-        write_json(args.json, report(figures, details, args.quick))
+    finish(figures, details, load_before, started, args.quick, args.json, report, print_context)
     return 0
 
 
