@@ -213,6 +213,7 @@ async def measure_async(endpoints: dict, launch, pick: int) -> tuple[list[Figure
     node, bw = ExpertClient(endpoints["node"]), ExpertClient(endpoints["bw"])
     try:
         figures, details = await measure_latency(node, pick)
+        small_figures, details["batch1_breakdown"] = await measure_batch1_breakdown(node, bw, endpoints["echo"], pick)
         bw_figures, details["bandwidth"] = await measure_bandwidth(bw, endpoints["echo"], pick)
         samples = [await launch(i + 1) for i in range(LAUNCHES[pick])]
     finally:
@@ -220,7 +221,7 @@ async def measure_async(endpoints: dict, launch, pick: int) -> tuple[list[Figure
         await bw.close()
     details["launches"] = samples
     visible = [s["visible_s"] for s in samples]
-    figures += bw_figures + [
+    figures += small_figures + bw_figures + [
         figure("launch_to_visible_median_s", "launch to visible in DHT, median", median(visible), "s", at_most=2.0),
         figure("launch_to_ready_median_s", "launch to ready file, median", median([s["ready_s"] for s in samples]), "s"),
     ]
@@ -260,6 +261,30 @@ async def time_calls(call, n: int) -> list[float]:
         await call()
         seconds.append(time.perf_counter() - start)
     return seconds
+
+
+async def measure_batch1_breakdown(node, bw, echo_endpoint: str, pick: int) -> tuple[list[Figure], dict]:
+    """Batch-1 call against its floor, in alternating blocks: raw gRPC echo of the same 1 KiB, the
+    same Forward on an expert with d_ff=1 (our path without compute), and the real expert."""
+    import grpc
+    import torch
+
+    x_1D = torch.randn(1, MODEL["d_model"])
+    channel = grpc.aio.insecure_channel(echo_endpoint, options=GRPC_OPTIONS)
+    try:
+        calls = {
+            "raw echo": functools.partial(channel.unary_unary(ECHO_METHOD), x_1D.numpy().tobytes(), timeout=CALL_TIMEOUT_S),
+            "d_ff=1 expert": functools.partial(bw.forward, BW_MODEL["name"], {BW_UID: x_1D}, timeout_s=CALL_TIMEOUT_S),
+            "real expert": functools.partial(node.forward, MODEL["name"], {LATENCY_UID: x_1D}, timeout_s=CALL_TIMEOUT_S),
+        }
+        seconds = await alternate(calls, BANDWIDTH_CALLS[pick] * 4, WARMUP_CALLS[pick])
+    finally:
+        await channel.close()
+    figures = [
+        figure(f"batch1_{side.replace(' ', '_').replace('=', '')}_ms", f"batch 1 (1 KiB), {side}, median", median(s) * 1e3, "ms")
+        for side, s in seconds.items()
+    ]
+    return figures, {side: stats_ms(s) for side, s in seconds.items()}
 
 
 async def measure_bandwidth(client, echo_endpoint: str, pick: int) -> tuple[list[Figure], dict]:
