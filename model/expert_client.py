@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import uuid
 
 import grpc
@@ -23,13 +24,15 @@ class ExpertClient:
             ("grpc.max_send_message_length", max_message_bytes),
         ]
         self._channel = grpc.aio.insecure_channel(endpoint, options=options)
+        # Request ids for logs: a random prefix per client plus a counter (uuid4 per call cost ~10 us).
+        self._request_ids = (f"{uuid.uuid4().hex[:12]}-{i}" for i in itertools.count())
         self._stub = expert_pb2_grpc.ExpertServiceStub(self._channel)
 
     async def forward(
         self, model: str, inputs: dict[str, torch.Tensor], *, timeout_s: float, wire_dtype: torch.dtype | None = None
     ) -> dict[str, torch.Tensor]:
         """Run several experts of this node on their rows: {uid: x_ND} -> {uid: y_ND} (wire dtype)."""
-        request = _request(model, inputs, None, wire_dtype)
+        request = _request(model, next(self._request_ids), inputs, None, wire_dtype)
         return await self._call(self._stub.Forward, request, list(inputs), timeout_s)
 
     async def backward(
@@ -42,7 +45,7 @@ class ExpertClient:
         wire_dtype: torch.dtype | None = None,
     ) -> dict[str, torch.Tensor]:
         """Send output grads; returns input grads {uid: grad_x_ND}. The node accumulates param grads."""
-        request = _request(model, inputs, grad_outputs, wire_dtype)
+        request = _request(model, next(self._request_ids), inputs, grad_outputs, wire_dtype)
         return await self._call(self._stub.Backward, request, list(inputs), timeout_s)
 
     async def info(self, *, timeout_s: float) -> expert_pb2.InfoResponse:
@@ -65,8 +68,8 @@ class ExpertClient:
 
 
 
-def _request(model: str, inputs: dict, grad_outputs: dict | None, wire_dtype) -> expert_pb2.ExpertRequest:
-    request = expert_pb2.ExpertRequest(model=model, request_id=uuid.uuid4().hex)
+def _request(model: str, request_id: str, inputs: dict, grad_outputs: dict | None, wire_dtype) -> expert_pb2.ExpertRequest:
+    request = expert_pb2.ExpertRequest(model=model, request_id=request_id)
     for uid, x in inputs.items():
         batch = request.batches.add(uid=uid)  # filled in place: no extra payload copies
         codec.encode_into(batch.inputs, x, wire_dtype)

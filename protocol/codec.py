@@ -18,6 +18,7 @@ WIRE_DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
 }
 WIRE_NAME_OF: dict[torch.dtype, str] = {dtype: name for name, dtype in WIRE_DTYPES.items()}
+_ITEMSIZE: dict[str, int] = {name: dtype.itemsize for name, dtype in WIRE_DTYPES.items()}
 # Same-width integer views, used to byte-swap on big-endian hosts.
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _LITTLE_ENDIAN = sys.byteorder == "little"
@@ -66,7 +67,7 @@ def decode(message: expert_pb2.Tensor, *, max_elements: int | None = None) -> to
     numel = math.prod(shape)
     if max_elements is not None and numel > max_elements:
         raise BadRequest(f"tensor of shape {list(shape)} has {numel} elements, over the limit of {max_elements}")
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = _ITEMSIZE[message.dtype]
     if len(message.data) != numel * itemsize:
         raise BadRequest(
             f"tensor of shape {list(shape)} and dtype {message.dtype} needs {numel * itemsize} bytes, got {len(message.data)}"
