@@ -1,4 +1,4 @@
-"""The `moeswarm` command: node, swarm up, status."""
+"""The `moeswarm` command: node, dht, swarm up, model init, generate, status."""
 
 from __future__ import annotations
 
@@ -6,9 +6,8 @@ import argparse
 import logging
 import sys
 
-from moeswarm.protocol.errors import ConfigError, StartupError
+from moeswarm.protocol.errors import ConfigError, MoeSwarmError, StartupError
 
-DEFAULT_MODEL = dict(name="tiny-moe", d_model=256, d_ff=1024, n_layers=2, n_experts=8)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"moeswarm: config error: {e}", file=sys.stderr)
         return 2
-    except StartupError as e:
+    except (StartupError, MoeSwarmError) as e:
         print(f"moeswarm: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -56,14 +55,42 @@ def _parser() -> argparse.ArgumentParser:
     up = swarm_commands.add_parser("up", help="start a DHT peer and N nodes hosting a small model; Ctrl-C stops all")
     up.add_argument("--nodes", type=int, default=4)
     up.add_argument("--replicas", type=int, default=2, help="nodes hosting each expert")
-    up.add_argument("--layers", type=int, default=DEFAULT_MODEL["n_layers"])
-    up.add_argument("--experts", type=int, default=DEFAULT_MODEL["n_experts"], help="experts per layer")
-    up.add_argument("--d-model", type=int, default=DEFAULT_MODEL["d_model"])
-    up.add_argument("--d-ff", type=int, default=DEFAULT_MODEL["d_ff"])
-    up.add_argument("--model-name", default=DEFAULT_MODEL["name"])
+    bare = up.add_argument_group("experts only (no language model): give any of these instead of --model")
+    bare.add_argument("--layers", type=int, help="MoE layers (default 2)")
+    bare.add_argument("--experts", type=int, help="experts per layer (default 8)")
+    bare.add_argument("--d-model", type=int, help="default 256")
+    bare.add_argument("--d-ff", type=int, help="default 1024")
+    up.add_argument("--model-name", default="tiny-moe")
+    up.add_argument("--model", metavar="DIR", help="serve this model directory's experts (see `moeswarm model init`); default: a fresh small model")
     up.add_argument("--swarm", default="default")
     up.add_argument("--run-dir", help="keep node checkpoints and logs here (default: a temp dir removed at exit)")
     up.set_defaults(func=_cmd_swarm_up)
+
+    model = commands.add_parser("model", help="model directories: create one")
+    model_commands = model.add_subparsers(required=True, metavar="ACTION")
+    init = model_commands.add_parser("init", help="write a freshly initialised MoE language model directory")
+    init.add_argument("dir")
+    init.add_argument("--name", default="tiny-moe", help="model name (part of every expert UID)")
+    init.add_argument("--size", default="tiny", choices=["tiny", "small"])
+    init.add_argument("--routing", default="topk", choices=["topk", "switch", "shared", "fine-grained", "soft", "hierarchical"])
+    init.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. routing.k=1")
+    init.add_argument("--force", action="store_true", help="overwrite an existing model directory")
+    init.set_defaults(func=_cmd_model_init)
+
+    gen = commands.add_parser("generate", help="generate text with a model whose experts run on the swarm")
+    gen.add_argument("--initial-peers", nargs="+", metavar="MADDR")
+    gen.add_argument("--model", required=True, metavar="DIR", help="model directory (the client reads its dense part)")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--swarm", default="default")
+    gen.add_argument("--timeout", type=float, default=5.0, help="deadline of one expert call, seconds")
+    gen.add_argument("--wire-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    gen.add_argument("--threads", type=int, default=1, help="torch threads for the dense part")
+    gen.add_argument("--local", action="store_true", help="run every expert in this process (no swarm)")
+    gen.set_defaults(func=_cmd_generate)
 
     status = commands.add_parser("status", help="experts, replicas, endpoints and load, read from the DHT")
     status.add_argument("--initial-peers", nargs="+", required=True, metavar="MADDR")
@@ -101,6 +128,18 @@ def _cmd_swarm_up(args) -> int:
     from moeswarm.deploy.swarm import swarm_up
 
     return swarm_up(args)
+
+
+def _cmd_model_init(args) -> int:
+    from moeswarm.deploy.model_cli import model_init
+
+    return model_init(args)
+
+
+def _cmd_generate(args) -> int:
+    from moeswarm.deploy.model_cli import run_generate
+
+    return run_generate(args)
 
 
 def _cmd_status(args) -> int:

@@ -17,7 +17,7 @@ import time
 import yaml
 
 from moeswarm.coordinator.placement import place_experts
-from moeswarm.protocol.errors import StartupError
+from moeswarm.protocol.errors import ConfigError, StartupError
 from moeswarm.protocol.spec import ModelSpec, uid_sort_key
 
 logger = logging.getLogger(__name__)
@@ -34,16 +34,20 @@ class SwarmPlan:
     run_dir: pathlib.Path | None = None  # node state (checkpoints); a temp dir when None
     seed: int = 0
     torch_threads: int = 1
+    model_dir: str | None = None  # serve this model directory's experts (None: the seed's init)
+    uids: tuple[str, ...] | None = None  # the experts to place (None: every expert of the model)
 
 
 def node_configs(plan: SwarmPlan, initial_peers: list[str], run_dir: pathlib.Path) -> list[dict]:
     """One node YAML mapping per node, from the placement plan."""
-    placement = place_experts(plan.model.all_uids(), plan.nodes, plan.replicas)
+    placement = place_experts(list(plan.uids or plan.model.all_uids()), plan.nodes, plan.replicas)
+    model = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(plan.model).items() if v is not None}
     return [
         {
-            "model": dataclasses.asdict(plan.model),
+            "model": model,
             "experts": uids,
             "seed": plan.seed,
+            **({"model_dir": str(pathlib.Path(plan.model_dir).resolve())} if plan.model_dir else {}),
             "swarm": plan.swarm,
             "initial_peers": initial_peers,
             "state_dir": str(run_dir / f"node{i}"),
@@ -158,28 +162,68 @@ def watch_until_signal(swarm: LocalSwarm, stop: threading.Event) -> None:
                 logger.warning("node %d exited with code %s; see %s", i, proc.returncode, swarm.run_dir / f"node{i}" / "log.txt")
 
 
+BARE_DEFAULTS = dict(layers=2, experts=8, d_model=256, d_ff=1024)  # experts-only swarm (no language model)
+
+
+def default_model_dir(name: str, parent: pathlib.Path) -> pathlib.Path:
+    """Write (once) the small language model `swarm up` serves when no --model is given."""
+    from moeswarm.deploy.model_cli import config_from_args
+    from moeswarm.model.lm import build_local_model, save_model
+    from moeswarm.model.model_dir import MANIFEST
+
+    path = parent / "model"
+    if not (path / MANIFEST).exists():
+        save_model(build_local_model(config_from_args(name, "small", "topk", [])), path)
+    return path
+
+
+def plan_from_args(args, scratch: pathlib.Path) -> SwarmPlan:
+    """The swarm to start: a model directory's experts (--model), experts only (any size flag), or
+    by default a fresh small language model written under the run dir (or `scratch`)."""
+    run_dir = pathlib.Path(args.run_dir) if args.run_dir else None
+    common = dict(nodes=args.nodes, replicas=args.replicas, swarm=args.swarm, run_dir=run_dir)
+    bare = {key: getattr(args, key) for key in BARE_DEFAULTS if getattr(args, key) is not None}
+    if args.model and bare:
+        raise ConfigError(f"--model serves a model directory; drop --{next(iter(bare)).replace('_', '-')}")
+    if bare:
+        sizes = {**BARE_DEFAULTS, **bare}
+        spec = ModelSpec(
+            name=args.model_name, d_model=sizes["d_model"], d_ff=sizes["d_ff"], n_layers=sizes["layers"], n_experts=sizes["experts"]
+        )
+        plan = SwarmPlan(model=spec, **common)
+    else:
+        from moeswarm.model.model_dir import read_manifest
+
+        model_dir = pathlib.Path(args.model) if args.model else default_model_dir(args.model_name, run_dir or scratch)
+        config = read_manifest(model_dir).config
+        plan = SwarmPlan(model=config.spec(), seed=config.seed, model_dir=str(model_dir), uids=tuple(config.remote_uids()), **common)
+    place_experts(list(plan.uids or plan.model.all_uids()), plan.nodes, plan.replicas)  # fail fast on bad nodes/replicas
+    return plan
+
+
 def swarm_up(args) -> int:
     """CLI body of `moeswarm swarm up`: start, print where to connect, wait for Ctrl-C or SIGTERM."""
+    with tempfile.TemporaryDirectory(prefix="moeswarm-model-") as scratch:
+        return _run_swarm(plan_from_args(args, pathlib.Path(scratch)))
 
-    spec = ModelSpec(name=args.model_name, d_model=args.d_model, d_ff=args.d_ff, n_layers=args.layers, n_experts=args.experts)
-    plan = SwarmPlan(
-        model=spec,
-        nodes=args.nodes,
-        replicas=args.replicas,
-        swarm=args.swarm,
-        run_dir=pathlib.Path(args.run_dir) if args.run_dir else None,
-    )
-    place_experts(spec.all_uids(), plan.nodes, plan.replicas)  # fail fast on a bad nodes/replicas pair
+
+def _run_swarm(plan: SwarmPlan) -> int:
+    spec = plan.model
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    print(f"starting {plan.nodes} nodes: {spec.n_layers} layers x {spec.n_experts} experts, {plan.replicas} replicas each", flush=True)
+    n_uids = len(plan.uids or spec.all_uids())
+    source = f"from {plan.model_dir}" if plan.model_dir else f"seed {plan.seed}"
+    print(f"starting {plan.nodes} nodes: {n_uids} experts of {spec.name} ({source}), {plan.replicas} replicas each", flush=True)
     started = time.monotonic()
     with LocalSwarm(plan) as swarm:
         print(f"swarm up in {time.monotonic() - started:.1f} s", flush=True)
         print(format_placement(swarm.ready), flush=True)
-        print(f"\ninitial peers: {swarm.initial_peers[0]}", flush=True)
-        print(f"try:  moeswarm status --initial-peers {swarm.initial_peers[0]}", flush=True)
+        peer = swarm.initial_peers[0]
+        print(f"\ninitial peers: {peer}", flush=True)
+        print(f"try:  moeswarm status --initial-peers {peer}", flush=True)
+        if plan.model_dir:
+            print(f'      moeswarm generate --initial-peers {peer} --model {plan.model_dir} --prompt "def "', flush=True)
         print("Ctrl-C stops the swarm", flush=True)
         watch_until_signal(swarm, stop)
         print("stopping the swarm...", flush=True)

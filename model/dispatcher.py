@@ -56,9 +56,11 @@ class DispatchResult:
 
 
 def group_rows(topk_ids_TK: torch.Tensor, uids: list[str]) -> dict[str, ExpertRows]:
-    """Which (token, slot) pairs each expert of the layer gets. Pure."""
+    """Which (token, slot) pairs each expert of the layer gets; ids < 0 mark slots not to send. Pure."""
     rows = {}
     for expert in torch.unique(topk_ids_TK).tolist():
+        if expert < 0:
+            continue
         token_idx, slot_idx = torch.where(topk_ids_TK == expert)
         rows[uids[expert]] = ExpertRows(token_idx, slot_idx)
     return rows

@@ -10,18 +10,18 @@ Legend: T tokens, K experts per token, D model dim, E experts.
 from __future__ import annotations
 
 import asyncio
+import time
 
 import torch
 from torch import nn
 
 from moeswarm.model.directory import ExpertDirectory
 from moeswarm.model.dispatcher import DispatchConfig, Dispatcher, DispatchResult
-from moeswarm.model.local_moe import combine
-from moeswarm.model.router import Router, RouterOutput
+from moeswarm.model.local_moe import combine, expert_uids, make_shared, with_shared_outputs
+from moeswarm.model.routing import Routing, TopKGate
 from moeswarm.protocol.dht import IsolatedDHT
 from moeswarm.protocol.errors import AllReplicasFailed
 from moeswarm.protocol.malloc import keep_freed_memory
-from moeswarm.protocol.spec import format_uid
 
 
 class SwarmClient:
@@ -43,6 +43,7 @@ class SwarmClient:
         self.dht = IsolatedDHT(initial_peers)  # spawned, never forked from the user's process
         self.directory = ExpertDirectory(self.dht, swarm, refresh_s=refresh_s)
         self.dispatcher = Dispatcher(self.directory, model, config)
+        self.expert_wait_s = 0.0  # time callers spent waiting for expert round trips (for profiling)
         self._closed = False
 
     def __enter__(self) -> "SwarmClient":
@@ -78,13 +79,17 @@ class _RemoteExperts(torch.autograd.Function):
         return grad_x_TD.to(x_TD.dtype), None, None, None
 
 
-def check_min_experts(result: DispatchResult, topk_ids_TK: torch.Tensor, uids: list[str], min_experts: int) -> None:
-    """Raise AllReplicasFailed (naming the expert and endpoints tried) if a token kept too few experts."""
-    served_TK = result.served_TK
-    short_T = served_TK.sum(dim=-1) < min(min_experts, served_TK.shape[1])
+def check_min_experts(
+    result: DispatchResult, topk_ids_TK: torch.Tensor, uids: list[str], min_experts: int, sent_TK: torch.Tensor | None = None
+) -> None:
+    """Raise AllReplicasFailed (naming the expert and endpoints tried) if a token kept too few of the
+    experts it was sent to (slots not sent, e.g. dropped by capacity, do not count)."""
+    sent_TK = torch.ones_like(result.served_TK) if sent_TK is None else sent_TK
+    served_TK = result.served_TK & sent_TK
+    short_T = served_TK.sum(dim=-1) < sent_TK.sum(dim=-1).clamp(max=min_experts)
     if bool(short_T.any()):
         token = int(torch.nonzero(short_T)[0])
-        slot = int(torch.nonzero(~served_TK[token])[0])
+        slot = int(torch.nonzero(sent_TK[token] & ~served_TK[token])[0])
         uid = uids[int(topk_ids_TK[token, slot])]
         raise AllReplicasFailed(uid, result.attempts.get(uid, []))
 
@@ -96,29 +101,34 @@ class RemoteMoE(nn.Module):
         model: str,
         layer: int,
         d_model: int,
-        n_experts: int,
-        k: int,
+        n_experts: int = 0,
+        k: int = 0,
         initial_peers: list[str] = (),
         swarm: str = "default",
         client: SwarmClient | None = None,
         config: DispatchConfig = DispatchConfig(),
         min_experts: int = 1,
+        gate: nn.Module | None = None,
+        local_shared: tuple[int, int] | None = None,
     ):
-        """min_experts: a token may lose experts whose replicas all failed (its remaining gate weights
+        """gate: any routing module of model/routing.py (default: top-k softmax over n_experts).
+        local_shared=(d_ff, seed): compute the gate's shared experts here instead of on the swarm.
+        min_experts: a token may lose experts whose replicas all failed (its remaining gate weights
         are renormalised) as long as it keeps this many; otherwise forward raises AllReplicasFailed.
         config applies when this layer creates its own SwarmClient; a shared client has its own."""
         super().__init__()
-        if not 1 <= min_experts <= k:
-            raise ValueError(f"min_experts={min_experts}: must be between 1 and k={k}")
+        self.router = gate if gate is not None else TopKGate(d_model, n_experts, k)
+        if not 1 <= min_experts <= self.router.k:
+            raise ValueError(f"min_experts={min_experts}: must be between 1 and k={self.router.k}")
         self.min_experts = min_experts
-        self.d_model, self.k = d_model, k
-        self.router = Router(d_model, n_experts, k)
-        self.uids = [format_uid(model, layer, e) for e in range(n_experts)]
+        self.d_model, self.k = d_model, self.router.k
+        self.uids = expert_uids(model, layer, self.router)
+        self.shared = make_shared(self.uids, self.router, d_model, *local_shared) if local_shared else nn.ModuleList()
         self._owns_client = client is None
         self.client = client or SwarmClient(list(initial_peers), model=model, swarm=swarm, config=config)
         self.config = self.client.dispatcher.config
-        self.client.directory.track(self.uids)
-        self.last_routing: RouterOutput | None = None  # for load-balancing / z losses
+        self.client.directory.track(self.uids[: len(self.uids) - len(self.shared)])
+        self.last_routing: Routing | None = None  # for load-balancing / z losses
         self._anchor = torch.empty(0, requires_grad=True)  # not a Parameter: nothing to optimise
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -129,14 +139,21 @@ class RemoteMoE(nn.Module):
         self.last_routing = routing
         if x_TD.shape[0] == 0:
             return torch.zeros_like(x)
+        n_remote_slots = routing.topk_ids_TK.shape[1] - len(self.shared)
+        ids_TK = routing.topk_ids_TK[:, :n_remote_slots]
+        sent_TK = routing.mask_TK[:, :n_remote_slots]
         dispatcher = self.client.dispatcher
-        result = dispatcher.run(dispatcher.forward(self.uids, x_TD.detach(), routing.topk_ids_TK))
-        check_min_experts(result, routing.topk_ids_TK, self.uids, self.min_experts)
+        started = time.perf_counter()
+        result = dispatcher.run(dispatcher.forward(self.uids, x_TD.detach(), ids_TK.masked_fill(~sent_TK, -1)))
+        self.client.expert_wait_s += time.perf_counter() - started
+        check_min_experts(result, ids_TK, self.uids, self.min_experts, sent_TK)
         # The anchor requires grad, so backward reaches the remote experts even when neither the
         # input nor anything before this layer requires grad (the experts' weights live on nodes).
         anchor = self._anchor if self.training and torch.is_grad_enabled() else self._anchor.detach()
-        y_TKD = _RemoteExperts.apply(x_TD, anchor, dispatcher, result)
-        out_TD = combine(y_TKD, routing.weights_TK, result.served_TK)
+        y_TKD = with_shared_outputs(_RemoteExperts.apply(x_TD, anchor, dispatcher, result), self.shared, x_TD)
+        served_TK = torch.ones_like(routing.mask_TK)
+        served_TK[:, :n_remote_slots] = result.served_TK | ~sent_TK  # capacity drops carry weight 0 already
+        out_TD = combine(y_TKD, routing.weights_TK, served_TK)
         return out_TD.to(x.dtype).reshape(x.shape)
 
     async def forward_async(self, x: torch.Tensor) -> torch.Tensor:

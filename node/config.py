@@ -33,6 +33,7 @@ class NodeConfig:
     model: ModelSpec  # dimensions shared by every expert of the model
     experts: tuple[str, ...] | Literal["all"] = "all"  # hosted UIDs ({model}.L{layer}.E{expert}) or "all"
     seed: int = 0  # deterministic init of experts that have no checkpoint (same seed -> same weights)
+    model_dir: str | None = None  # moeswarm model directory: experts start from its weights (a checkpoint in state_dir wins)
     swarm: str = "default"  # swarm name, part of every DHT key
     host: str = "127.0.0.1"  # address to bind gRPC and the DHT to, and to announce
     port: int = 0  # gRPC port; 0 picks a free one

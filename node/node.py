@@ -24,6 +24,7 @@ from moeswarm.protocol import expert_pb2
 from moeswarm.protocol.errors import ConfigError
 from moeswarm.protocol.dht import start_dht, stop_dht
 from moeswarm.protocol.records import ExpertRecord, NodeRecord, dht_subkey
+from moeswarm.protocol.spec import ModelSpec
 
 logger = logging.getLogger(__name__)
 SHUTDOWN_GRACE_S = 2.0
@@ -55,7 +56,8 @@ class ExpertNode:
             initial_peers=config.initial_peers, host=config.host, port=config.dht_port, private_key=identity
         )
         self.peer_id = str(self.dht.peer_id)
-        self.registry = ExpertRegistry(config.model, self.uids, seed=config.seed, optimizer=config.optimizer)
+        weights = load_model_dir_experts(config.model_dir, config.model, self.uids) if config.model_dir else None
+        self.registry = ExpertRegistry(config.model, self.uids, seed=config.seed, optimizer=config.optimizer, weights=weights)
         self._restore()
         # Inline below ~2 MFLOP (about the cost of handing work to another thread and back).
         inline_rows = INLINE_FLOPS // (6 * config.model.d_model * config.model.d_ff)
@@ -178,3 +180,16 @@ class ExpertNode:
             self._executor.shutdown(wait=True)
             if self.dht is not None:
                 stop_dht(self.dht)
+
+
+def load_model_dir_experts(model_dir: str, spec: ModelSpec, uids: tuple[str, ...]) -> dict[str, dict[str, torch.Tensor]]:
+    """The hosted experts' weights from a model directory, after checking it is the node's model."""
+    from moeswarm.model.model_dir import load_expert_weights, read_manifest
+
+    manifest = read_manifest(model_dir)
+    if manifest.config.spec() != spec:
+        raise ConfigError(f"model directory {model_dir} holds {manifest.config.spec()}, but this node is configured for {spec}")
+    started = time.monotonic()
+    weights = load_expert_weights(manifest, list(uids))
+    logger.info("loaded %d experts from %s in %.2f s", len(weights), model_dir, time.monotonic() - started)
+    return weights

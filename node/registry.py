@@ -35,11 +35,22 @@ def make_optimizer(params, config: OptimizerConfig) -> torch.optim.Optimizer:
 class ExpertRegistry:
     """Owns the hosted experts' weights and optimizer state."""
 
-    def __init__(self, spec: ModelSpec, uids: tuple[str, ...], *, seed: int, optimizer: OptimizerConfig):
+    def __init__(
+        self, spec: ModelSpec, uids: tuple[str, ...], *, seed: int, optimizer: OptimizerConfig,
+        weights: dict[str, dict[str, torch.Tensor]] | None = None,
+    ):
+        """weights: uid -> state_dict of the experts that start from given weights (e.g. a model
+        directory); the others start from the deterministic (seed, uid) init."""
         self.spec, self.optimizer_config = spec, optimizer
         self.experts: dict[str, HostedExpert] = {}
+        weights = weights or {}
         for uid in uids:
-            self.experts[uid] = HostedExpert(init_expert(spec.d_model, spec.d_ff, seed=seed, uid=uid))
+            if uid in weights:
+                module = SwiGLUExpert(spec.d_model, spec.d_ff)
+                module.load_state_dict(weights[uid])
+            else:
+                module = init_expert(spec.d_model, spec.d_ff, seed=seed, uid=uid)
+            self.experts[uid] = HostedExpert(module)
 
     def forward(self, uid: str, x_ND: torch.Tensor) -> torch.Tensor:
         hosted = self.experts[uid]
@@ -82,7 +93,7 @@ class ExpertRegistry:
 
     def load_state_dict(self, state: dict) -> list[str]:
         """Restore experts found in `state`; returns the UIDs restored. Shape mismatches raise ValueError."""
-        if state.get("model") != dataclasses.asdict(self.spec):
+        if not _same_spec(state.get("model"), self.spec):
             raise ValueError(f"checkpoint is for model {state.get('model')}, but this node serves {self.spec}")
         restored = []
         for uid, hosted in self.experts.items():
@@ -101,6 +112,14 @@ class ExpertRegistry:
     def fingerprint(self) -> dict[str, tuple[int, int]]:
         """Changes whenever weights, optimizer state or accumulated grads change."""
         return {uid: (hosted.version, hosted.rows_since_step) for uid, hosted in self.experts.items()}
+
+
+def _same_spec(saved, spec: ModelSpec) -> bool:
+    """Compare a checkpoint's model dict with the spec; fields added since it was written take defaults."""
+    try:
+        return isinstance(saved, dict) and ModelSpec(**saved) == spec
+    except (TypeError, ValueError):
+        return False
 
 
 def _clone_tree(tree):

@@ -1,8 +1,9 @@
-"""moeswarm's error hierarchy and the one table that maps it to gRPC status codes."""
+"""moeswarm's error hierarchy and the one table that maps it to gRPC status codes.
+
+grpc is imported only by the functions that need it, so the pure-torch model code can raise these
+errors without loading the network stack."""
 
 from __future__ import annotations
-
-import grpc
 
 
 class MoeSwarmError(Exception):
@@ -42,33 +43,36 @@ class AllReplicasFailed(MoeSwarmError):
         super().__init__(f"all replicas of expert {uid} failed ({tried})")
 
 
-# The single error <-> status table. Anything not listed is a bug and maps to INTERNAL.
-STATUS_OF_ERROR: dict[type[MoeSwarmError], grpc.StatusCode] = {
-    BadRequest: grpc.StatusCode.INVALID_ARGUMENT,
-    ConfigError: grpc.StatusCode.INVALID_ARGUMENT,
-    ExpertNotFound: grpc.StatusCode.NOT_FOUND,
-    Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    NodeUnavailable: grpc.StatusCode.UNAVAILABLE,
-    AllReplicasFailed: grpc.StatusCode.UNAVAILABLE,
+# The single error <-> status table (grpc.StatusCode names). Anything not listed is a bug: INTERNAL.
+STATUS_OF_ERROR: dict[type[MoeSwarmError], str] = {
+    BadRequest: "INVALID_ARGUMENT",
+    ConfigError: "INVALID_ARGUMENT",
+    ExpertNotFound: "NOT_FOUND",
+    Overloaded: "RESOURCE_EXHAUSTED",
+    NodeUnavailable: "UNAVAILABLE",
+    AllReplicasFailed: "UNAVAILABLE",
 }
-ERROR_OF_STATUS: dict[grpc.StatusCode, type[MoeSwarmError]] = {
-    grpc.StatusCode.INVALID_ARGUMENT: BadRequest,
-    grpc.StatusCode.NOT_FOUND: ExpertNotFound,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: Overloaded,
-    grpc.StatusCode.UNAVAILABLE: NodeUnavailable,
-    grpc.StatusCode.DEADLINE_EXCEEDED: NodeUnavailable,
+ERROR_OF_STATUS: dict[str, type[MoeSwarmError]] = {
+    "INVALID_ARGUMENT": BadRequest,
+    "NOT_FOUND": ExpertNotFound,
+    "RESOURCE_EXHAUSTED": Overloaded,
+    "UNAVAILABLE": NodeUnavailable,
+    "DEADLINE_EXCEEDED": NodeUnavailable,
 }
 
 
-def status_of(error: MoeSwarmError) -> grpc.StatusCode:
+def status_of(error: MoeSwarmError):
+    """The grpc.StatusCode a node answers `error` with."""
+    import grpc
+
     for cls in type(error).__mro__:
         if cls in STATUS_OF_ERROR:
-            return STATUS_OF_ERROR[cls]
+            return grpc.StatusCode[STATUS_OF_ERROR[cls]]
     return grpc.StatusCode.INTERNAL
 
 
-def error_from_rpc(error: grpc.RpcError, endpoint: str) -> MoeSwarmError:
-    """Turn a failed call into our error type, keeping the node's message and naming the endpoint."""
+def error_from_rpc(error, endpoint: str) -> MoeSwarmError:
+    """Turn a failed call (grpc.RpcError) into our error type, keeping the node's message and naming the endpoint."""
     code = error.code()
-    cls = ERROR_OF_STATUS.get(code, MoeSwarmError)
+    cls = ERROR_OF_STATUS.get(code.name, MoeSwarmError)
     return cls(f"{endpoint}: {code.name}: {error.details()}")

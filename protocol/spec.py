@@ -21,8 +21,9 @@ class ModelSpec:
     name: str  # model name, part of each UID, e.g. "tiny-moe"
     d_model: int  # hidden size D: expert input and output width
     d_ff: int  # expert hidden size F
-    n_layers: int  # number of MoE layers
-    n_experts: int  # experts per MoE layer
+    n_layers: int  # number of layers (transformer blocks); UIDs use the block index
+    n_experts: int  # experts per MoE layer (routed + shared)
+    moe_layers: tuple[int, ...] | None = None  # the layers that have experts; None: every layer
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _MODEL_NAME_RE.fullmatch(self.name):
@@ -31,12 +32,22 @@ class ModelSpec:
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 1 << 20:
                 raise ConfigError(f"model.{key}={value!r}: must be an integer in [1, 1048576]")
+        if self.moe_layers is not None:
+            layers = tuple(self.moe_layers)
+            if not layers or list(layers) != sorted(set(layers)) or not all(0 <= i < self.n_layers for i in layers):
+                raise ConfigError(
+                    f"model.moe_layers={self.moe_layers!r}: must be a non-empty increasing list of layers below n_layers={self.n_layers}"
+                )
+            object.__setattr__(self, "moe_layers", layers)
+
+    def layers_with_experts(self) -> tuple[int, ...]:
+        return tuple(range(self.n_layers)) if self.moe_layers is None else self.moe_layers
 
     def uid(self, layer: int, expert: int) -> str:
         return format_uid(self.name, layer, expert)
 
     def all_uids(self) -> list[str]:
-        return [self.uid(layer, expert) for layer in range(self.n_layers) for expert in range(self.n_experts)]
+        return [self.uid(layer, expert) for layer in self.layers_with_experts() for expert in range(self.n_experts)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,4 +90,6 @@ def check_uid_in_spec(uid: str, spec: ModelSpec) -> ExpertUID:
             f"expert {uid!r} is outside model {spec.name!r} "
             f"({spec.n_layers} layers x {spec.n_experts} experts, numbered from 0)"
         )
+    if parsed.layer not in spec.layers_with_experts():
+        raise ConfigError(f"expert {uid!r}: layer {parsed.layer} of model {spec.name!r} has no experts (MoE layers: {list(spec.layers_with_experts())})")
     return parsed

@@ -107,3 +107,15 @@ def alive(pids: set[int]) -> set[int]:
 def run(coro, timeout_s: float = 30.0):
     """Run one client coroutine with a bound, so a hang fails the test instead of freezing it."""
     return asyncio.run(asyncio.wait_for(coro, timeout_s))
+
+
+def read_until(proc: subprocess.Popen, output, marker: str, timeout_s: float) -> str:
+    """Re-read the process's output file until `marker` appears; bounded by timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        text = output.read_text()
+        if marker in text or proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    assert marker in text, f"swarm did not come up:\n{text}"
+    return text

@@ -9,21 +9,9 @@ import subprocess
 import sys
 import time
 
-from procs import alive, process_tree
+from procs import alive, process_tree, read_until
 
 READY_LINE = "Ctrl-C stops the swarm"
-
-
-def read_until(proc: subprocess.Popen, output, marker: str, timeout_s: float) -> str:
-    """Re-read the process's output file until `marker` appears; bounded by timeout_s."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        text = output.read_text()
-        if marker in text or proc.poll() is not None:
-            break
-        time.sleep(0.1)
-    assert marker in text, f"swarm did not come up:\n{text}"
-    return text
 
 
 def test_swarm_up_status_and_ctrl_c(tmp_path):

@@ -1,0 +1,100 @@
+"""`moeswarm model init` (write a fresh model directory) and `moeswarm generate` (stream text from a
+model whose experts run on a swarm)."""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import sys
+import time
+
+from moeswarm.protocol.errors import ConfigError
+
+# Routing presets after the systems they come from; every other key can be changed with --set.
+ROUTING_PRESETS: dict[str, dict] = {
+    "topk": dict(mode="topk", n_experts=8, k=2),  # Mixtral 8x7B, GShard, GLaM
+    "switch": dict(mode="switch", n_experts=8, k=1, capacity_factor=1.25),  # Switch Transformer
+    "shared": dict(mode="topk", n_experts=8, k=2, n_shared=1),  # DeepSpeed PR-MoE, Qwen-MoE
+    "fine-grained": dict(mode="topk", n_experts=32, k=6, n_shared=2),  # DeepSeekMoE, DBRX (many small experts)
+    "soft": dict(mode="soft", n_experts=4, k=4),  # the 1991 mixture of experts: dense soft gating
+    "hierarchical": dict(mode="hierarchical", n_experts=16, n_groups=4, k_groups=2, k=1),  # 1994 hierarchical ME
+}
+SIZE_PRESETS: dict[str, dict] = {
+    "tiny": dict(d_model=128, n_layers=4, n_heads=4, d_ff=256, d_ff_dense=512, max_seq_len=1024),
+    "small": dict(d_model=256, n_layers=4, n_heads=4, d_ff=512, d_ff_dense=1024, max_seq_len=2048),
+}
+
+
+def config_from_args(name: str, size: str, routing: str, overrides: list[str]):
+    from moeswarm.deploy.configfile import apply_overrides
+    from moeswarm.model.lm_config import MoELMConfig
+    from moeswarm.protocol.typed_config import build
+
+    data = {"name": name, **SIZE_PRESETS[size], "routing": dict(ROUTING_PRESETS[routing])}
+    if routing == "fine-grained":
+        data["d_ff"] = data["d_ff"] // 4  # a quarter-width expert, as DeepSeekMoE splits experts
+    return build(MoELMConfig, apply_overrides(data, overrides))
+
+
+def model_init(args) -> int:
+    import torch
+
+    from moeswarm.model.lm import build_local_model, save_model
+    from moeswarm.model.model_dir import MANIFEST
+
+    path = pathlib.Path(args.dir)
+    if (path / MANIFEST).exists() and not args.force:
+        raise ConfigError(f"{path} already holds a model; pass --force to overwrite it")
+    config = config_from_args(args.name, args.size, args.routing, args.set)
+    model = build_local_model(config)
+    save_model(model, path)
+    expert_params = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n or ".shared." in n)
+    dense_params = sum(p.numel() for p in model.parameters()) - expert_params
+    print(f"wrote {path}: model {config.name!r}, {config.n_layers} layers, MoE layers {list(config.moe_layers())}", flush=True)
+    print(f"  routing {dataclasses.asdict(config.routing)}")
+    print(f"  {dense_params / 1e6:.2f} M dense parameters (client), {expert_params / 1e6:.2f} M in experts (nodes)")
+    print(f"  weights are random (seed {config.seed}); torch {torch.__version__}")
+    print(f"next:  moeswarm swarm up --model {path}")
+    return 0
+
+
+def run_generate(args) -> int:
+    import torch
+
+    from moeswarm.model.dispatcher import DispatchConfig
+    from moeswarm.model.generation import SamplingConfig, generate
+    from moeswarm.model.lm import open_model
+
+    torch.set_num_threads(args.threads)
+    started = time.monotonic()
+    dispatch = DispatchConfig(timeout_s=args.timeout, wire_dtype=args.wire_dtype)
+    peers = None if args.local else args.initial_peers
+    if not args.local and not peers:
+        raise ConfigError("--initial-peers is required (or --local to run every expert in this process)")
+    with open_model(args.model, initial_peers=peers, swarm=args.swarm, dispatch=dispatch) as lm:
+        tokenizer = lm.tokenizer
+        prompt = torch.tensor([tokenizer.encode(args.prompt)])
+        try:
+            sampling = SamplingConfig(
+                max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                eos_id=tokenizer.eos_id,
+            )
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+        print(f"[loaded in {time.monotonic() - started:.1f} s]", file=sys.stderr, flush=True)
+        decoder = tokenizer.stream_decoder()
+        sys.stdout.write(args.prompt)
+
+        def stream(tokens: list[int]) -> None:
+            sys.stdout.write(decoder.push(tokens[0]))
+            sys.stdout.flush()
+
+        result = generate(lm.model, prompt, sampling, on_tokens=stream)
+        sys.stdout.write(decoder.flush() + "\n")
+    n_new = len(result.tokens[0])
+    print(
+        f"[{n_new} tokens; prompt {result.prefill_s * 1e3:.0f} ms; {result.decode_tokens_per_s:.1f} tokens/s decoding; "
+        f"{result.expert_wait_s / max(result.prefill_s + result.decode_s, 1e-9):.0%} of the time waiting for experts]",
+        file=sys.stderr, flush=True,
+    )
+    return 0

@@ -1,0 +1,127 @@
+"""Build the MoE language model locally or on the swarm, and load / save it as a model directory.
+
+    with open_model(DIR, initial_peers=[MADDR]) as lm:      # dense part here, experts on the swarm
+        result = generate(lm.model, prompt, SamplingConfig(max_new_tokens=32))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+
+import torch
+
+from moeswarm.model.lm_config import MoELMConfig
+from moeswarm.model.local_moe import LocalMoE
+from moeswarm.model.model_dir import load_dense_weights, load_expert_weights, read_manifest, save_model_dir
+from moeswarm.model.routing import make_gate
+from moeswarm.model.tokenizer import ByteTokenizer
+from moeswarm.model.transformer import MoETransformer, is_expert_param
+
+
+def build_local_model(config: MoELMConfig) -> MoETransformer:
+    """Every expert in this process (the reference the swarm must match)."""
+
+    def moe(layer: int) -> LocalMoE:
+        gate = make_gate(config.routing, config.d_model)
+        return LocalMoE(model=config.name, layer=layer, d_model=config.d_model, d_ff=config.d_ff, seed=config.seed, gate=gate)
+
+    return MoETransformer(config, moe)
+
+
+def build_remote_model(config: MoELMConfig, client) -> MoETransformer:
+    """Dense part here; each MoE layer a RemoteMoE through `client` (a SwarmClient for config.name)."""
+    from moeswarm.model.remote_moe import RemoteMoE
+
+    local_shared = (config.d_ff, config.seed) if config.shared_experts_local and config.routing.n_shared else None
+
+    def moe(layer: int) -> RemoteMoE:
+        gate = make_gate(config.routing, config.d_model)
+        return RemoteMoE(
+            model=config.name, layer=layer, d_model=config.d_model, client=client, min_experts=config.min_experts,
+            gate=gate, local_shared=local_shared,
+        )
+
+    return MoETransformer(config, moe)
+
+
+def expert_weights(model: MoETransformer) -> dict[str, dict[str, torch.Tensor]]:
+    """uid -> w1/w2/w3 of every expert held in this process (all of them for a local model)."""
+    weights = {}
+    for moe in model.moe_layers():
+        held = list(getattr(moe, "experts", [])) + list(moe.shared)
+        uids = moe.uids[: len(moe.experts)] if hasattr(moe, "experts") else []
+        uids += moe.uids[len(moe.uids) - len(moe.shared) :]
+        for uid, expert in zip(uids, held):
+            weights[uid] = {name: p.detach() for name, p in expert.state_dict().items()}
+    return weights
+
+
+def dense_state(model: MoETransformer) -> dict[str, torch.Tensor]:
+    return {name: t for name, t in model.state_dict().items() if not is_expert_param(name)}
+
+
+def save_model(model: MoETransformer, path: str | pathlib.Path, tokenizer: ByteTokenizer = ByteTokenizer()) -> pathlib.Path:
+    """Write a local model (all experts present) as a model directory."""
+    return save_model_dir(path, model.config, dense_state(model), expert_weights(model), tokenizer)
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    model: MoETransformer
+    tokenizer: ByteTokenizer
+    client: object | None = None  # the SwarmClient of a remote model; closed by close()
+
+    def __enter__(self) -> "LoadedModel":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+
+
+def open_model(
+    path: str | pathlib.Path, *, initial_peers: list[str] | None = None, swarm: str = "default", dispatch=None,
+) -> LoadedModel:
+    """Load a model directory. With initial_peers the experts run on the swarm and only the dense part
+    (plus shared experts that run locally) is read; without, every expert is loaded here."""
+    manifest = read_manifest(path)
+    config = manifest.config
+    if initial_peers is None:
+        model = build_local_model(config)
+        held = config.spec().all_uids()
+        client = None
+    else:
+        from moeswarm.model.dispatcher import DispatchConfig
+        from moeswarm.model.remote_moe import SwarmClient
+
+        client = SwarmClient(list(initial_peers), model=config.name, swarm=swarm, config=dispatch or DispatchConfig())
+        try:
+            model = build_remote_model(config, client)
+        except BaseException:
+            client.close()
+            raise
+        held = sorted(expert_weights(model))
+    state = load_dense_weights(manifest)
+    for uid, weights in load_expert_weights(manifest, held).items():
+        state.update(_expert_state_names(model, uid, weights))
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    return LoadedModel(model, manifest.tokenizer, client)
+
+
+def _expert_state_names(model: MoETransformer, uid: str, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Where an expert's tensors live in this model's state_dict."""
+    for i in model.config.moe_layers():
+        moe = model.blocks[i].ffn
+        if uid not in moe.uids:
+            continue
+        e = moe.uids.index(uid)
+        n_routed = len(getattr(moe, "experts", []))
+        prefix = f"blocks.{i}.ffn.experts.{e}" if e < n_routed else f"blocks.{i}.ffn.shared.{e - moe.router.n_experts}"
+        return {f"{prefix}.{name}": tensor for name, tensor in weights.items()}
+    raise KeyError(uid)

@@ -1,0 +1,132 @@
+"""The moeswarm model directory: a JSON manifest (config, tokenizer, which tensors are dense and which
+file holds each expert) plus safetensors files. Nodes read only their experts' tensors (memory-mapped);
+clients read only the dense file.
+
+    DIR/moeswarm-model.json
+    DIR/dense.safetensors             embeddings, attention, norms, gates, dense FFNs, head
+    DIR/experts-L001.safetensors      "{uid}.w1.weight", "{uid}.w2.weight", "{uid}.w3.weight" per expert
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+
+import torch
+
+from moeswarm.model.lm_config import MoELMConfig
+from moeswarm.model.tokenizer import ByteTokenizer, tokenizer_from_dict
+from moeswarm.protocol.errors import ConfigError
+from moeswarm.protocol.spec import parse_uid
+from moeswarm.protocol.typed_config import build
+
+MANIFEST = "moeswarm-model.json"
+FORMAT, VERSION = "moeswarm-model", 1
+DENSE_FILE = "dense.safetensors"
+EXPERT_PARAMS = ("w1.weight", "w2.weight", "w3.weight")
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+    path: pathlib.Path
+    config: MoELMConfig
+    tokenizer: ByteTokenizer
+    expert_files: dict[str, str]  # uid -> file name inside the directory
+
+    def expert_shapes(self) -> dict[str, tuple[int, int]]:
+        D, F = self.config.d_model, self.config.d_ff
+        return {"w1.weight": (F, D), "w3.weight": (F, D), "w2.weight": (D, F)}
+
+
+def _expert_file(uid: str) -> str:
+    return f"experts-L{parse_uid(uid).layer:03d}.safetensors"
+
+
+def _save_atomic(tensors: dict[str, torch.Tensor], path: pathlib.Path) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp))
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    tmp.chmod(0o644)  # nodes may run as another user (deploy/moeswarm-node.service)
+    os.replace(tmp, path)
+
+
+def save_model_dir(
+    path: str | pathlib.Path, config: MoELMConfig, dense: dict[str, torch.Tensor], experts: dict[str, dict[str, torch.Tensor]],
+    tokenizer: ByteTokenizer = ByteTokenizer(),
+) -> pathlib.Path:
+    """Write a model directory; the manifest goes last, so a crash never leaves a readable half-model.
+    `experts` maps every UID of config.spec() to its w1/w2/w3 weights."""
+    path = pathlib.Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    missing = sorted(set(config.spec().all_uids()) - set(experts))
+    if missing:
+        raise ValueError(f"experts missing from the model to save: {missing[:4]}{'...' if len(missing) > 4 else ''}")
+    (path / MANIFEST).unlink(missing_ok=True)
+    _save_atomic(dense, path / DENSE_FILE)
+    by_file: dict[str, dict[str, torch.Tensor]] = {}
+    for uid, weights in experts.items():
+        by_file.setdefault(_expert_file(uid), {}).update({f"{uid}.{name}": weights[name] for name in EXPERT_PARAMS})
+    for name, tensors in sorted(by_file.items()):
+        _save_atomic(tensors, path / name)
+    manifest = {
+        "format": FORMAT, "version": VERSION, "config": config.to_dict(), "tokenizer": tokenizer.to_dict(),
+        "dense": DENSE_FILE, "experts": {uid: _expert_file(uid) for uid in sorted(experts)},
+    }
+    tmp = path / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, path / MANIFEST)
+    return path
+
+
+def read_manifest(path: str | pathlib.Path) -> Manifest:
+    """Parse and check a model directory's manifest; ConfigError says what is wrong."""
+    path = pathlib.Path(path)
+    try:
+        data = json.loads((path / MANIFEST).read_text())
+    except FileNotFoundError as e:
+        raise ConfigError(f"{path} is not a moeswarm model directory: {MANIFEST} is missing") from e
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read {path / MANIFEST}: {e}") from e
+    if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("version") != VERSION:
+        raise ConfigError(f"{path / MANIFEST}: expected format {FORMAT!r} version {VERSION}")
+    config = build(MoELMConfig, data.get("config"), "config.")
+    try:
+        tokenizer = tokenizer_from_dict(data.get("tokenizer"))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{path / MANIFEST}: {e}") from e
+    expert_files = data.get("experts")
+    if not isinstance(expert_files, dict) or set(expert_files) != set(config.spec().all_uids()):
+        raise ConfigError(f"{path / MANIFEST}: 'experts' must list exactly the UIDs of model {config.name!r}")
+    return Manifest(path, config, tokenizer, {str(k): str(v) for k, v in expert_files.items()})
+
+
+def load_expert_weights(manifest: Manifest, uids: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+    """Read only these experts' tensors (memory-mapped files, one slice each); checks their shapes."""
+    from safetensors import safe_open
+
+    by_file: dict[str, list[str]] = {}
+    for uid in uids:
+        if uid not in manifest.expert_files:
+            raise ConfigError(f"expert {uid!r} is not in model directory {manifest.path}")
+        by_file.setdefault(manifest.expert_files[uid], []).append(uid)
+    shapes = manifest.expert_shapes()
+    weights: dict[str, dict[str, torch.Tensor]] = {}
+    for file_name, file_uids in by_file.items():
+        with safe_open(str(manifest.path / file_name), framework="pt") as f:
+            for uid in file_uids:
+                weights[uid] = {name: f.get_tensor(f"{uid}.{name}") for name in EXPERT_PARAMS}
+                for name, tensor in weights[uid].items():
+                    if tuple(tensor.shape) != shapes[name]:
+                        raise ConfigError(f"{file_name}: {uid}.{name} has shape {list(tensor.shape)}, expected {list(shapes[name])}")
+    return weights
+
+
+def load_dense_weights(manifest: Manifest) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(manifest.path / DENSE_FILE))
