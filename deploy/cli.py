@@ -34,7 +34,10 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     node = commands.add_parser("node", help="host experts: serve them over gRPC and announce them in the DHT")
-    node.add_argument("--config", required=True, help="node YAML (see deploy/node.example.yaml)")
+    node.add_argument("--config", help="node YAML (see deploy/node.example.yaml); optional with --model")
+    node.add_argument("--model", metavar="DIR", help="serve experts of this model directory or Hugging Face checkpoint")
+    node.add_argument("--experts", metavar="SPEC", help='with --model: e.g. "layers 0-3, experts 0-7" or "all" (default)')
+    node.add_argument("--name", help="with a Hugging Face --model: the model name in the swarm (default: the folder name)")
     node.add_argument("--initial-peers", nargs="+", default=None, metavar="MADDR", help="DHT peers to join")
     node.add_argument("--port", type=int, default=None, help="gRPC port (overrides the config)")
     node.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
@@ -60,8 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     bare.add_argument("--experts", type=int, help="experts per layer (default 8)")
     bare.add_argument("--d-model", type=int, help="default 256")
     bare.add_argument("--d-ff", type=int, help="default 1024")
-    up.add_argument("--model-name", default="tiny-moe")
-    up.add_argument("--model", metavar="DIR", help="serve this model directory's experts (see `moeswarm model init`); default: a fresh small model")
+    up.add_argument("--model-name", help="model name in the swarm (default: tiny-moe, or a checkpoint's folder name)")
+    up.add_argument("--model", metavar="DIR", help="serve the experts of this model directory (`moeswarm model init`) or Hugging Face checkpoint; default: a fresh small model")
     up.add_argument("--swarm", default="default")
     up.add_argument("--run-dir", help="keep node checkpoints and logs here (default: a temp dir removed at exit)")
     up.set_defaults(func=_cmd_swarm_up)
@@ -108,11 +111,31 @@ def _cmd_node(args) -> int:
     overrides = list(args.set)
     if args.port is not None:
         overrides.append(f"port={args.port}")
-    data = apply_overrides(load_yaml(args.config), overrides)
+    if args.config is None and args.model is None:
+        raise ConfigError("give --config FILE.yaml, or --model DIR (optionally with a --config for the other keys)")
+    data = load_yaml(args.config) if args.config else {}
+    if args.model is not None:
+        flags = model_flags(args.model, args.experts, args.name, data.get("model"))
+        if args.experts is None and "experts" in data:
+            del flags["experts"]  # the config file's list stands
+        data.update(flags)
+    elif args.experts is not None or args.name is not None:
+        raise ConfigError("--experts and --name go with --model")
+    data = apply_overrides(data, overrides)
     if args.initial_peers is not None:
         data["initial_peers"] = args.initial_peers
     config = build(NodeConfig, data)
     return run_node(config, ready_file=args.ready_file, exit_with_parent=args.exit_with_parent)
+
+
+def model_flags(model_dir: str, experts: str | None, name: str | None, configured: dict | None) -> dict:
+    """Config keys set by `node --model DIR [--experts SPEC] [--name NAME]`: the spec comes from the
+    checkpoint; a `model:` section in the config file must then agree with it (the node checks)."""
+    from moeswarm.node.model_source import spec_of, uids_from_text
+
+    spec = spec_of(model_dir, name)
+    model = configured if configured is not None else {k: list(v) if isinstance(v, tuple) else v for k, v in vars(spec).items()}
+    return {"model": model, "model_dir": model_dir, "experts": uids_from_text(experts or "all", spec)}
 
 
 def _cmd_dht(args) -> int:

@@ -17,6 +17,7 @@ import time
 import yaml
 
 from moeswarm.coordinator.placement import place_experts
+from moeswarm.node.model_source import is_hf_checkpoint, spec_of
 from moeswarm.protocol.errors import ConfigError, StartupError
 from moeswarm.protocol.spec import ModelSpec, uid_sort_key
 
@@ -188,13 +189,16 @@ def plan_from_args(args, scratch: pathlib.Path) -> SwarmPlan:
     if bare:
         sizes = {**BARE_DEFAULTS, **bare}
         spec = ModelSpec(
-            name=args.model_name, d_model=sizes["d_model"], d_ff=sizes["d_ff"], n_layers=sizes["layers"], n_experts=sizes["experts"]
+            name=args.model_name or "tiny-moe", d_model=sizes["d_model"], d_ff=sizes["d_ff"], n_layers=sizes["layers"], n_experts=sizes["experts"]
         )
         plan = SwarmPlan(model=spec, **common)
+    elif args.model and is_hf_checkpoint(args.model):
+        spec = spec_of(args.model, args.model_name)
+        plan = SwarmPlan(model=spec, model_dir=str(args.model), **common)
     else:
         from moeswarm.model.model_dir import read_manifest
 
-        model_dir = pathlib.Path(args.model) if args.model else default_model_dir(args.model_name, run_dir or scratch)
+        model_dir = pathlib.Path(args.model) if args.model else default_model_dir(args.model_name or "tiny-moe", run_dir or scratch)
         config = read_manifest(model_dir).config
         plan = SwarmPlan(model=config.spec(), seed=config.seed, model_dir=str(model_dir), uids=tuple(config.remote_uids()), **common)
     place_experts(list(plan.uids or plan.model.all_uids()), plan.nodes, plan.replicas)  # fail fast on bad nodes/replicas
@@ -222,7 +226,9 @@ def _run_swarm(plan: SwarmPlan) -> int:
         peer = swarm.initial_peers[0]
         print(f"\ninitial peers: {peer}", flush=True)
         print(f"try:  moeswarm status --initial-peers {peer}", flush=True)
-        if plan.model_dir:
+        if plan.model_dir and is_hf_checkpoint(plan.model_dir):
+            print(f"      python: moeswarm.model.from_pretrained({plan.model_dir!r}, name={spec.name!r}, initial_peers=[{peer!r}])")
+        elif plan.model_dir:
             print(f'      moeswarm generate --initial-peers {peer} --model {plan.model_dir} --prompt "def "', flush=True)
         print("Ctrl-C stops the swarm", flush=True)
         watch_until_signal(swarm, stop)

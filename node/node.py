@@ -17,6 +17,7 @@ from moeswarm.node.announcer import Announcer
 from moeswarm.node.batcher import Batcher
 from moeswarm.node.checkpoint import load_checkpoint, load_or_create_identity, save_checkpoint
 from moeswarm.node.config import NodeConfig
+from moeswarm.node.model_source import check_swarm_agrees, load_expert_modules
 from moeswarm.node.registry import ExpertRegistry
 from moeswarm.node.service import SERVICE_NAME, ExpertServicer
 from moeswarm.node.validation import Limits
@@ -24,7 +25,6 @@ from moeswarm.protocol import expert_pb2
 from moeswarm.protocol.errors import ConfigError
 from moeswarm.protocol.dht import start_dht, stop_dht
 from moeswarm.protocol.records import ExpertRecord, NodeRecord, dht_subkey
-from moeswarm.protocol.spec import ModelSpec
 
 logger = logging.getLogger(__name__)
 SHUTDOWN_GRACE_S = 2.0
@@ -44,6 +44,7 @@ class ExpertNode:
         self._server: grpc.aio.Server | None = None
         self._tasks: list[asyncio.Task] = []
         self._saved_fingerprint: dict | None = None
+        self._serving = False  # set once start() completed; a node that failed to start writes nothing
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="expert-compute", initializer=torch.set_num_threads, initargs=(config.torch_threads,)
         )
@@ -56,8 +57,10 @@ class ExpertNode:
             initial_peers=config.initial_peers, host=config.host, port=config.dht_port, private_key=identity
         )
         self.peer_id = str(self.dht.peer_id)
-        weights = load_model_dir_experts(config.model_dir, config.model, self.uids) if config.model_dir else None
-        self.registry = ExpertRegistry(config.model, self.uids, seed=config.seed, optimizer=config.optimizer, weights=weights)
+        if config.initial_peers:
+            await asyncio.to_thread(check_swarm_agrees, self.dht, config.swarm, config.model, self.peer_id)
+        modules = load_expert_modules(config.model_dir, config.model, self.uids) if config.model_dir else None
+        self.registry = ExpertRegistry(config.model, self.uids, seed=config.seed, optimizer=config.optimizer, modules=modules)
         self._restore()
         # Inline below ~2 MFLOP (about the cost of handing work to another thread and back).
         inline_rows = INLINE_FLOPS // (6 * config.model.d_model * config.model.d_ff)
@@ -68,6 +71,7 @@ class ExpertNode:
         )
         await self.announcer.announce_once()
         self._tasks = [asyncio.create_task(self.announcer.run()), asyncio.create_task(self._checkpoint_loop())]
+        self._serving = True
         logger.info("serving %d experts of %s on %s", len(self.uids), config.model.name, self.endpoint)
 
     async def _start_server(self) -> None:
@@ -175,21 +179,9 @@ class ExpertNode:
             await self._health.enter_graceful_shutdown()
             await self._server.stop(SHUTDOWN_GRACE_S)
         try:
-            await self.checkpoint()
+            if self._serving:  # never overwrite a checkpoint this node refused or did not load
+                await self.checkpoint()
         finally:
             self._executor.shutdown(wait=True)
             if self.dht is not None:
                 stop_dht(self.dht)
-
-
-def load_model_dir_experts(model_dir: str, spec: ModelSpec, uids: tuple[str, ...]) -> dict[str, dict[str, torch.Tensor]]:
-    """The hosted experts' weights from a model directory, after checking it is the node's model."""
-    from moeswarm.model.model_dir import load_expert_weights, read_manifest
-
-    manifest = read_manifest(model_dir)
-    if manifest.config.spec() != spec:
-        raise ConfigError(f"model directory {model_dir} holds {manifest.config.spec()}, but this node is configured for {spec}")
-    started = time.monotonic()
-    weights = load_expert_weights(manifest, list(uids))
-    logger.info("loaded %d experts from %s in %.2f s", len(weights), model_dir, time.monotonic() - started)
-    return weights

@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from typing import Callable
 
 import torch
+from torch import nn
 
-from moeswarm.model.experts import SwiGLUExpert, expert_backward, expert_forward, init_expert
+from moeswarm.model.experts import expert_backward, expert_forward, init_expert
+from moeswarm.model.hf_experts import GptOssExpert, gpt_oss_forward
 from moeswarm.node.config import OptimizerConfig
 from moeswarm.protocol.spec import ModelSpec
 
@@ -19,7 +22,8 @@ logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class HostedExpert:
-    module: SwiGLUExpert
+    module: nn.Module  # SwiGLUExpert, or GptOssExpert for GPT-OSS checkpoints
+    forward: Callable[[nn.Module, torch.Tensor], torch.Tensor] = expert_forward  # no-grad inference of this kind
     optimizer: torch.optim.Optimizer | None = None  # made on the first backward (see _optimizer)
     version: int = 0  # optimizer steps applied
     rows_since_step: int = 0  # gradient rows accumulated since the last step
@@ -37,25 +41,21 @@ class ExpertRegistry:
 
     def __init__(
         self, spec: ModelSpec, uids: tuple[str, ...], *, seed: int, optimizer: OptimizerConfig,
-        weights: dict[str, dict[str, torch.Tensor]] | None = None,
+        modules: dict[str, nn.Module] | None = None,
     ):
-        """weights: uid -> state_dict of the experts that start from given weights (e.g. a model
-        directory); the others start from the deterministic (seed, uid) init."""
+        """modules: uid -> expert module for the experts that start from given weights (a model
+        directory or checkpoint); the others start from the deterministic (seed, uid) SwiGLU init."""
         self.spec, self.optimizer_config = spec, optimizer
         self.experts: dict[str, HostedExpert] = {}
-        weights = weights or {}
+        modules = modules or {}
         for uid in uids:
-            if uid in weights:
-                module = SwiGLUExpert(spec.d_model, spec.d_ff)
-                module.load_state_dict(weights[uid])
-            else:
-                module = init_expert(spec.d_model, spec.d_ff, seed=seed, uid=uid)
-            self.experts[uid] = HostedExpert(module)
+            module = modules.get(uid) or init_expert(spec.d_model, spec.d_ff, seed=seed, uid=uid)
+            self.experts[uid] = HostedExpert(module, forward=gpt_oss_forward if isinstance(module, GptOssExpert) else expert_forward)
 
     def forward(self, uid: str, x_ND: torch.Tensor) -> torch.Tensor:
         hosted = self.experts[uid]
         hosted.rows_served += x_ND.shape[0]
-        return expert_forward(hosted.module, x_ND)
+        return hosted.forward(hosted.module, x_ND)
 
     def backward(self, uid: str, x_ND: torch.Tensor, grad_y_ND: torch.Tensor) -> torch.Tensor:
         """Return grad_x; accumulate parameter grads and step every `update_every` rows."""

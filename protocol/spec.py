@@ -12,6 +12,7 @@ _MODEL_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")  # used with fullmatch:
 # Canonical numbers only (no leading zeros): UIDs are compared as strings in the DHT and the node.
 _UID_RE = re.compile(r"(?P<model>[a-z0-9][a-z0-9_-]{0,63})\.L(?P<layer>0|[1-9]\d{0,4})\.E(?P<expert>0|[1-9]\d{0,5})")
 MAX_UID_CHARS = 96
+EXPERT_KINDS = ("swiglu", "gpt_oss")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -24,6 +25,7 @@ class ModelSpec:
     n_layers: int  # number of layers (transformer blocks); UIDs use the block index
     n_experts: int  # experts per MoE layer (routed + shared)
     moe_layers: tuple[int, ...] | None = None  # the layers that have experts; None: every layer
+    expert_kind: str = "swiglu"  # expert FFN: "swiglu" (Mixtral, Qwen, DeepSeek, ...) or "gpt_oss" (biases, clamped)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _MODEL_NAME_RE.fullmatch(self.name):
@@ -32,6 +34,8 @@ class ModelSpec:
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 1 << 20:
                 raise ConfigError(f"model.{key}={value!r}: must be an integer in [1, 1048576]")
+        if self.expert_kind not in EXPERT_KINDS:
+            raise ConfigError(f"model.expert_kind={self.expert_kind!r}: one of {', '.join(EXPERT_KINDS)}")
         if self.moe_layers is not None:
             layers = tuple(self.moe_layers)
             if not layers or list(layers) != sorted(set(layers)) or not all(0 <= i < self.n_layers for i in layers):

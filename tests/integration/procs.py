@@ -119,3 +119,26 @@ def read_until(proc: subprocess.Popen, output, marker: str, timeout_s: float) ->
         time.sleep(0.1)
     assert marker in text, f"swarm did not come up:\n{text}"
     return text
+
+
+class ProcGroup:
+    """Processes started in parallel (spawn all, then wait for all) and reaped together."""
+
+    def __init__(self):
+        self.procs: list[Proc] = []
+
+    def add(self, proc: Proc) -> Proc:
+        self.procs.append(proc)
+        return proc
+
+    def spawn(self, work_dir: pathlib.Path, *args: str) -> Proc:
+        return self.add(Proc(spawn(work_dir, *args), work_dir, {}))
+
+    def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
+        for proc in self.procs:
+            if not proc.ready:
+                proc.ready = wait_ready(proc.popen, proc.work_dir, timeout_s)
+
+    def kill(self) -> None:
+        for proc in self.procs:
+            proc.kill()

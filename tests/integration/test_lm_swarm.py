@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from procs import Proc, read_until, spawn, start_dht_peer, wait_ready
+from procs import Proc, ProcGroup, read_until, spawn, start_dht_peer
 from moeswarm.model.generation import SamplingConfig, generate
 from moeswarm.model.lm import build_local_model, open_model, save_model
 from moeswarm.model.lm_config import MoELMConfig
@@ -50,24 +50,20 @@ def swarm(tmp_path_factory):
     """One DHT peer and one node per model, started in parallel; each node loads its experts from the
     model directory (seed 99 differs from the model's: weights must come from the directory)."""
     root = tmp_path_factory.mktemp("lm")
-    dht = start_dht_peer(root / "dht")
-    procs: list[Proc] = [dht]
+    group = ProcGroup()
     try:
-        pending = []
+        dht = group.add(start_dht_peer(root / "dht"))
         for mode in ROUTINGS:
             config = lm_config(mode)
             save_model(build_local_model(config), root / mode)
             work = root / f"node-{mode}"
             work.mkdir()
             (work / "node.yaml").write_text(yaml.safe_dump(node_config(config, root / mode, dht.ready["maddrs"], config.remote_uids())))
-            pending.append((work, spawn(work, "node", "--config", str(work / "node.yaml"))))
-        for work, popen in pending:
-            procs.append(Proc(popen, work, {}))
-            procs[-1].ready = wait_ready(popen, work, timeout_s=120)
+            group.spawn(work, "node", "--config", str(work / "node.yaml"))
+        group.wait_ready(timeout_s=150)
         yield root, dht.ready["maddrs"]
     finally:
-        for proc in procs:
-            proc.kill()
+        group.kill()
 
 
 @pytest.mark.parametrize("mode", list(ROUTINGS))
@@ -114,12 +110,13 @@ def test_node_refuses_a_model_directory_of_another_model(swarm, tmp_path):
     root, peers = swarm
     config = lm_config("topk")
     other = vars(config.spec()) | {"d_ff": config.d_ff * 2, "moe_layers": list(config.moe_layers())}
-    node = dict(node_config(config, root / "topk", peers, config.remote_uids()[:1]), model=other)
+    # Another swarm name: in SWARM the served lm-topk would refuse the node before it reads the directory.
+    node = dict(node_config(config, root / "topk", peers, config.remote_uids()[:1]), model=other, swarm="other")
     (tmp_path / "node.yaml").write_text(yaml.safe_dump(node))
     popen = spawn(tmp_path, "node", "--config", str(tmp_path / "node.yaml"))
     assert popen.wait(60) == 2
     log = (tmp_path / "log.txt").read_text()
-    assert "model directory" in log and "d_ff=96" in log and "Traceback" not in log
+    assert "holds experts of shape" in log and "d_ff=96" in log and "Traceback" not in log
 
 
 def test_swarm_up_with_model_and_generate_cli(tmp_path):

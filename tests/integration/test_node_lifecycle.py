@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import pathlib
 import signal
 import time
 
@@ -139,6 +140,10 @@ def test_node_refuses_a_checkpoint_of_another_model(node_factory, tmp_path):
     node = node_factory("n1", experts=["itest.L0.E0"], state_dir=state)
     os.kill(node.popen.pid, signal.SIGTERM)
     node.popen.wait(10)
+    saved = {path.name: path.read_bytes() for path in pathlib.Path(state).iterdir()}
     bigger = dict(MODEL, d_ff=MODEL["d_ff"] * 2)
+    # Another swarm name: in n1's swarm its DHT record (alive until its TTL) would refuse n2 first.
     with pytest.raises(RuntimeError, match="does not fit this node"):
-        node_factory("n2", model=bigger, experts=["itest.L0.E0"], state_dir=state)
+        node_factory("n2", model=bigger, experts=["itest.L0.E0"], state_dir=state, swarm="other")
+    # the refused checkpoint is left exactly as it was (a failed start writes nothing)
+    assert {path.name: path.read_bytes() for path in pathlib.Path(state).iterdir()} == saved

@@ -1,0 +1,78 @@
+"""`from_pretrained` for the swarm: the transformers model of a local MoE checkpoint with its routed
+experts served by swarm nodes (router, shared experts, attention and embeddings stay here).
+
+    model = moeswarm.model.from_pretrained("path/to/Mixtral-tiny", initial_peers=[MADDR])
+    out = model.generate(ids, max_new_tokens=32)
+    model.moeswarm_client.close()
+
+Shapes: T tokens, H hidden size, K experts per token.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import time
+
+import torch
+
+from moeswarm.model.dispatcher import DispatchConfig
+from moeswarm.model.hf_checkpoint import CheckpointReader
+from moeswarm.model.hf_spec import default_model_name, swarm_spec
+from moeswarm.model.remote_moe import SwarmClient, check_min_experts
+from moeswarm.protocol.spec import ModelSpec
+
+WIRE_DTYPE_OF = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+class SwarmExpertBackend:
+    """hf_remote.ExpertBackend over the swarm: one dispatch per MoE layer call (one RPC per node).
+    Every routed slot must be served: transformers' outputs have no "expert dropped" case, so a slot
+    whose replicas all failed raises AllReplicasFailed naming the expert and the endpoints tried."""
+
+    def __init__(self, client: SwarmClient, spec: ModelSpec):
+        self.client = client
+        self.uids = {layer: [spec.uid(layer, e) for e in range(spec.n_experts)] for layer in spec.layers_with_experts()}
+        client.directory.track([uid for uids in self.uids.values() for uid in uids])
+
+    def __call__(self, layer: int, hidden_TH: torch.Tensor, top_k_index_TK: torch.Tensor) -> torch.Tensor:
+        uids, dispatcher = self.uids[layer], self.client.dispatcher
+        started = time.perf_counter()
+        result = dispatcher.run(dispatcher.forward(uids, hidden_TH.detach(), top_k_index_TK))
+        self.client.expert_wait_s += time.perf_counter() - started
+        check_min_experts(result, top_k_index_TK, uids, min_experts=top_k_index_TK.shape[1])
+        # Node outputs are in the model dtype; the dispatcher widened them to fp32 exactly. Back to the
+        # model dtype so the combine multiplies and sums in the same dtypes as transformers does.
+        return result.y_TKD.to(hidden_TH.dtype)
+
+
+def from_pretrained(
+    model_dir: str | pathlib.Path,
+    *,
+    initial_peers: list[str],
+    name: str | None = None,
+    swarm: str = "default",
+    dispatch: DispatchConfig | None = None,
+    dtype: torch.dtype | None = None,
+):
+    """The transformers causal LM of `model_dir` with its routed experts on the swarm.
+
+    name: the model's name in the swarm (default: the checkpoint folder's name, as `moeswarm node
+    --model` uses). dtype: as from_pretrained's, default the checkpoint's; activations travel in it.
+    The returned model has `.moeswarm_client` (close it when done). Inference only: gradients do not
+    reach the remote experts of an imported model.
+    """
+    from moeswarm.model.hf_remote import load_remote_model
+
+    with CheckpointReader(model_dir) as reader:
+        family = reader.family
+    spec = swarm_spec(family, name or default_model_name(model_dir))
+    wire = WIRE_DTYPE_OF.get(dtype or family.dtype, "float32")
+    config = dispatch or DispatchConfig(wire_dtype=wire)
+    client = SwarmClient(list(initial_peers), model=spec.name, swarm=swarm, config=config)
+    try:
+        model = load_remote_model(model_dir, SwarmExpertBackend(client, spec), dtype=dtype)
+    except BaseException:
+        client.close()
+        raise
+    model.moeswarm_client = client
+    return model

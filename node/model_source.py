@@ -1,0 +1,117 @@
+"""Where a node's expert weights come from: a moeswarm model directory (moeswarm-model.json) or a
+Hugging Face checkpoint (config.json + safetensors). Only the hosted experts' tensors are read."""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+import time
+
+from torch import nn
+
+from moeswarm.protocol.errors import ConfigError
+from moeswarm.protocol.spec import ModelSpec, parse_uid
+
+logger = logging.getLogger(__name__)
+
+
+def is_hf_checkpoint(model_dir: str | pathlib.Path) -> bool:
+    from moeswarm.model.model_dir import MANIFEST
+
+    path = pathlib.Path(model_dir)
+    return (path / "config.json").exists() and not (path / MANIFEST).exists()
+
+
+def spec_of(model_dir: str | pathlib.Path, name: str | None = None) -> ModelSpec:
+    """The expert spec a model directory or checkpoint defines (name: the HF model name to use)."""
+    if is_hf_checkpoint(model_dir):
+        from moeswarm.model.hf_checkpoint import CheckpointReader
+        from moeswarm.model.hf_spec import default_model_name, swarm_spec
+
+        with CheckpointReader(model_dir) as reader:
+            return swarm_spec(reader.family, name or default_model_name(model_dir))
+    from moeswarm.model.model_dir import read_manifest
+
+    spec = read_manifest(model_dir).config.spec()
+    if name is not None and name != spec.name:
+        raise ConfigError(f"model directory {model_dir} holds model {spec.name!r}, not {name!r}")
+    return spec
+
+
+def load_expert_modules(model_dir: str, spec: ModelSpec, uids: tuple[str, ...]) -> dict[str, nn.Module]:
+    """The hosted experts' modules, after checking the directory holds the node's model and experts."""
+    started = time.monotonic()
+    found = spec_of(model_dir, spec.name)
+    if found != spec:
+        raise ConfigError(f"{model_dir} holds experts of shape {found}, but this node is configured for {spec}")
+    if is_hf_checkpoint(model_dir):
+        modules = _load_hf(model_dir, uids)
+    else:
+        from moeswarm.model.experts import SwiGLUExpert
+        from moeswarm.model.model_dir import load_expert_weights, read_manifest
+
+        modules = {}
+        for uid, weights in load_expert_weights(read_manifest(model_dir), list(uids)).items():
+            modules[uid] = SwiGLUExpert(spec.d_model, spec.d_ff)
+            modules[uid].load_state_dict(weights)
+    logger.info("loaded %d experts from %s in %.2f s", len(modules), model_dir, time.monotonic() - started)
+    return modules
+
+
+def _load_hf(model_dir: str, uids: tuple[str, ...]) -> dict[str, nn.Module]:
+    from moeswarm.model.hf_checkpoint import CheckpointReader
+    from moeswarm.model.hf_experts import expert_from_weights
+
+    with CheckpointReader(model_dir) as reader:
+        family = reader.family
+        pairs = {uid: (parse_uid(uid).layer, parse_uid(uid).expert) for uid in uids}
+        reader.check_experts(pairs.values())
+        return {
+            uid: expert_from_weights(family.expert_kind, reader.read_expert(*pair), **family.expert_params())
+            for uid, pair in pairs.items()
+        }
+
+
+class _ExpertLayout:
+    """The part of a checkpoint's layout `parse_expert_spec` needs, for any ModelSpec."""
+
+    def __init__(self, spec: ModelSpec):
+        self.moe_layers, self.num_experts = spec.layers_with_experts(), spec.n_experts
+
+    def check_experts(self, pairs) -> None:
+        from moeswarm.model.hf_checkpoint import format_ranges
+
+        for layer, expert in pairs:
+            if layer not in self.moe_layers:
+                raise ConfigError(f"layer {layer} has no experts in this model (MoE layers: {format_ranges(self.moe_layers)})")
+            if not 0 <= expert < self.num_experts:
+                raise ConfigError(f"expert {expert} does not exist (this model has {self.num_experts} experts per layer, 0-{self.num_experts - 1})")
+
+
+def uids_from_text(text: str, spec: ModelSpec) -> list[str]:
+    """UIDs named by an expert spec such as "layers 0-3, experts 0-7" or "all"."""
+    from moeswarm.model.hf_checkpoint import parse_expert_spec
+
+    return [spec.uid(layer, expert) for layer, expert in parse_expert_spec(text, _ExpertLayout(spec))]
+
+
+def check_swarm_agrees(dht, swarm: str, spec: ModelSpec, own_peer_id: str) -> None:
+    """Refuse to join a swarm whose nodes already serve a model of the same name with other shapes
+    (a client would otherwise get mismatched experts from different replicas)."""
+    from moeswarm.protocol.dht import get_records
+    from moeswarm.protocol.records import NodeRecord, nodes_key, parse_entries
+
+    found = get_records(dht, [nodes_key(swarm)]).get(nodes_key(swarm))
+    for record in parse_entries(found, NodeRecord).values():
+        if record.peer_id == own_peer_id or record.model.get("name") != spec.name:
+            continue
+        try:
+            theirs = ModelSpec(**record.model)
+        except (TypeError, ValueError):
+            continue  # a record from a newer or broken peer: not ours to judge
+        if theirs != spec:
+            raise ConfigError(
+                f"swarm {swarm!r} already serves model {spec.name!r} as {theirs} (node {record.endpoint}); "
+                f"this node's experts are {spec}. Use another model name or the same checkpoint "
+                f"(a stopped node's records expire after its announce_ttl_s)."
+            )

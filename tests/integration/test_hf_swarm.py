@@ -1,0 +1,139 @@
+"""Hugging Face MoE checkpoints served by real node processes: `moeswarm node --model DIR --experts
+SPEC`, `moeswarm.model.from_pretrained(DIR, initial_peers=...)`, logits and greedy tokens equal to the
+plain transformers model; bad expert requests and mismatched checkpoints are refused at start."""
+
+from __future__ import annotations
+
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "unit"))
+from hf_tiny import FAMILIES, save_tiny  # noqa: E402
+from procs import Proc, ProcGroup, read_until, spawn, start_dht_peer  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+import moeswarm.model  # noqa: E402
+
+SWARM = "hf"
+IDS = torch.randint(3, 256, (2, 12), generator=torch.Generator().manual_seed(2))
+# (family, dtype, layout, shards) -> expert specs, one node each
+CHECKPOINTS = {
+    ("mixtral", torch.float32, "fused", 3): ["layers all, experts 0-3", "layers all, experts 4-7"],
+    ("mixtral", torch.bfloat16, "per_expert", 1): ["all"],
+    ("qwen2_moe", torch.float32, "per_expert", 2): ["all"],
+    ("qwen2_moe", torch.bfloat16, "per_expert", 1): ["all"],
+    ("qwen3_moe", torch.float32, "per_expert", 1): ["all"],
+    ("olmoe", torch.float32, "per_expert", 1): ["all"],
+    ("deepseek_v3", torch.float32, "per_expert", 1): ["layers 1-2, experts all"],
+    ("gpt_oss", torch.float32, "fused", 1): ["all"],
+}
+
+
+def checkpoint_name(family, dtype, layout, shards) -> str:
+    return f"{family}-{str(dtype).split('.')[-1]}-{layout}-{shards}".replace("_", "-")
+
+
+def node_cmd(model_dir: pathlib.Path, experts: str, peers: list[str], *extra: str) -> list[str]:
+    return ["node", "--model", str(model_dir), "--experts", experts, "--initial-peers", *peers, "--set", f"swarm={SWARM}", *extra]
+
+
+@pytest.fixture(scope="module")
+def swarm(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf")
+    group = ProcGroup()
+    try:
+        dht = group.add(start_dht_peer(root / "dht"))
+        for key, specs in CHECKPOINTS.items():
+            family, dtype, layout, shards = key
+            model_dir = root / checkpoint_name(*key)
+            save_tiny(family, model_dir, dtype=dtype, layout=layout, shards=shards)
+            for i, experts in enumerate(specs):
+                work = root / f"node-{model_dir.name}-{i}"
+                group.spawn(work, *node_cmd(model_dir, experts, dht.ready["maddrs"]))
+        group.wait_ready(timeout_s=150)
+        yield root, dht.ready["maddrs"]
+    finally:
+        group.kill()
+
+
+@pytest.mark.parametrize("key", list(CHECKPOINTS), ids=lambda key: checkpoint_name(*key))
+def test_swarm_logits_and_greedy_tokens_equal_transformers(swarm, key):
+    root, peers = swarm
+    model_dir = root / checkpoint_name(*key)
+    reference = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    model = moeswarm.model.from_pretrained(model_dir, initial_peers=peers, swarm=SWARM)
+    try:
+        assert all(p.numel() == 0 for n, p in model.named_parameters() if ".mlp.experts." in n)
+        with torch.no_grad():
+            got, want = model(IDS).logits, reference(IDS).logits
+        assert got.dtype == want.dtype == key[1]
+        if key[1] == torch.bfloat16:
+            assert torch.equal(got, want)  # same experts, same combine order and precision
+        else:
+            assert (got - want).abs().max().item() <= 1e-5
+        generated = model.generate(IDS[:1, :6], max_new_tokens=8, do_sample=False)
+        expected = reference.generate(IDS[:1, :6], max_new_tokens=8, do_sample=False)
+        assert torch.equal(generated, expected)
+        assert model.moeswarm_client.expert_wait_s > 0  # the experts really ran on the nodes
+    finally:
+        model.moeswarm_client.close()
+
+
+def test_node_refuses_experts_the_checkpoint_does_not_have(swarm, tmp_path):
+    root, peers = swarm
+    model_dir = root / checkpoint_name("deepseek_v3", torch.float32, "per_expert", 1)
+    cases = {"layers 0-1, experts 0": "layer 0 has no experts", "layers 1, experts 6-9": "expert 8 does not exist"}
+    for i, (experts, message) in enumerate(cases.items()):
+        result = subprocess.run(
+            [sys.executable, "-m", "moeswarm.deploy.cli", *node_cmd(model_dir, experts, peers)],
+            capture_output=True, text=True, timeout=90,
+        )
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+        assert "MoE layers: 1-2" in result.stderr or "0-7" in result.stderr
+
+
+def test_node_refuses_a_checkpoint_whose_experts_disagree_with_the_swarm(swarm, tmp_path):
+    """Same model name as a served checkpoint, other expert width: the node will not join."""
+    root, peers = swarm
+    served = root / checkpoint_name("olmoe", torch.float32, "per_expert", 1)
+    other = tmp_path / served.name  # the same folder name, so the same default model name
+    save_tiny("olmoe", other, intermediate_size=64)
+    work = tmp_path / "node"
+    popen = spawn(work, *node_cmd(other, "all", peers))
+    assert popen.wait(90) == 2
+    log = (work / "log.txt").read_text()
+    assert "already serves model" in log and "d_ff=96" in log and "d_ff=64" in log, log[-2000:]
+
+
+def test_swarm_up_spreads_a_checkpoint_over_nodes_with_replicas(tmp_path):
+    model_dir = tmp_path / "qwen3-tiny"
+    save_tiny("qwen3_moe", model_dir)
+    reference = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    cli = [sys.executable, "-m", "moeswarm.deploy.cli"]
+    up = subprocess.Popen(
+        [*cli, "swarm", "up", "--model", str(model_dir), "--nodes", "3", "--replicas", "2", "--run-dir", str(tmp_path / "run")],
+        stdout=open(tmp_path / "up.txt", "wb"), stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        text = read_until(up, tmp_path / "up.txt", "Ctrl-C stops the swarm", timeout_s=150)
+        peer = next(line.split()[-1] for line in text.splitlines() if line.startswith("initial peers:"))
+        rows = [line.split() for line in text.splitlines() if line.startswith("qwen3-tiny.L")]
+        assert len(rows) == 2 * 8 and all(len(row) == 3 for row in rows)  # every expert on 2 endpoints
+        model = moeswarm.model.from_pretrained(model_dir, initial_peers=[peer])
+        try:
+            with torch.no_grad():
+                assert (model(IDS).logits - reference(IDS).logits).abs().max().item() <= 1e-5
+        finally:
+            model.moeswarm_client.close()
+    finally:
+        up.send_signal(2)
+        try:
+            up.wait(20)
+        finally:
+            Proc(up, tmp_path / "run", {}).kill()
