@@ -37,6 +37,7 @@ import yaml
 from moeswarm.protocol.malloc import keep_freed_memory
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from echo_server import ECHO_METHOD, GRPC_OPTIONS, run_event_loop, spawn_echo  # noqa: E402
 from common import (  # noqa: E402  (bench/ is a folder of scripts, not a package)
     finish,
     POLL_S,
@@ -60,11 +61,8 @@ BW_MODEL = dict(name="bench-bw", d_model=256, d_ff=1, n_layers=1, n_experts=1)
 LATENCY_UID = "bench.L0.E0"  # launches host E1, E2, ... so each one is a key nobody announced yet
 BW_UID = "bench-bw.L0.E0"
 PAYLOAD_ROWS = 1024  # [1024, 256] fp32 = 1 MiB
-GRPC_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
-ECHO_METHOD = "/bench.Echo/Echo"
 CALL_TIMEOUT_S = 30.0
 VISIBLE_TIMEOUT_S = 60.0
-ECHO_MAX_LIFETIME_S = 1800.0
 # (full, --quick)
 LATENCY_CALLS = {1: (500, 100), 64: (300, 60), 256: (200, 40)}
 WARMUP_CALLS = (20, 10)
@@ -85,13 +83,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer calls and launches (under a minute)")
     parser.add_argument("--json", metavar="PATH", help="also write every figure and the machine info here")
-    parser.add_argument("--serve-echo", metavar="READY_FILE", help=argparse.SUPPRESS)  # the raw echo child
     args = parser.parse_args()
     # Same allocator settings as a node (protocol/malloc.py) for this client and the echo server,
     # so the comparison is transport against transport.
     keep_freed_memory()
-    if args.serve_echo:
-        return run_event_loop(serve_echo(args.serve_echo))
     pick = 1 if args.quick else 0
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the `finally` blocks that reap children
     started = time.monotonic()
@@ -115,14 +110,6 @@ def print_context(details: dict) -> None:
     print(f"launch to visible, each run: {visible} s")
     load = details["loadavg_1_5_15"]
     print(f"load average before {load['before'][0]:.2f}, after {load['after'][0]:.2f} on {os.cpu_count()} CPUs")
-
-
-def run_event_loop(coro):
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro)
-    return uvloop.run(coro)
 
 
 def report(figures: list[Figure], details: dict, quick: bool) -> dict:
@@ -179,8 +166,7 @@ def run_swarm(work_dir: pathlib.Path, pick: int) -> tuple[list[Figure], dict]:
         try:
             node, node_ready = spawn_node(children, work_dir, "node", MODEL, [LATENCY_UID], peers)
             bw, bw_ready = spawn_node(children, work_dir, "bw", BW_MODEL, "all", peers)
-            echo_ready = work_dir / "echo.json"
-            echo = children.spawn([sys.executable, __file__, "--serve-echo", str(echo_ready)], "echo")
+            echo, echo_ready = spawn_echo(children, work_dir)
             endpoints = {
                 "node": wait_ready(node_ready, node, "latency node")["endpoint"],
                 "bw": wait_ready(bw_ready, bw, "bandwidth node")["endpoint"],
@@ -357,28 +343,6 @@ async def launch_node(children: Children, work_dir: pathlib.Path, index: int, pe
 
 
 # ---- raw echo server (child process) -----------------------------------------------------------
-
-
-async def serve_echo(ready_file: str) -> int:
-    """A minimal grpc.aio server echoing bytes; stops when its parent goes (or after a max lifetime)."""
-    import grpc
-
-    async def echo(request: bytes, context) -> bytes:
-        return request
-
-    parent = os.getppid()
-    server = grpc.aio.server(options=GRPC_OPTIONS + [("grpc.so_reuseport", 0)])
-    handler = grpc.unary_unary_rpc_method_handler(echo)  # no (de)serializer: bytes pass through
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("bench.Echo", {"Echo": handler}),))
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    write_ready(ready_file, {"endpoint": f"127.0.0.1:{port}"})
-    for _ in range(int(ECHO_MAX_LIFETIME_S / 0.5)):
-        if os.getppid() != parent:
-            break
-        await asyncio.sleep(0.5)
-    await server.stop(1.0)
-    return 0
 
 
 if __name__ == "__main__":

@@ -39,6 +39,12 @@ class GenerationResult:
     decode_s: float  # time of the decoding steps after the first token
     steps: int  # decoding steps (model calls after the prompt)
     expert_wait_s: float  # part of the total spent waiting for remote experts (0 for a local model)
+    prefill_expert_wait_s: float = 0.0  # the part of expert_wait_s spent on the prompt
+
+    @property
+    def decode_expert_wait_s(self) -> float:
+        """Expert wait of the decoding steps (compare with decode_s / steps)."""
+        return self.expert_wait_s - self.prefill_expert_wait_s
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -84,11 +90,12 @@ def generate(
     finished = torch.zeros(B, dtype=torch.bool)
     sequence_BT, step_input_BT = prompt_BT, prompt_BT
     started = time.perf_counter()
-    prefill_s, steps = 0.0, 0
+    prefill_s, prefill_wait_s, steps = 0.0, 0.0, 0
     for i in range(sampling.max_new_tokens):
         logits_BTV = model(step_input_BT if use_cache else sequence_BT, cache)
         if i == 0:
             prefill_s = time.perf_counter() - started
+            prefill_wait_s = sum(c.expert_wait_s for c in clients.values()) - wait_before
         else:
             steps += 1
         next_B = pick_next(logits_BTV[:, -1], sampling, generator)
@@ -108,4 +115,4 @@ def generate(
         sequence_BT = torch.cat([sequence_BT, step_input_BT], dim=1)
     total_s = time.perf_counter() - started
     wait_s = sum(c.expert_wait_s for c in clients.values()) - wait_before
-    return GenerationResult(tokens, prefill_s, total_s - prefill_s, steps, wait_s)
+    return GenerationResult(tokens, prefill_s, total_s - prefill_s, steps, wait_s, prefill_wait_s)

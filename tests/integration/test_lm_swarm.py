@@ -103,7 +103,8 @@ def test_greedy_generation_over_the_swarm_equals_local(swarm, mode):
         streamed: list[int] = []
         result = generate(remote.model, prompt, sampling, on_tokens=lambda t: streamed.append(t[0]))
     assert result.tokens == local.tokens and streamed == local.tokens[0]
-    assert len(result.tokens[0]) == 24 and result.expert_wait_s > 0 and local.expert_wait_s == 0
+    assert len(result.tokens[0]) == 24 and local.expert_wait_s == 0
+    assert 0 < result.prefill_expert_wait_s < result.expert_wait_s and result.decode_expert_wait_s < result.decode_s
 
 
 def test_node_refuses_a_model_directory_of_another_model(swarm, tmp_path):
