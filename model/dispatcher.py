@@ -56,7 +56,10 @@ class DispatchResult:
 
 
 def group_rows(topk_ids_TK: torch.Tensor, uids: list[str]) -> dict[str, ExpertRows]:
-    """Which (token, slot) pairs each expert of the layer gets; ids < 0 mark slots not to send. Pure."""
+    """Which (token, slot) pairs each expert of the layer gets; ids < 0 mark slots not to send. Pure.
+    Experts in increasing id order, rows in token order."""
+    if topk_ids_TK.numel() <= SMALL_ROUTING_SLOTS:
+        return _group_rows_small(topk_ids_TK, uids)
     rows = {}
     for expert in torch.unique(topk_ids_TK).tolist():
         if expert < 0:
@@ -64,6 +67,21 @@ def group_rows(topk_ids_TK: torch.Tensor, uids: list[str]) -> dict[str, ExpertRo
         token_idx, slot_idx = torch.where(topk_ids_TK == expert)
         rows[uids[expert]] = ExpertRows(token_idx, slot_idx)
     return rows
+
+
+SMALL_ROUTING_SLOTS = 64  # up to this many (token, slot) pairs, plain Python beats a dozen tiny torch ops
+
+
+def _group_rows_small(topk_ids_TK: torch.Tensor, uids: list[str]) -> dict[str, ExpertRows]:
+    """group_rows for decoding-sized batches (a few tokens): same result, ~10x fewer microseconds."""
+    buckets: dict[int, tuple[list[int], list[int]]] = {}
+    for token, row in enumerate(topk_ids_TK.tolist()):
+        for slot, expert in enumerate(row):
+            if expert >= 0:
+                tokens, slots = buckets.setdefault(expert, ([], []))
+                tokens.append(token)
+                slots.append(slot)
+    return {uids[e]: ExpertRows(torch.tensor(t), torch.tensor(s)) for e, (t, s) in sorted(buckets.items())}
 
 
 class Dispatcher:
@@ -122,7 +140,7 @@ class Dispatcher:
             if not plan:
                 break
             calls = [self._call_hedged(op, endpoint, uids, inputs, grads, attempts) for endpoint, uids in plan.items()]
-            for answered in await asyncio.gather(*calls):
+            for answered in (await asyncio.gather(*calls)) if len(calls) > 1 else [await calls[0]]:
                 for uid, (tensor, endpoint) in answered.items():
                     outputs[uid], served_by[uid] = tensor, endpoint
             pending -= set(outputs)
@@ -145,6 +163,8 @@ class Dispatcher:
     async def _call_hedged(self, op, endpoint, uids, inputs, grads, attempts: Attempts) -> dict:
         """Call one node; if it runs past its hedge delay, send the same experts to other replicas too
         and take whichever answers first. Returns {uid: (tensor, endpoint)} for what succeeded."""
+        if all(len(self.directory.replicas(uid)) < 2 for uid in uids):  # nothing to hedge to: skip the timer task
+            return await self._call(op, endpoint, uids, inputs, grads, attempts)
         primary = asyncio.ensure_future(self._call(op, endpoint, uids, inputs, grads, attempts))
         done, _ = await asyncio.wait({primary}, timeout=self.picker.hedge_after_s(endpoint, self.config.hedge_floor_s))
         if done:

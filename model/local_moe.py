@@ -53,8 +53,7 @@ class LocalMoE(nn.Module):
             if token_idx.numel():
                 y_TKD = y_TKD.index_put((token_idx, slot_idx), expert(x_TD[token_idx]).float())
         y_TKD = with_shared_outputs(y_TKD, self.shared, x_TD)
-        served_TK = torch.ones(T, K, dtype=torch.bool)
-        return combine(y_TKD, routing.weights_TK, served_TK).to(x.dtype).reshape(x.shape)
+        return combine(y_TKD, routing.weights_TK).to(x.dtype).reshape(x.shape)
 
 
 def with_shared_outputs(y_TKD: torch.Tensor, shared: nn.ModuleList, x_TD: torch.Tensor) -> torch.Tensor:
@@ -65,12 +64,13 @@ def with_shared_outputs(y_TKD: torch.Tensor, shared: nn.ModuleList, x_TD: torch.
     return torch.cat([y_TKD, y_TSD], dim=1)
 
 
-def combine(y_TKD: torch.Tensor, weights_TK: torch.Tensor, served_TK: torch.Tensor) -> torch.Tensor:
+def combine(y_TKD: torch.Tensor, weights_TK: torch.Tensor, served_TK: torch.Tensor | None = None) -> torch.Tensor:
     """Gate-weighted sum of expert outputs in fp32. Where an expert was dropped (all its replicas
-    failed) the token's remaining weights are rescaled to the token's original total weight. Pure.
-    (Capacity-dropped slots are not "dropped experts": their weight is already 0 and they count as served.)"""
+    failed; served_TK False) the token's remaining weights are rescaled to the token's original total
+    weight. served_TK=None: every slot served. Pure. (Capacity-dropped slots are not "dropped
+    experts": their weight is already 0 and they count as served.)"""
     weights_TK = weights_TK.float()
-    if not bool(served_TK.all()):
+    if served_TK is not None and not bool(served_TK.all()):
         kept_TK = weights_TK * served_TK
         scale_T1 = weights_TK.sum(dim=-1, keepdim=True) / kept_TK.sum(dim=-1, keepdim=True).clamp_min(1e-30)
         weights_TK = kept_TK * scale_T1

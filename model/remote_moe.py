@@ -142,18 +142,28 @@ class RemoteMoE(nn.Module):
         n_remote_slots = routing.topk_ids_TK.shape[1] - len(self.shared)
         ids_TK = routing.topk_ids_TK[:, :n_remote_slots]
         sent_TK = routing.mask_TK[:, :n_remote_slots]
+        all_sent = bool(sent_TK.all())  # False only where a capacity limit dropped slots
         dispatcher = self.client.dispatcher
         started = time.perf_counter()
-        result = dispatcher.run(dispatcher.forward(self.uids, x_TD.detach(), ids_TK.masked_fill(~sent_TK, -1)))
+        send_ids_TK = ids_TK if all_sent else ids_TK.masked_fill(~sent_TK, -1)
+        result = dispatcher.run(dispatcher.forward(self.uids, x_TD.detach(), send_ids_TK))
         self.client.expert_wait_s += time.perf_counter() - started
-        check_min_experts(result, ids_TK, self.uids, self.min_experts, sent_TK)
-        # The anchor requires grad, so backward reaches the remote experts even when neither the
-        # input nor anything before this layer requires grad (the experts' weights live on nodes).
-        anchor = self._anchor if self.training and torch.is_grad_enabled() else self._anchor.detach()
-        y_TKD = with_shared_outputs(_RemoteExperts.apply(x_TD, anchor, dispatcher, result), self.shared, x_TD)
-        served_TK = torch.ones_like(routing.mask_TK)
-        served_TK[:, :n_remote_slots] = result.served_TK | ~sent_TK  # capacity drops carry weight 0 already
-        out_TD = combine(y_TKD, routing.weights_TK, served_TK)
+        # capacity drops carry weight 0 already: count them as served
+        served_TK = result.served_TK if all_sent else result.served_TK | ~sent_TK
+        all_served = bool(served_TK.all())
+        if not all_served:
+            check_min_experts(result, ids_TK, self.uids, self.min_experts, sent_TK)
+        if torch.is_grad_enabled():
+            # The anchor requires grad, so backward reaches the remote experts even when neither the
+            # input nor anything before this layer requires grad (the experts' weights live on nodes).
+            anchor = self._anchor if self.training else self._anchor.detach()
+            y_TKD = _RemoteExperts.apply(x_TD, anchor, dispatcher, result)
+        else:
+            y_TKD = result.y_TKD  # inference: no autograd node to build (decoding calls this per token)
+        y_TKD = with_shared_outputs(y_TKD, self.shared, x_TD)
+        if not all_served and len(self.shared):
+            served_TK = torch.cat([served_TK, torch.ones_like(routing.mask_TK[:, n_remote_slots:])], dim=1)
+        out_TD = combine(y_TKD, routing.weights_TK, None if all_served else served_TK)
         return out_TD.to(x.dtype).reshape(x.shape)
 
     async def forward_async(self, x: torch.Tensor) -> torch.Tensor:

@@ -37,6 +37,21 @@ def test_group_rows_covers_every_token_slot_exactly_once_with_the_right_uid():
     assert sorted(seen) == [(t, k) for t in range(5) for k in range(2)]
 
 
+@pytest.mark.parametrize("tokens", [1, 4, 32, 33, 200])  # both sides of the small-batch path (64 slots)
+def test_group_rows_small_and_large_paths_agree_and_skip_unsent_slots(tokens):
+    generator = torch.Generator().manual_seed(tokens)
+    topk_ids_TK = torch.randint(-1, len(UIDS), (tokens, 2), generator=generator)  # -1: slot not sent
+    by_loop = {}
+    for t, row in enumerate(topk_ids_TK.tolist()):
+        for k, e in enumerate(row):
+            if e >= 0:
+                by_loop.setdefault(UIDS[e], []).append((t, k))
+    rows = group_rows(topk_ids_TK, UIDS)
+    assert list(rows) == sorted(by_loop, key=UIDS.index)  # experts in id order
+    assert {uid: list(zip(r.token_idx.tolist(), r.slot_idx.tolist())) for uid, r in rows.items()} == by_loop
+    assert all(r.token_idx.dtype == r.slot_idx.dtype == torch.long for r in rows.values())
+
+
 def test_group_rows_lists_only_the_experts_that_got_rows():
     topk_ids_TK = torch.tensor([[3], [1], [3]])
     rows = group_rows(topk_ids_TK, UIDS)
