@@ -22,3 +22,19 @@ def test_vmoe_patches_learn_through_remote_experts(tmp_path):
     with LocalSwarm(SwarmPlan(model=vmoe.SPEC, nodes=2, replicas=1, swarm="vmoe", run_dir=tmp_path)) as swarm:
         losses = vmoe.train(swarm.initial_peers, steps=12, batch=16, swarm="vmoe")
     assert len(losses) == 12 and losses[-1] < losses[0] / 3, losses
+
+
+def test_train_lm_learns_stdlib_bytes_and_saves_the_model(tmp_path):
+    import torch
+
+    from moeswarm.deploy.model_cli import config_from_args
+    from moeswarm.model.corpus import stdlib_sources
+    from moeswarm.model.lm import build_local_model, open_model, save_model
+
+    config = config_from_args("tiny-train", "tiny", "shared", ["d_model=32", "n_heads=2", "n_layers=2", "d_ff=32"])
+    save_model(build_local_model(config), tmp_path)
+    before = open_model(tmp_path).model.embed.weight.clone()
+    losses = load_example("train_lm").train(str(tmp_path), steps=25, batch=8, length=32, lr=1e-2)
+    assert sum(losses[-5:]) / 5 < 0.75 * losses[0], losses  # from ~ln(258) = 5.55 towards byte statistics
+    assert not torch.equal(open_model(tmp_path).model.embed.weight, before)  # the trained weights were saved
+    assert len(stdlib_sources(1 << 16)) == 1 << 16
