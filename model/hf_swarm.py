@@ -53,13 +53,14 @@ def from_pretrained(
     swarm: str = "default",
     dispatch: DispatchConfig | None = None,
     dtype: torch.dtype | None = None,
+    dht=None,
 ):
     """The transformers causal LM of `model_dir` with its routed experts on the swarm.
 
     name: the model's name in the swarm (default: the checkpoint folder's name, as `moeswarm node
     --model` uses). dtype: as from_pretrained's, default the checkpoint's; activations travel in it.
     The returned model has `.moeswarm_client` (close it when done). Inference only: gradients do not
-    reach the remote experts of an imported model.
+    reach the remote experts of an imported model. dht: an IsolatedDHT to share (see SwarmClient).
     """
     from moeswarm.model.hf_remote import load_remote_model
 
@@ -68,7 +69,7 @@ def from_pretrained(
     spec = swarm_spec(family, name or default_model_name(model_dir))
     wire = WIRE_DTYPE_OF.get(dtype or family.dtype, "float32")
     config = dispatch or DispatchConfig(wire_dtype=wire)
-    client = SwarmClient(list(initial_peers), model=spec.name, swarm=swarm, config=config)
+    client = SwarmClient(list(initial_peers), model=spec.name, swarm=swarm, config=config, dht=dht)
     try:
         model = load_remote_model(model_dir, SwarmExpertBackend(client, spec), dtype=dtype)
     except BaseException:

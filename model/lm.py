@@ -86,12 +86,14 @@ class LoadedModel:
 
 def open_model(
     path: str | pathlib.Path, *, initial_peers: list[str] | None = None, swarm: str = "default", dispatch=None,
+    dht=None,
 ) -> LoadedModel:
     """Load a model directory. With initial_peers the experts run on the swarm and only the dense part
-    (plus shared experts that run locally) is read; without, every expert is loaded here."""
+    (plus shared experts that run locally) is read; without, every expert is loaded here.
+    dht: an IsolatedDHT to share with other clients (see SwarmClient)."""
     manifest = read_manifest(path)
     config = manifest.config
-    if initial_peers is None:
+    if initial_peers is None and dht is None:
         model = build_local_model(config)
         held = config.spec().all_uids()
         client = None
@@ -99,7 +101,7 @@ def open_model(
         from moeswarm.model.dispatcher import DispatchConfig
         from moeswarm.model.remote_moe import SwarmClient
 
-        client = SwarmClient(list(initial_peers), model=config.name, swarm=swarm, config=dispatch or DispatchConfig())
+        client = SwarmClient(list(initial_peers or ()), model=config.name, swarm=swarm, config=dispatch or DispatchConfig(), dht=dht)
         try:
             model = build_remote_model(config, client)
         except BaseException:

@@ -37,10 +37,14 @@ class SwarmClient:
         config: DispatchConfig = DispatchConfig(),
         refresh_s: float = 2.0,
         tune_allocator: bool = True,
+        dht: IsolatedDHT | None = None,
     ):
+        """dht: share one DHT peer between clients of several models (it stays open when this closes);
+        by default the client starts its own from initial_peers."""
         if tune_allocator:
             keep_freed_memory()  # see protocol/malloc.py: ~1 ms per MiB of payload otherwise
-        self.dht = IsolatedDHT(initial_peers)  # spawned, never forked from the user's process
+        self._owns_dht = dht is None
+        self.dht = dht or IsolatedDHT(initial_peers)  # spawned, never forked from the user's process
         self.directory = ExpertDirectory(self.dht, swarm, refresh_s=refresh_s)
         self.dispatcher = Dispatcher(self.directory, model, config)
         self.expert_wait_s = 0.0  # time callers spent waiting for expert round trips (for profiling)
@@ -59,7 +63,8 @@ class SwarmClient:
         self._closed = True
         self.dispatcher.close()
         self.directory.close()
-        self.dht.close()
+        if self._owns_dht:
+            self.dht.close()
 
 
 class _RemoteExperts(torch.autograd.Function):

@@ -19,6 +19,7 @@ from procs import Proc, ProcGroup, read_until, spawn, start_dht_peer  # noqa: E4
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 import moeswarm.model  # noqa: E402
+from moeswarm.protocol.dht import IsolatedDHT  # noqa: E402
 
 SWARM = "hf"
 IDS = torch.randint(3, 256, (2, 12), generator=torch.Generator().manual_seed(2))
@@ -57,17 +58,21 @@ def swarm(tmp_path_factory):
                 work = root / f"node-{model_dir.name}-{i}"
                 group.spawn(work, *node_cmd(model_dir, experts, dht.ready["maddrs"]))
         group.wait_ready(timeout_s=150)
-        yield root, dht.ready["maddrs"]
+        client_dht = IsolatedDHT(dht.ready["maddrs"])  # one client DHT peer for every checkpoint
+        try:
+            yield root, dht.ready["maddrs"], client_dht
+        finally:
+            client_dht.close()
     finally:
         group.kill()
 
 
 @pytest.mark.parametrize("key", list(CHECKPOINTS), ids=lambda key: checkpoint_name(*key))
 def test_swarm_logits_and_greedy_tokens_equal_transformers(swarm, key):
-    root, peers = swarm
+    root, _, client_dht = swarm
     model_dir = root / checkpoint_name(*key)
     reference = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    model = moeswarm.model.from_pretrained(model_dir, initial_peers=peers, swarm=SWARM)
+    model = moeswarm.model.from_pretrained(model_dir, initial_peers=[], swarm=SWARM, dht=client_dht)
     try:
         assert all(p.numel() == 0 for n, p in model.named_parameters() if ".mlp.experts." in n)
         with torch.no_grad():
@@ -86,7 +91,7 @@ def test_swarm_logits_and_greedy_tokens_equal_transformers(swarm, key):
 
 
 def test_node_refuses_experts_the_checkpoint_does_not_have(swarm, tmp_path):
-    root, peers = swarm
+    root, peers, _ = swarm
     model_dir = root / checkpoint_name("deepseek_v3", torch.float32, "per_expert", 1)
     cases = {"layers 0-1, experts 0": "layer 0 has no experts", "layers 1, experts 6-9": "expert 8 does not exist"}
     for i, (experts, message) in enumerate(cases.items()):
@@ -100,7 +105,7 @@ def test_node_refuses_experts_the_checkpoint_does_not_have(swarm, tmp_path):
 
 def test_node_refuses_a_checkpoint_whose_experts_disagree_with_the_swarm(swarm, tmp_path):
     """Same model name as a served checkpoint, other expert width: the node will not join."""
-    root, peers = swarm
+    root, peers, _ = swarm
     served = root / checkpoint_name("olmoe", torch.float32, "per_expert", 1)
     other = tmp_path / served.name  # the same folder name, so the same default model name
     save_tiny("olmoe", other, intermediate_size=64)

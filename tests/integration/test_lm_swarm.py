@@ -16,6 +16,7 @@ from moeswarm.model.generation import SamplingConfig, generate
 from moeswarm.model.lm import build_local_model, open_model, save_model
 from moeswarm.model.lm_config import MoELMConfig
 from moeswarm.model.routing import RoutingConfig
+from moeswarm.protocol.dht import IsolatedDHT
 
 SWARM = "lm"
 SMALL = dict(d_model=32, n_layers=3, n_heads=4, d_ff=48, d_ff_dense=64, max_seq_len=96)
@@ -61,17 +62,21 @@ def swarm(tmp_path_factory):
             (work / "node.yaml").write_text(yaml.safe_dump(node_config(config, root / mode, dht.ready["maddrs"], config.remote_uids())))
             group.spawn(work, "node", "--config", str(work / "node.yaml"))
         group.wait_ready(timeout_s=150)
-        yield root, dht.ready["maddrs"]
+        client_dht = IsolatedDHT(dht.ready["maddrs"])  # one client DHT peer for every model of the module
+        try:
+            yield root, dht.ready["maddrs"], client_dht
+        finally:
+            client_dht.close()
     finally:
         group.kill()
 
 
 @pytest.mark.parametrize("mode", list(ROUTINGS))
 def test_remote_logits_equal_local_for_every_routing_mode(swarm, mode):
-    root, peers = swarm
+    root, peers, client_dht = swarm
     ids = torch.randint(0, 258, (2, 20), generator=torch.Generator().manual_seed(1))
     local = open_model(root / mode)
-    with open_model(root / mode, initial_peers=peers, swarm=SWARM) as remote:
+    with open_model(root / mode, initial_peers=[], swarm=SWARM, dht=client_dht) as remote:
         remote_logits = remote.model(ids)
         routings = [moe.last_routing for moe in remote.model.moe_layers()]
     local_logits = local.model(ids)
@@ -86,8 +91,8 @@ def test_remote_logits_equal_local_for_every_routing_mode(swarm, mode):
 
 
 def test_client_reads_no_routed_expert_weights(swarm):
-    root, peers = swarm
-    with open_model(root / "shared-local", initial_peers=peers, swarm=SWARM) as remote:
+    root, peers, client_dht = swarm
+    with open_model(root / "shared-local", initial_peers=[], swarm=SWARM, dht=client_dht) as remote:
         names = [name for name, _ in remote.model.named_parameters()]
     assert not any(".experts." in name for name in names)
     assert sum(".shared." in name for name in names) == 3 * 3  # 3 MoE layers x w1/w2/w3 of 1 shared expert
@@ -95,11 +100,11 @@ def test_client_reads_no_routed_expert_weights(swarm):
 
 @pytest.mark.parametrize("mode", ["topk", "hier", "dense-first"])
 def test_greedy_generation_over_the_swarm_equals_local(swarm, mode):
-    root, peers = swarm
+    root, peers, client_dht = swarm
     prompt = torch.tensor([[256, *b"def main():"]])
     sampling = SamplingConfig(max_new_tokens=24)
     local = generate(open_model(root / mode).model, prompt, sampling)
-    with open_model(root / mode, initial_peers=peers, swarm=SWARM) as remote:
+    with open_model(root / mode, initial_peers=[], swarm=SWARM, dht=client_dht) as remote:
         streamed: list[int] = []
         result = generate(remote.model, prompt, sampling, on_tokens=lambda t: streamed.append(t[0]))
     assert result.tokens == local.tokens and streamed == local.tokens[0]
@@ -108,7 +113,7 @@ def test_greedy_generation_over_the_swarm_equals_local(swarm, mode):
 
 
 def test_node_refuses_a_model_directory_of_another_model(swarm, tmp_path):
-    root, peers = swarm
+    root, peers, client_dht = swarm
     config = lm_config("topk")
     other = vars(config.spec()) | {"d_ff": config.d_ff * 2, "moe_layers": list(config.moe_layers())}
     # Another swarm name: in SWARM the served lm-topk would refuse the node before it reads the directory.
