@@ -272,3 +272,26 @@ def finish(figures, details: dict, load_before, started: float, quick: bool, jso
     print(f"(total {time.monotonic() - started:.1f} s; {'quick' if quick else 'full'} run)")
     if json_path:
         write_json(json_path, report(figures, details, quick))
+
+
+def print_greedy_check(details: dict, batches, what: str) -> None:
+    """Loud line for every batch whose greedy tokens differed from the reference's."""
+    for batch in batches:
+        check = details[f"b{batch}_greedy_check"]
+        if check["differing_tokens"]:
+            print(f"!!! FAILED b{batch}: {what}: {check['differing_tokens']} tokens; first at {check['first_difference']}")
+
+
+def print_load(details: dict) -> None:
+    load = details["loadavg_1_5_15"]
+    print(f"load average before {load['before'][0]:.2f}, after {load['after'][0]:.2f} on {os.cpu_count()} CPUs")
+
+
+class Progress:
+    """print(f"[elapsed] message") from a fixed start, flushed (long benchmark phases)."""
+
+    def __init__(self):
+        self.started = time.monotonic()
+
+    def __call__(self, message: str) -> None:
+        print(f"[{time.monotonic() - self.started:5.1f} s] {message}", flush=True)

@@ -48,6 +48,9 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from echo_server import ECHO_METHOD, GRPC_OPTIONS, run_event_loop, spawn_echo  # noqa: E402
 from common import (  # noqa: E402  (bench/ is a folder of scripts, not a package)
+    Progress,
+    print_greedy_check,
+    print_load,
     Children,
     Figure,
     figure,
@@ -85,7 +88,6 @@ FLOOR_SIDES = {  # side -> table label
     "expert": "floor: ExpertClient.forward, 1 row",
     "expert_x2": "floor: 2 of them at once, 2 nodes",
 }
-STARTED = time.monotonic()
 
 
 def main() -> int:
@@ -156,18 +158,12 @@ def print_context(details: dict) -> None:
         print(f"  b{batch} GenerationResult.expert_wait_s includes the prompt: {acct['total_ms']:.1f} ms per "
               f"generation, {acct['prefill_ms']:.1f} of it prefill (excluded above); prefill local "
               f"{acct['local_prefill_ms']:.1f} ms, remote {acct['remote_prefill_ms']:.1f} ms")
-    for batch in BATCHES:
-        check = details[f"b{batch}_greedy_check"]
-        if check["differing_tokens"]:
-            print(f"!!! FAILED b{batch}: remote greedy tokens differ from local: {check['differing_tokens']} tokens; "
-                  f"first at {check['first_difference']}")
+    print_greedy_check(details, BATCHES, "remote greedy tokens differ from local")
     print(f"  prompt b1: {details['prompts'][0]!r}; first new tokens (random weights): {details['b1_first_tokens']}")
-    load = details["loadavg_1_5_15"]
-    print(f"load average before {load['before'][0]:.2f}, after {load['after'][0]:.2f} on {os.cpu_count()} CPUs")
+    print_load(details)
 
 
-def progress(message: str) -> None:
-    print(f"[{time.monotonic() - STARTED:5.1f} s] {message}", flush=True)
+progress = Progress()
 
 
 # ---- figures -----------------------------------------------------------------------------------
