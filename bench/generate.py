@@ -94,6 +94,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer tokens and rounds (under a minute)")
     parser.add_argument("--json", metavar="PATH", help="also write every figure, sizes and the machine info here")
+    parser.add_argument("--placement", default="spread", choices=["spread", "by-layer"],
+                        help="how the swarm places experts (coordinator/placement.py); by-layer: ~1 RPC per layer")
     args = parser.parse_args()
     torch.set_num_threads(TORCH_THREADS)
     pick = 1 if args.quick else 0
@@ -101,7 +103,7 @@ def main() -> int:
     started, load_before = time.monotonic(), os.getloadavg()
     try:
         with tempfile.TemporaryDirectory(prefix="moeswarm-bench-") as tmp:
-            runs, floor, details = run_all(pathlib.Path(tmp), pick)
+            runs, floor, details = run_all(pathlib.Path(tmp), pick, args.placement)
     finally:
         kill_descendants()  # what libraries started here: the client's DHT child, torch_shm_manager
     floor_figures = floor_figures_of(floor, details)  # first: the decode details compare against the floor
@@ -117,6 +119,7 @@ def report(figures: list[Figure], details: dict, quick: bool) -> dict:
         "dtype": "float32", "batches": BATCHES, "prompt_tokens": 1 + PROMPT_BYTES, "prompt_sources": PROMPT_SOURCES,
         "new_tokens": NEW_TOKENS[pick], "decoding_steps_per_generation": NEW_TOKENS[pick] - 1,
         "rounds": ROUNDS[pick], "warmup_tokens": WARMUP_TOKENS, "nodes": NODES, "replicas": REPLICAS,
+        "placement": details["placement"],
         "torch_threads_bench": TORCH_THREADS, "torch_threads_nodes": TORCH_THREADS,
         "echo_servers": ECHO_SERVERS, "echo_bytes": ECHO_BYTES, "expert_floor_rows": 1,
         "floor_calls_per_side": FLOOR_BLOCK[pick] * ROUNDS[pick] * len(BATCHES),
@@ -342,7 +345,7 @@ def load_prompts(tokenizer) -> tuple[list[str], torch.Tensor]:
     return texts, torch.tensor([tokenizer.encode(text) for text in texts])
 
 
-def run_all(work_dir: pathlib.Path, pick: int) -> tuple[dict, dict, dict]:
+def run_all(work_dir: pathlib.Path, pick: int, placement: str) -> tuple[dict, dict, dict]:
     """Write the model, start echo servers and the swarm, decode in alternating rounds; stop them all."""
     from moeswarm.deploy.swarm import LocalSwarm, SwarmPlan
     from moeswarm.model.lm import build_local_model, open_model, save_model
@@ -352,7 +355,8 @@ def run_all(work_dir: pathlib.Path, pick: int) -> tuple[dict, dict, dict]:
     config = MoELMConfig(**SIZES, routing=RoutingConfig(n_experts=N_EXPERTS, k=K))
     model_dir = save_model(build_local_model(config), work_dir / "model")
     plan = SwarmPlan(model=config.spec(), nodes=NODES, replicas=REPLICAS, model_dir=str(model_dir), seed=config.seed,
-                     uids=tuple(config.remote_uids()), torch_threads=TORCH_THREADS, run_dir=work_dir / "swarm")
+                     uids=tuple(config.remote_uids()), torch_threads=TORCH_THREADS, run_dir=work_dir / "swarm",
+                     placement=placement)
     with Children(work_dir) as children:
         echoes = [spawn_echo(children, work_dir, f"echo{i}") for i in range(ECHO_SERVERS)]  # they start with the swarm
         with LocalSwarm(plan) as swarm:
@@ -366,7 +370,7 @@ def run_all(work_dir: pathlib.Path, pick: int) -> tuple[dict, dict, dict]:
                     texts, prompts_BT = load_prompts(local.tokenizer)
                     runs, floor_s = decode_rounds(probes, prompts_BT, floor, pick)
     first_tokens = runs["local", BATCHES[0]][0].result.tokens[0][:12]
-    details = {"n_moe_layers": len(config.moe_layers()), "prompts": texts[: max(BATCHES)], "b1_first_tokens": first_tokens}
+    details = {"placement": placement, "n_moe_layers": len(config.moe_layers()), "prompts": texts[: max(BATCHES)], "b1_first_tokens": first_tokens}
     return runs, floor_s, details
 
 

@@ -58,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     up = swarm_commands.add_parser("up", help="start a DHT peer and N nodes hosting a small model; Ctrl-C stops all")
     up.add_argument("--nodes", type=int, default=4)
     up.add_argument("--replicas", type=int, default=2, help="nodes hosting each expert")
+    up.add_argument("--placement", default="spread", choices=["spread", "by-layer"],
+                    help="spread: a layer's experts over every node (big batches); by-layer: on as few nodes as "
+                         "possible (decoding: about one RPC per layer)")
     bare = up.add_argument_group("experts only (no language model): give any of these instead of --model")
     bare.add_argument("--layers", type=int, help="MoE layers (default 2)")
     bare.add_argument("--experts", type=int, help="experts per layer (default 8)")

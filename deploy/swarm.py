@@ -37,11 +37,12 @@ class SwarmPlan:
     torch_threads: int = 1
     model_dir: str | None = None  # serve this model directory's experts (None: the seed's init)
     uids: tuple[str, ...] | None = None  # the experts to place (None: every expert of the model)
+    placement: str = "spread"  # coordinator/placement.py: "spread" (throughput) or "by-layer" (decoding latency)
 
 
 def node_configs(plan: SwarmPlan, initial_peers: list[str], run_dir: pathlib.Path) -> list[dict]:
     """One node YAML mapping per node, from the placement plan."""
-    placement = place_experts(list(plan.uids or plan.model.all_uids()), plan.nodes, plan.replicas)
+    placement = place_experts(list(plan.uids or plan.model.all_uids()), plan.nodes, plan.replicas, layout=plan.placement)
     model = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(plan.model).items() if v is not None}
     return [
         {
@@ -182,7 +183,7 @@ def plan_from_args(args, scratch: pathlib.Path) -> SwarmPlan:
     """The swarm to start: a model directory's experts (--model), experts only (any size flag), or
     by default a fresh small language model written under the run dir (or `scratch`)."""
     run_dir = pathlib.Path(args.run_dir) if args.run_dir else None
-    common = dict(nodes=args.nodes, replicas=args.replicas, swarm=args.swarm, run_dir=run_dir)
+    common = dict(nodes=args.nodes, replicas=args.replicas, swarm=args.swarm, run_dir=run_dir, placement=args.placement)
     bare = {key: getattr(args, key) for key in BARE_DEFAULTS if getattr(args, key) is not None}
     if args.model and bare:
         raise ConfigError(f"--model serves a model directory; drop --{next(iter(bare)).replace('_', '-')}")
@@ -201,7 +202,10 @@ def plan_from_args(args, scratch: pathlib.Path) -> SwarmPlan:
         model_dir = pathlib.Path(args.model) if args.model else default_model_dir(args.model_name or "tiny-moe", run_dir or scratch)
         config = read_manifest(model_dir).config
         plan = SwarmPlan(model=config.spec(), seed=config.seed, model_dir=str(model_dir), uids=tuple(config.remote_uids()), **common)
-    place_experts(list(plan.uids or plan.model.all_uids()), plan.nodes, plan.replicas)  # fail fast on bad nodes/replicas
+    try:  # fail fast on a bad nodes/replicas pair
+        place_experts(list(plan.uids or plan.model.all_uids()), plan.nodes, plan.replicas, layout=plan.placement)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     return plan
 
 

@@ -13,6 +13,7 @@ import logging
 import math
 import threading
 import time
+from typing import Callable, Collection
 
 import torch
 
@@ -84,6 +85,24 @@ def _group_rows_small(topk_ids_TK: torch.Tensor, uids: list[str]) -> dict[str, E
     return {uids[e]: ExpertRows(torch.tensor(t), torch.tensor(s)) for e, (t, s) in sorted(buckets.items())}
 
 
+AFFINITY_MAX_ROWS = 32  # an expert with this few rows joins a node already called rather than adding an RPC
+
+
+def pick_endpoint(
+    ranked: list[str], is_banned: Callable[[str], bool], preferred: str | None = None, joinable: Collection[str] = (),
+) -> str | None:
+    """The replica to call for one expert. Pure. `ranked`: candidates best first (ReplicaPicker.rank,
+    excluded ones already dropped). preferred (the replica that served the forward) wins unless banned;
+    then the best usable replica on a node already in this layer call's plan (`joinable`: one RPC more
+    costs more than a slightly slower replica for a few rows); then the best ranked one."""
+    if preferred is not None and not is_banned(preferred):
+        return preferred
+    for endpoint in ranked:
+        if endpoint in joinable and not is_banned(endpoint):
+            return endpoint
+    return ranked[0] if ranked else None
+
+
 class Dispatcher:
     def __init__(self, directory: ExpertDirectory, model: str, config: DispatchConfig, picker: ReplicaPicker | None = None):
         self.directory, self.model, self.config = directory, model, config
@@ -136,7 +155,7 @@ class Dispatcher:
         outputs, served_by, attempts = {}, {}, {uid: [] for uid in inputs}
         pending = set(inputs)
         for _ in range(self.config.max_attempts):
-            plan = self._assign(pending, attempts, preferred)
+            plan = self._assign(pending, attempts, preferred, {uid: inputs[uid].shape[0] for uid in pending})
             if not plan:
                 break
             calls = [self._call_hedged(op, endpoint, uids, inputs, grads, attempts) for endpoint, uids in plan.items()]
@@ -146,19 +165,23 @@ class Dispatcher:
             pending -= set(outputs)
         return outputs, served_by, attempts
 
-    def _assign(self, pending: set[str], attempts: Attempts, preferred: dict[str, str]) -> dict[str, list[str]]:
+    def _assign(self, pending: set[str], attempts: Attempts, preferred: dict[str, str], rows: dict[str, int]) -> dict[str, list[str]]:
         plan: dict[str, list[str]] = {}
         for uid in sorted(pending):
-            endpoint = self._choose(uid, {e for e, _ in attempts[uid]}, preferred.get(uid))
+            tried = {e for e, _ in attempts[uid]}
+            ranked = self.picker.rank(self.directory.replicas(uid), tried)
+            first_choice = preferred.get(uid) if preferred.get(uid) not in tried else None
+            endpoint = pick_endpoint(
+                [r.endpoint for r in ranked], self.picker.is_banned, first_choice,
+                joinable=plan if rows[uid] <= AFFINITY_MAX_ROWS else (),
+            )
             if endpoint is not None:
                 plan.setdefault(endpoint, []).append(uid)
         return plan
 
     def _choose(self, uid: str, exclude: set[str], preferred: str | None) -> str | None:
-        if preferred is not None and preferred not in exclude and not self.picker.is_banned(preferred):
-            return preferred
         ranked = self.picker.rank(self.directory.replicas(uid), exclude)
-        return ranked[0].endpoint if ranked else None
+        return pick_endpoint([r.endpoint for r in ranked], self.picker.is_banned, preferred if preferred not in exclude else None)
 
     async def _call_hedged(self, op, endpoint, uids, inputs, grads, attempts: Attempts) -> dict:
         """Call one node; if it runs past its hedge delay, send the same experts to other replicas too

@@ -140,12 +140,18 @@ def test_swarm_up_with_model_and_generate_cli(tmp_path):
     assert local.returncode == 0, local.stderr
     run_dir = tmp_path / "run"
     up = subprocess.Popen(
-        [*cli, "swarm", "up", "--model", str(model_dir), "--nodes", "2", "--replicas", "1", "--run-dir", str(run_dir)],
+        [*cli, "swarm", "up", "--model", str(model_dir), "--nodes", "2", "--replicas", "1", "--placement", "by-layer",
+         "--run-dir", str(run_dir)],
         stdout=open(tmp_path / "up.txt", "wb"), stderr=subprocess.STDOUT, start_new_session=True,
     )
     try:
         text = read_until(up, tmp_path / "up.txt", "Ctrl-C stops the swarm", timeout_s=120)
         peer = next(line.split()[-1] for line in text.splitlines() if line.startswith("initial peers:"))
+        endpoints_of_layer = {}  # by-layer placement: each of the 2 MoE layers on one node
+        for line in text.splitlines():
+            if line.startswith("tiny-moe.L"):
+                endpoints_of_layer.setdefault(line.split(".")[1], set()).update(line.split()[1:])
+        assert len(endpoints_of_layer) == 2 and all(len(e) == 1 for e in endpoints_of_layer.values()), text
         remote = subprocess.run([*cli, "generate", "--initial-peers", peer, *args], capture_output=True, text=True, timeout=120)
         assert remote.returncode == 0, remote.stderr
         assert remote.stdout == local.stdout and remote.stdout.startswith("import os\n")

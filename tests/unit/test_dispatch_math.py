@@ -7,7 +7,7 @@ Legend: T tokens, D model dim, E experts, K experts per token.
 import pytest
 import torch
 
-from moeswarm.model.dispatcher import DispatchConfig, DispatchResult, group_rows
+from moeswarm.model.dispatcher import DispatchConfig, DispatchResult, group_rows, pick_endpoint
 from moeswarm.model.experts import init_expert
 from moeswarm.model.local_moe import LocalMoE, combine
 from moeswarm.model.remote_moe import RemoteMoE, check_min_experts
@@ -334,3 +334,18 @@ def test_check_min_experts_without_recorded_attempts_says_no_replica_known():
     with pytest.raises(AllReplicasFailed, match="no replica known") as info:
         check_min_experts(_result(served_TK), TOPK_TK, UIDS, min_experts=2)
     assert info.value.uid == UIDS[2] and info.value.attempts == []
+
+
+# ---------------------------------------------------------------- pick_endpoint
+
+
+def test_pick_endpoint_prefers_the_forward_replica_then_a_node_already_called_then_the_best():
+    banned = {"c"}
+    is_banned = banned.__contains__
+    assert pick_endpoint(["a", "b"], is_banned, preferred="b") == "b"  # backward follows the forward
+    assert pick_endpoint(["a", "b"], is_banned, preferred="c") == "a"  # unless that replica is banned
+    assert pick_endpoint(["a", "b"], is_banned, joinable={"b": []}) == "b"  # join the RPC already planned
+    assert pick_endpoint(["a", "c"], is_banned, joinable={"c": []}) == "a"  # never join a banned node
+    assert pick_endpoint(["a", "b"], is_banned) == "a"
+    assert pick_endpoint(["c"], is_banned) == "c"  # banned replicas stay a last resort
+    assert pick_endpoint([], is_banned) is None
