@@ -59,6 +59,22 @@ def model_init(args) -> int:
 
 
 def run_generate(args) -> int:
+    if not args.local and not args.initial_peers:
+        raise ConfigError("--initial-peers is required (or --local to run every expert in this process)")
+    started = time.monotonic()
+    dht = None
+    if not args.local:  # first: the client DHT peer starts (imports, joins) while we import torch
+        from moeswarm.protocol.dht import IsolatedDHT
+
+        dht = IsolatedDHT(args.initial_peers, wait=False)
+    try:
+        return _generate(args, dht, started)
+    finally:
+        if dht is not None:
+            dht.close()
+
+
+def _generate(args, dht, started: float) -> int:
     import torch
 
     from moeswarm.model.dispatcher import DispatchConfig
@@ -66,12 +82,9 @@ def run_generate(args) -> int:
     from moeswarm.model.lm import open_model
 
     torch.set_num_threads(args.threads)
-    started = time.monotonic()
     dispatch = DispatchConfig(timeout_s=args.timeout, wire_dtype=args.wire_dtype)
     peers = None if args.local else args.initial_peers
-    if not args.local and not peers:
-        raise ConfigError("--initial-peers is required (or --local to run every expert in this process)")
-    with open_model(args.model, initial_peers=peers, swarm=args.swarm, dispatch=dispatch) as lm:
+    with open_model(args.model, initial_peers=peers, swarm=args.swarm, dispatch=dispatch, dht=dht) as lm:
         tokenizer = lm.tokenizer
         prompt = torch.tensor([tokenizer.encode(args.prompt)])
         try:

@@ -24,7 +24,6 @@ import threading
 import time
 
 from moeswarm.protocol.errors import NodeUnavailable
-from moeswarm.protocol.records import dht_validators
 
 logger = logging.getLogger(__name__)
 DHT_TIMEOUT_S = 10.0  # bound on one lookup
@@ -37,6 +36,8 @@ def start_dht(
 ):
     """A started hivemind.DHT with moeswarm's record validators. Create it before any gRPC object."""
     import hivemind
+
+    from moeswarm.protocol.records import dht_validators  # here: importing this module must stay light
 
     kwargs = dict(
         initial_peers=list(initial_peers),
@@ -90,16 +91,28 @@ class IsolatedDHT:
     from a clean state. (multiprocessing's spawn would re-run the user's __main__; this does not.)
     """
 
-    def __init__(self, initial_peers: list[str], *, start_timeout_s: float = DHT_START_TIMEOUT_S):
-        authkey = secrets.token_bytes(32)
+    def __init__(self, initial_peers: list[str], *, start_timeout_s: float = DHT_START_TIMEOUT_S, wait: bool = True):
+        """wait=False returns at once: the child starts (imports, joins the swarm) while the caller goes
+        on, e.g. importing torch; the first lookup (or wait_ready) waits for it."""
+        self._authkey = secrets.token_bytes(32)
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "moeswarm.protocol.dht"], stdin=subprocess.PIPE, stdout=subprocess.PIPE
         )
-        self._proc.stdin.write(json.dumps({"authkey": authkey.hex(), "initial_peers": list(initial_peers)}).encode() + b"\n")
+        config = {"authkey": self._authkey.hex(), "initial_peers": list(initial_peers)}
+        self._proc.stdin.write(json.dumps(config).encode() + b"\n")
         self._proc.stdin.close()
         self._lock, self._ids = threading.Lock(), itertools.count()
-        address = self._read_address(start_timeout_s)
-        self._conn = multiprocessing.connection.Client(address, family="AF_UNIX", authkey=authkey)
+        self._deadline = time.monotonic() + start_timeout_s
+        self._conn = None
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
+        """Block until the child DHT peer has joined and accepts lookups (NodeUnavailable on timeout)."""
+        with self._lock:
+            if self._conn is None:
+                address = self._read_address(max(0.0, self._deadline - time.monotonic()))
+                self._conn = multiprocessing.connection.Client(address, family="AF_UNIX", authkey=self._authkey)
 
     def _read_address(self, timeout_s: float) -> str:
         ready, _, _ = select.select([self._proc.stdout], [], [], timeout_s)
@@ -107,10 +120,11 @@ class IsolatedDHT:
         if not line.startswith("ready "):
             self._proc.kill()
             self._proc.wait()
-            raise NodeUnavailable(f"the client DHT peer did not start within {timeout_s:.0f} s ({line or 'no answer'})")
+            raise NodeUnavailable(f"the client DHT peer did not start in time ({line or 'no answer'}); check --initial-peers")
         return line.split(" ", 1)[1]
 
     def get_records(self, keys: list[str], timeout_s: float = DHT_TIMEOUT_S) -> dict:
+        self.wait_ready()
         with self._lock:  # one request at a time; replies carry the request id, stale ones are skipped
             request_id = next(self._ids)
             self._conn.send((request_id, keys, timeout_s))
@@ -125,9 +139,10 @@ class IsolatedDHT:
 
     def close(self) -> None:
         try:
+            self.wait_ready()  # a child still starting is stopped through its socket too: it cleans up p2pd
             self._conn.send(None)
             self._conn.close()
-        except (OSError, ValueError, AttributeError):
+        except (OSError, ValueError, NodeUnavailable):
             pass
         try:
             self._proc.wait(DHT_STOP_TIMEOUT_S + 3)
