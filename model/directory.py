@@ -59,6 +59,17 @@ class ExpertDirectory:
     def replicas(self, uid: str) -> list[ExpertRecord]:
         return self._view.get(uid, [])
 
+    def warn_if_missing(self, uids: list[str]) -> list[str]:
+        """Log (once per call) the experts no node announces; returns them. Routing to them fails with
+        AllReplicasFailed until a node hosting them shows up (picked up within one refresh)."""
+        missing = [uid for uid in uids if not self.replicas(uid)]
+        if missing:
+            logger.warning(
+                "%d of %d experts have no node in swarm %r yet (e.g. %s); tokens routed to them fail until one appears",
+                len(missing), len(uids), self.swarm, ", ".join(missing[:3]),
+            )
+        return missing
+
     def refresh(self, uids: list[str] | None = None) -> None:
         uids = sorted(self._uids) if uids is None else uids
         if uids:

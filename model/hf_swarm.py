@@ -33,6 +33,7 @@ class SwarmExpertBackend:
         self.client = client
         self.uids = {layer: [spec.uid(layer, e) for e in range(spec.n_experts)] for layer in spec.layers_with_experts()}
         client.directory.track([uid for uids in self.uids.values() for uid in uids])
+        client.directory.warn_if_missing([uid for uids in self.uids.values() for uid in uids])
 
     def __call__(self, layer: int, hidden_TH: torch.Tensor, top_k_index_TK: torch.Tensor) -> torch.Tensor:
         uids, dispatcher = self.uids[layer], self.client.dispatcher

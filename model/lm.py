@@ -107,6 +107,7 @@ def open_model(
         except BaseException:
             client.close()
             raise
+        client.directory.warn_if_missing(config.remote_uids())
         held = sorted(expert_weights(model))
     state = load_dense_weights(manifest)
     for uid, weights in load_expert_weights(manifest, held).items():

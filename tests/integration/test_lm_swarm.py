@@ -17,6 +17,7 @@ from moeswarm.model.lm import build_local_model, open_model, save_model
 from moeswarm.model.lm_config import MoELMConfig
 from moeswarm.model.routing import RoutingConfig
 from moeswarm.protocol.dht import IsolatedDHT
+from moeswarm.protocol.errors import AllReplicasFailed
 
 SWARM = "lm"
 SMALL = dict(d_model=32, n_layers=3, n_heads=4, d_ff=48, d_ff_dense=64, max_seq_len=96)
@@ -162,3 +163,13 @@ def test_swarm_up_with_model_and_generate_cli(tmp_path):
             up.wait(20)
         finally:
             Proc(up, run_dir, {}).kill()
+
+
+def test_a_model_nobody_serves_warns_at_load_and_fails_clearly_at_use(swarm, tmp_path, caplog):
+    _, _, client_dht = swarm
+    config = MoELMConfig(**SMALL, name="lm-unserved", routing=RoutingConfig(n_experts=4, k=2))
+    save_model(build_local_model(config), tmp_path)
+    with open_model(tmp_path, initial_peers=[], swarm=SWARM, dht=client_dht) as remote:
+        assert "12 of 12 experts have no node in swarm 'lm' yet" in caplog.text
+        with pytest.raises(AllReplicasFailed, match=r"lm-unserved\.L\d\.E\d failed \(no replica known\)"):
+            remote.model(torch.tensor([[256, 1, 2]]))
