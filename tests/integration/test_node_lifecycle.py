@@ -59,7 +59,8 @@ def test_forged_and_malformed_records_are_dropped(node_factory, client_dht, dht_
     # Own swarm name: other tests' nodes left entries under "default" that live until their TTL.
     node = node_factory("victim", experts=["itest.L0.E0"], swarm="forgery")
     key = expert_key("forgery", "itest.L0.E0")
-    (victim_subkey,) = get_records(client_dht, [key])[key]
+    # the node stored its record before it reported ready, but another peer may see it a moment later
+    (victim_subkey,) = wait_for(lambda: get_records(client_dht, [key])[key])
     forged = dict(peer_id="evil", endpoint="127.0.0.1:1", queue_depth=0, rows_per_s=0.0, version=0)
     attacker = start_dht(initial_peers=dht_peer.ready["maddrs"], private_key=RSAPrivateKey())
     try:
