@@ -6,11 +6,27 @@ import json
 
 from moeswarm.model.directory import SwarmView, read_swarm
 from moeswarm.protocol.dht import start_dht, stop_dht
-from moeswarm.protocol.spec import uid_sort_key
+from moeswarm.protocol.spec import ModelSpec, uid_sort_key
+
+
+def missing_experts(view: SwarmView) -> dict[str, list[str]]:
+    """model name -> experts of that model (per the nodes' announced specs) that no node announces. Pure."""
+    missing: dict[str, list[str]] = {}
+    for record in view.nodes.values():
+        try:
+            spec = ModelSpec(**record.model)
+        except (TypeError, ValueError):
+            continue  # a newer or broken peer's spec: nothing we can check
+        if spec.name not in missing:
+            missing[spec.name] = [uid for uid in spec.all_uids() if not view.experts.get(uid)]
+    return {name: uids for name, uids in missing.items() if uids}
 
 
 def format_expert_table(view: SwarmView) -> str:
     lines = [f"{len(view.nodes)} nodes, {len(view.experts)} experts"]
+    for name, uids in sorted(missing_experts(view).items()):
+        shown = ", ".join(sorted(uids, key=uid_sort_key)[:6]) + (", ..." if len(uids) > 6 else "")
+        lines.append(f"model {name}: {len(uids)} experts have no replica: {shown}")
     lines.append(f"{'expert':<24} {'replicas':>8}  endpoints (queue rows, rows/s, version)")
     for uid in sorted(view.experts, key=uid_sort_key):
         replicas = sorted(view.experts[uid], key=lambda record: record.endpoint)
@@ -23,6 +39,7 @@ def view_as_json(view: SwarmView) -> dict:
     return {
         "nodes": {peer: record.model_dump() for peer, record in view.nodes.items()},
         "experts": {uid: [r.model_dump() for r in records] for uid, records in view.experts.items()},
+        "missing": missing_experts(view),
     }
 
 
