@@ -18,7 +18,7 @@ import torch
 from moeswarm.model.dispatcher import DispatchConfig
 from moeswarm.model.hf_checkpoint import CheckpointReader
 from moeswarm.model.hf_spec import default_model_name, swarm_spec
-from moeswarm.model.remote_moe import SwarmClient, check_min_experts
+from moeswarm.model.remote_moe import SwarmClient, RemoteExperts, check_min_experts
 from moeswarm.protocol.spec import ModelSpec
 
 WIRE_DTYPE_OF = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -31,6 +31,7 @@ class SwarmExpertBackend:
 
     def __init__(self, client: SwarmClient, spec: ModelSpec):
         self.client = client
+        self._anchor = torch.empty(0, requires_grad=True)  # backward reaches the nodes even for frozen inputs
         self.uids = {layer: [spec.uid(layer, e) for e in range(spec.n_experts)] for layer in spec.layers_with_experts()}
         client.directory.track([uid for uids in self.uids.values() for uid in uids])
         client.directory.warn_if_missing([uid for uids in self.uids.values() for uid in uids])
@@ -41,9 +42,12 @@ class SwarmExpertBackend:
         result = dispatcher.run(dispatcher.forward(uids, hidden_TH.detach(), top_k_index_TK))
         self.client.expert_wait_s += time.perf_counter() - started
         check_min_experts(result, top_k_index_TK, uids, min_experts=top_k_index_TK.shape[1])
+        y_TKH = result.y_TKD
+        if torch.is_grad_enabled():  # training: backward sends the output grads to the serving replicas
+            y_TKH = RemoteExperts.apply(hidden_TH, self._anchor, dispatcher, result)
         # Node outputs are in the model dtype; the dispatcher widened them to fp32 exactly. Back to the
         # model dtype so the combine multiplies and sums in the same dtypes as transformers does.
-        return result.y_TKD.to(hidden_TH.dtype)
+        return y_TKH.to(hidden_TH.dtype)
 
 
 def from_pretrained(
@@ -60,8 +64,9 @@ def from_pretrained(
 
     name: the model's name in the swarm (default: the checkpoint folder's name, as `moeswarm node
     --model` uses). dtype: as from_pretrained's, default the checkpoint's; activations travel in it.
-    The returned model has `.moeswarm_client` (close it when done). Inference only: gradients do not
-    reach the remote experts of an imported model. dht: an IsolatedDHT to share (see SwarmClient).
+    The returned model has `.moeswarm_client` (close it when done). Training works as for RemoteMoE:
+    backward returns input grads from the nodes, which accumulate their experts' grads and step their
+    own optimizers. dht: an IsolatedDHT to share (see SwarmClient).
     """
     from moeswarm.model.hf_remote import load_remote_model
 

@@ -67,7 +67,7 @@ class SwarmClient:
             self.dht.close()
 
 
-class _RemoteExperts(torch.autograd.Function):
+class RemoteExperts(torch.autograd.Function):
     """Ties an already-dispatched forward (DispatchResult) into autograd: backward sends the output
     grads through the dispatcher. The network logic lives in Dispatcher, not here."""
 
@@ -162,7 +162,7 @@ class RemoteMoE(nn.Module):
             # The anchor requires grad, so backward reaches the remote experts even when neither the
             # input nor anything before this layer requires grad (the experts' weights live on nodes).
             anchor = self._anchor if self.training else self._anchor.detach()
-            y_TKD = _RemoteExperts.apply(x_TD, anchor, dispatcher, result)
+            y_TKD = RemoteExperts.apply(x_TD, anchor, dispatcher, result)
         else:
             y_TKD = result.y_TKD  # inference: no autograd node to build (decoding calls this per token)
         y_TKD = with_shared_outputs(y_TKD, self.shared, x_TD)

@@ -15,7 +15,7 @@ pytest.importorskip("transformers")
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "unit"))
 from hf_tiny import FAMILIES, save_tiny  # noqa: E402
-from procs import Proc, ProcGroup, read_until, spawn, start_dht_peer  # noqa: E402
+from procs import Proc, ProcGroup, read_until, spawn, start_dht_peer, wait_ready  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 import moeswarm.model  # noqa: E402
@@ -142,3 +142,35 @@ def test_swarm_up_spreads_a_checkpoint_over_nodes_with_replicas(tmp_path):
             up.wait(20)
         finally:
             Proc(up, tmp_path / "run", {}).kill()
+
+
+def test_training_through_an_imported_model_matches_transformers_grads_and_moves_remote_experts(swarm, tmp_path):
+    """One SGD step on the nodes: before it, every dense gradient equals transformers' autograd."""
+    _, peers, _ = swarm
+    model_dir = tmp_path / "mixtral-train"
+    save_tiny("mixtral", model_dir)
+    node = spawn(tmp_path / "node", *node_cmd(model_dir, "all", peers, "--set", "optimizer.name=sgd", "--set", "optimizer.lr=0.5"))
+    proc = Proc(node, tmp_path / "node", {})
+    try:
+        proc.ready = wait_ready(node, tmp_path / "node", timeout_s=120)
+        reference = AutoModelForCausalLM.from_pretrained(model_dir)
+        model = moeswarm.model.from_pretrained(model_dir, initial_peers=peers, swarm=SWARM)
+        try:
+            with torch.no_grad():
+                before = model(IDS).logits
+            for m in (reference, model):
+                m.train()
+                m(IDS, labels=IDS).loss.backward()
+            dense = {n: p.grad for n, p in reference.named_parameters() if ".mlp.experts." not in n}
+            got = {n: p.grad for n, p in model.named_parameters() if ".mlp.experts." not in n}
+            assert set(got) == set(dense) and all(g is not None for g in got.values())
+            worst = max((got[n] - dense[n]).abs().max().item() / (dense[n].abs().max().item() + 1e-12) for n in dense)
+            assert worst <= 1e-4, worst  # embeddings, attention and routers all got transformers' grads
+            model.eval()
+            with torch.no_grad():
+                after = model(IDS).logits  # the nodes applied SGD to their experts
+            assert (after - before).abs().max().item() > 1e-4
+        finally:
+            model.moeswarm_client.close()
+    finally:
+        proc.kill()
