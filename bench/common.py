@@ -93,7 +93,7 @@ def print_table(figures: list[Figure]) -> None:
         print(f"{fig.label:<44} {value:>12} {fig.unit:<6} {fig.target or '-':>9}  {result}")
 
 
-def _version(dist: str) -> str:
+def package_version(dist: str) -> str:
     try:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
@@ -106,7 +106,7 @@ def machine_info() -> dict:
         "platform": platform.platform(),
         "machine": platform.machine(),
         "python": platform.python_version(),
-        "versions": {dist: _version(dist) for dist in ("torch", "grpcio", "hivemind", "protobuf", "uvloop", "moeswarm")},
+        "versions": {dist: package_version(dist) for dist in ("torch", "grpcio", "hivemind", "protobuf", "uvloop", "moeswarm")},
         "moeswarm_commit": _source_commit(),
     }
 

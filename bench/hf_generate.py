@@ -60,7 +60,7 @@ from common import (  # noqa: E402  (bench/ is a folder of scripts, not a packag
     print_load,
     Children,
     Figure,
-    _version,
+    package_version,
     figure,
     finish,
     kill_descendants,
@@ -125,7 +125,7 @@ def report(figures: list[Figure], details: dict, quick: bool) -> dict:
         "settle_s": SETTLE_S, "checkpoint_bytes": details["checkpoint_bytes"],
     }
     machine = machine_info()
-    machine["versions"].update({dist: _version(dist) for dist in ("transformers", "safetensors")})
+    machine["versions"].update({dist: package_version(dist) for dist in ("transformers", "safetensors")})
     return {
         "benchmark": "hf_generate", "quick": quick, "machine": machine, "sizes": sizes,
         "figures": {f.key: {"value": f.value, "unit": f.unit, "target": f.target or None, "passed": f.passed} for f in figures},

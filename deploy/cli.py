@@ -137,7 +137,7 @@ def model_flags(model_dir: str, experts: str | None, name: str | None, configure
     from moeswarm.node.model_source import spec_of, uids_from_text
 
     spec = spec_of(model_dir, name)
-    model = configured if configured is not None else {k: list(v) if isinstance(v, tuple) else v for k, v in vars(spec).items()}
+    model = configured if configured is not None else spec.to_config()
     return {"model": model, "model_dir": model_dir, "experts": uids_from_text(experts or "all", spec)}
 
 

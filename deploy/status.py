@@ -13,11 +13,8 @@ def missing_experts(view: SwarmView) -> dict[str, list[str]]:
     """model name -> experts of that model (per the nodes' announced specs) that no node announces. Pure."""
     missing: dict[str, list[str]] = {}
     for record in view.nodes.values():
-        try:
-            spec = ModelSpec(**record.model)
-        except (TypeError, ValueError):
-            continue  # a newer or broken peer's spec: nothing we can check
-        if spec.name not in missing:
+        spec = ModelSpec.from_record(record.model)
+        if spec is not None and spec.name not in missing:
             missing[spec.name] = [uid for uid in spec.all_uids() if not view.experts.get(uid)]
     return {name: uids for name, uids in missing.items() if uids}
 

@@ -43,10 +43,9 @@ class SwarmPlan:
 def node_configs(plan: SwarmPlan, initial_peers: list[str], run_dir: pathlib.Path) -> list[dict]:
     """One node YAML mapping per node, from the placement plan."""
     placement = place_experts(list(plan.uids or plan.model.all_uids()), plan.nodes, plan.replicas, layout=plan.placement)
-    model = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(plan.model).items() if v is not None}
     return [
         {
-            "model": model,
+            "model": plan.model.to_config(),
             "experts": uids,
             "seed": plan.seed,
             **({"model_dir": str(pathlib.Path(plan.model_dir).resolve())} if plan.model_dir else {}),

@@ -11,17 +11,15 @@ Shapes: T tokens, H hidden size, K experts per token.
 from __future__ import annotations
 
 import pathlib
-import time
-
 import torch
 
 from moeswarm.model.dispatcher import DispatchConfig
 from moeswarm.model.hf_checkpoint import CheckpointReader
 from moeswarm.model.hf_spec import default_model_name, swarm_spec
 from moeswarm.model.remote_moe import SwarmClient, RemoteExperts, check_min_experts
+from moeswarm.protocol.codec import WIRE_NAME_OF
 from moeswarm.protocol.spec import ModelSpec
 
-WIRE_DTYPE_OF = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
 class SwarmExpertBackend:
@@ -37,14 +35,12 @@ class SwarmExpertBackend:
         client.directory.warn_if_missing([uid for uids in self.uids.values() for uid in uids])
 
     def __call__(self, layer: int, hidden_TH: torch.Tensor, top_k_index_TK: torch.Tensor) -> torch.Tensor:
-        uids, dispatcher = self.uids[layer], self.client.dispatcher
-        started = time.perf_counter()
-        result = dispatcher.run(dispatcher.forward(uids, hidden_TH.detach(), top_k_index_TK))
-        self.client.expert_wait_s += time.perf_counter() - started
+        uids = self.uids[layer]
+        result = self.client.dispatch(uids, hidden_TH, top_k_index_TK)
         check_min_experts(result, top_k_index_TK, uids, min_experts=top_k_index_TK.shape[1])
         y_TKH = result.y_TKD
         if torch.is_grad_enabled():  # training: backward sends the output grads to the serving replicas
-            y_TKH = RemoteExperts.apply(hidden_TH, self._anchor, dispatcher, result)
+            y_TKH = RemoteExperts.apply(hidden_TH, self._anchor, self.client.dispatcher, result)
         # Node outputs are in the model dtype; the dispatcher widened them to fp32 exactly. Back to the
         # model dtype so the combine multiplies and sums in the same dtypes as transformers does.
         return y_TKH.to(hidden_TH.dtype)
@@ -73,7 +69,7 @@ def from_pretrained(
     with CheckpointReader(model_dir) as reader:
         family = reader.family
     spec = swarm_spec(family, name or default_model_name(model_dir))
-    wire = WIRE_DTYPE_OF.get(dtype or family.dtype, "float32")
+    wire = WIRE_NAME_OF.get(dtype or family.dtype, "float32")
     config = dispatch or DispatchConfig(wire_dtype=wire)
     client = SwarmClient(list(initial_peers), model=spec.name, swarm=swarm, config=config, dht=dht)
     try:

@@ -10,6 +10,7 @@ import dataclasses
 import pathlib
 
 import torch
+from torch import nn
 
 from moeswarm.model.lm_config import MoELMConfig
 from moeswarm.model.local_moe import LocalMoE
@@ -45,16 +46,22 @@ def build_remote_model(config: MoELMConfig, client) -> MoETransformer:
     return MoETransformer(config, moe)
 
 
+def held_experts(model: MoETransformer) -> dict[str, tuple[str, nn.Module]]:
+    """uid -> (state_dict prefix, module) of every expert computed in this process: all routed ones of
+    a local model, and shared experts that run on the client."""
+    held = {}
+    for i in model.config.moe_layers():
+        moe = model.blocks[i].ffn
+        for e, expert in enumerate(getattr(moe, "experts", ())):  # LocalMoE only: RemoteMoE has none
+            held[moe.uids[e]] = (f"blocks.{i}.ffn.experts.{e}", expert)
+        for s, expert in enumerate(moe.shared):
+            held[moe.uids[moe.router.n_experts + s]] = (f"blocks.{i}.ffn.shared.{s}", expert)
+    return held
+
+
 def expert_weights(model: MoETransformer) -> dict[str, dict[str, torch.Tensor]]:
     """uid -> w1/w2/w3 of every expert held in this process (all of them for a local model)."""
-    weights = {}
-    for moe in model.moe_layers():
-        held = list(getattr(moe, "experts", [])) + list(moe.shared)
-        uids = moe.uids[: len(moe.experts)] if hasattr(moe, "experts") else []
-        uids += moe.uids[len(moe.uids) - len(moe.shared) :]
-        for uid, expert in zip(uids, held):
-            weights[uid] = {name: p.detach() for name, p in expert.state_dict().items()}
-    return weights
+    return {uid: {n: p.detach() for n, p in m.state_dict().items()} for uid, (_, m) in held_experts(model).items()}
 
 
 def dense_state(model: MoETransformer) -> dict[str, torch.Tensor]:
@@ -95,36 +102,29 @@ def open_model(
     config = manifest.config
     if initial_peers is None and dht is None:
         model = build_local_model(config)
-        held = config.spec().all_uids()
         client = None
     else:
         from moeswarm.model.dispatcher import DispatchConfig
         from moeswarm.model.remote_moe import SwarmClient
 
         client = SwarmClient(list(initial_peers or ()), model=config.name, swarm=swarm, config=dispatch or DispatchConfig(), dht=dht)
-        try:
+    try:
+        if client is not None:
             model = build_remote_model(config, client)
-        except BaseException:
+            client.directory.warn_if_missing(config.remote_uids())
+        _load_weights(model, manifest)
+    except BaseException:
+        if client is not None:
             client.close()
-            raise
-        client.directory.warn_if_missing(config.remote_uids())
-        held = sorted(expert_weights(model))
+        raise
+    return LoadedModel(model.eval(), manifest.tokenizer, client)
+
+
+def _load_weights(model: MoETransformer, manifest) -> None:
+    """The dense part and the experts this process computes, from the directory (strict: all present)."""
     state = load_dense_weights(manifest)
-    for uid, weights in load_expert_weights(manifest, held).items():
-        state.update(_expert_state_names(model, uid, weights))
+    held = held_experts(model)
+    for uid, weights in load_expert_weights(manifest, list(held)).items():
+        state.update({f"{held[uid][0]}.{name}": tensor for name, tensor in weights.items()})
     model.load_state_dict(state, strict=True)
-    model.eval()
-    return LoadedModel(model, manifest.tokenizer, client)
 
-
-def _expert_state_names(model: MoETransformer, uid: str, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Where an expert's tensors live in this model's state_dict."""
-    for i in model.config.moe_layers():
-        moe = model.blocks[i].ffn
-        if uid not in moe.uids:
-            continue
-        e = moe.uids.index(uid)
-        n_routed = len(getattr(moe, "experts", []))
-        prefix = f"blocks.{i}.ffn.experts.{e}" if e < n_routed else f"blocks.{i}.ffn.shared.{e - moe.router.n_experts}"
-        return {f"{prefix}.{name}": tensor for name, tensor in weights.items()}
-    raise KeyError(uid)

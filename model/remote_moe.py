@@ -50,6 +50,14 @@ class SwarmClient:
         self.expert_wait_s = 0.0  # time callers spent waiting for expert round trips (for profiling)
         self._closed = False
 
+    def dispatch(self, uids: list[str], x_TD: torch.Tensor, topk_ids_TK: torch.Tensor) -> DispatchResult:
+        """One layer call's forward over the swarm (ids < 0: slots not sent); blocks; counts the wait."""
+        started = time.perf_counter()
+        try:
+            return self.dispatcher.run(self.dispatcher.forward(uids, x_TD.detach(), topk_ids_TK))
+        finally:
+            self.expert_wait_s += time.perf_counter() - started
+
     def __enter__(self) -> "SwarmClient":
         return self
 
@@ -148,11 +156,7 @@ class RemoteMoE(nn.Module):
         ids_TK = routing.topk_ids_TK[:, :n_remote_slots]
         sent_TK = routing.mask_TK[:, :n_remote_slots]
         all_sent = bool(sent_TK.all())  # False only where a capacity limit dropped slots
-        dispatcher = self.client.dispatcher
-        started = time.perf_counter()
-        send_ids_TK = ids_TK if all_sent else ids_TK.masked_fill(~sent_TK, -1)
-        result = dispatcher.run(dispatcher.forward(self.uids, x_TD.detach(), send_ids_TK))
-        self.client.expert_wait_s += time.perf_counter() - started
+        result = self.client.dispatch(self.uids, x_TD, ids_TK if all_sent else ids_TK.masked_fill(~sent_TK, -1))
         # capacity drops carry weight 0 already: count them as served
         served_TK = result.served_TK if all_sent else result.served_TK | ~sent_TK
         all_served = bool(served_TK.all())
@@ -162,7 +166,7 @@ class RemoteMoE(nn.Module):
             # The anchor requires grad, so backward reaches the remote experts even when neither the
             # input nor anything before this layer requires grad (the experts' weights live on nodes).
             anchor = self._anchor if self.training else self._anchor.detach()
-            y_TKD = RemoteExperts.apply(x_TD, anchor, dispatcher, result)
+            y_TKD = RemoteExperts.apply(x_TD, anchor, self.client.dispatcher, result)
         else:
             y_TKD = result.y_TKD  # inference: no autograd node to build (decoding calls this per token)
         y_TKD = with_shared_outputs(y_TKD, self.shared, x_TD)

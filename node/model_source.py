@@ -108,11 +108,8 @@ def check_swarm_agrees(dht, swarm: str, spec: ModelSpec, own_peer_id: str) -> No
     for record in parse_entries(found, NodeRecord).values():
         if record.peer_id == own_peer_id or record.model.get("name") != spec.name:
             continue
-        try:
-            theirs = ModelSpec(**record.model)
-        except (TypeError, ValueError):
-            continue  # a record from a newer or broken peer: not ours to judge
-        if theirs != spec:
+        theirs = ModelSpec.from_record(record.model)
+        if theirs is not None and theirs != spec:  # an unparsable spec is not ours to judge
             raise ConfigError(
                 f"swarm {swarm!r} already serves model {spec.name!r} as {theirs} (node {record.endpoint}); "
                 f"this node's experts are {spec}. Use another model name or the same checkpoint "

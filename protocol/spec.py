@@ -44,6 +44,18 @@ class ModelSpec:
                 )
             object.__setattr__(self, "moe_layers", layers)
 
+    def to_config(self) -> dict:
+        """The spec as a YAML/JSON-ready `model:` mapping (lists, no null keys) for node configs."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_record(cls, model: dict) -> "ModelSpec | None":
+        """The spec a node announces in its NodeRecord, or None if it does not parse (newer or broken peer)."""
+        try:
+            return cls(**model)
+        except (TypeError, ValueError):
+            return None
+
     def layers_with_experts(self) -> tuple[int, ...]:
         return tuple(range(self.n_layers)) if self.moe_layers is None else self.moe_layers
 

@@ -40,9 +40,8 @@ def lm_config(mode: str) -> MoELMConfig:
 
 
 def node_config(config: MoELMConfig, model_dir: pathlib.Path, peers: list[str], uids: list[str]) -> dict:
-    spec = {k: list(v) if isinstance(v, tuple) else v for k, v in vars(config.spec()).items()}
     return dict(
-        model=spec, experts=uids, model_dir=str(model_dir), initial_peers=peers, swarm=SWARM, seed=99,
+        model=config.spec().to_config(), experts=uids, model_dir=str(model_dir), initial_peers=peers, swarm=SWARM, seed=99,
         torch_threads=1, optimizer=NO_UPDATES,
     )
 
