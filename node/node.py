@@ -83,7 +83,8 @@ class ExpertNode:
         ]
         self._server = grpc.aio.server(options=options)
         limits = Limits(config.model, frozenset(self.uids), config.max_rows, frozenset(config.wire_dtypes))
-        self._server.add_generic_rpc_handlers([ExpertServicer(self.batcher, limits, self.info).generic_handler()])
+        self._servicer = ExpertServicer(self.batcher, limits, self.info)
+        self._server.add_generic_rpc_handlers([self._servicer.generic_handler()])
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         try:
@@ -177,6 +178,7 @@ class ExpertNode:
             task.cancel()
         if self._server is not None:
             await self._health.enter_graceful_shutdown()
+            self._servicer.close_idle_streams()
             await self._server.stop(SHUTDOWN_GRACE_S)
         try:
             if self._serving:  # never overwrite a checkpoint this node refused or did not load

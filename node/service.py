@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Callable
+from typing import AsyncIterator, Callable
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -24,40 +24,88 @@ class ExpertServicer:
 
     def __init__(self, batcher: Batcher, limits: Limits, info: Callable[[], expert_pb2.InfoResponse]):
         self._batcher, self._limits, self._info = batcher, limits, info
+        self._streams: dict[asyncio.Task, bool] = {}  # open Stream calls -> whether one is mid-request
+        self._closing = False
 
     def generic_handler(self) -> grpc.GenericRpcHandler:
+        def serialize(message) -> bytes:
+            return message.SerializeToString()
+
         def unary(behavior):
-            return grpc.unary_unary_rpc_method_handler(behavior, response_serializer=lambda message: message.SerializeToString())
+            return grpc.unary_unary_rpc_method_handler(behavior, response_serializer=serialize)
 
         return grpc.method_handlers_generic_handler(
-            SERVICE_NAME, {"Forward": unary(self.Forward), "Backward": unary(self.Backward), "Info": unary(self.Info)}
+            SERVICE_NAME,
+            {
+                "Forward": unary(self.Forward),
+                "Backward": unary(self.Backward),
+                "Info": unary(self.Info),
+                "Stream": grpc.stream_stream_rpc_method_handler(self.Stream, response_serializer=serialize),
+            },
         )
 
     async def Forward(self, data: bytes, context: grpc.aio.ServicerContext) -> expert_pb2.ExpertResponse:
-        return await self._handle(data, context, backward=False)
+        return await self._unary(data, context, backward=False)
 
     async def Backward(self, data: bytes, context: grpc.aio.ServicerContext) -> expert_pb2.ExpertResponse:
-        return await self._handle(data, context, backward=True)
+        return await self._unary(data, context, backward=True)
 
     async def Info(self, data: bytes, context: grpc.aio.ServicerContext) -> expert_pb2.InfoResponse:
         return self._info()
 
-    async def _handle(self, data: bytes, context, *, backward: bool) -> expert_pb2.ExpertResponse:
-        request = expert_pb2.ExpertRequest()
+    async def Stream(self, requests: AsyncIterator[bytes], context) -> AsyncIterator[expert_pb2.ExpertResponse]:
+        """Answer each request in order; errors go in the response, so one bad request does not end
+        the stream. A message that is not protobuf at all is answered too (it has no request_id)."""
+        task = asyncio.current_task()
+        self._streams[task] = False
+        try:
+            async for data in requests:
+                self._streams[task] = True
+                try:
+                    request = _parse_request(data)
+                    response = await self._respond(request, backward=request.backward)
+                except Exception as e:
+                    response = _error_response(e, request_id=_request_id_of(data))
+                self._streams[task] = False
+                yield response
+                if self._closing:
+                    return
+        finally:
+            del self._streams[task]
+
+    def close_idle_streams(self) -> None:
+        """Node shutdown: end streams that wait for their next request now (a stream mid-request
+        ends after answering it), so the server's grace period is not spent on idle clients."""
+        self._closing = True
+        for task, busy in list(self._streams.items()):
+            if not busy:
+                task.cancel()
+
+    async def _unary(self, data: bytes, context, *, backward: bool) -> expert_pb2.ExpertResponse:
+        request_id = ""
         try:
             request = _parse_request(data)
-            work = validate_request(request, self._limits, backward=backward)
-            outputs = await asyncio.gather(*(self._submit(item, backward) for item in work))
-            response = expert_pb2.ExpertResponse(request_id=request.request_id)
-            for item, out in zip(work, outputs):
-                # In place (see codec.encode_into), in the caller's wire dtype (fp32 unless it opted in).
-                codec.encode_into(response.tensors.add(), out, item.x_ND.dtype)
+            request_id = request.request_id
+            if request.backward:
+                raise BadRequest("the backward field is for Stream requests; call Backward instead")
+            return await self._respond(request, backward=backward)
         except MoeSwarmError as e:
-            logger.debug("rejected request %.64s: %s", request.request_id, e)
+            logger.debug("rejected request %.64s: %s", request_id, e)
             await context.abort(status_of(e), str(e))
         except Exception:  # process boundary: a bug must not take the node down
-            logger.error("request %.64s failed", request.request_id, exc_info=True)
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error in the expert node (see its log)")
+            logger.error("request %.64s failed", request_id, exc_info=True)
+            await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
+
+    async def _respond(self, request: expert_pb2.ExpertRequest, *, backward: bool) -> expert_pb2.ExpertResponse:
+        work = validate_request(request, self._limits, backward=backward)
+        if len(work) == 1:  # the common decoding case: no gather, no extra task
+            outputs = [await self._submit(work[0], backward)]
+        else:
+            outputs = await asyncio.gather(*(self._submit(item, backward) for item in work))
+        response = expert_pb2.ExpertResponse(request_id=request.request_id)
+        for item, out in zip(work, outputs):
+            # In place (see codec.encode_into), in the caller's wire dtype (fp32 unless it opted in).
+            codec.encode_into(response.tensors.add(), out, item.x_ND.dtype)
         return response
 
     def _submit(self, item: ExpertWork, backward: bool):
@@ -65,8 +113,29 @@ class ExpertServicer:
         return self._batcher.submit(item.uid, "backward" if backward else "forward", item.x_ND, item.g_ND)
 
 
+INTERNAL_MESSAGE = "internal error in the expert node (see its log)"
+
+
 def _parse_request(data: bytes) -> expert_pb2.ExpertRequest:
     try:
         return expert_pb2.ExpertRequest.FromString(data)
     except DecodeError as e:
         raise BadRequest(f"request is not a valid ExpertRequest message ({e})") from e
+
+
+def _request_id_of(data: bytes) -> str:
+    try:
+        return expert_pb2.ExpertRequest.FromString(data).request_id
+    except DecodeError:
+        return ""
+
+
+def _error_response(error: Exception, *, request_id: str) -> expert_pb2.ExpertResponse:
+    """A Stream answer carrying the status a unary call would have ended with."""
+    if isinstance(error, MoeSwarmError):
+        logger.debug("rejected request %.64s: %s", request_id, error)
+        code, message = status_of(error), str(error)
+    else:  # process boundary, as in _unary
+        logger.error("request %.64s failed", request_id, exc_info=error)
+        code, message = grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
+    return expert_pb2.ExpertResponse(request_id=request_id, error_code=code.value[0], error_message=message)

@@ -35,10 +35,10 @@ def encode(tensor: torch.Tensor, wire_dtype: torch.dtype | None = None) -> exper
     return message
 
 
-def encode_into(message: expert_pb2.Tensor, tensor: torch.Tensor, wire_dtype: torch.dtype | None = None) -> None:
-    """Fill a Tensor message in place. Prefer this inside a parent message (`parent.field`,
-    `repeated.add()`): with protobuf's upb runtime, passing a built sub-message to a parent's
-    constructor copies its payload again, which cost ~2 ms per MiB."""
+def encode_into(message: expert_pb2.Tensor, tensor: torch.Tensor, wire_dtype: torch.dtype | None = None) -> int:
+    """Fill a Tensor message in place; returns its payload size in bytes. Prefer this inside a parent
+    message (`parent.field`, `repeated.add()`): with protobuf's upb runtime, passing a built
+    sub-message to a parent's constructor copies its payload again, which cost ~2 ms per MiB."""
     tensor = tensor.detach()
     if wire_dtype is not None and tensor.dtype != wire_dtype:
         tensor = tensor.to(wire_dtype)
@@ -50,7 +50,9 @@ def encode_into(message: expert_pb2.Tensor, tensor: torch.Tensor, wire_dtype: to
         as_ints = torch.from_numpy(as_ints.numpy().byteswap())
     message.dtype = WIRE_NAME_OF[tensor.dtype]
     message.shape[:] = tensor.shape
-    message.data = as_ints.numpy().tobytes()
+    data = as_ints.numpy().tobytes()
+    message.data = data
+    return len(data)
 
 
 def decode(message: expert_pb2.Tensor, *, max_elements: int | None = None) -> torch.Tensor:
@@ -68,13 +70,12 @@ def decode(message: expert_pb2.Tensor, *, max_elements: int | None = None) -> to
     if max_elements is not None and numel > max_elements:
         raise BadRequest(f"tensor of shape {list(shape)} has {numel} elements, over the limit of {max_elements}")
     itemsize = _ITEMSIZE[message.dtype]
-    if len(message.data) != numel * itemsize:
-        raise BadRequest(
-            f"tensor of shape {list(shape)} and dtype {message.dtype} needs {numel * itemsize} bytes, got {len(message.data)}"
-        )
+    data = message.data  # upb builds a new bytes object on every access: read it once
+    if len(data) != numel * itemsize:
+        raise BadRequest(f"tensor of shape {list(shape)} and dtype {message.dtype} needs {numel * itemsize} bytes, got {len(data)}")
     if numel == 0:
         return torch.empty(shape, dtype=dtype)
     if _LITTLE_ENDIAN:
-        return torch.frombuffer(message.data, dtype=dtype).view(shape)
-    swapped = torch.frombuffer(message.data, dtype=_INT_VIEW[itemsize]).numpy().byteswap()
+        return torch.frombuffer(data, dtype=dtype).view(shape)
+    swapped = torch.frombuffer(data, dtype=_INT_VIEW[itemsize]).numpy().byteswap()
     return torch.from_numpy(swapped).view(dtype).view(shape)

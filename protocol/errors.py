@@ -73,6 +73,17 @@ def status_of(error: MoeSwarmError):
 
 def error_from_rpc(error, endpoint: str) -> MoeSwarmError:
     """Turn a failed call (grpc.RpcError) into our error type, keeping the node's message and naming the endpoint."""
-    code = error.code()
-    cls = ERROR_OF_STATUS.get(code.name, MoeSwarmError)
-    return cls(f"{endpoint}: {code.name}: {error.details()}")
+    return _error_of(error.code().name, error.details(), endpoint)
+
+
+def error_from_status(code: int, message: str, endpoint: str) -> MoeSwarmError:
+    """The same for an error answered inside a Stream response (code: a grpc.StatusCode number)."""
+    import grpc
+
+    name = next((status.name for status in grpc.StatusCode if status.value[0] == code), f"STATUS_{code}")
+    return _error_of(name, message, endpoint)
+
+
+def _error_of(name: str, details: str, endpoint: str) -> MoeSwarmError:
+    cls = ERROR_OF_STATUS.get(name, MoeSwarmError)
+    return cls(f"{endpoint}: {name}: {details}")

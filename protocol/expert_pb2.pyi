@@ -27,22 +27,28 @@ class ExpertBatch(_message.Message):
     def __init__(self, uid: _Optional[str] = ..., inputs: _Optional[_Union[Tensor, _Mapping]] = ..., grad_outputs: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class ExpertRequest(_message.Message):
-    __slots__ = ("model", "request_id", "batches")
+    __slots__ = ("model", "request_id", "batches", "backward")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     BATCHES_FIELD_NUMBER: _ClassVar[int]
+    BACKWARD_FIELD_NUMBER: _ClassVar[int]
     model: str
     request_id: str
     batches: _containers.RepeatedCompositeFieldContainer[ExpertBatch]
-    def __init__(self, model: _Optional[str] = ..., request_id: _Optional[str] = ..., batches: _Optional[_Iterable[_Union[ExpertBatch, _Mapping]]] = ...) -> None: ...
+    backward: bool
+    def __init__(self, model: _Optional[str] = ..., request_id: _Optional[str] = ..., batches: _Optional[_Iterable[_Union[ExpertBatch, _Mapping]]] = ..., backward: _Optional[bool] = ...) -> None: ...
 
 class ExpertResponse(_message.Message):
-    __slots__ = ("request_id", "tensors")
+    __slots__ = ("request_id", "tensors", "error_code", "error_message")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     tensors: _containers.RepeatedCompositeFieldContainer[Tensor]
-    def __init__(self, request_id: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ...) -> None: ...
+    error_code: int
+    error_message: str
+    def __init__(self, request_id: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., error_code: _Optional[int] = ..., error_message: _Optional[str] = ...) -> None: ...
 
 class InfoRequest(_message.Message):
     __slots__ = ()

@@ -49,6 +49,11 @@ class ExpertServiceStub:
                 request_serializer=moeswarm_dot_protocol_dot_expert__pb2.InfoRequest.SerializeToString,
                 response_deserializer=moeswarm_dot_protocol_dot_expert__pb2.InfoResponse.FromString,
                 _registered_method=True)
+        self.Stream = channel.stream_stream(
+                '/moeswarm.ExpertService/Stream',
+                request_serializer=moeswarm_dot_protocol_dot_expert__pb2.ExpertRequest.SerializeToString,
+                response_deserializer=moeswarm_dot_protocol_dot_expert__pb2.ExpertResponse.FromString,
+                _registered_method=True)
 
 
 class ExpertServiceServicer:
@@ -72,6 +77,12 @@ class ExpertServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Stream(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExpertServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -89,6 +100,11 @@ def add_ExpertServiceServicer_to_server(servicer, server):
                     servicer.Info,
                     request_deserializer=moeswarm_dot_protocol_dot_expert__pb2.InfoRequest.FromString,
                     response_serializer=moeswarm_dot_protocol_dot_expert__pb2.InfoResponse.SerializeToString,
+            ),
+            'Stream': grpc.stream_stream_rpc_method_handler(
+                    servicer.Stream,
+                    request_deserializer=moeswarm_dot_protocol_dot_expert__pb2.ExpertRequest.FromString,
+                    response_serializer=moeswarm_dot_protocol_dot_expert__pb2.ExpertResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -172,6 +188,33 @@ class ExpertService:
             '/moeswarm.ExpertService/Info',
             moeswarm_dot_protocol_dot_expert__pb2.InfoRequest.SerializeToString,
             moeswarm_dot_protocol_dot_expert__pb2.InfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Stream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/moeswarm.ExpertService/Stream',
+            moeswarm_dot_protocol_dot_expert__pb2.ExpertRequest.SerializeToString,
+            moeswarm_dot_protocol_dot_expert__pb2.ExpertResponse.FromString,
             options,
             channel_credentials,
             insecure,
