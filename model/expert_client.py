@@ -4,6 +4,8 @@ Small requests go over one long-lived Stream call per node, which skips gRPC's p
 (about half of a small call's round trip); a request goes unary when the stream is busy with
 another one (so concurrent callers never queue behind each other) or when it is large (its time
 is in the bytes, and a message over the node's size limit would end the whole stream).
+Requests and responses are written and read by protocol/wire.py: for large payloads, one copy on the
+way out and none on the way in.
 """
 
 from __future__ import annotations
@@ -15,11 +17,12 @@ import uuid
 import grpc
 import torch
 
-from moeswarm.protocol import codec, expert_pb2, expert_pb2_grpc
-from moeswarm.protocol.errors import NodeUnavailable, error_from_rpc, error_from_status
+from moeswarm.protocol import codec, expert_pb2, expert_pb2_grpc, wire
+from moeswarm.protocol.errors import BadRequest, NodeUnavailable, error_from_rpc, error_from_status
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
 STREAM_MAX_BYTES = 256 << 10  # requests up to this payload use the stream
+_METHOD = "/moeswarm.ExpertService/"
 
 
 class ExpertClient:
@@ -35,6 +38,9 @@ class ExpertClient:
         # Request ids for logs: a random prefix per client plus a counter (uuid4 per call cost ~10 us).
         self._request_ids = (f"{uuid.uuid4().hex[:12]}-{i}" for i in itertools.count())
         self._stub = expert_pb2_grpc.ExpertServiceStub(self._channel)
+        # Data-path methods move bytes (protocol/wire.py does the protobuf encoding).
+        self._forward = self._channel.unary_unary(_METHOD + "Forward")
+        self._backward = self._channel.unary_unary(_METHOD + "Backward")
         self._stream = None  # the open Stream call, made on first use and dropped on any failure
         self._stream_busy = False
 
@@ -42,8 +48,7 @@ class ExpertClient:
         self, model: str, inputs: dict[str, torch.Tensor], *, timeout_s: float, wire_dtype: torch.dtype | None = None
     ) -> dict[str, torch.Tensor]:
         """Run several experts of this node on their rows: {uid: x_ND} -> {uid: y_ND} (wire dtype)."""
-        request, nbytes = _request(model, next(self._request_ids), inputs, None, wire_dtype)
-        return await self._call(self._stub.Forward, request, nbytes, list(inputs), timeout_s)
+        return await self._call(model, inputs, None, timeout_s, wire_dtype)
 
     async def backward(
         self,
@@ -55,8 +60,7 @@ class ExpertClient:
         wire_dtype: torch.dtype | None = None,
     ) -> dict[str, torch.Tensor]:
         """Send output grads; returns input grads {uid: grad_x_ND}. The node accumulates param grads."""
-        request, nbytes = _request(model, next(self._request_ids), inputs, grad_outputs, wire_dtype)
-        return await self._call(self._stub.Backward, request, nbytes, list(inputs), timeout_s)
+        return await self._call(model, inputs, grad_outputs, timeout_s, wire_dtype)
 
     async def info(self, *, timeout_s: float) -> expert_pb2.InfoResponse:
         try:
@@ -64,26 +68,33 @@ class ExpertClient:
         except grpc.RpcError as e:
             raise error_from_rpc(e, self.endpoint) from e
 
-    async def _call(self, method, request, nbytes: int, uids: list[str], timeout_s: float) -> dict[str, torch.Tensor]:
-        if nbytes <= STREAM_MAX_BYTES and not self._stream_busy:
-            response = await self._call_on_stream(request, method is self._stub.Backward, timeout_s)
+    async def _call(self, model: str, inputs: dict, grad_outputs: dict | None, timeout_s: float, wire_dtype) -> dict[str, torch.Tensor]:
+        backward = grad_outputs is not None
+        on_stream = not self._stream_busy and _payload_bytes(inputs, wire_dtype) * (2 if backward else 1) <= STREAM_MAX_BYTES
+        request = wire.write_request(
+            model, next(self._request_ids), inputs, grad_outputs, backward=backward and on_stream, wire_dtype=wire_dtype
+        )
+        if on_stream:
+            data = await self._call_on_stream(request, timeout_s)
         else:
             try:
-                response = await method(request, timeout=timeout_s)
+                data = await (self._backward if backward else self._forward)(request, timeout=timeout_s)
             except grpc.RpcError as e:
                 raise error_from_rpc(e, self.endpoint) from e
-        if len(response.tensors) != len(uids):
-            raise NodeUnavailable(f"{self.endpoint}: answered {len(response.tensors)} tensors for {len(uids)} expert batches")
-        return {uid: codec.decode(tensor) for uid, tensor in zip(uids, response.tensors)}
+        response = self._parse(data)
+        if response.error_code:
+            raise error_from_status(response.error_code, response.error_message, self.endpoint)
+        if len(response.tensors) != len(inputs):
+            raise NodeUnavailable(f"{self.endpoint}: answered {len(response.tensors)} tensors for {len(inputs)} expert batches")
+        return {uid: self._decode(tensor) for uid, tensor in zip(inputs, response.tensors)}
 
-    async def _call_on_stream(self, request, backward: bool, timeout_s: float) -> expert_pb2.ExpertResponse:
+    async def _call_on_stream(self, request: bytes, timeout_s: float) -> bytes:
         """One request on the stream (at most one in flight, so answers pair with requests in order).
         A timeout, cancellation or broken stream drops it; the next call opens a fresh one."""
-        request.backward = backward
         self._stream_busy = True
         try:
             if self._stream is None or self._stream.done():  # done: the node ended it (shutdown)
-                self._stream = self._stub.Stream()
+                self._stream = self._channel.stream_stream(_METHOD + "Stream")()
             if _timeout is not None:
                 async with _timeout(timeout_s):
                     response = await _exchange(self._stream, request)
@@ -106,9 +117,19 @@ class ExpertClient:
         if response is grpc.aio.EOF:
             self._drop_stream()
             raise NodeUnavailable(f"{self.endpoint}: closed the stream (shutting down)")
-        if response.error_code:
-            raise error_from_status(response.error_code, response.error_message, self.endpoint)
         return response
+
+    def _parse(self, data: bytes):
+        try:
+            return wire.read_response(data)
+        except BadRequest as e:  # the node's fault, not ours: retried elsewhere like any node failure
+            raise NodeUnavailable(f"{self.endpoint}: answered a malformed response ({e})") from e
+
+    def _decode(self, tensor) -> torch.Tensor:
+        try:
+            return codec.decode(tensor)
+        except BadRequest as e:
+            raise NodeUnavailable(f"{self.endpoint}: answered a malformed tensor ({e})") from e
 
     def _drop_stream(self) -> None:
         if self._stream is not None:
@@ -120,22 +141,13 @@ class ExpertClient:
         await self._channel.close()
 
 
-
 _timeout = getattr(asyncio, "timeout", None)  # Python 3.11+: a deadline without a task
 
 
-async def _exchange(stream, request) -> expert_pb2.ExpertResponse:
+async def _exchange(stream, request: bytes) -> bytes:
     await stream.write(request)
     return await stream.read()
 
 
-def _request(model: str, request_id: str, inputs: dict, grad_outputs: dict | None, wire_dtype):
-    """The request message and its payload size in bytes."""
-    request = expert_pb2.ExpertRequest(model=model, request_id=request_id)
-    nbytes = 0
-    for uid, x in inputs.items():
-        batch = request.batches.add(uid=uid)  # filled in place: no extra payload copies
-        nbytes += codec.encode_into(batch.inputs, x, wire_dtype)
-        if grad_outputs is not None:
-            nbytes += codec.encode_into(batch.grad_outputs, grad_outputs[uid], wire_dtype)
-    return request, nbytes
+def _payload_bytes(tensors: dict[str, torch.Tensor], wire_dtype: torch.dtype | None) -> int:
+    return sum(t.numel() * (wire_dtype or t.dtype).itemsize for t in tensors.values())

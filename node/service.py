@@ -7,11 +7,10 @@ import logging
 from typing import AsyncIterator, Callable
 
 import grpc
-from google.protobuf.message import DecodeError
 
 from moeswarm.node.batcher import Batcher
 from moeswarm.node.validation import ExpertWork, Limits, validate_request
-from moeswarm.protocol import codec, expert_pb2
+from moeswarm.protocol import expert_pb2, wire
 from moeswarm.protocol.errors import BadRequest, MoeSwarmError, status_of
 
 logger = logging.getLogger(__name__)
@@ -19,8 +18,9 @@ SERVICE_NAME = "moeswarm.ExpertService"
 
 
 class ExpertServicer:
-    """Handlers of moeswarm.ExpertService. Requests arrive as raw bytes and are parsed here, so a
-    message that is not valid protobuf gets INVALID_ARGUMENT instead of gRPC's generic INTERNAL."""
+    """Handlers of moeswarm.ExpertService. Requests arrive as raw bytes and are parsed here (by
+    protocol/wire.py, without copying their tensors), so a message that is not valid protobuf gets
+    INVALID_ARGUMENT instead of gRPC's generic INTERNAL; answers leave as bytes written by wire.py."""
 
     def __init__(self, batcher: Batcher, limits: Limits, info: Callable[[], expert_pb2.InfoResponse]):
         self._batcher, self._limits, self._info = batcher, limits, info
@@ -29,7 +29,7 @@ class ExpertServicer:
 
     def generic_handler(self) -> grpc.GenericRpcHandler:
         def serialize(message) -> bytes:
-            return message.SerializeToString()
+            return message if isinstance(message, bytes) else message.SerializeToString()
 
         def unary(behavior):
             return grpc.unary_unary_rpc_method_handler(behavior, response_serializer=serialize)
@@ -44,16 +44,16 @@ class ExpertServicer:
             },
         )
 
-    async def Forward(self, data: bytes, context: grpc.aio.ServicerContext) -> expert_pb2.ExpertResponse:
+    async def Forward(self, data: bytes, context: grpc.aio.ServicerContext) -> bytes:
         return await self._unary(data, context, backward=False)
 
-    async def Backward(self, data: bytes, context: grpc.aio.ServicerContext) -> expert_pb2.ExpertResponse:
+    async def Backward(self, data: bytes, context: grpc.aio.ServicerContext) -> bytes:
         return await self._unary(data, context, backward=True)
 
     async def Info(self, data: bytes, context: grpc.aio.ServicerContext) -> expert_pb2.InfoResponse:
         return self._info()
 
-    async def Stream(self, requests: AsyncIterator[bytes], context) -> AsyncIterator[expert_pb2.ExpertResponse]:
+    async def Stream(self, requests: AsyncIterator[bytes], context) -> AsyncIterator[bytes | expert_pb2.ExpertResponse]:
         """Answer each request in order; errors go in the response, so one bad request does not end
         the stream. A message that is not protobuf at all is answered too (it has no request_id)."""
         task = asyncio.current_task()
@@ -81,7 +81,7 @@ class ExpertServicer:
             if not busy:
                 task.cancel()
 
-    async def _unary(self, data: bytes, context, *, backward: bool) -> expert_pb2.ExpertResponse:
+    async def _unary(self, data: bytes, context, *, backward: bool) -> bytes:
         request_id = ""
         try:
             request = _parse_request(data)
@@ -96,17 +96,14 @@ class ExpertServicer:
             logger.error("request %.64s failed", request_id, exc_info=True)
             await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
 
-    async def _respond(self, request: expert_pb2.ExpertRequest, *, backward: bool) -> expert_pb2.ExpertResponse:
+    async def _respond(self, request: wire.RequestView, *, backward: bool) -> bytes:
         work = validate_request(request, self._limits, backward=backward)
         if len(work) == 1:  # the common decoding case: no gather, no extra task
             outputs = [await self._submit(work[0], backward)]
         else:
             outputs = await asyncio.gather(*(self._submit(item, backward) for item in work))
-        response = expert_pb2.ExpertResponse(request_id=request.request_id)
-        for item, out in zip(work, outputs):
-            # In place (see codec.encode_into), in the caller's wire dtype (fp32 unless it opted in).
-            codec.encode_into(response.tensors.add(), out, item.x_ND.dtype)
-        return response
+        # In the caller's wire dtype (fp32 unless it opted in).
+        return wire.write_response(request.request_id, [(out, item.x_ND.dtype) for item, out in zip(work, outputs)])
 
     def _submit(self, item: ExpertWork, backward: bool):
         """One expert's rows to the batcher; returns an awaitable of its output rows."""
@@ -116,17 +113,17 @@ class ExpertServicer:
 INTERNAL_MESSAGE = "internal error in the expert node (see its log)"
 
 
-def _parse_request(data: bytes) -> expert_pb2.ExpertRequest:
+def _parse_request(data: bytes) -> wire.RequestView | expert_pb2.ExpertRequest:
     try:
-        return expert_pb2.ExpertRequest.FromString(data)
-    except DecodeError as e:
+        return wire.read_request(data)
+    except BadRequest as e:
         raise BadRequest(f"request is not a valid ExpertRequest message ({e})") from e
 
 
 def _request_id_of(data: bytes) -> str:
     try:
-        return expert_pb2.ExpertRequest.FromString(data).request_id
-    except DecodeError:
+        return wire.read_request(data).request_id
+    except BadRequest:
         return ""
 
 

@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import torch
 
-from moeswarm.protocol import codec, expert_pb2
+from moeswarm.protocol import codec, expert_pb2, wire
 from moeswarm.protocol.errors import BadRequest, ExpertNotFound, Overloaded
 from moeswarm.protocol.spec import ModelSpec, parse_uid
 
@@ -27,8 +27,9 @@ class ExpertWork:
     g_ND: torch.Tensor | None  # Backward only
 
 
-def validate_request(request: expert_pb2.ExpertRequest, limits: Limits, *, backward: bool) -> list[ExpertWork]:
-    """Decode and check a Forward/Backward request; returns one ExpertWork per batch, in order."""
+def validate_request(request: wire.RequestView | expert_pb2.ExpertRequest, limits: Limits, *, backward: bool) -> list[ExpertWork]:
+    """Decode and check a Forward/Backward request (parsed by wire.py, or a protobuf message: they
+    have the same attributes); returns one ExpertWork per batch, in order."""
     if request.model != limits.spec.name:
         raise BadRequest(f"request is for model {request.model[:64]!r}, this node serves {limits.spec.name!r}")
     if not request.batches:
@@ -45,7 +46,7 @@ def validate_request(request: expert_pb2.ExpertRequest, limits: Limits, *, backw
     return work
 
 
-def _validate_batch(batch: expert_pb2.ExpertBatch, limits: Limits, backward: bool) -> ExpertWork:
+def _validate_batch(batch: wire.BatchView | expert_pb2.ExpertBatch, limits: Limits, backward: bool) -> ExpertWork:
     if batch.uid not in limits.hosted:
         parse_uid(batch.uid)  # malformed -> BadRequest; well-formed but not here -> NOT_FOUND below
         raise ExpertNotFound(f"expert {batch.uid!r} is not hosted by this node; look it up in the DHT again")
@@ -64,7 +65,7 @@ def _validate_batch(batch: expert_pb2.ExpertBatch, limits: Limits, backward: boo
     return ExpertWork(batch.uid, x_ND, g_ND)
 
 
-def _decode_rows(message: expert_pb2.Tensor, what: str, uid: str, limits: Limits) -> torch.Tensor:
+def _decode_rows(message: wire.TensorView | expert_pb2.Tensor, what: str, uid: str, limits: Limits) -> torch.Tensor:
     d_model = limits.spec.d_model
     shape = list(message.shape)
     if len(shape) != 2 or shape[1] != d_model:

@@ -22,6 +22,9 @@ _ITEMSIZE: dict[str, int] = {name: dtype.itemsize for name, dtype in WIRE_DTYPES
 # Same-width integer views, used to byte-swap on big-endian hosts.
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _LITTLE_ENDIAN = sys.byteorder == "little"
+# Decoded tensors start at a multiple of this: torch's CPU kernels give bit-identical fp32 results
+# from 16-byte-aligned inputs, not from arbitrary ones (protocol/wire.py pads payloads to it).
+ALIGN = 16
 
 # Decoded tensors are read-only views of the message bytes; torch warns about that once. We never
 # write into them (the node and client only read inputs), so the warning carries no information.
@@ -38,21 +41,28 @@ def encode(tensor: torch.Tensor, wire_dtype: torch.dtype | None = None) -> exper
 def encode_into(message: expert_pb2.Tensor, tensor: torch.Tensor, wire_dtype: torch.dtype | None = None) -> int:
     """Fill a Tensor message in place; returns its payload size in bytes. Prefer this inside a parent
     message (`parent.field`, `repeated.add()`): with protobuf's upb runtime, passing a built
-    sub-message to a parent's constructor copies its payload again, which cost ~2 ms per MiB."""
+    sub-message to a parent's constructor copies its payload again, which cost ~2 ms per MiB.
+    The data path itself writes messages with protocol/wire.py, which copies the payload once."""
+    dtype_name, shape, data = tensor_payload(tensor, wire_dtype)
+    message.dtype = dtype_name
+    message.shape[:] = shape
+    message.data = data.tobytes()
+    return data.nbytes
+
+
+def tensor_payload(tensor: torch.Tensor, wire_dtype: torch.dtype | None = None) -> tuple[str, list[int], memoryview]:
+    """(wire dtype name, shape, little-endian bytes) of a tensor; the bytes are a view of its memory
+    when it is already a contiguous CPU tensor of the wire dtype (on a little-endian host)."""
     tensor = tensor.detach()
     if wire_dtype is not None and tensor.dtype != wire_dtype:
         tensor = tensor.to(wire_dtype)
     if tensor.dtype not in WIRE_NAME_OF:
         raise TypeError(f"cannot send dtype {tensor.dtype}; wire dtypes are {sorted(WIRE_DTYPES)}")
     flat = tensor.cpu().contiguous().reshape(-1)
-    as_ints = flat.view(_INT_VIEW[flat.element_size()])
+    as_ints = flat.view(_INT_VIEW[flat.element_size()]).numpy()
     if not _LITTLE_ENDIAN:
-        as_ints = torch.from_numpy(as_ints.numpy().byteswap())
-    message.dtype = WIRE_NAME_OF[tensor.dtype]
-    message.shape[:] = tensor.shape
-    data = as_ints.numpy().tobytes()
-    message.data = data
-    return len(data)
+        as_ints = as_ints.byteswap()
+    return WIRE_NAME_OF[tensor.dtype], list(tensor.shape), memoryview(as_ints).cast("B")
 
 
 def decode(message: expert_pb2.Tensor, *, max_elements: int | None = None) -> torch.Tensor:
@@ -76,6 +86,9 @@ def decode(message: expert_pb2.Tensor, *, max_elements: int | None = None) -> to
     if numel == 0:
         return torch.empty(shape, dtype=dtype)
     if _LITTLE_ENDIAN:
-        return torch.frombuffer(data, dtype=dtype).view(shape)
+        tensor = torch.frombuffer(data, dtype=dtype).view(shape)
+        if tensor.data_ptr() % ALIGN:  # a payload at an odd offset (a sender that does not pad): copy
+            tensor = torch.frombuffer(bytes(data), dtype=dtype).view(shape)
+        return tensor
     swapped = torch.frombuffer(data, dtype=_INT_VIEW[itemsize]).numpy().byteswap()
     return torch.from_numpy(swapped).view(dtype).view(shape)

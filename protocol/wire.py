@@ -1,0 +1,350 @@
+"""ExpertRequest / ExpertResponse bytes with one payload copy per direction, byte-compatible with expert.proto.
+
+protobuf's Python runtime copies a `bytes` field on assignment, again on SerializeToString, again on
+parse and again on every read of the field: five to six passes over each tensor per hop, which at
+1 MiB cost more than gRPC's own transfer. Here the sender writes the protobuf wire format itself,
+copying each tensor's memory once into the message (`b"".join`), placing each payload at a 16-byte
+aligned offset (with Tensor.pad), and the receiver parses it into read-only views of the received
+bytes (no copy at all). protobuf parses what we write into the same message, and our parser accepts
+what protobuf writes for these messages (unknown fields skipped, packed or unpacked shapes), so any
+gRPC client generated from expert.proto interoperates; tests/unit/test_wire.py checks both ways.
+
+The parser reads untrusted bytes: every length is bounds-checked, varints are at most 10 bytes, and
+anything malformed raises BadRequest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from google.protobuf.message import DecodeError
+
+from moeswarm.protocol import expert_pb2
+from moeswarm.protocol.codec import ALIGN, encode_into, tensor_payload
+from moeswarm.protocol.errors import BadRequest
+
+# Wire types (protobuf encoding spec).
+_VARINT, _FIXED64, _LEN, _FIXED32 = 0, 1, 2, 5
+
+
+# ---------------------------------------------------------------------------------------------- write
+
+_PAD_TAG = 15 << 3 | _LEN  # Tensor.pad
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _key(field: int, wire: int) -> bytes:
+    return bytes([field << 3 | wire])
+
+
+@dataclasses.dataclass
+class _TensorPart:
+    """A Tensor sub-message: header (dtype, shape), `pad` bytes of padding field, then data."""
+
+    field: int
+    header: bytes
+    data: memoryview
+    pad: int = 0  # total bytes of the pad field: 0, or 2..17
+
+    def size(self) -> int:
+        n = self.data.nbytes
+        return len(self.header) + self.pad + (1 + len(_varint(n)) + n if n else 0)
+
+    def chunks(self) -> list:
+        out = [_key(self.field, _LEN) + _varint(self.size()), self.header]
+        if self.pad:
+            out.append(bytes([_PAD_TAG, self.pad - 2]) + bytes(self.pad - 2))
+        if self.data.nbytes:
+            out += [_key(3, _LEN) + _varint(self.data.nbytes), self.data]
+        return out
+
+
+def _tensor_part(field: int, tensor: torch.Tensor, wire_dtype: torch.dtype | None) -> _TensorPart:
+    dtype_name, shape, data = tensor_payload(tensor, wire_dtype)
+    return _TensorPart(field, expert_pb2.Tensor(dtype=dtype_name, shape=shape).SerializeToString(), data)
+
+
+def _assemble(head: bytes, groups: list[tuple[bytes | None, list[_TensorPart]]], tail: bytes = b"") -> bytes:
+    """head, then per group either a batch sub-message (field 3: prefix bytes + its tensors) or, for
+    prefix None, bare tensor fields; then tail. Pads each tensor so its data lands ALIGN-aligned."""
+    parts = [part for _, group in groups for part in group]
+    for _ in range(2 * len(parts) + 2):  # each round fixes the first misaligned payload
+        chunks, offsets = _layout(head, groups, tail)
+        misaligned = [(part, offset) for part, offset in zip(parts, offsets) if offset % ALIGN]
+        if not misaligned:
+            break
+        part, offset = misaligned[0]
+        shift = (part.pad + (-offset) % ALIGN) % ALIGN  # pad sizes 0 and 2..17 cover every residue
+        part.pad = 0 if shift == 0 else (ALIGN + 1 if shift == 1 else shift)
+    return b"".join(chunks)  # the one copy of each payload
+
+
+def _layout(head: bytes, groups, tail: bytes) -> tuple[list, list[int]]:
+    chunks, offsets, position = [head], [], len(head)
+    for prefix, group in groups:
+        if prefix is not None:
+            size = len(prefix) + sum(len(_key(p.field, _LEN) + _varint(p.size())) + p.size() for p in group)
+            opening = _key(3, _LEN) + _varint(size) + prefix
+            chunks.append(opening)
+            position += len(opening)
+        for part in group:
+            pieces = part.chunks()
+            offsets.append(position + sum(len(piece) for piece in pieces[:-1]) if part.data.nbytes else 0)
+            chunks += pieces
+            position += sum(len(piece) for piece in pieces)
+    chunks.append(tail)
+    return chunks, offsets
+
+
+def encode_request(
+    model: str,
+    request_id: str,
+    inputs: dict[str, torch.Tensor],
+    grad_outputs: dict[str, torch.Tensor] | None = None,
+    *,
+    backward: bool = False,
+    wire_dtype: torch.dtype | None = None,
+) -> tuple[bytes, int]:
+    """A serialized ExpertRequest and its tensor payload in bytes."""
+    groups = []
+    for uid, x in inputs.items():
+        parts = [_tensor_part(2, x, wire_dtype)]
+        if grad_outputs is not None:
+            parts.append(_tensor_part(3, grad_outputs[uid], wire_dtype))
+        groups.append((expert_pb2.ExpertBatch(uid=uid).SerializeToString(), parts))
+    head = expert_pb2.ExpertRequest(model=model, request_id=request_id).SerializeToString()
+    data = _assemble(head, groups, _key(4, _VARINT) + b"\x01" if backward else b"")
+    return data, sum(part.data.nbytes for _, parts in groups for part in parts)
+
+
+def encode_response(request_id: str, outputs: list[tuple[torch.Tensor, torch.dtype]]) -> bytes:
+    """A serialized ExpertResponse carrying (tensor, wire dtype) pairs, in order."""
+    parts = [_tensor_part(2, tensor, wire_dtype) for tensor, wire_dtype in outputs]
+    return _assemble(expert_pb2.ExpertResponse(request_id=request_id).SerializeToString(), [(None, parts)])
+
+
+# Below this many payload bytes protobuf's own (C) encoder and parser win: their copies cost less
+# than this module's Python-level framing (measured: 12 vs 37 us to encode a 1 KiB request).
+SMALL_PAYLOAD_BYTES = 64 << 10
+
+
+def write_request(model, request_id, inputs, grad_outputs=None, *, backward=False, wire_dtype=None) -> bytes:
+    """encode_request, through protobuf itself for small payloads."""
+    nbytes = sum(t.numel() * (wire_dtype or t.dtype).itemsize for t in inputs.values())
+    if nbytes * (2 if grad_outputs is not None else 1) > SMALL_PAYLOAD_BYTES:
+        return encode_request(model, request_id, inputs, grad_outputs, backward=backward, wire_dtype=wire_dtype)[0]
+    request = expert_pb2.ExpertRequest(model=model, request_id=request_id, backward=backward)
+    for uid, x in inputs.items():
+        batch = request.batches.add(uid=uid)  # filled in place: no extra payload copies
+        encode_into(batch.inputs, x, wire_dtype)
+        if grad_outputs is not None:
+            encode_into(batch.grad_outputs, grad_outputs[uid], wire_dtype)
+    return request.SerializeToString()
+
+
+def write_response(request_id: str, outputs: list[tuple[torch.Tensor, torch.dtype]]) -> bytes:
+    """encode_response, through protobuf itself for small payloads."""
+    if sum(t.numel() * d.itemsize for t, d in outputs) > SMALL_PAYLOAD_BYTES:
+        return encode_response(request_id, outputs)
+    response = expert_pb2.ExpertResponse(request_id=request_id)
+    for tensor, wire_dtype in outputs:
+        encode_into(response.tensors.add(), tensor, wire_dtype)
+    return response.SerializeToString()
+
+
+def read_request(data: bytes) -> RequestView | expert_pb2.ExpertRequest:
+    """parse_request, through protobuf itself for small messages (same attributes either way)."""
+    return _read(data, parse_request, expert_pb2.ExpertRequest)
+
+
+def read_response(data: bytes) -> ResponseView | expert_pb2.ExpertResponse:
+    """parse_response, through protobuf itself for small messages."""
+    return _read(data, parse_response, expert_pb2.ExpertResponse)
+
+
+def _read(data: bytes, parse, message_class):
+    if len(data) > SMALL_PAYLOAD_BYTES:
+        return parse(data)
+    try:
+        return message_class.FromString(data)
+    except DecodeError as e:
+        raise BadRequest(str(e)) from e
+
+
+# ----------------------------------------------------------------------------------------------- read
+
+
+@dataclasses.dataclass
+class TensorView:
+    """A parsed Tensor: the same attributes as expert_pb2.Tensor; `data` is a view of the message."""
+
+    dtype: str = ""
+    shape: list[int] = dataclasses.field(default_factory=list)
+    data: memoryview | bytes = b""
+
+
+@dataclasses.dataclass
+class BatchView:
+    uid: str = ""
+    inputs: TensorView = dataclasses.field(default_factory=TensorView)
+    grad_outputs: TensorView | None = None
+
+    def HasField(self, name: str) -> bool:  # noqa: N802  (protobuf's spelling, used by validation)
+        if name != "grad_outputs":
+            raise ValueError(f"HasField({name!r}) is not supported")
+        return self.grad_outputs is not None
+
+
+@dataclasses.dataclass
+class RequestView:
+    model: str = ""
+    request_id: str = ""
+    batches: list[BatchView] = dataclasses.field(default_factory=list)
+    backward: bool = False
+
+
+@dataclasses.dataclass
+class ResponseView:
+    request_id: str = ""
+    tensors: list[TensorView] = dataclasses.field(default_factory=list)
+    error_code: int = 0
+    error_message: str = ""
+
+
+def parse_request(data: bytes) -> RequestView:
+    """Parse an ExpertRequest; BadRequest if it is not one."""
+    view = memoryview(data)
+    request = RequestView()
+    for field, wire, value in _fields(view, 0, len(view), "ExpertRequest"):
+        if field == 1 and wire == _LEN:
+            request.model = _text(view, value, "model")
+        elif field == 2 and wire == _LEN:
+            request.request_id = _text(view, value, "request_id")
+        elif field == 3 and wire == _LEN:
+            request.batches.append(_batch(view, *value))
+        elif field == 4 and wire == _VARINT:
+            request.backward = value != 0
+        elif field in (1, 2, 3, 4):
+            raise BadRequest(f"ExpertRequest field {field} has wire type {wire}")
+    return request
+
+
+def parse_response(data: bytes) -> ResponseView:
+    """Parse an ExpertResponse; BadRequest if it is not one."""
+    view = memoryview(data)
+    response = ResponseView()
+    for field, wire, value in _fields(view, 0, len(view), "ExpertResponse"):
+        if field == 1 and wire == _LEN:
+            response.request_id = _text(view, value, "request_id")
+        elif field == 2 and wire == _LEN:
+            response.tensors.append(_tensor(view, *value))
+        elif field == 3 and wire == _VARINT:
+            response.error_code = _int32(value)
+        elif field == 4 and wire == _LEN:
+            response.error_message = _text(view, value, "error_message")
+        elif field in (1, 2, 3, 4):
+            raise BadRequest(f"ExpertResponse field {field} has wire type {wire}")
+    return response
+
+
+def _batch(view: memoryview, start: int, end: int) -> BatchView:
+    batch, seen = BatchView(), set()
+    for field, wire, value in _fields(view, start, end, "ExpertBatch"):
+        if field == 1 and wire == _LEN:
+            batch.uid = _text(view, value, "uid")
+        elif field in (2, 3) and wire == _LEN:
+            # protobuf would merge a repeated sub-message field; nobody sends that: refuse it
+            if field in seen:
+                raise BadRequest(f"ExpertBatch field {field} appears twice")
+            seen.add(field)
+            if field == 2:
+                batch.inputs = _tensor(view, *value)
+            else:
+                batch.grad_outputs = _tensor(view, *value)
+        elif field in (1, 2, 3):
+            raise BadRequest(f"ExpertBatch field {field} has wire type {wire}")
+    return batch
+
+
+def _tensor(view: memoryview, start: int, end: int) -> TensorView:
+    tensor = TensorView()
+    for field, wire, value in _fields(view, start, end, "Tensor"):
+        if field == 1 and wire == _LEN:
+            tensor.dtype = _text(view, value, "dtype")
+        elif field == 2 and wire == _LEN:  # packed
+            pos, stop = value
+            while pos < stop:
+                dim, pos = _read_varint(view, pos, stop)
+                tensor.shape.append(_int64(dim))
+        elif field == 2 and wire == _VARINT:  # unpacked, also valid proto3
+            tensor.shape.append(_int64(value))
+        elif field == 3 and wire == _LEN:
+            tensor.data = view[value[0] : value[1]]
+        elif field in (1, 2, 3):
+            raise BadRequest(f"Tensor field {field} has wire type {wire}")
+    return tensor
+
+
+def _fields(view: memoryview, pos: int, end: int, what: str):
+    """Yield (field number, wire type, value): an int for varints, (start, end) for length-delimited."""
+    while pos < end:
+        key, pos = _read_varint(view, pos, end)
+        field, wire = key >> 3, key & 7
+        if field == 0:
+            raise BadRequest(f"{what}: field number 0 is invalid")
+        if wire == _VARINT:
+            value, pos = _read_varint(view, pos, end)
+        elif wire == _LEN:
+            size, pos = _read_varint(view, pos, end)
+            if size > end - pos:
+                raise BadRequest(f"{what}: field {field} claims {size} bytes, {end - pos} left")
+            value, pos = (pos, pos + size), pos + size
+        elif wire in (_FIXED64, _FIXED32):
+            width = 8 if wire == _FIXED64 else 4
+            if width > end - pos:
+                raise BadRequest(f"{what}: field {field} is truncated")
+            value, pos = None, pos + width
+        else:  # groups (3, 4) are not proto3; 6 and 7 do not exist
+            raise BadRequest(f"{what}: unsupported wire type {wire} (field {field})")
+        yield field, wire, value
+
+
+def _read_varint(view: memoryview, pos: int, end: int) -> tuple[int, int]:
+    value = shift = 0
+    for i in range(10):
+        if pos + i >= end:
+            raise BadRequest("message is truncated inside a varint")
+        byte = view[pos + i]
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value & (2**64 - 1), pos + i + 1
+        shift += 7
+    raise BadRequest("varint longer than 10 bytes")
+
+
+def _int64(value: int) -> int:
+    return value - 2**64 if value >= 2**63 else value
+
+
+def _int32(value: int) -> int:
+    value &= 2**32 - 1
+    return value - 2**32 if value >= 2**31 else value
+
+
+def _text(view: memoryview, span: tuple[int, int], what: str) -> str:
+    try:
+        return str(view[span[0] : span[1]], "utf-8")
+    except UnicodeDecodeError as e:
+        raise BadRequest(f"{what} is not valid UTF-8") from e
