@@ -70,7 +70,7 @@ class ExpertClient:
 
     async def _call(self, model: str, inputs: dict, grad_outputs: dict | None, timeout_s: float, wire_dtype) -> dict[str, torch.Tensor]:
         backward = grad_outputs is not None
-        on_stream = not self._stream_busy and _payload_bytes(inputs, wire_dtype) * (2 if backward else 1) <= STREAM_MAX_BYTES
+        on_stream = not self._stream_busy and wire.payload_bytes(inputs.values(), wire_dtype) * (2 if backward else 1) <= STREAM_MAX_BYTES
         request = wire.write_request(
             model, next(self._request_ids), inputs, grad_outputs, backward=backward and on_stream, wire_dtype=wire_dtype
         )
@@ -147,7 +147,3 @@ _timeout = getattr(asyncio, "timeout", None)  # Python 3.11+: a deadline without
 async def _exchange(stream, request: bytes) -> bytes:
     await stream.write(request)
     return await stream.read()
-
-
-def _payload_bytes(tensors: dict[str, torch.Tensor], wire_dtype: torch.dtype | None) -> int:
-    return sum(t.numel() * (wire_dtype or t.dtype).itemsize for t in tensors.values())

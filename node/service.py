@@ -61,11 +61,14 @@ class ExpertServicer:
         try:
             async for data in requests:
                 self._streams[task] = True
+                request_id = ""
                 try:
                     request = _parse_request(data)
+                    request_id = request.request_id
                     response = await self._respond(request, backward=request.backward)
                 except Exception as e:
-                    response = _error_response(e, request_id=_request_id_of(data))
+                    code, message = _failure(e, request_id)
+                    response = expert_pb2.ExpertResponse(request_id=request_id, error_code=code.value[0], error_message=message)
                 self._streams[task] = False
                 yield response
                 if self._closing:
@@ -89,12 +92,8 @@ class ExpertServicer:
             if request.backward:
                 raise BadRequest("the backward field is for Stream requests; call Backward instead")
             return await self._respond(request, backward=backward)
-        except MoeSwarmError as e:
-            logger.debug("rejected request %.64s: %s", request_id, e)
-            await context.abort(status_of(e), str(e))
-        except Exception:  # process boundary: a bug must not take the node down
-            logger.error("request %.64s failed", request_id, exc_info=True)
-            await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
+        except Exception as e:  # process boundary: a bug must not take the node down
+            await context.abort(*_failure(e, request_id))
 
     async def _respond(self, request: wire.RequestView, *, backward: bool) -> bytes:
         work = validate_request(request, self._limits, backward=backward)
@@ -110,9 +109,6 @@ class ExpertServicer:
         return self._batcher.submit(item.uid, "backward" if backward else "forward", item.x_ND, item.g_ND)
 
 
-INTERNAL_MESSAGE = "internal error in the expert node (see its log)"
-
-
 def _parse_request(data: bytes) -> wire.RequestView | expert_pb2.ExpertRequest:
     try:
         return wire.read_request(data)
@@ -120,19 +116,11 @@ def _parse_request(data: bytes) -> wire.RequestView | expert_pb2.ExpertRequest:
         raise BadRequest(f"request is not a valid ExpertRequest message ({e})") from e
 
 
-def _request_id_of(data: bytes) -> str:
-    try:
-        return wire.read_request(data).request_id
-    except BadRequest:
-        return ""
-
-
-def _error_response(error: Exception, *, request_id: str) -> expert_pb2.ExpertResponse:
-    """A Stream answer carrying the status a unary call would have ended with."""
+def _failure(error: Exception, request_id: str) -> tuple[grpc.StatusCode, str]:
+    """The status a failed request is answered with (aborting a unary call, or inside a Stream
+    response); our errors keep their message, anything else is a bug: logged, INTERNAL."""
     if isinstance(error, MoeSwarmError):
         logger.debug("rejected request %.64s: %s", request_id, error)
-        code, message = status_of(error), str(error)
-    else:  # process boundary, as in _unary
-        logger.error("request %.64s failed", request_id, exc_info=error)
-        code, message = grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
-    return expert_pb2.ExpertResponse(request_id=request_id, error_code=code.value[0], error_message=message)
+        return status_of(error), str(error)
+    logger.error("request %.64s failed", request_id, exc_info=error)
+    return grpc.StatusCode.INTERNAL, "internal error in the expert node (see its log)"

@@ -38,8 +38,8 @@ def encode(tensor: torch.Tensor, wire_dtype: torch.dtype | None = None) -> exper
     return message
 
 
-def encode_into(message: expert_pb2.Tensor, tensor: torch.Tensor, wire_dtype: torch.dtype | None = None) -> int:
-    """Fill a Tensor message in place; returns its payload size in bytes. Prefer this inside a parent
+def encode_into(message: expert_pb2.Tensor, tensor: torch.Tensor, wire_dtype: torch.dtype | None = None) -> None:
+    """Fill a Tensor message in place. Prefer this inside a parent
     message (`parent.field`, `repeated.add()`): with protobuf's upb runtime, passing a built
     sub-message to a parent's constructor copies its payload again, which cost ~2 ms per MiB.
     The data path itself writes messages with protocol/wire.py, which copies the payload once."""
@@ -47,7 +47,6 @@ def encode_into(message: expert_pb2.Tensor, tensor: torch.Tensor, wire_dtype: to
     message.dtype = dtype_name
     message.shape[:] = shape
     message.data = data.tobytes()
-    return data.nbytes
 
 
 def tensor_payload(tensor: torch.Tensor, wire_dtype: torch.dtype | None = None) -> tuple[str, list[int], memoryview]:

@@ -140,10 +140,14 @@ def encode_response(request_id: str, outputs: list[tuple[torch.Tensor, torch.dty
 SMALL_PAYLOAD_BYTES = 64 << 10
 
 
+def payload_bytes(tensors, wire_dtype: torch.dtype | None = None) -> int:
+    """Bytes the tensors take on the wire (each in `wire_dtype`, or its own dtype)."""
+    return sum(t.numel() * (wire_dtype or t.dtype).itemsize for t in tensors)
+
+
 def write_request(model, request_id, inputs, grad_outputs=None, *, backward=False, wire_dtype=None) -> bytes:
     """encode_request, through protobuf itself for small payloads."""
-    nbytes = sum(t.numel() * (wire_dtype or t.dtype).itemsize for t in inputs.values())
-    if nbytes * (2 if grad_outputs is not None else 1) > SMALL_PAYLOAD_BYTES:
+    if payload_bytes(inputs.values(), wire_dtype) * (2 if grad_outputs is not None else 1) > SMALL_PAYLOAD_BYTES:
         return encode_request(model, request_id, inputs, grad_outputs, backward=backward, wire_dtype=wire_dtype)[0]
     request = expert_pb2.ExpertRequest(model=model, request_id=request_id, backward=backward)
     for uid, x in inputs.items():
@@ -156,7 +160,7 @@ def write_request(model, request_id, inputs, grad_outputs=None, *, backward=Fals
 
 def write_response(request_id: str, outputs: list[tuple[torch.Tensor, torch.dtype]]) -> bytes:
     """encode_response, through protobuf itself for small payloads."""
-    if sum(t.numel() * d.itemsize for t, d in outputs) > SMALL_PAYLOAD_BYTES:
+    if sum(payload_bytes([tensor], wire_dtype) for tensor, wire_dtype in outputs) > SMALL_PAYLOAD_BYTES:
         return encode_response(request_id, outputs)
     response = expert_pb2.ExpertResponse(request_id=request_id)
     for tensor, wire_dtype in outputs:
