@@ -55,10 +55,34 @@ def expert_backward(expert: nn.Module, x_ND: torch.Tensor, grad_y_ND: torch.Tens
     """Recompute the forward from x, backpropagate grad_y; returns grad_x_ND and ADDS param grads.
 
     Stateless about the forward, so any replica holding the same weights can serve the backward.
+    SwiGLU experts take a hand-written backward (below); other kinds go through autograd.
     """
+    if isinstance(expert, SwiGLUExpert):
+        return _swiglu_backward(expert, x_ND, grad_y_ND)
     param = next(expert.parameters())
     x_ND = x_ND.to(param.dtype).detach().requires_grad_(True)
     with torch.enable_grad():
         y_ND = expert(x_ND)
         y_ND.backward(grad_y_ND.to(param.dtype))
     return x_ND.grad
+
+
+@torch.no_grad()
+def _swiglu_backward(expert: SwiGLUExpert, x_ND: torch.Tensor, grad_y_ND: torch.Tensor) -> torch.Tensor:
+    """The same operations autograd runs for SwiGLUExpert.forward, minus the output projection that a
+    recomputed forward does not need: 7 matmuls instead of 9, no graph. Results equal autograd's."""
+    w1, w3, w2 = expert.w1.weight, expert.w3.weight, expert.w2.weight
+    x_ND, g_ND = x_ND.to(w1.dtype), grad_y_ND.to(w1.dtype)
+    h1_NF, h3_NF = F.linear(x_ND, w1), F.linear(x_ND, w3)
+    a_NF = F.silu(h1_NF)
+    g_h_NF = g_ND.mm(w2)  # d loss / d (silu(h1) * h3)
+    grad_w2 = g_ND.t().mm(a_NF * h3_NF)
+    g_h3_NF = g_h_NF * a_NF
+    g_h1_NF = torch.ops.aten.silu_backward(g_h_NF * h3_NF, h1_NF)
+    grads = {w1: g_h1_NF.t().mm(x_ND), w3: g_h3_NF.t().mm(x_ND), w2: grad_w2}
+    for param, grad in grads.items():
+        if param.grad is None:
+            param.grad = grad
+        else:
+            param.grad.add_(grad)
+    return g_h1_NF.mm(w1) + g_h3_NF.mm(w3)

@@ -66,24 +66,34 @@ def test_expert_forward_casts_input_to_expert_dtype():
     assert torch.equal(y_ND, expert(x_ND.float()).detach())
 
 
-def test_expert_backward_matches_autograd_and_accumulates_param_grads():
-    expert = init_expert(8, 16, seed=0, uid=UID)
-    reference = init_expert(8, 16, seed=0, uid=UID)
-    x_ND, grad_y_ND = _rows(6, seed=3), _rows(6, seed=4)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3, 6, 64])
+def test_expert_backward_equals_autograd_bit_for_bit_and_accumulates(rows, dtype):
+    """The hand-written SwiGLU backward runs autograd's operations: same bits, not only close."""
+    expert = init_expert(8, 16, seed=0, uid=UID).to(dtype)
+    reference = init_expert(8, 16, seed=0, uid=UID).to(dtype)
+    x_ND, grad_y_ND = _rows(rows, seed=3), _rows(rows, seed=4)
+    x_ref = x_ND.to(dtype, copy=True).requires_grad_(True)
+    for call in (1, 2):  # the second call adds to the grads of the first, as autograd does
+        reference(x_ref).backward(grad_y_ND.to(dtype))
+        grad_x_ND = expert_backward(expert, x_ND, grad_y_ND)
+        assert grad_x_ND.shape == x_ND.shape and grad_x_ND.dtype == dtype and not x_ND.requires_grad
+        assert torch.equal(grad_x_ND, x_ref.grad)
+        for (name, p), q in zip(expert.named_parameters(), reference.parameters()):
+            assert torch.equal(p.grad, q.grad), (call, name)
+        x_ref.grad = None
 
+
+def test_expert_backward_of_other_expert_kinds_uses_autograd():
+    module = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.Tanh(), torch.nn.Linear(4, 8))
+    x_ND, grad_y_ND = _rows(5, seed=1), _rows(5, seed=2)
     x_ref = x_ND.clone().requires_grad_(True)
-    reference(x_ref).backward(grad_y_ND)
-
-    grad_x_ND = expert_backward(expert, x_ND, grad_y_ND)
-    assert grad_x_ND.shape == x_ND.shape and not x_ND.requires_grad
-    torch.testing.assert_close(grad_x_ND, x_ref.grad)
-    once = {name: p.grad.clone() for name, p in expert.named_parameters()}
-    for name, p in reference.named_parameters():
-        torch.testing.assert_close(once[name], p.grad)
-
-    expert_backward(expert, x_ND, grad_y_ND)
-    for name, p in expert.named_parameters():
-        torch.testing.assert_close(p.grad, 2 * once[name])
+    module(x_ref).backward(grad_y_ND)
+    expected = {name: p.grad.clone() for name, p in module.named_parameters()}
+    module.zero_grad(set_to_none=True)
+    assert torch.equal(expert_backward(module, x_ND, grad_y_ND), x_ref.grad)
+    for name, p in module.named_parameters():
+        assert torch.equal(p.grad, expected[name]), name
 
 
 def test_expert_backward_does_not_change_weights():
@@ -144,6 +154,36 @@ def test_sgd_steps_exactly_every_update_every_rows():
     assert registry.experts[OTHER_UID].version == 0
     untouched = init_expert(8, 16, seed=0, uid=OTHER_UID)
     _assert_same_weights(_weights(registry.experts[OTHER_UID].module), _weights(untouched))
+
+
+def test_adam_step_equals_torch_adam():
+    registry = _registry(name="adam", lr=1e-2, update_every=4)  # two calls of 2 rows per step
+    reference = init_expert(8, 16, seed=0, uid=UID)
+    adam = torch.optim.Adam(reference.parameters(), lr=1e-2, foreach=False)  # the plain per-tensor loop
+    for step in range(3):
+        for half in range(2):
+            x_ND, grad_y_ND = _rows(2, seed=10 * step + half), _rows(2, seed=10 * step + half + 5)
+            registry.backward(UID, x_ND, grad_y_ND)
+            expert_backward(reference, x_ND, grad_y_ND)
+        adam.step()
+        adam.zero_grad(set_to_none=True)
+    for name, weight in _weights(registry.experts[UID].module).items():
+        torch.testing.assert_close(weight, dict(reference.named_parameters())[name].detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_adam_stays_fused_after_loading_a_checkpoint_written_without_it():
+    source = _registry(name="adam", lr=1e-2, update_every=1)
+    _train(source, range(2))
+    state = source.state_dict()
+    for group in state["experts"][UID]["optimizer"]["param_groups"]:
+        group["fused"] = None  # as written by the default (foreach) Adam
+    target = _registry(name="adam", lr=1e-2, update_every=1)
+    target.load_state_dict(state)
+    assert [group["fused"] for group in target.experts[UID].optimizer.param_groups] == [True]
+    _train(source, range(5, 7))
+    _train(target, range(5, 7))
+    for name, weight in _weights(source.experts[UID].module).items():
+        torch.testing.assert_close(weight, _weights(target.experts[UID].module)[name], rtol=1e-6, atol=1e-7)
 
 
 def test_adam_steps_every_call_with_update_every_one():
