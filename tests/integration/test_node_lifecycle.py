@@ -2,23 +2,22 @@
 
 from __future__ import annotations
 
-import functools
+import json
 import os
 import pathlib
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
 import torch
-from hivemind.utils.crypto import RSAPrivateKey
-from hivemind.utils.timed_storage import get_dht_time
-
 from conftest import MODEL
 from procs import run
 from moeswarm.model.directory import find_experts
 from moeswarm.model.expert_client import ExpertClient
-from moeswarm.protocol.dht import IsolatedDHT, get_records, start_dht, stop_dht
-from moeswarm.protocol.records import dht_subkey, expert_key
+from moeswarm.protocol.dht import IsolatedDHT, get_records
+from moeswarm.protocol.records import expert_key
 
 D = MODEL["d_model"]
 
@@ -51,10 +50,6 @@ def test_client_finds_every_expert_through_the_dht(node_factory, client_dht):
     assert {r.peer_id for r in found["itest.L0.E1"]} == {a.ready["peer_id"], b.ready["peer_id"]}
 
 
-async def _store(dht, node, key, value, subkey):
-    return await node.store(key, value, get_dht_time() + 30, subkey=subkey)
-
-
 def test_forged_and_malformed_records_are_dropped(node_factory, client_dht, dht_peer):
     # Own swarm name: other tests' nodes left entries under "default" that live until their TTL.
     node = node_factory("victim", experts=["itest.L0.E0"], swarm="forgery")
@@ -62,20 +57,24 @@ def test_forged_and_malformed_records_are_dropped(node_factory, client_dht, dht_
     # the node stored its record before it reported ready, but another peer may see it a moment later
     (victim_subkey,) = wait_for(lambda: get_records(client_dht, [key])[key])
     forged = dict(peer_id="evil", endpoint="127.0.0.1:1", queue_depth=0, rows_per_s=0.0, version=0)
-    attacker = start_dht(initial_peers=dht_peer.ready["maddrs"], private_key=RSAPrivateKey())
-    try:
-        # Overwrite the victim's entry: refused (the attacker cannot sign for the victim's key).
-        attacker.run_coroutine(functools.partial(_store, key=key, value=forged, subkey=victim_subkey))
-        # Its own entry with a value that breaks our schema: stored, but readers must drop it.
-        garbage = dict(forged, endpoint="not an endpoint")
-        own = dht_subkey(attacker._record_validator._validators[0]._private_key)
-        assert attacker.run_coroutine(functools.partial(_store, key=key, value=garbage, subkey=own))
-        raw = wait_for(lambda: len(get_records(client_dht, [key])[key]) == 2 and get_records(client_dht, [key])[key])
-        assert set(raw) == {victim_subkey, own}
-        found = find_experts(client_dht, "forgery", ["itest.L0.E0"])["itest.L0.E0"]
-        assert [(r.peer_id, r.endpoint) for r in found] == [(node.ready["peer_id"], node.ready["endpoint"])]
-    finally:
-        stop_dht(attacker)
+    attack = dict(
+        maddrs=dht_peer.ready["maddrs"], key=key, victim_subkey=victim_subkey.hex(),
+        forged=forged, garbage=dict(forged, endpoint="not an endpoint"),
+    )
+    done = subprocess.run(
+        [sys.executable, str(pathlib.Path(__file__).with_name("forge_records.py")), json.dumps(attack)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    # Overwriting the victim's entry is refused (the attacker cannot sign for the victim's key);
+    # its own entry, with a value that breaks our schema, is stored, but readers must drop it.
+    assert result == {"overwrite_accepted": False, "own_accepted": True, "own_subkey": result["own_subkey"]}
+    own = bytes.fromhex(result["own_subkey"])
+    raw = wait_for(lambda: len(get_records(client_dht, [key])[key]) == 2 and get_records(client_dht, [key])[key])
+    assert set(raw) == {victim_subkey, own}
+    found = find_experts(client_dht, "forgery", ["itest.L0.E0"])["itest.L0.E0"]
+    assert [(r.peer_id, r.endpoint) for r in found] == [(node.ready["peer_id"], node.ready["endpoint"])]
 
 
 async def _train_step(endpoint: str, uid: str, x, grad_y):
