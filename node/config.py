@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Literal
 
 from moeswarm.protocol.codec import WIRE_DTYPES
@@ -47,6 +48,7 @@ class NodeConfig:
     batch_max_rows: int = 8192  # most rows merged into one expert matmul across requests
     wire_dtypes: tuple[str, ...] = ("float32", "bfloat16", "float16")  # dtypes accepted on the wire
     torch_threads: int = 1  # intra-op threads for expert compute (several nodes share a machine)
+    device: str = "cpu"  # where experts live and compute: "cpu", "cuda" or "cuda:N"
     optimizer: OptimizerConfig = OptimizerConfig()
 
     def __post_init__(self) -> None:
@@ -72,6 +74,10 @@ class NodeConfig:
         for dtype in self.wire_dtypes:
             _require(dtype in WIRE_DTYPES, "wire_dtypes", dtype, f"not one of {sorted(WIRE_DTYPES)}")
         _require(1 <= self.torch_threads <= 256, "torch_threads", self.torch_threads, "must be in [1, 256]")
+        _require(
+            isinstance(self.device, str) and re.fullmatch(r"cpu|cuda(:\d{1,3})?", self.device) is not None,
+            "device", self.device, "one of 'cpu', 'cuda', 'cuda:N'",
+        )
 
     def hosted_uids(self) -> tuple[str, ...]:
         return tuple(self.model.all_uids()) if self.experts == "all" else self.experts

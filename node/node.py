@@ -31,11 +31,24 @@ SHUTDOWN_GRACE_S = 2.0
 INLINE_FLOPS = 2_000_000
 
 
+def compute_device(name: str) -> torch.device:
+    """The torch device of config.device, checked against this machine (ConfigError if absent)."""
+    device = torch.device(name)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"device={name!r}: torch sees no CUDA device on this machine (torch {torch.__version__})")
+        if device.index is not None and device.index >= count:
+            raise ConfigError(f"device={name!r}: this machine has {count} CUDA device(s), numbered from 0")
+    return device
+
+
 class ExpertNode:
     def __init__(self, config: NodeConfig):
         # Per-thread in OpenMP: set here for the event-loop thread (validation, codec) and in the
         # compute thread's initializer below; a default of all cores stalls on a shared machine.
         torch.set_num_threads(config.torch_threads)
+        self.device = compute_device(config.device)
         self.config = config
         self.uids = config.hosted_uids()
         self.state_dir = pathlib.Path(config.state_dir) if config.state_dir else None
@@ -60,7 +73,9 @@ class ExpertNode:
         if config.initial_peers:
             await asyncio.to_thread(check_swarm_agrees, self.dht, config.swarm, config.model, self.peer_id)
         modules = load_expert_modules(config.model_dir, config.model, self.uids) if config.model_dir else None
-        self.registry = ExpertRegistry(config.model, self.uids, seed=config.seed, optimizer=config.optimizer, modules=modules)
+        self.registry = ExpertRegistry(
+            config.model, self.uids, seed=config.seed, optimizer=config.optimizer, modules=modules, device=self.device
+        )
         self._restore()
         # Inline below ~2 MFLOP (about the cost of handing work to another thread and back).
         inline_rows = INLINE_FLOPS // (6 * config.model.d_model * config.model.d_ff)

@@ -45,26 +45,30 @@ class ExpertRegistry:
 
     def __init__(
         self, spec: ModelSpec, uids: tuple[str, ...], *, seed: int, optimizer: OptimizerConfig,
-        modules: dict[str, nn.Module] | None = None,
+        modules: dict[str, nn.Module] | None = None, device: torch.device | str = "cpu",
     ):
         """modules: uid -> expert module for the experts that start from given weights (a model
-        directory or checkpoint); the others start from the deterministic (seed, uid) SwiGLU init."""
-        self.spec, self.optimizer_config = spec, optimizer
+        directory or checkpoint); the others start from the deterministic (seed, uid) SwiGLU init,
+        made on the CPU, so replicas on any device start from the same weights.
+        device: where the weights, grads and optimizer state live and the experts compute; inputs
+        arrive and outputs leave on the CPU (they come from and go to the wire)."""
+        self.spec, self.optimizer_config, self.device = spec, optimizer, torch.device(device)
         self.experts: dict[str, HostedExpert] = {}
         modules = modules or {}
         for uid in uids:
             module = modules.get(uid) or init_expert(spec.d_model, spec.d_ff, seed=seed, uid=uid)
+            module = module.to(self.device)
             self.experts[uid] = HostedExpert(module, forward=gpt_oss_forward if isinstance(module, GptOssExpert) else expert_forward)
 
     def forward(self, uid: str, x_ND: torch.Tensor) -> torch.Tensor:
         hosted = self.experts[uid]
         hosted.rows_served += x_ND.shape[0]
-        return hosted.forward(hosted.module, x_ND)
+        return hosted.forward(hosted.module, x_ND.to(self.device)).cpu()  # .cpu(): no-op on a CPU node
 
     def backward(self, uid: str, x_ND: torch.Tensor, grad_y_ND: torch.Tensor) -> torch.Tensor:
         """Return grad_x; accumulate parameter grads and step every `update_every` rows."""
         hosted = self.experts[uid]
-        grad_x_ND = expert_backward(hosted.module, x_ND, grad_y_ND)
+        grad_x_ND = expert_backward(hosted.module, x_ND.to(self.device), grad_y_ND.to(self.device)).cpu()
         hosted.rows_served += x_ND.shape[0]
         hosted.rows_since_step += x_ND.shape[0]
         if hosted.rows_since_step >= self.optimizer_config.update_every:
@@ -83,13 +87,14 @@ class ExpertRegistry:
         return hosted.optimizer
 
     def state_dict(self) -> dict:
-        """A deep copy of everything a restart needs (taken on the compute thread, so consistent)."""
+        """A deep copy on the CPU of everything a restart needs (taken on the compute thread, so
+        consistent); a checkpoint written on any device loads on any other."""
         state = {}
         for uid, hosted in self.experts.items():
             state[uid] = {
-                "weights": {k: v.detach().clone() for k, v in hosted.module.state_dict().items()},
+                "weights": {k: _cpu_copy(v) for k, v in hosted.module.state_dict().items()},
                 "optimizer": _clone_tree(hosted.optimizer.state_dict()) if hosted.optimizer else None,
-                "grads": {n: p.grad.clone() for n, p in hosted.module.named_parameters() if p.grad is not None},
+                "grads": {n: _cpu_copy(p.grad) for n, p in hosted.module.named_parameters() if p.grad is not None},
                 "version": hosted.version,
                 "rows_since_step": hosted.rows_since_step,
             }
@@ -112,7 +117,8 @@ class ExpertRegistry:
                 for group, flag in zip(optimizer.param_groups, fused):  # the saved flag is the writer's choice
                     group["fused"] = flag
             for name, param in hosted.module.named_parameters():
-                param.grad = saved["grads"].get(name)
+                grad = saved["grads"].get(name)
+                param.grad = None if grad is None else grad.to(param.device, copy=True)
             hosted.version, hosted.rows_since_step = saved["version"], saved["rows_since_step"]
             restored.append(uid)
         return restored
@@ -130,9 +136,13 @@ def _same_spec(saved, spec: ModelSpec) -> bool:
         return False
 
 
+def _cpu_copy(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().to("cpu", copy=True)
+
+
 def _clone_tree(tree):
     if isinstance(tree, torch.Tensor):
-        return tree.detach().clone()
+        return _cpu_copy(tree)
     if isinstance(tree, dict):
         return {k: _clone_tree(v) for k, v in tree.items()}
     if isinstance(tree, list):

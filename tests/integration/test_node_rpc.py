@@ -42,6 +42,29 @@ def test_forward_is_bit_exact_against_local_expert(node_factory, rows):
         assert torch.equal(outputs[uid], expected), f"{uid}: max diff {(outputs[uid] - expected).abs().max()}"
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch sees no CUDA device")
+def test_cuda_node_serves_forward_and_backward_close_to_cpu(node_factory):
+    node = node_factory(device="cuda", optimizer=dict(name="sgd", lr=0.05, update_every=1_000_000))
+    uid, x, grad_y = "itest.L1.E2", torch.randn(33, D), torch.randn(33, D)
+    reference = local_expert(uid)
+    x_ref = x.clone().requires_grad_(True)
+    expected = reference(x_ref)
+    expected.backward(grad_y)
+
+    async def forward_and_backward():
+        client = ExpertClient(node.ready["endpoint"])
+        try:
+            out = await client.forward(MODEL["name"], {uid: x}, timeout_s=30)
+            grad_x = await client.backward(MODEL["name"], {uid: x}, {uid: grad_y}, timeout_s=30)
+            return out[uid], grad_x[uid]
+        finally:
+            await client.close()
+
+    out, grad_x = run(forward_and_backward())
+    torch.testing.assert_close(out, expected.detach(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grad_x, x_ref.grad, rtol=1e-4, atol=1e-5)
+
+
 def test_forward_bf16_wire_is_opt_in_and_close(node_factory):
     node = node_factory()
     x = torch.randn(16, D)

@@ -108,6 +108,9 @@ def test_wrong_type_is_named(data, key):
         (_node(experts=["other.L0.E0"]), "belongs to model 'other'"),
         (_node(experts=["tiny.L2.E0"]), "outside model 'tiny'"),
         (_node(experts=["tiny-L0-E0"]), "malformed expert uid"),
+        (_node(device="gpu"), "device='gpu'"),
+        (_node(device="cuda:x"), "device='cuda:x'"),
+        (_node(device="CPU"), "device='CPU'"),
         ({"model": {**MODEL, "n_experts": 0}}, "model.n_experts=0"),
     ],
 )
@@ -219,3 +222,8 @@ def test_load_yaml_rejects_invalid_or_non_mapping(tmp_path, text, message):
 def test_load_yaml_of_missing_file_names_it(tmp_path):
     with pytest.raises(ConfigError, match="cannot read config .*missing.yaml"):
         load_yaml(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda", "cuda:0", "cuda:12"])
+def test_device_names_accepted(device):
+    assert build(NodeConfig, _node(device=device)).device == device
