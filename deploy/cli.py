@@ -69,6 +69,8 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--model-name", help="model name in the swarm (default: tiny-moe, or a checkpoint's folder name)")
     up.add_argument("--model", metavar="DIR", help="serve the experts of this model directory (`moeswarm model init`) or Hugging Face checkpoint; default: a fresh small model")
     up.add_argument("--swarm", default="default")
+    up.add_argument("--node-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a key of every node's config, e.g. device=cuda or optimizer.lr=1e-4")
     up.add_argument("--run-dir", help="keep node checkpoints and logs here (default: a temp dir removed at exit)")
     up.set_defaults(func=_cmd_swarm_up)
 

@@ -17,6 +17,8 @@ import time
 import yaml
 
 from moeswarm.coordinator.placement import place_experts
+from moeswarm.deploy.configfile import apply_overrides, build
+from moeswarm.node.config import NodeConfig
 from moeswarm.node.model_source import is_hf_checkpoint, spec_of
 from moeswarm.protocol.errors import ConfigError, StartupError
 from moeswarm.protocol.spec import ModelSpec, uid_sort_key
@@ -38,12 +40,17 @@ class SwarmPlan:
     model_dir: str | None = None  # serve this model directory's experts (None: the seed's init)
     uids: tuple[str, ...] | None = None  # the experts to place (None: every expert of the model)
     placement: str = "spread"  # coordinator/placement.py: "spread" (throughput) or "by-layer" (decoding latency)
+    node_overrides: tuple[str, ...] = ()  # "key=value" applied to every node's config (--node-set)
+
+
+# Keys swarm up sets per node from its plan; --node-set may change any other key of a node config.
+PLANNED_NODE_KEYS = frozenset({"model", "experts", "seed", "model_dir", "swarm", "initial_peers", "state_dir", "host", "port", "dht_port"})
 
 
 def node_configs(plan: SwarmPlan, initial_peers: list[str], run_dir: pathlib.Path) -> list[dict]:
-    """One node YAML mapping per node, from the placement plan."""
+    """One node YAML mapping per node, from the placement plan, with plan.node_overrides applied."""
     placement = place_experts(list(plan.uids or plan.model.all_uids()), plan.nodes, plan.replicas, layout=plan.placement)
-    return [
+    planned = [
         {
             "model": plan.model.to_config(),
             "experts": uids,
@@ -56,6 +63,16 @@ def node_configs(plan: SwarmPlan, initial_peers: list[str], run_dir: pathlib.Pat
         }
         for i, uids in enumerate(placement)
     ]
+    return [apply_overrides(config, list(plan.node_overrides)) for config in planned]
+
+
+def check_node_overrides(plan: SwarmPlan) -> None:
+    """ConfigError, before any process starts, for a --node-set of a planned key or a bad value."""
+    for item in plan.node_overrides:
+        top = item.partition("=")[0].split(".")[0]
+        if top in PLANNED_NODE_KEYS:
+            raise ConfigError(f"--node-set {item!r}: swarm up sets {top!r} for each node itself")
+    build(NodeConfig, node_configs(plan, [], pathlib.Path("unused"))[0])
 
 
 class LocalSwarm:
@@ -182,7 +199,10 @@ def plan_from_args(args, scratch: pathlib.Path) -> SwarmPlan:
     """The swarm to start: a model directory's experts (--model), experts only (any size flag), or
     by default a fresh small language model written under the run dir (or `scratch`)."""
     run_dir = pathlib.Path(args.run_dir) if args.run_dir else None
-    common = dict(nodes=args.nodes, replicas=args.replicas, swarm=args.swarm, run_dir=run_dir, placement=args.placement)
+    common = dict(
+        nodes=args.nodes, replicas=args.replicas, swarm=args.swarm, run_dir=run_dir, placement=args.placement,
+        node_overrides=tuple(args.node_set),
+    )
     bare = {key: getattr(args, key) for key in BARE_DEFAULTS if getattr(args, key) is not None}
     if args.model and bare:
         raise ConfigError(f"--model serves a model directory; drop --{next(iter(bare)).replace('_', '-')}")
@@ -205,6 +225,7 @@ def plan_from_args(args, scratch: pathlib.Path) -> SwarmPlan:
         place_experts(list(plan.uids or plan.model.all_uids()), plan.nodes, plan.replicas, layout=plan.placement)
     except ValueError as e:
         raise ConfigError(str(e)) from e
+    check_node_overrides(plan)
     return plan
 
 
