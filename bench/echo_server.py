@@ -1,5 +1,5 @@
 """The floor under every RPC figure: a minimal grpc.aio server that echoes bytes (generic handler, no
-serialisation), run as a child process of a benchmark. `python bench/echo_server.py READY_FILE`."""
+serialisation; unary, and on one long-lived bidirectional stream), run as a child process of a benchmark. `python bench/echo_server.py READY_FILE`."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from common import Children, write_ready  # noqa: E402  (bench/ is a folder of scripts, not a package)
 
 ECHO_METHOD = "/bench.Echo/Echo"
+STREAM_ECHO_METHOD = "/bench.Echo/StreamEcho"  # bidirectional: each message is answered in order
 GRPC_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
 ECHO_MAX_LIFETIME_S = 1800.0  # an orphaned echo server never outlives this
 
@@ -41,10 +42,17 @@ async def serve_echo(ready_file: str) -> int:
     async def echo(request: bytes, context) -> bytes:
         return request
 
+    async def stream_echo(requests, context):
+        async for request in requests:
+            yield request
+
     parent = os.getppid()
     server = grpc.aio.server(options=GRPC_OPTIONS + [("grpc.so_reuseport", 0)])
-    handler = grpc.unary_unary_rpc_method_handler(echo)  # no (de)serializer: bytes pass through
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("bench.Echo", {"Echo": handler}),))
+    handlers = {  # no (de)serializers: bytes pass through
+        "Echo": grpc.unary_unary_rpc_method_handler(echo),
+        "StreamEcho": grpc.stream_stream_rpc_method_handler(stream_echo),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("bench.Echo", handlers),))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     write_ready(ready_file, {"endpoint": f"127.0.0.1:{port}"})

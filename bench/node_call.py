@@ -37,7 +37,7 @@ import yaml
 from moeswarm.protocol.malloc import keep_freed_memory
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from echo_server import ECHO_METHOD, GRPC_OPTIONS, run_event_loop, spawn_echo  # noqa: E402
+from echo_server import ECHO_METHOD, GRPC_OPTIONS, STREAM_ECHO_METHOD, run_event_loop, spawn_echo  # noqa: E402
 from common import (  # noqa: E402  (bench/ is a folder of scripts, not a package)
     finish,
     POLL_S,
@@ -250,21 +250,31 @@ async def time_calls(call, n: int) -> list[float]:
 
 
 async def measure_batch1_breakdown(node, bw, echo_endpoint: str, pick: int) -> tuple[list[Figure], dict]:
-    """Batch-1 call against its floor, in alternating blocks: raw gRPC echo of the same 1 KiB, the
-    same Forward on an expert with d_ff=1 (our path without compute), and the real expert."""
+    """Batch-1 call against its floors, in alternating blocks: raw gRPC echo of the same 1 KiB, unary
+    and on an open stream (ExpertClient sends small requests on one), the same Forward on an expert
+    with d_ff=1 (our path without compute), and the real expert."""
     import grpc
     import torch
 
     x_1D = torch.randn(1, MODEL["d_model"])
+    payload = x_1D.numpy().tobytes()
     channel = grpc.aio.insecure_channel(echo_endpoint, options=GRPC_OPTIONS)
+    stream = channel.stream_stream(STREAM_ECHO_METHOD)()
+
+    async def stream_echo():
+        await stream.write(payload)
+        return await stream.read()
+
     try:
         calls = {
-            "raw echo": functools.partial(channel.unary_unary(ECHO_METHOD), x_1D.numpy().tobytes(), timeout=CALL_TIMEOUT_S),
+            "raw echo": functools.partial(channel.unary_unary(ECHO_METHOD), payload, timeout=CALL_TIMEOUT_S),
+            "raw stream echo": stream_echo,
             "d_ff=1 expert": functools.partial(bw.forward, BW_MODEL["name"], {BW_UID: x_1D}, timeout_s=CALL_TIMEOUT_S),
             "real expert": functools.partial(node.forward, MODEL["name"], {LATENCY_UID: x_1D}, timeout_s=CALL_TIMEOUT_S),
         }
         seconds = await alternate(calls, BANDWIDTH_CALLS[pick] * 4, WARMUP_CALLS[pick])
     finally:
+        stream.cancel()
         await channel.close()
     figures = [
         figure(f"batch1_{side.replace(' ', '_').replace('=', '')}_ms", f"batch 1 (1 KiB), {side}, median", median(s) * 1e3, "ms")
