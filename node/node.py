@@ -22,7 +22,7 @@ from moeswarm.node.registry import ExpertRegistry
 from moeswarm.node.service import SERVICE_NAME, ExpertServicer
 from moeswarm.node.validation import Limits
 from moeswarm.protocol import expert_pb2
-from moeswarm.protocol.errors import ConfigError
+from moeswarm.protocol.errors import ConfigError, StartupError
 from moeswarm.protocol.dht import start_dht, stop_dht
 from moeswarm.protocol.records import ExpertRecord, NodeRecord, dht_subkey
 
@@ -53,6 +53,7 @@ class ExpertNode:
         self.uids = config.hosted_uids()
         self.state_dir = pathlib.Path(config.state_dir) if config.state_dir else None
         self.endpoint = ""
+        self.peer_id = ""  # known once the DHT peer is up
         self.dht: hivemind.DHT | None = None
         self._server: grpc.aio.Server | None = None
         self._tasks: list[asyncio.Task] = []
@@ -63,15 +64,14 @@ class ExpertNode:
         )
 
     async def start(self) -> None:
-        """Start the DHT (it forks, so before any gRPC object), load experts, serve, announce."""
+        """Start the DHT (it forks, so before any gRPC object), load experts and serve while it joins
+        the swarm, then check the swarm agrees on the model and announce."""
         config = self.config
         identity = load_or_create_identity(self.state_dir)
         self.dht = start_dht(
-            initial_peers=config.initial_peers, host=config.host, port=config.dht_port, private_key=identity
+            initial_peers=config.initial_peers, host=config.host, port=config.dht_port, private_key=identity,
+            await_ready=False,
         )
-        self.peer_id = str(self.dht.peer_id)
-        if config.initial_peers:
-            await asyncio.to_thread(check_swarm_agrees, self.dht, config.swarm, config.model, self.peer_id)
         modules = load_expert_modules(config.model_dir, config.model, self.uids) if config.model_dir else None
         self.registry = ExpertRegistry(
             config.model, self.uids, seed=config.seed, optimizer=config.optimizer, modules=modules, device=self.device
@@ -81,6 +81,14 @@ class ExpertNode:
         inline_rows = INLINE_FLOPS // (6 * config.model.d_model * config.model.d_ff)
         self.batcher = Batcher(self._compute, self._executor, max_rows=config.batch_max_rows, inline_rows=inline_rows)
         await self._start_server()
+        try:
+            await asyncio.to_thread(self.dht.wait_until_ready)
+        except Exception as e:  # hivemind's P2PDaemonError & co: say what to check, without a traceback
+            peers = " ".join(config.initial_peers) or "(none: a new swarm)"
+            raise StartupError(f"the DHT peer did not start ({e}); initial peers: {peers}") from e
+        self.peer_id = str(self.dht.peer_id)
+        if config.initial_peers:
+            await asyncio.to_thread(check_swarm_agrees, self.dht, config.swarm, config.model, self.peer_id)
         self.announcer = Announcer(
             self.dht, swarm=config.swarm, subkey=dht_subkey(identity), ttl_s=config.announce_ttl_s, records=self._records
         )

@@ -32,9 +32,11 @@ DHT_STOP_TIMEOUT_S = 1.0  # keeps a node's whole shutdown under 5 s even when p2
 
 
 def start_dht(
-    *, initial_peers: list[str] = (), host: str = "127.0.0.1", port: int = 0, private_key=None, client_mode: bool = False
+    *, initial_peers: list[str] = (), host: str = "127.0.0.1", port: int = 0, private_key=None, client_mode: bool = False,
+    await_ready: bool = True,
 ):
-    """A started hivemind.DHT with moeswarm's record validators. Create it before any gRPC object."""
+    """A started hivemind.DHT with moeswarm's record validators. Create it before any gRPC object.
+    await_ready=False returns once its process is forked; call dht.wait_until_ready() before using it."""
     import hivemind
 
     from moeswarm.protocol.records import dht_validators  # here: importing this module must stay light
@@ -44,6 +46,7 @@ def start_dht(
         record_validators=dht_validators(private_key),
         shutdown_timeout=DHT_STOP_TIMEOUT_S,
         start=True,
+        await_ready=await_ready,
     )
     if client_mode:
         kwargs["client_mode"] = True
@@ -53,7 +56,12 @@ def start_dht(
 
 
 def stop_dht(dht) -> None:
-    """Shut the DHT down; kill its process if it does not stop in time."""
+    """Shut the DHT down; kill its process if it does not stop in time. A peer still starting is
+    first let finish (bounded), so that it stops its p2pd itself."""
+    try:
+        dht.wait_until_ready(DHT_TIMEOUT_S)
+    except Exception:  # it failed to start, or is stuck: shut down / kill below either way
+        pass
     dht.shutdown()
     dht.join(DHT_STOP_TIMEOUT_S)
     if dht.is_alive():

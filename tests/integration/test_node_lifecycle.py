@@ -12,7 +12,8 @@ import time
 
 import pytest
 import torch
-from conftest import MODEL
+import yaml
+from conftest import MODEL, node_config
 from procs import run
 from moeswarm.model.directory import find_experts
 from moeswarm.model.expert_client import ExpertClient
@@ -147,3 +148,14 @@ def test_node_refuses_a_checkpoint_of_another_model(node_factory, tmp_path):
         node_factory("n2", model=bigger, experts=["itest.L0.E0"], state_dir=state, swarm="other")
     # the refused checkpoint is left exactly as it was (a failed start writes nothing)
     assert {path.name: path.read_bytes() for path in pathlib.Path(state).iterdir()} == saved
+
+
+def test_unreachable_initial_peers_end_the_node_with_a_clear_error(tmp_path):
+    config = tmp_path / "node.yaml"
+    config.write_text(yaml.safe_dump(node_config([]), sort_keys=False))
+    nobody = "/ip4/127.0.0.1/tcp/1/p2p/12D3KooWNZWax6D2aQHtMZQTu2Arp8Qg34WQY9hUK5xysewWAND7"  # port 1: closed
+    cmd = [sys.executable, "-m", "moeswarm.deploy.cli", "node", "--config", str(config), "--initial-peers", nobody]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "moeswarm: the DHT peer did not start" in result.stderr and nobody in result.stderr
+    assert "Traceback" not in result.stderr
