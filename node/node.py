@@ -72,7 +72,7 @@ class ExpertNode:
             initial_peers=config.initial_peers, host=config.host, port=config.dht_port, private_key=identity,
             await_ready=False,
         )
-        modules = load_expert_modules(config.model_dir, config.model, self.uids) if config.model_dir else None
+        modules = load_expert_modules(config.model_dir, config.model, self.uids, self.device) if config.model_dir else None
         self.registry = ExpertRegistry(
             config.model, self.uids, seed=config.seed, optimizer=config.optimizer, modules=modules, device=self.device
         )
