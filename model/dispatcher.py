@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import logging
 import math
 import threading
 import time
+import uuid
 from typing import Callable, Collection
 
 import torch
@@ -54,6 +56,18 @@ class DispatchResult:
     rows: dict[str, ExpertRows]
     endpoints: dict[str, str]  # uid -> endpoint that served the forward (backward goes there first)
     attempts: Attempts  # failed tries, for error messages
+    forward_ids: dict[str, str] = dataclasses.field(default_factory=dict)  # uid -> id its node kept activations under
+
+
+@dataclasses.dataclass(frozen=True)
+class _Job:
+    """One layer call's work for _run_experts: what every RPC of it sends."""
+
+    op: str  # "forward" or "backward"
+    inputs: dict[str, torch.Tensor]
+    grads: dict[str, torch.Tensor] | None = None
+    keep: bool = False  # forward: nodes keep activations for the backward (training)
+    kept_on: dict[str, tuple[str, str]] = dataclasses.field(default_factory=dict)  # backward: uid -> (endpoint, forward id)
 
 
 def group_rows(topk_ids_TK: torch.Tensor, uids: list[str]) -> dict[str, ExpertRows]:
@@ -109,6 +123,8 @@ class Dispatcher:
         self.picker = picker or ReplicaPicker()
         self._wire_dtype = WIRE_DTYPES[config.wire_dtype]
         self._clients: dict[str, ExpertClient] = {}
+        # ids under which nodes keep a training forward's activations: unique per client and call
+        self._forward_ids = (f"{uuid.uuid4().hex[:12]}-f{i}" for i in itertools.count())
         self._loop = _new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="moeswarm-dispatch", daemon=True)
         self._thread.start()
@@ -123,10 +139,14 @@ class Dispatcher:
             future.cancel()  # do not leave the work running on the loop after the caller gave up
             raise
 
-    async def forward(self, uids: list[str], x_TD: torch.Tensor, topk_ids_TK: torch.Tensor) -> DispatchResult:
+    async def forward(
+        self, uids: list[str], x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, *, keep_activations: bool = False
+    ) -> DispatchResult:
+        """keep_activations: a training forward; nodes keep what backward() then reuses."""
         rows = group_rows(topk_ids_TK, uids)
         inputs = {uid: x_TD[r.token_idx] for uid, r in rows.items()}
-        outputs, endpoints, attempts = await self._run_experts("forward", inputs, None, {})
+        forward_ids: dict[str, str] = {}
+        outputs, endpoints, attempts = await self._run_experts(_Job("forward", inputs, keep=keep_activations), {}, forward_ids)
         T, K = topk_ids_TK.shape
         y_TKD = torch.zeros(T, K, x_TD.shape[-1], dtype=torch.float32)
         served_TK = torch.zeros(T, K, dtype=torch.bool)
@@ -134,13 +154,14 @@ class Dispatcher:
             r = rows[uid]
             y_TKD[r.token_idx, r.slot_idx] = y_ND.float()
             served_TK[r.token_idx, r.slot_idx] = True
-        return DispatchResult(y_TKD, served_TK, rows, endpoints, attempts)
+        return DispatchResult(y_TKD, served_TK, rows, endpoints, attempts, forward_ids)
 
     async def backward(self, result: DispatchResult, x_TD: torch.Tensor, grad_y_TKD: torch.Tensor) -> torch.Tensor:
         """Send output grads of every served expert (to the replica that served the forward first)."""
         inputs = {uid: x_TD[result.rows[uid].token_idx] for uid in result.endpoints}
         grads = {uid: grad_y_TKD[result.rows[uid].token_idx, result.rows[uid].slot_idx] for uid in result.endpoints}
-        grad_x, _, attempts = await self._run_experts("backward", inputs, grads, result.endpoints)
+        kept_on = {uid: (result.endpoints[uid], fid) for uid, fid in result.forward_ids.items() if uid in result.endpoints}
+        grad_x, _, attempts = await self._run_experts(_Job("backward", inputs, grads, kept_on=kept_on), result.endpoints, {})
         missing = set(inputs) - set(grad_x)
         if missing:  # a lost gradient would silently bias training: fail loudly instead
             uid = sorted(missing)[0]
@@ -150,18 +171,21 @@ class Dispatcher:
             grad_x_TD.index_add_(0, result.rows[uid].token_idx, g_ND.float())
         return grad_x_TD
 
-    async def _run_experts(self, op: str, inputs: dict, grads: dict | None, preferred: dict[str, str]):
-        """Up to max_attempts rounds: each round groups the pending experts by chosen replica."""
-        outputs, served_by, attempts = {}, {}, {uid: [] for uid in inputs}
-        pending = set(inputs)
+    async def _run_experts(self, job: _Job, preferred: dict[str, str], forward_ids: dict[str, str]):
+        """Up to max_attempts rounds: each round groups the pending experts by chosen replica.
+        forward_ids is filled with the id each served expert's node kept its activations under."""
+        outputs, served_by, attempts = {}, {}, {uid: [] for uid in job.inputs}
+        pending = set(job.inputs)
         for _ in range(self.config.max_attempts):
-            plan = self._assign(pending, attempts, preferred, {uid: inputs[uid].shape[0] for uid in pending})
+            plan = self._assign(pending, attempts, preferred, {uid: job.inputs[uid].shape[0] for uid in pending})
             if not plan:
                 break
-            calls = [self._call_hedged(op, endpoint, uids, inputs, grads, attempts) for endpoint, uids in plan.items()]
+            calls = [self._call_hedged(job, endpoint, uids, attempts) for endpoint, uids in plan.items()]
             for answered in (await asyncio.gather(*calls)) if len(calls) > 1 else [await calls[0]]:
-                for uid, (tensor, endpoint) in answered.items():
+                for uid, (tensor, endpoint, forward_id) in answered.items():
                     outputs[uid], served_by[uid] = tensor, endpoint
+                    if forward_id:
+                        forward_ids[uid] = forward_id
             pending -= set(outputs)
         return outputs, served_by, attempts
 
@@ -183,12 +207,13 @@ class Dispatcher:
         ranked = self.picker.rank(self.directory.replicas(uid), exclude)
         return pick_endpoint([r.endpoint for r in ranked], self.picker.is_banned, preferred if preferred not in exclude else None)
 
-    async def _call_hedged(self, op, endpoint, uids, inputs, grads, attempts: Attempts) -> dict:
+    async def _call_hedged(self, job: _Job, endpoint, uids, attempts: Attempts) -> dict:
         """Call one node; if it runs past its hedge delay, send the same experts to other replicas too
-        and take whichever answers first. Returns {uid: (tensor, endpoint)} for what succeeded."""
+        and take whichever answers first. Returns {uid: (tensor, endpoint, forward id)} for what succeeded."""
+        op = job.op
         if all(len(self.directory.replicas(uid)) < 2 for uid in uids):  # nothing to hedge to: skip the timer task
-            return await self._call(op, endpoint, uids, inputs, grads, attempts)
-        primary = asyncio.ensure_future(self._call(op, endpoint, uids, inputs, grads, attempts))
+            return await self._call(job, endpoint, uids, attempts)
+        primary = asyncio.ensure_future(self._call(job, endpoint, uids, attempts))
         done, _ = await asyncio.wait({primary}, timeout=self.picker.hedge_after_s(endpoint, self.config.hedge_floor_s))
         if done:
             return primary.result()
@@ -197,7 +222,7 @@ class Dispatcher:
         if any(alt is None for alt in alternatives.values()):
             return await primary
         logger.info("hedging %s call to %s after %.0f ms", op, endpoint, self.picker.hedge_after_s(endpoint, 0) * 1e3)
-        hedge = asyncio.ensure_future(self._call_group(op, alternatives, inputs, grads, attempts))
+        hedge = asyncio.ensure_future(self._call_group(job, alternatives, attempts))
         done, pending = await asyncio.wait({primary, hedge}, return_when=asyncio.FIRST_COMPLETED)
         answered = {uid: value for task in done for uid, value in task.result().items()}
         if len(answered) < len(uids) and pending:  # the first one failed (partly): the other decides
@@ -210,25 +235,31 @@ class Dispatcher:
             self.picker.on_failure(endpoint)  # slower than its replicas: avoid it for a while
         return answered
 
-    async def _call_group(self, op, assignment: dict[str, str], inputs, grads, attempts: Attempts) -> dict:
+    async def _call_group(self, job: _Job, assignment: dict[str, str], attempts: Attempts) -> dict:
         by_endpoint: dict[str, list[str]] = {}
         for uid, endpoint in assignment.items():
             by_endpoint.setdefault(endpoint, []).append(uid)
-        results = await asyncio.gather(*(self._call(op, e, u, inputs, grads, attempts) for e, u in by_endpoint.items()))
+        results = await asyncio.gather(*(self._call(job, e, u, attempts) for e, u in by_endpoint.items()))
         return {uid: value for result in results for uid, value in result.items()}
 
-    async def _call(self, op, endpoint: str, uids: list[str], inputs, grads, attempts: Attempts) -> dict:
+    async def _call(self, job: _Job, endpoint: str, uids: list[str], attempts: Attempts) -> dict:
         """One RPC. Failures are recorded (and the replica banned), not raised, except caller bugs."""
         client = self._client(endpoint)
         started = time.monotonic()
+        op, keep_as = job.op, (next(self._forward_ids) if job.keep else "")
         try:
-            batch = {uid: inputs[uid] for uid in uids}
+            batch = {uid: job.inputs[uid] for uid in uids}
             if op == "forward":
-                out = await client.forward(self.model, batch, timeout_s=self.config.timeout_s, wire_dtype=self._wire_dtype)
+                out = await client.forward(
+                    self.model, batch, timeout_s=self.config.timeout_s, wire_dtype=self._wire_dtype, keep_as=keep_as
+                )
             else:
-                grad_batch = {uid: grads[uid] for uid in uids}
+                grad_batch = {uid: job.grads[uid] for uid in uids}
+                # the node that kept a forward's activations is the one that can reuse them
+                forward_ids = {uid: job.kept_on[uid][1] for uid in uids if job.kept_on.get(uid, ("",))[0] == endpoint}
                 out = await client.backward(
-                    self.model, batch, grad_batch, timeout_s=self.config.timeout_s, wire_dtype=self._wire_dtype
+                    self.model, batch, grad_batch, timeout_s=self.config.timeout_s, wire_dtype=self._wire_dtype,
+                    forward_ids=forward_ids,
                 )
         except BadRequest:
             raise  # our request was malformed: a bug, not a replica fault; never retried
@@ -241,7 +272,7 @@ class Dispatcher:
                 logger.warning("%s to %s failed (%s); banned for %.0f s", op, endpoint, reason, ban_s)
             return {}
         self.picker.on_success(endpoint, time.monotonic() - started)
-        return {uid: (tensor, endpoint) for uid, tensor in out.items()}
+        return {uid: (tensor, endpoint, keep_as) for uid, tensor in out.items()}
 
     def _client(self, endpoint: str) -> ExpertClient:
         if endpoint not in self._clients:  # created on the loop thread, used only there

@@ -45,10 +45,13 @@ class ExpertClient:
         self._stream_busy = False
 
     async def forward(
-        self, model: str, inputs: dict[str, torch.Tensor], *, timeout_s: float, wire_dtype: torch.dtype | None = None
+        self, model: str, inputs: dict[str, torch.Tensor], *, timeout_s: float, wire_dtype: torch.dtype | None = None,
+        keep_as: str = "",
     ) -> dict[str, torch.Tensor]:
-        """Run several experts of this node on their rows: {uid: x_ND} -> {uid: y_ND} (wire dtype)."""
-        return await self._call(model, inputs, None, timeout_s, wire_dtype)
+        """Run several experts of this node on their rows: {uid: x_ND} -> {uid: y_ND} (wire dtype).
+        keep_as: a training forward's id (unique per client, <= 128 chars): the node keeps what the
+        backward of these rows needs under it, for a backward that passes it in forward_ids."""
+        return await self._call(model, inputs, None, timeout_s, wire_dtype, keep_as=keep_as)
 
     async def backward(
         self,
@@ -58,9 +61,12 @@ class ExpertClient:
         *,
         timeout_s: float,
         wire_dtype: torch.dtype | None = None,
+        forward_ids: dict[str, str] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Send output grads; returns input grads {uid: grad_x_ND}. The node accumulates param grads."""
-        return await self._call(model, inputs, grad_outputs, timeout_s, wire_dtype)
+        """Send output grads; returns input grads {uid: grad_x_ND}. The node accumulates param grads.
+        forward_ids: {uid: keep_as of the forward that computed these rows on this node}; the node
+        reuses what it kept if it still can, and recomputes otherwise."""
+        return await self._call(model, inputs, grad_outputs, timeout_s, wire_dtype, forward_ids=forward_ids)
 
     async def info(self, *, timeout_s: float) -> expert_pb2.InfoResponse:
         try:
@@ -68,11 +74,15 @@ class ExpertClient:
         except grpc.RpcError as e:
             raise error_from_rpc(e, self.endpoint) from e
 
-    async def _call(self, model: str, inputs: dict, grad_outputs: dict | None, timeout_s: float, wire_dtype) -> dict[str, torch.Tensor]:
+    async def _call(
+        self, model: str, inputs: dict, grad_outputs: dict | None, timeout_s: float, wire_dtype, *, keep_as: str = "",
+        forward_ids: dict[str, str] | None = None,
+    ) -> dict[str, torch.Tensor]:
         backward = grad_outputs is not None
         on_stream = not self._stream_busy and wire.payload_bytes(inputs.values(), wire_dtype) * (2 if backward else 1) <= STREAM_MAX_BYTES
         request = wire.write_request(
-            model, next(self._request_ids), inputs, grad_outputs, backward=backward and on_stream, wire_dtype=wire_dtype
+            model, keep_as or next(self._request_ids), inputs, grad_outputs, backward=backward and on_stream,
+            wire_dtype=wire_dtype, keep_activations=bool(keep_as), forward_ids=forward_ids,
         )
         if on_stream:
             data = await self._call_on_stream(request, timeout_s)

@@ -51,14 +51,27 @@ def expert_forward(expert: SwiGLUExpert, x_ND: torch.Tensor) -> torch.Tensor:
     return F.linear(F.silu(F.linear(x_ND, w1)) * F.linear(x_ND, w3), w2)
 
 
-def expert_backward(expert: nn.Module, x_ND: torch.Tensor, grad_y_ND: torch.Tensor) -> torch.Tensor:
+@torch.no_grad()
+def expert_forward_keep(expert: SwiGLUExpert, x_ND: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """expert_forward (the same operations, so the same output) that also returns what
+    expert_backward needs to skip recomputing the forward: the two hidden projections (h1, h3)."""
+    w1, w3, w2 = expert.w1.weight, expert.w3.weight, expert.w2.weight
+    x_ND = x_ND.to(w1.dtype)
+    h1_NF, h3_NF = F.linear(x_ND, w1), F.linear(x_ND, w3)
+    return F.linear(F.silu(h1_NF) * h3_NF, w2), (h1_NF, h3_NF)
+
+
+def expert_backward(
+    expert: nn.Module, x_ND: torch.Tensor, grad_y_ND: torch.Tensor, kept: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> torch.Tensor:
     """Recompute the forward from x, backpropagate grad_y; returns grad_x_ND and ADDS param grads.
 
     Stateless about the forward, so any replica holding the same weights can serve the backward.
-    SwiGLU experts take a hand-written backward (below); other kinds go through autograd.
+    SwiGLU experts take a hand-written backward (below), which uses `kept` (expert_forward_keep's
+    (h1, h3) for these rows) instead of recomputing them when given; other kinds go through autograd.
     """
     if isinstance(expert, SwiGLUExpert):
-        return _swiglu_backward(expert, x_ND, grad_y_ND)
+        return _swiglu_backward(expert, x_ND, grad_y_ND, kept)
     param = next(expert.parameters())
     x_ND = x_ND.to(param.dtype).detach().requires_grad_(True)
     with torch.enable_grad():
@@ -68,12 +81,13 @@ def expert_backward(expert: nn.Module, x_ND: torch.Tensor, grad_y_ND: torch.Tens
 
 
 @torch.no_grad()
-def _swiglu_backward(expert: SwiGLUExpert, x_ND: torch.Tensor, grad_y_ND: torch.Tensor) -> torch.Tensor:
+def _swiglu_backward(expert: SwiGLUExpert, x_ND: torch.Tensor, grad_y_ND: torch.Tensor, kept=None) -> torch.Tensor:
     """The same operations autograd runs for SwiGLUExpert.forward, minus the output projection that a
-    recomputed forward does not need: 7 matmuls instead of 9, no graph. Results equal autograd's."""
+    recomputed forward does not need: 8 matmuls instead of 9 (6 with `kept`), no graph. Results equal
+    autograd's."""
     w1, w3, w2 = expert.w1.weight, expert.w3.weight, expert.w2.weight
     x_ND, g_ND = x_ND.to(w1.dtype), grad_y_ND.to(w1.dtype)
-    h1_NF, h3_NF = F.linear(x_ND, w1), F.linear(x_ND, w3)
+    h1_NF, h3_NF = kept if kept is not None else (F.linear(x_ND, w1), F.linear(x_ND, w3))
     a_NF = F.silu(h1_NF)
     g_h_NF = g_ND.mm(w2)  # d loss / d (silu(h1) * h3)
     grad_w2 = g_ND.t().mm(a_NF * h3_NF)

@@ -50,11 +50,16 @@ class SwarmClient:
         self.expert_wait_s = 0.0  # time callers spent waiting for expert round trips (for profiling)
         self._closed = False
 
-    def dispatch(self, uids: list[str], x_TD: torch.Tensor, topk_ids_TK: torch.Tensor) -> DispatchResult:
-        """One layer call's forward over the swarm (ids < 0: slots not sent); blocks; counts the wait."""
+    def dispatch(
+        self, uids: list[str], x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, *, keep_activations: bool | None = None
+    ) -> DispatchResult:
+        """One layer call's forward over the swarm (ids < 0: slots not sent); blocks; counts the wait.
+        keep_activations (default: whether grad is enabled): a forward a backward will follow, so
+        nodes keep what it can reuse."""
         started = time.perf_counter()
+        keep = torch.is_grad_enabled() if keep_activations is None else keep_activations
         try:
-            return self.dispatcher.run(self.dispatcher.forward(uids, x_TD.detach(), topk_ids_TK))
+            return self.dispatcher.run(self.dispatcher.forward(uids, x_TD.detach(), topk_ids_TK, keep_activations=keep))
         finally:
             self.expert_wait_s += time.perf_counter() - started
 
@@ -156,7 +161,10 @@ class RemoteMoE(nn.Module):
         ids_TK = routing.topk_ids_TK[:, :n_remote_slots]
         sent_TK = routing.mask_TK[:, :n_remote_slots]
         all_sent = bool(sent_TK.all())  # False only where a capacity limit dropped slots
-        result = self.client.dispatch(self.uids, x_TD, ids_TK if all_sent else ids_TK.masked_fill(~sent_TK, -1))
+        backward_follows = torch.is_grad_enabled() and (self.training or x.requires_grad)  # see the anchor below
+        result = self.client.dispatch(
+            self.uids, x_TD, ids_TK if all_sent else ids_TK.masked_fill(~sent_TK, -1), keep_activations=backward_follows
+        )
         # capacity drops carry weight 0 already: count them as served
         served_TK = result.served_TK if all_sent else result.served_TK | ~sent_TK
         all_served = bool(served_TK.all())

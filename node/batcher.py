@@ -22,8 +22,10 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-# run(uid, op, inputs_ND, grads_ND or None) -> output_ND; called on the compute thread.
-ComputeFn = Callable[[str, str, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+# run(uid, op, inputs_ND, grads_ND or None, tags) -> output_ND; called on the compute thread. tags:
+# (tag, rows) of each request merged into inputs_ND, in order (a tag names the training Forward whose
+# activations a forward keeps or a backward reuses; "" for none).
+ComputeFn = Callable[[str, str, torch.Tensor, "torch.Tensor | None", "list[tuple[str, int]]"], torch.Tensor]
 
 
 @dataclasses.dataclass
@@ -31,6 +33,7 @@ class _Pending:
     x_ND: torch.Tensor
     g_ND: torch.Tensor | None
     future: asyncio.Future
+    tag: str = ""
 
 
 class RateMeter:
@@ -59,15 +62,15 @@ class Batcher:
         self.queued_rows = 0
         self.meter = RateMeter()
 
-    async def submit(self, uid: str, op: str, x_ND: torch.Tensor, g_ND: torch.Tensor | None = None) -> torch.Tensor:
+    async def submit(self, uid: str, op: str, x_ND: torch.Tensor, g_ND: torch.Tensor | None = None, tag: str = "") -> torch.Tensor:
         """Queue rows for one expert; returns its output rows (forward) or input grads (backward)."""
         key = (uid, op)
         rows = x_ND.shape[0] * (3 if op == "backward" else 1)  # backward costs ~3 forwards
         if rows <= self.inline_rows and self._in_executor == 0 and not self._queues.get(key):
-            out_ND = self._compute(uid, op, x_ND, g_ND)
+            out_ND = self._compute(uid, op, x_ND, g_ND, [(tag, x_ND.shape[0])])
             self.meter.add(x_ND.shape[0])
             return out_ND
-        pending = _Pending(x_ND, g_ND, asyncio.get_running_loop().create_future())
+        pending = _Pending(x_ND, g_ND, asyncio.get_running_loop().create_future(), tag)
         self._queues[key].append(pending)
         self.queued_rows += x_ND.shape[0]
         if key not in self._drainers:
@@ -102,7 +105,8 @@ class Batcher:
             g_ND = None
             if op == "backward":
                 g_ND = batch[0].g_ND if len(batch) == 1 else torch.cat([item.g_ND for item in batch])
-            out_ND = await self.run_on_compute_thread(self._compute, uid, op, x_ND, g_ND)
+            tags = [(item.tag, item.x_ND.shape[0]) for item in batch]
+            out_ND = await self.run_on_compute_thread(self._compute, uid, op, x_ND, g_ND, tags)
         except Exception as e:  # task boundary: hand the failure to every waiting caller
             logger.error("expert %s %s failed on %d requests", uid, op, len(batch), exc_info=True)
             for item in batch:

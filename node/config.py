@@ -49,6 +49,7 @@ class NodeConfig:
     wire_dtypes: tuple[str, ...] = ("float32", "bfloat16", "float16")  # dtypes accepted on the wire
     torch_threads: int = 1  # intra-op threads for expert compute (several nodes share a machine)
     device: str = "cpu"  # where experts live and compute: "cpu", "cuda" or "cuda:N"
+    activation_cache_mb: int = 256  # memory (on device) for activations training forwards keep for their backward; 0: off
     optimizer: OptimizerConfig = OptimizerConfig()
 
     def __post_init__(self) -> None:
@@ -74,6 +75,7 @@ class NodeConfig:
         for dtype in self.wire_dtypes:
             _require(dtype in WIRE_DTYPES, "wire_dtypes", dtype, f"not one of {sorted(WIRE_DTYPES)}")
         _require(1 <= self.torch_threads <= 256, "torch_threads", self.torch_threads, "must be in [1, 256]")
+        _require(0 <= self.activation_cache_mb <= 1 << 20, "activation_cache_mb", self.activation_cache_mb, "must be in [0, 1048576]")
         _require(
             isinstance(self.device, str) and re.fullmatch(r"cpu|cuda(:\d{1,3})?", self.device) is not None,
             "device", self.device, "one of 'cpu', 'cuda', 'cuda:N'",

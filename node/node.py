@@ -74,7 +74,8 @@ class ExpertNode:
         )
         modules = load_expert_modules(config.model_dir, config.model, self.uids, self.device) if config.model_dir else None
         self.registry = ExpertRegistry(
-            config.model, self.uids, seed=config.seed, optimizer=config.optimizer, modules=modules, device=self.device
+            config.model, self.uids, seed=config.seed, optimizer=config.optimizer, modules=modules, device=self.device,
+            activation_cache_bytes=config.activation_cache_mb << 20,
         )
         self._restore()
         # Inline below ~2 MFLOP (about the cost of handing work to another thread and back).
@@ -122,10 +123,10 @@ class ExpertNode:
     def dht_maddrs(self) -> list[str]:
         return [str(maddr) for maddr in self.dht.get_visible_maddrs()]
 
-    def _compute(self, uid: str, op: str, x_ND: torch.Tensor, g_ND: torch.Tensor | None) -> torch.Tensor:
+    def _compute(self, uid: str, op: str, x_ND: torch.Tensor, g_ND: torch.Tensor | None, tags) -> torch.Tensor:
         if op == "forward":
-            return self.registry.forward(uid, x_ND)
-        return self.registry.backward(uid, x_ND, g_ND)
+            return self.registry.forward(uid, x_ND, tags)
+        return self.registry.backward(uid, x_ND, g_ND, tags)
 
     def info(self) -> expert_pb2.InfoResponse:
         spec = self.config.model
@@ -143,6 +144,7 @@ class ExpertNode:
             max_rows=self.config.max_rows,
             max_message_bytes=self.config.max_message_bytes,
             peer_id=self.peer_id,
+            reused_activation_rows=self.registry.kept.reused_rows,
         )
 
     def _records(self) -> tuple[NodeRecord, dict[str, ExpertRecord]]:

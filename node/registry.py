@@ -12,12 +12,14 @@ from typing import Callable
 import torch
 from torch import nn
 
-from moeswarm.model.experts import expert_backward, expert_forward, init_expert
+from moeswarm.model.experts import SwiGLUExpert, expert_backward, expert_forward, expert_forward_keep, init_expert
 from moeswarm.model.hf_experts import GptOssExpert, gpt_oss_forward
+from moeswarm.node.activations import ActivationCache
 from moeswarm.node.config import OptimizerConfig
 from moeswarm.protocol.spec import ModelSpec
 
 logger = logging.getLogger(__name__)
+Tags = tuple[tuple[str, int], ...] | list[tuple[str, int]]  # (forward_id or "", rows) per caller of a batch
 
 
 @dataclasses.dataclass
@@ -45,14 +47,16 @@ class ExpertRegistry:
 
     def __init__(
         self, spec: ModelSpec, uids: tuple[str, ...], *, seed: int, optimizer: OptimizerConfig,
-        modules: dict[str, nn.Module] | None = None, device: torch.device | str = "cpu",
+        modules: dict[str, nn.Module] | None = None, device: torch.device | str = "cpu", activation_cache_bytes: int = 0,
     ):
         """modules: uid -> expert module for the experts that start from given weights (a model
         directory or checkpoint); the others start from the deterministic (seed, uid) SwiGLU init,
         made on the CPU, so replicas on any device start from the same weights.
         device: where the weights, grads and optimizer state live and the experts compute; inputs
-        arrive and outputs leave on the CPU (they come from and go to the wire)."""
+        arrive and outputs leave on the CPU (they come from and go to the wire).
+        activation_cache_bytes: memory (on `device`) for what training forwards keep for their backward."""
         self.spec, self.optimizer_config, self.device = spec, optimizer, torch.device(device)
+        self.kept = ActivationCache(activation_cache_bytes)
         self.experts: dict[str, HostedExpert] = {}
         modules = modules or {}
         for uid in uids:
@@ -60,15 +64,32 @@ class ExpertRegistry:
             module = module.to(self.device)
             self.experts[uid] = HostedExpert(module, forward=gpt_oss_forward if isinstance(module, GptOssExpert) else expert_forward)
 
-    def forward(self, uid: str, x_ND: torch.Tensor) -> torch.Tensor:
+    def forward(self, uid: str, x_ND: torch.Tensor, keep_for: Tags = ()) -> torch.Tensor:
+        """keep_for: (forward_id, rows) per caller whose rows make up x_ND, in order; rows of a
+        non-empty forward_id keep their activations for a Backward that names it."""
         hosted = self.experts[uid]
         hosted.rows_served += x_ND.shape[0]
-        return hosted.forward(hosted.module, x_ND.to(self.device)).cpu()  # .cpu(): no-op on a CPU node
+        x_ND = x_ND.to(self.device)
+        if not any(forward_id for forward_id, _ in keep_for) or not self.kept.max_bytes or not isinstance(hosted.module, SwiGLUExpert):
+            return hosted.forward(hosted.module, x_ND).cpu()  # .cpu(): no-op on a CPU node
+        y_ND, kept = expert_forward_keep(hosted.module, x_ND)
+        offset = 0
+        for forward_id, rows in keep_for:
+            if forward_id:  # a slice of a merged batch is copied, so it does not pin the whole batch
+                part = tuple(t[offset : offset + rows] if rows == t.shape[0] else t[offset : offset + rows].clone() for t in kept)
+                self.kept.put(forward_id, uid, hosted.version, part)
+            offset += rows
+        return y_ND.cpu()
 
-    def backward(self, uid: str, x_ND: torch.Tensor, grad_y_ND: torch.Tensor) -> torch.Tensor:
-        """Return grad_x; accumulate parameter grads and step every `update_every` rows."""
+    def backward(self, uid: str, x_ND: torch.Tensor, grad_y_ND: torch.Tensor, forward_ids: Tags = ()) -> torch.Tensor:
+        """Return grad_x; accumulate parameter grads and step every `update_every` rows.
+        forward_ids: (forward_id, rows) per caller, as in forward(); kept activations are used when
+        every caller's are still held, else the forward is recomputed."""
         hosted = self.experts[uid]
-        grad_x_ND = expert_backward(hosted.module, x_ND.to(self.device), grad_y_ND.to(self.device)).cpu()
+        kept = self._take_kept(uid, hosted.version, forward_ids) if forward_ids else None
+        grad_x_ND = expert_backward(hosted.module, x_ND.to(self.device), grad_y_ND.to(self.device), kept).cpu()
+        if kept is not None:
+            self.kept.reused_rows += x_ND.shape[0]
         hosted.rows_served += x_ND.shape[0]
         hosted.rows_since_step += x_ND.shape[0]
         if hosted.rows_since_step >= self.optimizer_config.update_every:
@@ -78,6 +99,12 @@ class ExpertRegistry:
             hosted.rows_since_step = 0
             hosted.version += 1
         return grad_x_ND
+
+    def _take_kept(self, uid: str, version: int, forward_ids: Tags) -> tuple[torch.Tensor, ...] | None:
+        parts = [self.kept.take(forward_id, uid, version, rows) if forward_id else None for forward_id, rows in forward_ids]
+        if any(part is None for part in parts):
+            return None
+        return parts[0] if len(parts) == 1 else tuple(torch.cat(tensors) for tensors in zip(*parts))
 
     def _optimizer(self, hosted: HostedExpert) -> torch.optim.Optimizer:
         # Lazily: the first optimizer built in a process imports torch._dynamo (~1.2 s), and a node

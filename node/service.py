@@ -97,16 +97,19 @@ class ExpertServicer:
 
     async def _respond(self, request: wire.RequestView, *, backward: bool) -> bytes:
         work = validate_request(request, self._limits, backward=backward)
+        keep_as = request.request_id if request.keep_activations else ""
         if len(work) == 1:  # the common decoding case: no gather, no extra task
-            outputs = [await self._submit(work[0], backward)]
+            outputs = [await self._submit(work[0], backward, keep_as)]
         else:
-            outputs = await asyncio.gather(*(self._submit(item, backward) for item in work))
+            outputs = await asyncio.gather(*(self._submit(item, backward, keep_as) for item in work))
         # In the caller's wire dtype (fp32 unless it opted in).
         return wire.write_response(request.request_id, [(out, item.x_ND.dtype) for item, out in zip(work, outputs)])
 
-    def _submit(self, item: ExpertWork, backward: bool):
-        """One expert's rows to the batcher; returns an awaitable of its output rows."""
-        return self._batcher.submit(item.uid, "backward" if backward else "forward", item.x_ND, item.g_ND)
+    def _submit(self, item: ExpertWork, backward: bool, keep_as: str):
+        """One expert's rows to the batcher; returns an awaitable of its output rows. The tag: the
+        Forward whose activations a backward may reuse, or under which a forward keeps them."""
+        tag = item.forward_id if backward else keep_as
+        return self._batcher.submit(item.uid, "backward" if backward else "forward", item.x_ND, item.g_ND, tag)
 
 
 def _parse_request(data: bytes) -> wire.RequestView | expert_pb2.ExpertRequest:

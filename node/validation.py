@@ -7,6 +7,7 @@ import dataclasses
 import numpy as np
 import torch
 
+from moeswarm.node.activations import MAX_ID_CHARS
 from moeswarm.protocol import codec, expert_pb2, wire
 from moeswarm.protocol.errors import BadRequest, ExpertNotFound, Overloaded
 from moeswarm.protocol.spec import ModelSpec, parse_uid
@@ -25,6 +26,7 @@ class ExpertWork:
     uid: str
     x_ND: torch.Tensor  # read-only view of the request bytes
     g_ND: torch.Tensor | None  # Backward only
+    forward_id: str = ""  # Backward only: the Forward whose kept activations may be reused
 
 
 def validate_request(request: wire.RequestView | expert_pb2.ExpertRequest, limits: Limits, *, backward: bool) -> list[ExpertWork]:
@@ -34,6 +36,8 @@ def validate_request(request: wire.RequestView | expert_pb2.ExpertRequest, limit
         raise BadRequest(f"request is for model {request.model[:64]!r}, this node serves {limits.spec.name!r}")
     if not request.batches:
         raise BadRequest("request carries no expert batches")
+    if request.keep_activations and (backward or not 0 < len(request.request_id) <= MAX_ID_CHARS):
+        raise BadRequest(f"keep_activations needs a Forward with a request_id of 1 to {MAX_ID_CHARS} characters")
     if len(request.batches) > len(limits.hosted):
         raise BadRequest(f"request carries {len(request.batches)} batches, this node hosts {len(limits.hosted)} experts")
     seen = set()
@@ -62,7 +66,9 @@ def _validate_batch(batch: wire.BatchView | expert_pb2.ExpertBatch, limits: Limi
             )
     elif batch.HasField("grad_outputs"):
         raise BadRequest(f"Forward batch for {batch.uid} must not carry grad_outputs")
-    return ExpertWork(batch.uid, x_ND, g_ND)
+    if batch.forward_id and (not backward or len(batch.forward_id) > MAX_ID_CHARS):
+        raise BadRequest(f"{batch.uid}: forward_id is for Backward batches, at most {MAX_ID_CHARS} characters")
+    return ExpertWork(batch.uid, x_ND, g_ND, batch.forward_id)
 
 
 def _decode_rows(message: wire.TensorView | expert_pb2.Tensor, what: str, uid: str, limits: Limits) -> torch.Tensor:

@@ -19,26 +19,30 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., pad: _Optional[bytes] = ...) -> None: ...
 
 class ExpertBatch(_message.Message):
-    __slots__ = ("uid", "inputs", "grad_outputs")
+    __slots__ = ("uid", "inputs", "grad_outputs", "forward_id")
     UID_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     GRAD_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    FORWARD_ID_FIELD_NUMBER: _ClassVar[int]
     uid: str
     inputs: Tensor
     grad_outputs: Tensor
-    def __init__(self, uid: _Optional[str] = ..., inputs: _Optional[_Union[Tensor, _Mapping]] = ..., grad_outputs: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    forward_id: str
+    def __init__(self, uid: _Optional[str] = ..., inputs: _Optional[_Union[Tensor, _Mapping]] = ..., grad_outputs: _Optional[_Union[Tensor, _Mapping]] = ..., forward_id: _Optional[str] = ...) -> None: ...
 
 class ExpertRequest(_message.Message):
-    __slots__ = ("model", "request_id", "batches", "backward")
+    __slots__ = ("model", "request_id", "batches", "backward", "keep_activations")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     BATCHES_FIELD_NUMBER: _ClassVar[int]
     BACKWARD_FIELD_NUMBER: _ClassVar[int]
+    KEEP_ACTIVATIONS_FIELD_NUMBER: _ClassVar[int]
     model: str
     request_id: str
     batches: _containers.RepeatedCompositeFieldContainer[ExpertBatch]
     backward: bool
-    def __init__(self, model: _Optional[str] = ..., request_id: _Optional[str] = ..., batches: _Optional[_Iterable[_Union[ExpertBatch, _Mapping]]] = ..., backward: _Optional[bool] = ...) -> None: ...
+    keep_activations: bool
+    def __init__(self, model: _Optional[str] = ..., request_id: _Optional[str] = ..., batches: _Optional[_Iterable[_Union[ExpertBatch, _Mapping]]] = ..., backward: _Optional[bool] = ..., keep_activations: _Optional[bool] = ...) -> None: ...
 
 class ExpertResponse(_message.Message):
     __slots__ = ("request_id", "tensors", "error_code", "error_message")
@@ -81,7 +85,7 @@ class ExpertState(_message.Message):
     def __init__(self, uid: _Optional[str] = ..., version: _Optional[int] = ..., rows_served: _Optional[int] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model", "experts", "queue_depth", "rows_per_s", "wire_dtypes", "max_rows", "max_message_bytes", "peer_id")
+    __slots__ = ("model", "experts", "queue_depth", "rows_per_s", "wire_dtypes", "max_rows", "max_message_bytes", "peer_id", "reused_activation_rows")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     EXPERTS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
@@ -90,6 +94,7 @@ class InfoResponse(_message.Message):
     MAX_ROWS_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    REUSED_ACTIVATION_ROWS_FIELD_NUMBER: _ClassVar[int]
     model: ModelSpecMsg
     experts: _containers.RepeatedCompositeFieldContainer[ExpertState]
     queue_depth: int
@@ -98,4 +103,5 @@ class InfoResponse(_message.Message):
     max_rows: int
     max_message_bytes: int
     peer_id: str
-    def __init__(self, model: _Optional[_Union[ModelSpecMsg, _Mapping]] = ..., experts: _Optional[_Iterable[_Union[ExpertState, _Mapping]]] = ..., queue_depth: _Optional[int] = ..., rows_per_s: _Optional[float] = ..., wire_dtypes: _Optional[_Iterable[str]] = ..., max_rows: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., peer_id: _Optional[str] = ...) -> None: ...
+    reused_activation_rows: int
+    def __init__(self, model: _Optional[_Union[ModelSpecMsg, _Mapping]] = ..., experts: _Optional[_Iterable[_Union[ExpertState, _Mapping]]] = ..., queue_depth: _Optional[int] = ..., rows_per_s: _Optional[float] = ..., wire_dtypes: _Optional[_Iterable[str]] = ..., max_rows: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., peer_id: _Optional[str] = ..., reused_activation_rows: _Optional[int] = ...) -> None: ...

@@ -116,15 +116,18 @@ def encode_request(
     *,
     backward: bool = False,
     wire_dtype: torch.dtype | None = None,
+    keep_activations: bool = False,
+    forward_ids: dict[str, str] | None = None,
 ) -> tuple[bytes, int]:
     """A serialized ExpertRequest and its tensor payload in bytes."""
     groups = []
+    forward_ids = forward_ids or {}
     for uid, x in inputs.items():
         parts = [_tensor_part(2, x, wire_dtype)]
         if grad_outputs is not None:
             parts.append(_tensor_part(3, grad_outputs[uid], wire_dtype))
-        groups.append((expert_pb2.ExpertBatch(uid=uid).SerializeToString(), parts))
-    head = expert_pb2.ExpertRequest(model=model, request_id=request_id).SerializeToString()
+        groups.append((expert_pb2.ExpertBatch(uid=uid, forward_id=forward_ids.get(uid, "")).SerializeToString(), parts))
+    head = expert_pb2.ExpertRequest(model=model, request_id=request_id, keep_activations=keep_activations).SerializeToString()
     data = _assemble(head, groups, _key(4, _VARINT) + b"\x01" if backward else b"")
     return data, sum(part.data.nbytes for _, parts in groups for part in parts)
 
@@ -145,13 +148,19 @@ def payload_bytes(tensors, wire_dtype: torch.dtype | None = None) -> int:
     return sum(t.numel() * (wire_dtype or t.dtype).itemsize for t in tensors)
 
 
-def write_request(model, request_id, inputs, grad_outputs=None, *, backward=False, wire_dtype=None) -> bytes:
+def write_request(
+    model, request_id, inputs, grad_outputs=None, *, backward=False, wire_dtype=None, keep_activations=False, forward_ids=None
+) -> bytes:
     """encode_request, through protobuf itself for small payloads."""
     if payload_bytes(inputs.values(), wire_dtype) * (2 if grad_outputs is not None else 1) > SMALL_PAYLOAD_BYTES:
-        return encode_request(model, request_id, inputs, grad_outputs, backward=backward, wire_dtype=wire_dtype)[0]
-    request = expert_pb2.ExpertRequest(model=model, request_id=request_id, backward=backward)
+        return encode_request(
+            model, request_id, inputs, grad_outputs, backward=backward, wire_dtype=wire_dtype,
+            keep_activations=keep_activations, forward_ids=forward_ids,
+        )[0]
+    request = expert_pb2.ExpertRequest(model=model, request_id=request_id, backward=backward, keep_activations=keep_activations)
+    forward_ids = forward_ids or {}
     for uid, x in inputs.items():
-        batch = request.batches.add(uid=uid)  # filled in place: no extra payload copies
+        batch = request.batches.add(uid=uid, forward_id=forward_ids.get(uid, ""))  # filled in place: no payload copies
         encode_into(batch.inputs, x, wire_dtype)
         if grad_outputs is not None:
             encode_into(batch.grad_outputs, grad_outputs[uid], wire_dtype)
@@ -204,6 +213,7 @@ class BatchView:
     uid: str = ""
     inputs: TensorView = dataclasses.field(default_factory=TensorView)
     grad_outputs: TensorView | None = None
+    forward_id: str = ""
 
     def HasField(self, name: str) -> bool:  # noqa: N802  (protobuf's spelling, used by validation)
         if name != "grad_outputs":
@@ -217,6 +227,7 @@ class RequestView:
     request_id: str = ""
     batches: list[BatchView] = dataclasses.field(default_factory=list)
     backward: bool = False
+    keep_activations: bool = False
 
 
 @dataclasses.dataclass
@@ -240,7 +251,9 @@ def parse_request(data: bytes) -> RequestView:
             request.batches.append(_batch(view, *value))
         elif field == 4 and wire == _VARINT:
             request.backward = value != 0
-        elif field in (1, 2, 3, 4):
+        elif field == 5 and wire == _VARINT:
+            request.keep_activations = value != 0
+        elif field in (1, 2, 3, 4, 5):
             raise BadRequest(f"ExpertRequest field {field} has wire type {wire}")
     return request
 
@@ -277,7 +290,9 @@ def _batch(view: memoryview, start: int, end: int) -> BatchView:
                 batch.inputs = _tensor(view, *value)
             else:
                 batch.grad_outputs = _tensor(view, *value)
-        elif field in (1, 2, 3):
+        elif field == 4 and wire == _LEN:
+            batch.forward_id = _text(view, value, "forward_id")
+        elif field in (1, 2, 3, 4):
             raise BadRequest(f"ExpertBatch field {field} has wire type {wire}")
     return batch
 

@@ -106,6 +106,36 @@ def test_backward_grads_match_autograd_and_update_weights(node_factory):
     assert versions[uid] == 1 and versions["itest.L0.E0"] == 0
 
 
+@pytest.mark.parametrize("rows", [3, 200])  # on the Stream, and unary (over its size limit)
+def test_backward_reuses_what_its_training_forward_kept(node_factory, rows):
+    node = node_factory(optimizer=dict(name="sgd", lr=0.1, update_every=1_000_000))
+    uids = ["itest.L0.E1", "itest.L1.E0"]
+    x = {uid: torch.randn(rows, D) for uid in uids}
+    g = {uid: torch.randn(rows, D) for uid in uids}
+
+    async def train_step():
+        client = ExpertClient(node.ready["endpoint"])
+        try:
+            out = await client.forward(MODEL["name"], x, timeout_s=10, keep_as="step-1")
+            # one expert names its forward, the other does not (the node recomputes that one)
+            grad_x = await client.backward(MODEL["name"], x, g, timeout_s=10, forward_ids={uids[0]: "step-1"})
+            again = await client.backward(MODEL["name"], x, g, timeout_s=10, forward_ids={uids[0]: "step-1"})  # used up
+            return out, grad_x, again, await client.info(timeout_s=10)
+        finally:
+            await client.close()
+
+    out, grad_x, again, info = run(train_step())
+    for uid in uids:
+        reference = local_expert(uid)
+        x_ref = x[uid].clone().requires_grad_(True)
+        y = reference(x_ref)
+        y.backward(g[uid])
+        assert torch.equal(out[uid], y.detach())
+        torch.testing.assert_close(grad_x[uid], x_ref.grad, atol=1e-6, rtol=0)
+        assert torch.equal(again[uid], grad_x[uid])
+    assert info.reused_activation_rows == rows  # only the first backward of the named expert
+
+
 def test_info_and_health(node_factory):
     node = node_factory(experts=["itest.L0.E0", "itest.L0.E2"])
 
@@ -143,10 +173,13 @@ def _raw_call(endpoint: str, method: str, payload: bytes, *, max_send: int = 64 
     return run(call())
 
 
-def _request(uid: str, x: torch.Tensor | None = None, *, tensor: expert_pb2.Tensor | None = None) -> bytes:
+def _request(
+    uid: str, x: torch.Tensor | None = None, *, tensor: expert_pb2.Tensor | None = None, forward_id: str = "",
+    keep: bool = False, request_id: str = "t",
+) -> bytes:
     tensor = tensor if tensor is not None else codec.encode(x)
-    batch = expert_pb2.ExpertBatch(uid=uid, inputs=tensor)
-    return expert_pb2.ExpertRequest(model="itest", request_id="t", batches=[batch]).SerializeToString()
+    batch = expert_pb2.ExpertBatch(uid=uid, inputs=tensor, forward_id=forward_id)
+    return expert_pb2.ExpertRequest(model="itest", request_id=request_id, batches=[batch], keep_activations=keep).SerializeToString()
 
 
 def test_hostile_inputs_get_clear_statuses_and_node_keeps_serving(node_factory):
@@ -171,6 +204,9 @@ def test_hostile_inputs_get_clear_statuses_and_node_keeps_serving(node_factory):
         "malformed uid": (_request("../../etc/passwd", good), grpc.StatusCode.INVALID_ARGUMENT, "malformed"),
         "too many rows": (_request(uid, torch.randn(600, D)), grpc.StatusCode.RESOURCE_EXHAUSTED, "split"),
         "over size limit": (_request(uid, torch.randn(2048, D * 4)), grpc.StatusCode.RESOURCE_EXHAUSTED, ""),
+        "forward naming a forward": (_request(uid, good, forward_id="f"), grpc.StatusCode.INVALID_ARGUMENT, "forward_id"),
+        "keep without an id": (_request(uid, good, keep=True, request_id=""), grpc.StatusCode.INVALID_ARGUMENT, "keep_activations"),
+        "keep, id too long": (_request(uid, good, keep=True, request_id="x" * 200), grpc.StatusCode.INVALID_ARGUMENT, "keep_activations"),
     }
     for name, (payload, code, words) in cases.items():
         got, details = _raw_call(endpoint, "Forward", payload)

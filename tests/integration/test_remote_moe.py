@@ -171,9 +171,7 @@ def test_kill9_one_replica_inside_a_loop_of_calls(dht, tmp_path, reap):
             node.kill()
 
 
-def _info(node: Proc) -> dict:
-    """uid -> ExpertState (version, rows_served) as the node reports it."""
-
+def _node_info(node: Proc):
     async def info():
         client = ExpertClient(node.ready["endpoint"])
         try:
@@ -181,7 +179,12 @@ def _info(node: Proc) -> dict:
         finally:
             await client.close()
 
-    return {state.uid: state for state in run(info()).experts}
+    return run(info())
+
+
+def _info(node: Proc) -> dict:
+    """uid -> ExpertState (version, rows_served) as the node reports it."""
+    return {state.uid: state for state in _node_info(node).experts}
 
 
 def _rows_served(node: Proc, uid: str) -> int:
@@ -303,6 +306,8 @@ def test_training_through_remote_moe_lowers_loss_and_moves_remote_experts(dht, t
         assert losses[-1] < 0.9 * losses[0], losses
         versions = [_info(node)[uid].version for node in nodes for uid in _info(node)]
         assert min(versions) >= 1, versions  # every expert took optimizer steps on its node
+        # each backward found what its forward kept (the step comes after the backward's grads)
+        assert all(_node_info(node).reused_activation_rows > 0 for node in nodes)
         with torch.no_grad():  # ...and learned: the same router now gives different outputs
             remote.router.load_state_dict(local.router.state_dict())
             assert (remote(x) - before).abs().max() > 1e-4

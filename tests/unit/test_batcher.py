@@ -18,12 +18,14 @@ class FakeCompute:
 
     def __init__(self, fail_over_rows: int | None = None):
         self.batches: list[tuple[str, str, int]] = []
+        self.tags: list[list[tuple[str, int]]] = []  # per batch: (tag, rows) of each merged request
         self.gate, self.started = threading.Event(), threading.Event()
         self.gate.set()
         self.fail_over_rows = fail_over_rows
 
-    def __call__(self, uid, op, x_ND, g_ND):
+    def __call__(self, uid, op, x_ND, g_ND, tags):
         self.batches.append((uid, op, x_ND.shape[0]))
+        self.tags.append(list(tags))
         self.started.set()
         if not self.gate.wait(WAIT_S):
             raise TimeoutError("test never opened the gate")
@@ -44,8 +46,8 @@ async def _until_computing(compute: FakeCompute) -> None:
     assert await asyncio.wait_for(asyncio.to_thread(compute.started.wait, WAIT_S), WAIT_S + 1)
 
 
-async def _start(batcher: Batcher, uid: str, op: str, x_ND, g_ND=None) -> asyncio.Task:
-    task = asyncio.create_task(batcher.submit(uid, op, x_ND, g_ND))
+async def _start(batcher: Batcher, uid: str, op: str, x_ND, g_ND=None, tag: str = "") -> asyncio.Task:
+    task = asyncio.create_task(batcher.submit(uid, op, x_ND, g_ND, tag))
     await asyncio.sleep(0)  # let it enqueue
     return task
 
@@ -92,6 +94,23 @@ def test_requests_arriving_during_a_batch_are_merged_and_split_back():
     assert compute.batches == [(UID, "forward", 3), (UID, "forward", 7)]
     for x_ND, out_ND in zip(inputs, outputs):
         assert torch.equal(out_ND, x_ND * 2 + 1)
+
+
+def test_each_merged_request_keeps_its_tag_and_row_count():
+    compute = FakeCompute()
+    inputs = [_rows(n, seed=20 + i) for i, n in enumerate([1, 2, 3, 1])]
+    tags = ["f-0", "f-1", "", "f-3"]
+
+    async def scenario(batcher):
+        compute.hold()
+        first = await _start(batcher, UID, "forward", inputs[0], tag=tags[0])
+        await _until_computing(compute)
+        rest = [await _start(batcher, UID, "forward", x_ND, tag=tag) for x_ND, tag in zip(inputs[1:], tags[1:])]
+        compute.gate.set()
+        await asyncio.gather(first, *rest)
+
+    _run(scenario, compute, max_rows=16)
+    assert compute.tags == [[("f-0", 1)], [("f-1", 2), ("", 3), ("f-3", 1)]]
 
 
 def test_batches_never_exceed_max_rows():

@@ -100,12 +100,12 @@ def _same_tensor(view: wire.TensorView, message: expert_pb2.Tensor) -> bool:
 
 
 def _same_request(view: wire.RequestView, message: expert_pb2.ExpertRequest) -> bool:
-    if (view.model, view.request_id, view.backward, len(view.batches)) != (
-        message.model, message.request_id, message.backward, len(message.batches)
+    if (view.model, view.request_id, view.backward, view.keep_activations, len(view.batches)) != (
+        message.model, message.request_id, message.backward, message.keep_activations, len(message.batches)
     ):
         return False
     for ours, theirs in zip(view.batches, message.batches):
-        if ours.uid != theirs.uid or not _same_tensor(ours.inputs, theirs.inputs):
+        if (ours.uid, ours.forward_id) != (theirs.uid, theirs.forward_id) or not _same_tensor(ours.inputs, theirs.inputs):
             return False
         if ours.HasField("grad_outputs") != theirs.HasField("grad_outputs"):
             return False
@@ -200,3 +200,16 @@ def test_write_and_read_pick_either_encoder_and_agree(rows):
     assert torch.equal(codec.decode(tensor), x)
     with pytest.raises(BadRequest):
         wire.read_request(b"\xff" * (rows * 1024))
+
+
+@pytest.mark.parametrize("rows", [2, 200])  # through protobuf's encoder, and through ours
+def test_keep_activations_and_forward_ids_cross_both_encoders(rows):
+    x = {"m.L0.E1": torch.randn(rows, 64), "m.L1.E0": torch.randn(rows, 64)}
+    data = wire.write_request("m", "f-1", x, keep_activations=True)
+    for message in (wire.read_request(data), expert_pb2.ExpertRequest.FromString(data)):
+        assert message.keep_activations and [b.forward_id for b in message.batches] == ["", ""]
+    ids = {"m.L1.E0": "f-1"}  # one batch names its forward, the other does not
+    data = wire.write_request("m", "b-2", x, {uid: -t for uid, t in x.items()}, forward_ids=ids)
+    view, message = wire.parse_request(data), expert_pb2.ExpertRequest.FromString(data)
+    assert _same_request(view, _without_pads(message))
+    assert not view.keep_activations and [b.forward_id for b in view.batches] == ["", "f-1"]
