@@ -70,13 +70,14 @@ class ExpertRegistry:
         hosted = self.experts[uid]
         hosted.rows_served += x_ND.shape[0]
         x_ND = x_ND.to(self.device)
-        if not any(forward_id for forward_id, _ in keep_for) or not self.kept.max_bytes or not isinstance(hosted.module, SwiGLUExpert):
+        keep = any(forward_id for forward_id, _ in keep_for) and self.kept.max_bytes > 0
+        if not keep or not isinstance(hosted.module, SwiGLUExpert):  # other kinds recompute in backward
             return hosted.forward(hosted.module, x_ND).cpu()  # .cpu(): no-op on a CPU node
         y_ND, kept = expert_forward_keep(hosted.module, x_ND)
         offset = 0
         for forward_id, rows in keep_for:
             if forward_id:  # a slice of a merged batch is copied, so it does not pin the whole batch
-                part = tuple(t[offset : offset + rows] if rows == t.shape[0] else t[offset : offset + rows].clone() for t in kept)
+                part = tuple(t if rows == t.shape[0] else t[offset : offset + rows].clone() for t in kept)
                 self.kept.put(forward_id, uid, hosted.version, part)
             offset += rows
         return y_ND.cpu()
