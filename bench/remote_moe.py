@@ -15,8 +15,8 @@ model) and an Adam step on the client-side parameters (LocalMoE: router and expe
 the nodes/servers step their experts with Adam themselves). (a) and (b) run in alternating blocks so
 both see the same machine noise; (c), far slower, is bounded by a time budget per figure.
 Fault run: 2 more nodes each hosting all 8 experts (replication 2, their own swarm name); forward calls
-at batch 64 in a loop for W s, a timer kills one node's process group with SIGKILL (possibly mid-call),
-calls go on for W s more (W = 5 s, 3 s with --quick). Calls that end before the kill are "before", the
+at batch 64 in a loop for W s, a timer kills (SIGKILL, possibly mid-call) the process group of the node
+that served the most rows so far, calls go on for W s more (W = 5 s, 3 s with --quick). Calls that end before the kill are "before", the
 others "after"; reported: p50/p99 latency of each, failed calls (exceptions) and outputs with NaN/inf.
 Targets at batch 256: forward >= 0.67x local and >= 100x hivemind; forward+backward >= 0.5x local and
 >= 50x hivemind; after the kill: p99 <= 2 x p99 before + the RemoteMoE call deadline, 0 errors.
@@ -141,7 +141,8 @@ def print_context(details: dict) -> None:
           f"{fault['deadline_s']:.1f} s ({fault['deadline_source']}); slowest call after {fault['max_after_ms']:.1f} ms")
     for error in fault["error_samples"]:
         print(f"  error: {error}")
-    print(f"  {len(fault['failed_rpcs_retried'])} failed RPCs retried on the other replica (dispatcher warnings)")
+    print(f"  killed {fault['killed_endpoint']} (the busier replica); {len(fault['failed_rpcs_retried'])} failed RPCs "
+          "retried on the other replica (dispatcher warnings)")
     load = details["loadavg_1_5_15"]
     print(f"load average before {load['before'][0]:.2f}, after {load['after'][0]:.2f} on {os.cpu_count()} CPUs")
 
@@ -357,7 +358,8 @@ def run_moeswarm(peers: list[str], nodes: list, pick: int) -> tuple[dict, dict]:
                 for name, s in alternate(steps, ROUNDS[pick], BLOCK[pick], WARMUP[pick]).items():
                     seconds[name, mode, batch] = s
                 progress(f"moeswarm and local {MODES[mode]} b{batch}: done")
-        details["fault"] = fault_run(remotes[1], nodes[2][0], FAULT_WINDOW_S[pick])
+        fault_nodes = [(proc, read_endpoint(ready)) for proc, ready in nodes[2:]]
+        details["fault"] = fault_run(remotes[1], fault_nodes, FAULT_WINDOW_S[pick])
         progress("fault run: done")
         return seconds, details
     finally:
@@ -365,8 +367,30 @@ def run_moeswarm(peers: list[str], nodes: list, pick: int) -> tuple[dict, dict]:
             remote.close()
 
 
-def fault_run(remote, victim, window_s: float) -> dict:
-    """Forward calls for window_s, SIGKILL of the victim's process group by a timer, window_s more."""
+def read_endpoint(ready: pathlib.Path) -> str:
+    import json
+
+    return json.loads(ready.read_text())["endpoint"]
+
+
+def busiest(fault_nodes: list) -> tuple:
+    """The (process, endpoint) that has served the most rows so far (Info over a plain gRPC call):
+    killing the replica the client is using is the case worth measuring."""
+    import grpc
+
+    from moeswarm.protocol import expert_pb2, expert_pb2_grpc
+
+    served = []
+    for proc, endpoint in fault_nodes:
+        with grpc.insecure_channel(endpoint) as channel:
+            info = expert_pb2_grpc.ExpertServiceStub(channel).Info(expert_pb2.InfoRequest(), timeout=5)
+        served.append((sum(state.rows_served for state in info.experts), proc.pid, proc, endpoint))
+    return max(served)[2:]
+
+
+def fault_run(remote, fault_nodes: list, window_s: float) -> dict:
+    """Forward calls for window_s, SIGKILL (by a timer) of the process group of the replica that
+    served the most rows until then, window_s more."""
     config = getattr(remote, "config", None)
     deadline_s = getattr(config, "timeout_s", None)
     source = "remote.config.timeout_s" if deadline_s is not None else "default: RemoteMoE has no config.timeout_s"
@@ -375,11 +399,12 @@ def fault_run(remote, victim, window_s: float) -> dict:
     with torch.no_grad():
         for _ in range(WARMUP[0]):
             remote(x_ND)
-    killed_at, failed_rpcs = [], LogCapture()
+    killed, failed_rpcs = {}, LogCapture()
     logging.getLogger("moeswarm.model.dispatcher").addHandler(failed_rpcs)  # its warnings: failed RPCs, retried
 
     def kill() -> None:
-        killed_at.append(time.perf_counter())
+        victim, killed["endpoint"] = busiest(fault_nodes)
+        killed["at"] = time.perf_counter()
         os.killpg(victim.pid, signal.SIGKILL)
         victim.wait()
 
@@ -402,10 +427,10 @@ def fault_run(remote, victim, window_s: float) -> dict:
         timer.cancel()
         timer.join()
         logging.getLogger("moeswarm.model.dispatcher").removeHandler(failed_rpcs)
-    if not killed_at:
+    if "at" not in killed:
         raise RuntimeError("the fault run ended before the node was killed")
-    before = [c for c in calls if c[0] < killed_at[0]]
-    after = [c for c in calls if c[0] >= killed_at[0]]
+    before = [c for c in calls if c[0] < killed["at"]]
+    after = [c for c in calls if c[0] >= killed["at"]]
     errors = [c[2] for c in calls if c[2] is not None]
     ms = lambda group, q: quantile([c[1] for c in group] or [float("nan")], q) * 1e3  # noqa: E731
     return {
@@ -417,7 +442,8 @@ def fault_run(remote, victim, window_s: float) -> dict:
         "errors": len(errors), "errors_after": sum(c[2] is not None for c in after),
         "nan_outputs": sum(c[3] for c in calls), "error_samples": sorted(set(errors))[:5],
         "latency_after_ms": [round(c[1] * 1e3, 3) for c in after[:50]],  # the first 50 calls after the kill
-        "failed_rpcs_retried": [f"{t - killed_at[0]:+.3f} s after the kill: {m}" for t, m in failed_rpcs.messages],
+        "failed_rpcs_retried": [f"{t - killed['at']:+.3f} s after the kill: {m}" for t, m in failed_rpcs.messages],
+        "killed_endpoint": killed["endpoint"],
     }
 
 
