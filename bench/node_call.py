@@ -74,7 +74,10 @@ IMPORT_REPEATS = (3, 1)
 IMPORTS = {
     "import_torch": ("", "import torch", "import torch"),
     "import_hivemind": ("", "import hivemind", "import hivemind (includes torch)"),
-    "import_moeswarm_node": ("", "import moeswarm.node.node", "import moeswarm.node.node"),
+    "import_moeswarm_node": (
+        "", "from moeswarm.protocol.dht import import_dht_only; import_dht_only(); import moeswarm.node.node",
+        "import moeswarm.node.node (as `moeswarm node` does)",
+    ),
     "first_adam": ("import torch", "torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))])", "first torch.optim.Adam() (after torch)"),
 }
 

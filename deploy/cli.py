@@ -11,6 +11,9 @@ from moeswarm.protocol.errors import ConfigError, MoeSwarmError, StartupError
 
 
 def main(argv: list[str] | None = None) -> int:
+    from moeswarm.protocol.dht import import_dht_only
+
+    import_dht_only()  # before anything imports hivemind: our processes need only its DHT
     parser = _parser()
     args = parser.parse_args(argv)
     logging.basicConfig(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
+import importlib.util
 import itertools
 import json
 import logging
@@ -31,13 +32,38 @@ DHT_START_TIMEOUT_S = 60.0
 DHT_STOP_TIMEOUT_S = 1.0  # keeps a node's whole shutdown under 5 s even when p2pd died first
 
 
+def import_dht_only() -> None:
+    """Let this process import hivemind's DHT without hivemind's package __init__, which loads its
+    averaging, MoE and optimizer stacks (scipy included): 0.3-0.45 s that moeswarm's processes never use.
+    Call it first thing in a process of ours (CLI commands, the DHT child), never in a user's process.
+    A no-op once hivemind is imported. Any other top-level name (hivemind.DHT, hivemind.Optimizer, ...)
+    still works: its first use runs the real __init__ (a PEP 562 module __getattr__)."""
+    if "hivemind" in sys.modules:
+        return
+    spec = importlib.util.find_spec("hivemind")
+    if spec is None or spec.loader is None or not spec.submodule_search_locations:
+        return
+    package = importlib.util.module_from_spec(spec)
+
+    def __getattr__(name: str):  # noqa: N807  (the module hook's required name)
+        submodule = sys.modules.get(f"hivemind.{name}")
+        if submodule is not None:  # `import hivemind.x.y as z` reads it as an attribute while x still loads
+            return submodule
+        del package.__getattr__  # once: the real __init__ now defines the package's names
+        spec.loader.exec_module(package)
+        return getattr(package, name)
+
+    package.__getattr__ = __getattr__
+    sys.modules["hivemind"] = package
+
+
 def start_dht(
     *, initial_peers: list[str] = (), host: str = "127.0.0.1", port: int = 0, private_key=None, client_mode: bool = False,
     await_ready: bool = True,
 ):
     """A started hivemind.DHT with moeswarm's record validators. Create it before any gRPC object.
     await_ready=False returns once its process is forked; call dht.wait_until_ready() before using it."""
-    import hivemind
+    from hivemind.dht import DHT
 
     from moeswarm.protocol.records import dht_validators  # here: importing this module must stay light
 
@@ -52,7 +78,7 @@ def start_dht(
         kwargs["client_mode"] = True
     else:
         kwargs["host_maddrs"] = [f"/ip4/{host}/tcp/{port}"]
-    return hivemind.DHT(**kwargs)
+    return DHT(**kwargs)
 
 
 def stop_dht(dht) -> None:
@@ -162,6 +188,7 @@ class IsolatedDHT:
 def _serve_lookups() -> None:
     """Body of `python -m moeswarm.protocol.dht`: one client DHT peer serving one owner."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the owner process decides when we stop
+    import_dht_only()
     request = json.loads(sys.stdin.readline())
     dht = start_dht(initial_peers=request["initial_peers"], client_mode=True)
     try:
