@@ -76,7 +76,7 @@ IMPORTS = {
     "import_hivemind": ("", "import hivemind", "import hivemind (includes torch)"),
     "import_moeswarm_node": (
         "", "from moeswarm.protocol.dht import import_dht_only; import_dht_only(); import moeswarm.node.node",
-        "import moeswarm.node.node (as `moeswarm node` does)",
+        "import moeswarm.node.node (as a node)",
     ),
     "first_adam": ("import torch", "torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))])", "first torch.optim.Adam() (after torch)"),
 }
