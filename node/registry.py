@@ -139,11 +139,7 @@ class ExpertRegistry:
                 continue
             hosted.module.load_state_dict(saved["weights"])
             if saved["optimizer"] is not None:
-                optimizer = self._optimizer(hosted)
-                fused = [group.get("fused") for group in optimizer.param_groups]
-                optimizer.load_state_dict(saved["optimizer"])
-                for group, flag in zip(optimizer.param_groups, fused):  # the saved flag is the writer's choice
-                    group["fused"] = flag
+                _load_optimizer_state(self._optimizer(hosted), saved["optimizer"])
             for name, param in hosted.module.named_parameters():
                 grad = saved["grads"].get(name)
                 param.grad = None if grad is None else grad.to(param.device, copy=True)
@@ -162,6 +158,20 @@ def _same_spec(saved, spec: ModelSpec) -> bool:
         return isinstance(saved, dict) and ModelSpec(**saved) == spec
     except (TypeError, ValueError):
         return False
+
+
+def _load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """load_state_dict, keeping this optimizer's own fused flag (torch copies in the writer's). A
+    fused step needs its step counters on the parameters' device; torch moves them only when the
+    writer was fused too."""
+    fused = [group.get("fused") for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, flag in zip(optimizer.param_groups, fused):
+        group["fused"] = flag
+        for param in group["params"] if flag else ():
+            param_state = optimizer.state.get(param, {})
+            if isinstance(param_state.get("step"), torch.Tensor):
+                param_state["step"] = param_state["step"].to(param.device, torch.float32)
 
 
 def _cpu_copy(tensor: torch.Tensor) -> torch.Tensor:
