@@ -275,7 +275,11 @@ class Dispatcher:
         return {uid: (tensor, endpoint, keep_as) for uid, tensor in out.items()}
 
     def _client(self, endpoint: str) -> ExpertClient:
-        if endpoint not in self._clients:  # created on the loop thread, used only there
+        if endpoint not in self._clients:
+            # A grpc.aio channel belongs to the loop it was made on: one made elsewhere would hang
+            # every later call on this loop until its deadline. Fail loudly instead.
+            if threading.current_thread() is not self._thread:
+                raise RuntimeError("Dispatcher clients are made on its loop thread: call through Dispatcher.run()")
             self._clients[endpoint] = ExpertClient(endpoint)
         return self._clients[endpoint]
 

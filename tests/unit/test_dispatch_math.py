@@ -349,3 +349,19 @@ def test_pick_endpoint_prefers_the_forward_replica_then_a_node_already_called_th
     assert pick_endpoint(["a", "b"], is_banned) == "a"
     assert pick_endpoint(["c"], is_banned) == "c"  # banned replicas stay a last resort
     assert pick_endpoint([], is_banned) is None
+
+
+def test_dispatcher_makes_its_channels_only_on_its_loop_thread():
+    from moeswarm.model.dispatcher import DispatchConfig, Dispatcher
+
+    dispatcher = Dispatcher(directory=None, model="m", config=DispatchConfig())
+    try:
+        with pytest.raises(RuntimeError, match="loop thread"):
+            dispatcher._client("127.0.0.1:1")
+
+        async def make():
+            return dispatcher._client("127.0.0.1:1")
+
+        assert dispatcher.run(make(), timeout_s=5).endpoint == "127.0.0.1:1"
+    finally:
+        dispatcher.close()
