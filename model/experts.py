@@ -46,15 +46,17 @@ def init_expert(d_model: int, d_ff: int, *, seed: int, uid: str) -> SwiGLUExpert
 def expert_forward(expert: SwiGLUExpert, x_ND: torch.Tensor) -> torch.Tensor:
     """Inference forward in the expert's dtype; returns y_ND (a new tensor). Calls F.linear directly:
     for the small batches of decoding, nn.Module call overhead is a visible part of a node's time."""
-    w1, w3, w2 = expert.w1.weight, expert.w3.weight, expert.w2.weight
-    x_ND = x_ND.to(w1.dtype)
-    return F.linear(F.silu(F.linear(x_ND, w1)) * F.linear(x_ND, w3), w2)
+    return _swiglu_forward(expert, x_ND)[0]
 
 
 @torch.no_grad()
 def expert_forward_keep(expert: SwiGLUExpert, x_ND: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """expert_forward (the same operations, so the same output) that also returns what
     expert_backward needs to skip recomputing the forward: the two hidden projections (h1, h3)."""
+    return _swiglu_forward(expert, x_ND)
+
+
+def _swiglu_forward(expert: SwiGLUExpert, x_ND: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     w1, w3, w2 = expert.w1.weight, expert.w3.weight, expert.w2.weight
     x_ND = x_ND.to(w1.dtype)
     h1_NF, h3_NF = F.linear(x_ND, w1), F.linear(x_ND, w3)
