@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import threading
+import time
 from typing import Callable
 
 import torch
@@ -57,6 +60,7 @@ class ExpertRegistry:
         activation_cache_bytes: memory (on `device`) for what training forwards keep for their backward."""
         self.spec, self.optimizer_config, self.device = spec, optimizer, torch.device(device)
         self.kept = ActivationCache(activation_cache_bytes)
+        self._warm_up: threading.Thread | None = None
         self.experts: dict[str, HostedExpert] = {}
         modules = modules or {}
         for uid in uids:
@@ -107,10 +111,32 @@ class ExpertRegistry:
             return None
         return parts[0] if len(parts) == 1 else tuple(torch.cat(tensors) for tensors in zip(*parts))
 
+    def start_optimizer_warm_up(self) -> threading.Thread:
+        """Build a throwaway optimizer on a low-priority background thread. The first optimizer a
+        process builds imports torch._dynamo (1.3 s and +71 MiB on the CPU build, more on CUDA
+        builds); done on the compute thread at the first step, it stalled every call for that long
+        and could run a backward past its deadline. Called once the node serves, so start-up does not
+        wait for it."""
+        if self._warm_up is None:
+            self._warm_up = threading.Thread(target=self._warm_up_optimizer, name="optimizer-warm-up", daemon=True)
+            self._warm_up.start()
+        return self._warm_up
+
+    def _warm_up_optimizer(self) -> None:
+        try:  # Linux: a thread's nice value is its own, so serving keeps the CPU
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        except (AttributeError, OSError):
+            pass
+        started = time.perf_counter()
+        make_optimizer([nn.Parameter(torch.zeros(1, device=self.device))], self.optimizer_config)
+        logger.debug("optimizer warm-up took %.2f s", time.perf_counter() - started)
+
     def _optimizer(self, hosted: HostedExpert) -> torch.optim.Optimizer:
-        # Lazily: the first optimizer built in a process imports torch._dynamo (~1.2 s), and a node
-        # that only serves inference never needs one, so it stays off the start-up path.
+        # Lazily, so a node that only serves inference never holds optimizer state. A warm-up still
+        # running is waited for: two threads must not run torch's first imports at once.
         if hosted.optimizer is None:
+            if self._warm_up is not None:
+                self._warm_up.join()
             hosted.optimizer = make_optimizer(hosted.module.parameters(), self.optimizer_config)
         return hosted.optimizer
 

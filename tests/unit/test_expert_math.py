@@ -1,6 +1,7 @@
 """model/experts.py (SwiGLU expert, init, forward/backward) and node/registry.py (optimizer schedule, state)."""
 
 import dataclasses
+import os
 
 import pytest
 import torch
@@ -193,6 +194,19 @@ def test_adam_steps_every_call_with_update_every_one():
         registry.backward(UID, _rows(1, seed=i), _rows(1, seed=i + 50))
     assert registry.experts[UID].version == 3
     assert not torch.equal(before["w2.weight"], registry.experts[UID].module.w2.weight)
+
+
+def test_optimizer_warm_up_runs_beside_training_without_changing_its_result():
+    warmed, cold = _registry(name="adam", lr=1e-2, update_every=1), _registry(name="adam", lr=1e-2, update_every=1)
+    nice = os.getpriority(os.PRIO_PROCESS, 0)
+    thread = warmed.start_optimizer_warm_up()
+    assert warmed.start_optimizer_warm_up() is thread and thread.daemon
+    _train(warmed, range(3))  # the first step waits for the warm-up rather than racing it
+    _train(cold, range(3))
+    assert not thread.is_alive()
+    assert os.getpriority(os.PRIO_PROCESS, 0) == nice  # only the warm-up thread was lowered
+    for name, weight in _weights(warmed.experts[UID].module).items():
+        assert torch.equal(weight, _weights(cold.experts[UID].module)[name]), name
 
 
 def _train(registry: ExpertRegistry, seeds) -> None:
