@@ -4,6 +4,7 @@ still starting, it leaves no process behind."""
 from __future__ import annotations
 
 import pathlib
+import threading
 import time
 
 from procs import alive, process_tree
@@ -20,24 +21,40 @@ def test_started_without_waiting_it_answers_lookups(dht_peer):
     assert dht._proc.poll() is not None
 
 
-def _p2pd_pids() -> set[int]:
-    pids = set()
-    for entry in pathlib.Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and b"p2pd" in (entry / "cmdline").read_bytes().split(b"\0")[0]:
-                pids.add(int(entry.name))
-        except OSError:
-            continue
-    return alive(pids)
+def _watch_tree(pid: int, seen: dict[int, bytes], stop: threading.Event) -> None:
+    """Record every process ever in pid's tree (p2pd among them), with its argv[0], until stop is
+    set. Only this client's processes: other tests, e.g. under pytest-xdist, run p2pd daemons too."""
+    while not stop.is_set():
+        for child in process_tree(pid) - seen.keys():
+            seen[child] = _argv0(child)
+        time.sleep(0.02)
+
+
+def _argv0(pid: int) -> bytes:
+    try:
+        return (pathlib.Path("/proc") / str(pid) / "cmdline").read_bytes().split(b"\0")[0]
+    except OSError:
+        return b""
+
+
+def _still_running(seen: dict[int, bytes]) -> set[int]:
+    return {pid for pid in alive(set(seen)) if _argv0(pid) == seen[pid]}  # a reused pid is someone else's
 
 
 def test_closed_while_starting_leaves_no_process(dht_peer):
-    before = _p2pd_pids()
     dht = IsolatedDHT(dht_peer.ready["maddrs"], wait=False)
+    seen: dict[int, bytes] = {}
+    stop = threading.Event()
+    watcher = threading.Thread(target=_watch_tree, args=(dht._proc.pid, seen, stop))
+    watcher.start()
     time.sleep(0.2)  # the child is importing hivemind: not ready yet
-    tree = process_tree(dht._proc.pid)
-    dht.close()  # waits for the child to come up, then stops it (and its p2pd) through its socket
+    try:
+        dht.close()  # waits for the child to come up, then stops it (and its p2pd) through its socket
+    finally:
+        stop.set()
+        watcher.join()
+    assert any(b"p2pd" in argv0 for argv0 in seen.values()), f"the child's p2pd was never seen: {seen}"
     deadline = time.monotonic() + 10
-    while (alive(tree) or _p2pd_pids() - before) and time.monotonic() < deadline:
+    while _still_running(seen) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not alive(tree) and not _p2pd_pids() - before, f"left behind: {alive(tree) | (_p2pd_pids() - before)}"
+    assert not _still_running(seen), f"left behind: {_still_running(seen)}"
