@@ -96,7 +96,6 @@ class ExpertNode:
         await self.announcer.announce_once()
         self._tasks = [asyncio.create_task(self.announcer.run()), asyncio.create_task(self._checkpoint_loop())]
         self._serving = True
-        self.registry.start_optimizer_warm_up()
         logger.info("serving %d experts of %s on %s", len(self.uids), config.model.name, self.endpoint)
 
     async def _start_server(self) -> None:

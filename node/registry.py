@@ -74,9 +74,11 @@ class ExpertRegistry:
         hosted = self.experts[uid]
         hosted.rows_served += x_ND.shape[0]
         x_ND = x_ND.to(self.device)
-        keep = any(forward_id for forward_id, _ in keep_for) and self.kept.max_bytes > 0
-        if not keep or not isinstance(hosted.module, SwiGLUExpert):  # other kinds recompute in backward
-            return hosted.forward(hosted.module, x_ND).cpu()  # .cpu(): no-op on a CPU node
+        training = any(forward_id for forward_id, _ in keep_for)
+        if training:
+            self.start_optimizer_warm_up()  # a backward, then an optimizer step, follows
+        if not training or self.kept.max_bytes == 0 or not isinstance(hosted.module, SwiGLUExpert):
+            return hosted.forward(hosted.module, x_ND).cpu()  # .cpu(): no-op on a CPU node; others recompute
         y_ND, kept = expert_forward_keep(hosted.module, x_ND)
         offset = 0
         for forward_id, rows in keep_for:
@@ -91,6 +93,7 @@ class ExpertRegistry:
         forward_ids: (forward_id, rows) per caller, as in forward(); kept activations are used when
         every caller's are still held, else the forward is recomputed."""
         hosted = self.experts[uid]
+        self.start_optimizer_warm_up()  # no-op after the first call
         kept = self._take_kept(uid, hosted.version, forward_ids) if forward_ids else None
         grad_x_ND = expert_backward(hosted.module, x_ND.to(self.device), grad_y_ND.to(self.device), kept).cpu()
         if kept is not None:
@@ -113,13 +116,19 @@ class ExpertRegistry:
 
     def start_optimizer_warm_up(self) -> threading.Thread:
         """Build a throwaway optimizer on a low-priority background thread. The first optimizer a
-        process builds imports torch._dynamo (1.3 s and +71 MiB on the CPU build, more on CUDA
-        builds); done on the compute thread at the first step, it stalled every call for that long
-        and could run a backward past its deadline. Called once the node serves, so start-up does not
-        wait for it."""
+        process builds and steps imports torch._dynamo (1.3 s and +71 MiB on the CPU build, several
+        seconds on CUDA builds); done on the compute thread at the first step, it stalled every call
+        for that long and could run a backward past its deadline. Started by the first training
+        request (a Forward that keeps activations, or a Backward), not at start-up: the import
+        competes for the GIL, which slowed an inference-only node's first seconds of calls (batch-1
+        p99 5-8 ms instead of 1.1), and such a node never needs an optimizer."""
         if self._warm_up is None:
             self._warm_up = threading.Thread(target=self._warm_up_optimizer, name="optimizer-warm-up", daemon=True)
             self._warm_up.start()
+        return self._warm_up
+
+    @property
+    def optimizer_warm_up(self) -> threading.Thread | None:
         return self._warm_up
 
     def _warm_up_optimizer(self) -> None:
@@ -128,7 +137,10 @@ class ExpertRegistry:
         except (AttributeError, OSError):
             pass
         started = time.perf_counter()
-        make_optimizer([nn.Parameter(torch.zeros(1, device=self.device))], self.optimizer_config)
+        param = nn.Parameter(torch.zeros(1, device=self.device))
+        optimizer = make_optimizer([param], self.optimizer_config)
+        param.grad = torch.zeros_like(param)
+        optimizer.step()  # the step imports more than the constructor
         logger.debug("optimizer warm-up took %.2f s", time.perf_counter() - started)
 
     def _optimizer(self, hosted: HostedExpert) -> torch.optim.Optimizer:

@@ -209,6 +209,18 @@ def test_optimizer_warm_up_runs_beside_training_without_changing_its_result():
         assert torch.equal(weight, _weights(cold.experts[UID].module)[name]), name
 
 
+def test_only_training_requests_start_the_optimizer_warm_up():
+    registry = _registry(name="adam", lr=1e-2, update_every=1)
+    registry.forward(UID, _rows(2, seed=0))
+    registry.forward(UID, _rows(2, seed=0), [("", 2)])
+    assert registry.optimizer_warm_up is None  # inference: nothing to warm up
+    registry.forward(UID, _rows(2, seed=0), [("f1", 2)])  # a training forward: a backward follows
+    assert registry.optimizer_warm_up is not None
+    backward_first = _registry(name="adam", lr=1e-2, update_every=1)
+    _train(backward_first, range(1))
+    assert backward_first.optimizer_warm_up is not None and not backward_first.optimizer_warm_up.is_alive()
+
+
 def _train(registry: ExpertRegistry, seeds) -> None:
     for seed in seeds:
         registry.backward(UID, _rows(1, seed), _rows(1, seed + 1000))
