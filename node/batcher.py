@@ -121,6 +121,23 @@ class Batcher:
                 item.future.set_result(out_ND[offset : offset + rows])
             offset += rows
 
+    def run_in_background(self, fn, *args) -> None:
+        """Queue fn(*args) on the compute thread without waiting for it (an optimizer step after its
+        backward was answered). Call on the event loop. It counts as compute in flight, so no tiny
+        batch runs inline on the loop meanwhile; a failure is logged."""
+        try:
+            future = asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        except RuntimeError:  # the executor was shut down: the node is stopping (its last checkpoint applied due steps)
+            logger.debug("compute thread stopped; %s not run", getattr(fn, "__name__", fn))
+            return
+        self._in_executor += 1
+        future.add_done_callback(self._background_done)
+
+    def _background_done(self, future: asyncio.Future) -> None:
+        self._in_executor -= 1
+        if not future.cancelled() and future.exception() is not None:
+            logger.error("background compute failed", exc_info=future.exception())
+
     async def run_on_compute_thread(self, fn, *args):
         """Run fn(*args) on the compute thread, serialised with every expert computation."""
         self._in_executor += 1

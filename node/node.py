@@ -59,6 +59,7 @@ class ExpertNode:
         self._tasks: list[asyncio.Task] = []
         self._saved_fingerprint: dict | None = None
         self._serving = False  # set once start() completed; a node that failed to start writes nothing
+        self._loop: asyncio.AbstractEventLoop | None = None  # the serving loop, set by start()
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="expert-compute", initializer=torch.set_num_threads, initargs=(config.torch_threads,)
         )
@@ -67,6 +68,7 @@ class ExpertNode:
         """Start the DHT (it forks, so before any gRPC object), load experts and serve while it joins
         the swarm, then check the swarm agrees on the model and announce."""
         config = self.config
+        self._loop = asyncio.get_running_loop()
         identity = load_or_create_identity(self.state_dir)
         self.dht = start_dht(
             initial_peers=config.initial_peers, host=config.host, port=config.dht_port, private_key=identity,
@@ -124,9 +126,15 @@ class ExpertNode:
         return [str(maddr) for maddr in self.dht.get_visible_maddrs()]
 
     def _compute(self, uid: str, op: str, x_ND: torch.Tensor, g_ND: torch.Tensor | None, tags) -> torch.Tensor:
+        """On the compute thread (or inline on the loop for tiny batches)."""
         if op == "forward":
             return self.registry.forward(uid, x_ND, tags)
-        return self.registry.backward(uid, x_ND, g_ND, tags)
+        grad_x_ND = self.registry.backward(uid, x_ND, g_ND, tags, defer_step=True)
+        if self.registry.experts[uid].step_due:
+            # The optimizer step runs after the answer leaves, not before: queued from here, it is
+            # counted as compute in flight before this job's own completion is seen on the loop.
+            self._loop.call_soon_threadsafe(self.batcher.run_in_background, self.registry.apply_due_step, uid)
+        return grad_x_ND
 
     def info(self) -> expert_pb2.InfoResponse:
         spec = self.config.model
@@ -135,7 +143,7 @@ class ExpertNode:
                 name=spec.name, d_model=spec.d_model, d_ff=spec.d_ff, n_layers=spec.n_layers, n_experts=spec.n_experts
             ),
             experts=[
-                expert_pb2.ExpertState(uid=uid, version=hosted.version, rows_served=hosted.rows_served)
+                expert_pb2.ExpertState(uid=uid, version=hosted.visible_version, rows_served=hosted.rows_served)
                 for uid, hosted in self.registry.experts.items()
             ],
             queue_depth=self.batcher.queued_rows,
@@ -154,7 +162,7 @@ class ExpertNode:
         node = NodeRecord(**load, model=vars(spec).copy(), uids=self.uids)
         wire = tuple(self.config.wire_dtypes)
         experts = {
-            uid: ExpertRecord(**load, version=hosted.version, wire_dtypes=wire) for uid, hosted in self.registry.experts.items()
+            uid: ExpertRecord(**load, version=hosted.visible_version, wire_dtypes=wire) for uid, hosted in self.registry.experts.items()
         }
         return node, experts
 

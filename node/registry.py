@@ -33,6 +33,12 @@ class HostedExpert:
     version: int = 0  # optimizer steps applied
     rows_since_step: int = 0  # gradient rows accumulated since the last step
     rows_served: int = 0  # forward + backward rows, for load reporting
+    step_due: bool = False  # a deferred step (backward(defer_step=True)) not yet applied
+
+    @property
+    def visible_version(self) -> int:
+        """The version every later request computes with: a due step is applied before any of them."""
+        return self.version + self.step_due
 
 
 def make_optimizer(params, config: OptimizerConfig) -> torch.optim.Optimizer:
@@ -72,6 +78,7 @@ class ExpertRegistry:
         """keep_for: (forward_id, rows) per caller whose rows make up x_ND, in order; rows of a
         non-empty forward_id keep their activations for a Backward that names it."""
         hosted = self.experts[uid]
+        self._apply_due_step(hosted)
         hosted.rows_served += x_ND.shape[0]
         x_ND = x_ND.to(self.device)
         training = any(forward_id for forward_id, _ in keep_for)
@@ -88,11 +95,17 @@ class ExpertRegistry:
             offset += rows
         return y_ND.cpu()
 
-    def backward(self, uid: str, x_ND: torch.Tensor, grad_y_ND: torch.Tensor, forward_ids: Tags = ()) -> torch.Tensor:
+    def backward(
+        self, uid: str, x_ND: torch.Tensor, grad_y_ND: torch.Tensor, forward_ids: Tags = (), *, defer_step: bool = False,
+    ) -> torch.Tensor:
         """Return grad_x; accumulate parameter grads and step every `update_every` rows.
         forward_ids: (forward_id, rows) per caller, as in forward(); kept activations are used when
-        every caller's are still held, else the forward is recomputed."""
+        every caller's are still held, else the forward is recomputed.
+        defer_step: leave a step that falls due for apply_due_step (the node runs it after answering,
+        so the caller does not wait for the optimizer); any later call on this expert applies it
+        first, so no request ever computes with the weights before it."""
         hosted = self.experts[uid]
+        self._apply_due_step(hosted)
         self.start_optimizer_warm_up()  # no-op after the first call
         kept = self._take_kept(uid, hosted.version, forward_ids) if forward_ids else None
         grad_x_ND = expert_backward(hosted.module, x_ND.to(self.device), grad_y_ND.to(self.device), kept).cpu()
@@ -101,12 +114,24 @@ class ExpertRegistry:
         hosted.rows_served += x_ND.shape[0]
         hosted.rows_since_step += x_ND.shape[0]
         if hosted.rows_since_step >= self.optimizer_config.update_every:
-            optimizer = self._optimizer(hosted)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            hosted.rows_since_step = 0
-            hosted.version += 1
+            hosted.step_due = True
+            if not defer_step:
+                self._apply_due_step(hosted)
         return grad_x_ND
+
+    def apply_due_step(self, uid: str) -> bool:
+        """Apply the expert's deferred optimizer step, if one is due; returns whether it did."""
+        return self._apply_due_step(self.experts[uid])
+
+    def _apply_due_step(self, hosted: HostedExpert) -> bool:
+        if not hosted.step_due:
+            return False
+        optimizer = self._optimizer(hosted)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        hosted.rows_since_step, hosted.step_due = 0, False
+        hosted.version += 1
+        return True
 
     def _take_kept(self, uid: str, version: int, forward_ids: Tags) -> tuple[torch.Tensor, ...] | None:
         parts = [self.kept.take(forward_id, uid, version, rows) if forward_id else None for forward_id, rows in forward_ids]
@@ -157,6 +182,7 @@ class ExpertRegistry:
         consistent); a checkpoint written on any device loads on any other."""
         state = {}
         for uid, hosted in self.experts.items():
+            self._apply_due_step(hosted)
             state[uid] = {
                 "weights": {k: _cpu_copy(v) for k, v in hosted.module.state_dict().items()},
                 "optimizer": _clone_tree(hosted.optimizer.state_dict()) if hosted.optimizer else None,
@@ -182,12 +208,14 @@ class ExpertRegistry:
                 grad = saved["grads"].get(name)
                 param.grad = None if grad is None else grad.to(param.device, copy=True)
             hosted.version, hosted.rows_since_step = saved["version"], saved["rows_since_step"]
+            hosted.step_due = False
             restored.append(uid)
         return restored
 
     def fingerprint(self) -> dict[str, tuple[int, int]]:
-        """Changes whenever weights, optimizer state or accumulated grads change."""
-        return {uid: (hosted.version, hosted.rows_since_step) for uid, hosted in self.experts.items()}
+        """Changes whenever weights, optimizer state or accumulated grads change (a due step counts
+        as applied: state_dict applies it)."""
+        return {uid: (h.visible_version, 0 if h.step_due else h.rows_since_step) for uid, h in self.experts.items()}
 
 
 def _same_spec(saved, spec: ModelSpec) -> bool:

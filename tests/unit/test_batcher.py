@@ -214,3 +214,37 @@ def test_cancelled_caller_rows_are_skipped():
 
     assert torch.equal(_run(scenario, compute, max_rows=16), kept_ND * 2 + 1)
     assert [rows for _, _, rows in compute.batches] == [1, 3]
+
+
+def test_background_work_keeps_tiny_batches_off_the_loop_until_it_finished(caplog):
+    """run_in_background (a deferred optimizer step) counts as compute in flight: a tiny batch that
+    would run inline on the loop waits for the compute thread instead, so the two never overlap."""
+    compute = FakeCompute()
+    gate, on_loop = threading.Event(), []
+
+    def step(fail: bool) -> None:
+        if not gate.wait(WAIT_S):
+            raise TimeoutError("test never opened the gate")
+        if fail:
+            raise ValueError("step failed")
+
+    def tracking_compute(uid, op, x_ND, g_ND, tags):
+        on_loop.append(threading.current_thread() is threading.main_thread())
+        return compute(uid, op, x_ND, g_ND, tags)
+
+    async def scenario():
+        with concurrent.futures.ThreadPoolExecutor(1) as executor:
+            batcher = Batcher(tracking_compute, executor, max_rows=64, inline_rows=8)
+            await batcher.submit(UID, "forward", _rows(1, 0))  # idle compute thread: inline
+            batcher.run_in_background(step, True)
+            task = await _start(batcher, UID, "forward", _rows(1, 1))
+            assert not task.done()  # queued behind the background step, not run on the loop
+            gate.set()
+            await asyncio.wait_for(task, WAIT_S)
+            await asyncio.sleep(0.05)  # the background job's done-callback
+            await batcher.submit(UID, "forward", _rows(1, 2))  # idle again: inline again
+        return on_loop
+
+    with caplog.at_level("ERROR"):
+        assert asyncio.run(asyncio.wait_for(scenario(), WAIT_S * 2)) == [True, False, True]
+    assert "background compute failed" in caplog.text

@@ -221,6 +221,32 @@ def test_only_training_requests_start_the_optimizer_warm_up():
     assert backward_first.optimizer_warm_up is not None and not backward_first.optimizer_warm_up.is_alive()
 
 
+def test_a_deferred_step_is_applied_before_anything_else_touches_the_expert():
+    """backward(defer_step=True) answers before stepping; the next forward, backward or state_dict
+    applies the step first, so results equal stepping at once, bit for bit."""
+    deferred, direct = _registry(name="adam", lr=1e-2, update_every=2), _registry(name="adam", lr=1e-2, update_every=2)
+    outputs = {}
+    for name, registry, defer in (("deferred", deferred, True), ("direct", direct, False)):
+        out = []
+        for i in range(4):
+            out.append(registry.backward(UID, _rows(1, seed=i), _rows(1, seed=i + 50), defer_step=defer))
+            out.append(registry.forward(UID, _rows(3, seed=100 + i)))
+        outputs[name] = out
+    for got, want in zip(outputs["deferred"], outputs["direct"]):
+        assert torch.equal(got, want)
+    hosted = deferred.experts[UID]
+    deferred.backward(UID, _rows(1, seed=7), _rows(1, seed=8), defer_step=True)
+    deferred.backward(UID, _rows(1, seed=9), _rows(1, seed=10), defer_step=True)  # falls due here
+    assert hosted.step_due and hosted.visible_version == hosted.version + 1 == 3
+    fingerprint = deferred.fingerprint()
+    state = deferred.state_dict()  # applies the due step: a checkpoint holds what requests see
+    assert not hosted.step_due and state["experts"][UID]["version"] == 3 and deferred.fingerprint() == fingerprint
+    assert not deferred.apply_due_step(UID)  # nothing left to apply
+    direct.backward(UID, _rows(1, seed=7), _rows(1, seed=8))
+    direct.backward(UID, _rows(1, seed=9), _rows(1, seed=10))
+    _assert_same_weights(_weights(hosted.module), _weights(direct.experts[UID].module))
+
+
 def _train(registry: ExpertRegistry, seeds) -> None:
     for seed in seeds:
         registry.backward(UID, _rows(1, seed), _rows(1, seed + 1000))
