@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import threading
 import time
 from typing import Callable
@@ -140,7 +139,7 @@ class ExpertRegistry:
         return parts[0] if len(parts) == 1 else tuple(torch.cat(tensors) for tensors in zip(*parts))
 
     def start_optimizer_warm_up(self) -> threading.Thread:
-        """Build a throwaway optimizer on a low-priority background thread. The first optimizer a
+        """Build and step a throwaway optimizer on a background thread. The first optimizer a
         process builds and steps imports torch._dynamo (1.3 s and +71 MiB on the CPU build, several
         seconds on CUDA builds); done on the compute thread at the first step, it stalled every call
         for that long and could run a backward past its deadline. Started by the first training
@@ -157,10 +156,8 @@ class ExpertRegistry:
         return self._warm_up
 
     def _warm_up_optimizer(self) -> None:
-        try:  # Linux: a thread's nice value is its own, so serving keeps the CPU
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-        except (AttributeError, OSError):
-            pass
+        # At normal priority: a lowered one let a loaded machine starve it while a step waited on it
+        # (priority inversion: requests behind that step ran past their 5 s deadline).
         started = time.perf_counter()
         param = nn.Parameter(torch.zeros(1, device=self.device))
         optimizer = make_optimizer([param], self.optimizer_config)
