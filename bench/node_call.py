@@ -11,7 +11,8 @@ Measured, all on 127.0.0.1 with a bootstrap DHT process and node processes start
     process returns its expert (polled every 50 ms, at most 60 s);
   * processes and memory of a node's tree (node, its DHT child, p2pd): count, RSS, PSS;
   * for context, in a fresh interpreter (timed inside it): `import torch`, `import hivemind`,
-    `import moeswarm.node.node`, and the first torch.optim.Adam() (it imports torch._dynamo).
+    `import moeswarm.node.node`, and the first step of torch.optim.Adam (it imports torch._dynamo) and
+    of NodeAdam, the nodes' own (it does not).
 
 Targets: batch-1 median <= 0.6 ms, bandwidth ratio moeswarm/raw >= 0.70, launch-to-visible median <= 2.0 s, <= 3 processes.
 Run, with moeswarm importable (installed, or on PYTHONPATH):
@@ -78,7 +79,14 @@ IMPORTS = {
         "", "from moeswarm.protocol.dht import import_dht_only; import_dht_only(); import moeswarm.node.node",
         "import moeswarm.node.node (as a node)",
     ),
-    "first_adam": ("import torch", "torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))])", "first torch.optim.Adam() (after torch)"),
+    "first_adam": (
+        "import torch; p = [torch.nn.Parameter(torch.zeros(1))]; p[0].grad = torch.ones(1)",
+        "torch.optim.Adam(p, fused=True).step()", "first torch.optim.Adam step (after torch)",
+    ),
+    "first_node_adam": (
+        "import torch; from moeswarm.node.optimizers import NodeAdam; p = [torch.nn.Parameter(torch.zeros(1))]; p[0].grad = torch.ones(1)",
+        "NodeAdam(p, lr=1e-3).step()", "first NodeAdam step, a node's (after torch)",
+    ),
 }
 
 

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import threading
-import time
 from typing import Callable
 
 import torch
@@ -18,6 +16,7 @@ from moeswarm.model.experts import SwiGLUExpert, expert_backward, expert_forward
 from moeswarm.model.hf_experts import GptOssExpert, gpt_oss_forward
 from moeswarm.node.activations import ActivationCache
 from moeswarm.node.config import OptimizerConfig
+from moeswarm.node.optimizers import NodeAdam, NodeOptimizer, NodeSGD
 from moeswarm.protocol.spec import ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -28,7 +27,7 @@ Tags = tuple[tuple[str, int], ...] | list[tuple[str, int]]  # (forward_id or "",
 class HostedExpert:
     module: nn.Module  # SwiGLUExpert, or GptOssExpert for GPT-OSS checkpoints
     forward: Callable[[nn.Module, torch.Tensor], torch.Tensor] = expert_forward  # no-grad inference of this kind
-    optimizer: torch.optim.Optimizer | None = None  # made on the first backward (see _optimizer)
+    optimizer: NodeOptimizer | None = None  # made at the first step (see _optimizer)
     version: int = 0  # optimizer steps applied
     rows_since_step: int = 0  # gradient rows accumulated since the last step
     rows_served: int = 0  # forward + backward rows, for load reporting
@@ -40,14 +39,11 @@ class HostedExpert:
         return self.version + self.step_due
 
 
-def make_optimizer(params, config: OptimizerConfig) -> torch.optim.Optimizer:
+def make_optimizer(params, config: OptimizerConfig) -> NodeOptimizer:
     if config.name == "sgd":
-        return torch.optim.SGD(params, lr=config.lr)
-    params = list(params)
-    try:  # one kernel over all tensors: on CPU a step of a 256x1024 SwiGLU expert takes 0.24 ms, not 1.3
-        return torch.optim.Adam(params, lr=config.lr, fused=True)
-    except RuntimeError:  # a device or dtype without a fused kernel
-        return torch.optim.Adam(params, lr=config.lr)
+        return NodeSGD(params, lr=config.lr)
+    # fused: one kernel over all tensors; on CPU a step of a 256x1024 SwiGLU expert takes 0.24 ms, not 1.3
+    return NodeAdam(params, lr=config.lr, fused=True)
 
 
 class ExpertRegistry:
@@ -65,7 +61,6 @@ class ExpertRegistry:
         activation_cache_bytes: memory (on `device`) for what training forwards keep for their backward."""
         self.spec, self.optimizer_config, self.device = spec, optimizer, torch.device(device)
         self.kept = ActivationCache(activation_cache_bytes)
-        self._warm_up: threading.Thread | None = None
         self.experts: dict[str, HostedExpert] = {}
         modules = modules or {}
         for uid in uids:
@@ -81,8 +76,6 @@ class ExpertRegistry:
         hosted.rows_served += x_ND.shape[0]
         x_ND = x_ND.to(self.device)
         training = any(forward_id for forward_id, _ in keep_for)
-        if training:
-            self.start_optimizer_warm_up()  # a backward, then an optimizer step, follows
         if not training or self.kept.max_bytes == 0 or not isinstance(hosted.module, SwiGLUExpert):
             return hosted.forward(hosted.module, x_ND).cpu()  # .cpu(): no-op on a CPU node; others recompute
         y_ND, kept = expert_forward_keep(hosted.module, x_ND)
@@ -105,7 +98,6 @@ class ExpertRegistry:
         first, so no request ever computes with the weights before it."""
         hosted = self.experts[uid]
         self._apply_due_step(hosted)
-        self.start_optimizer_warm_up()  # no-op after the first call
         kept = self._take_kept(uid, hosted.version, forward_ids) if forward_ids else None
         grad_x_ND = expert_backward(hosted.module, x_ND.to(self.device), grad_y_ND.to(self.device), kept).cpu()
         if kept is not None:
@@ -138,39 +130,9 @@ class ExpertRegistry:
             return None
         return parts[0] if len(parts) == 1 else tuple(torch.cat(tensors) for tensors in zip(*parts))
 
-    def start_optimizer_warm_up(self) -> threading.Thread:
-        """Build and step a throwaway optimizer on a background thread. The first optimizer a
-        process builds and steps imports torch._dynamo (1.3 s and +71 MiB on the CPU build, several
-        seconds on CUDA builds); done on the compute thread at the first step, it stalled every call
-        for that long and could run a backward past its deadline. Started by the first training
-        request (a Forward that keeps activations, or a Backward), not at start-up: the import
-        competes for the GIL, which slowed an inference-only node's first seconds of calls (batch-1
-        p99 5-8 ms instead of 1.1), and such a node never needs an optimizer."""
-        if self._warm_up is None:
-            self._warm_up = threading.Thread(target=self._warm_up_optimizer, name="optimizer-warm-up", daemon=True)
-            self._warm_up.start()
-        return self._warm_up
-
-    @property
-    def optimizer_warm_up(self) -> threading.Thread | None:
-        return self._warm_up
-
-    def _warm_up_optimizer(self) -> None:
-        # At normal priority: a lowered one let a loaded machine starve it while a step waited on it
-        # (priority inversion: requests behind that step ran past their 5 s deadline).
-        started = time.perf_counter()
-        param = nn.Parameter(torch.zeros(1, device=self.device))
-        optimizer = make_optimizer([param], self.optimizer_config)
-        param.grad = torch.zeros_like(param)
-        optimizer.step()  # the step imports more than the constructor
-        logger.debug("optimizer warm-up took %.2f s", time.perf_counter() - started)
-
-    def _optimizer(self, hosted: HostedExpert) -> torch.optim.Optimizer:
-        # Lazily, so a node that only serves inference never holds optimizer state. A warm-up still
-        # running is waited for: two threads must not run torch's first imports at once.
+    def _optimizer(self, hosted: HostedExpert) -> NodeOptimizer:
+        # Lazily, so a node that only serves inference never holds optimizer state.
         if hosted.optimizer is None:
-            if self._warm_up is not None:
-                self._warm_up.join()
             hosted.optimizer = make_optimizer(hosted.module.parameters(), self.optimizer_config)
         return hosted.optimizer
 
@@ -200,7 +162,7 @@ class ExpertRegistry:
                 continue
             hosted.module.load_state_dict(saved["weights"])
             if saved["optimizer"] is not None:
-                _load_optimizer_state(self._optimizer(hosted), saved["optimizer"])
+                self._optimizer(hosted).load_state_dict(saved["optimizer"])
             for name, param in hosted.module.named_parameters():
                 grad = saved["grads"].get(name)
                 param.grad = None if grad is None else grad.to(param.device, copy=True)
@@ -221,20 +183,6 @@ def _same_spec(saved, spec: ModelSpec) -> bool:
         return isinstance(saved, dict) and ModelSpec(**saved) == spec
     except (TypeError, ValueError):
         return False
-
-
-def _load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """load_state_dict, keeping this optimizer's own fused flag (torch copies in the writer's). A
-    fused step needs its step counters on the parameters' device; torch moves them only when the
-    writer was fused too."""
-    fused = [group.get("fused") for group in optimizer.param_groups]
-    optimizer.load_state_dict(state)
-    for group, flag in zip(optimizer.param_groups, fused):
-        group["fused"] = flag
-        for param in group["params"] if flag else ():
-            param_state = optimizer.state.get(param, {})
-            if isinstance(param_state.get("step"), torch.Tensor):
-                param_state["step"] = param_state["step"].to(param.device, torch.float32)
 
 
 def _cpu_copy(tensor: torch.Tensor) -> torch.Tensor:
