@@ -64,18 +64,22 @@ class Batcher:
 
     async def submit(self, uid: str, op: str, x_ND: torch.Tensor, g_ND: torch.Tensor | None = None, tag: str = "") -> torch.Tensor:
         """Queue rows for one expert; returns its output rows (forward) or input grads (backward)."""
-        key = (uid, op)
-        rows = x_ND.shape[0] * (3 if op == "backward" else 1)  # backward costs ~3 forwards
-        if rows <= self.inline_rows and self._in_executor == 0 and not self._queues.get(key):
+        if self.runs_inline(uid, op, x_ND.shape[0]):
             out_ND = self._compute(uid, op, x_ND, g_ND, [(tag, x_ND.shape[0])])
             self.meter.add(x_ND.shape[0])
             return out_ND
+        key = (uid, op)
         pending = _Pending(x_ND, g_ND, asyncio.get_running_loop().create_future(), tag)
         self._queues[key].append(pending)
         self.queued_rows += x_ND.shape[0]
         if key not in self._drainers:
             self._drainers[key] = asyncio.create_task(self._drain(key))
         return await pending.future
+
+    def runs_inline(self, uid: str, op: str, rows: int) -> bool:
+        """Whether submit() would compute these rows right away on the loop (it then never yields)."""
+        cost = rows * (3 if op == "backward" else 1)  # backward costs ~3 forwards
+        return cost <= self.inline_rows and self._in_executor == 0 and not self._queues.get((uid, op))
 
     async def _drain(self, key: tuple[str, str]) -> None:
         queue = self._queues[key]

@@ -98,8 +98,10 @@ class ExpertServicer:
     async def _respond(self, request: wire.RequestView, *, backward: bool) -> bytes:
         work = validate_request(request, self._limits, backward=backward)
         keep_as = request.request_id if request.keep_activations else ""
-        if len(work) == 1:  # the common decoding case: no gather, no extra task
-            outputs = [await self._submit(work[0], backward, keep_as)]
+        op = "backward" if backward else "forward"
+        if len(work) == 1 or all(self._batcher.runs_inline(item.uid, op, item.x_ND.shape[0]) for item in work):
+            # decoding: one expert, or a few tiny batches each computed at once: no gather, no tasks
+            outputs = [await self._submit(item, backward, keep_as) for item in work]
         else:
             outputs = await asyncio.gather(*(self._submit(item, backward, keep_as) for item in work))
         # In the caller's wire dtype (fp32 unless it opted in).

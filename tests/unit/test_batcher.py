@@ -248,3 +248,25 @@ def test_background_work_keeps_tiny_batches_off_the_loop_until_it_finished(caplo
     with caplog.at_level("ERROR"):
         assert asyncio.run(asyncio.wait_for(scenario(), WAIT_S * 2)) == [True, False, True]
     assert "background compute failed" in caplog.text
+
+
+def test_runs_inline_only_small_batches_while_the_compute_thread_is_idle():
+    """runs_inline says what submit() will do; the servicer relies on it to skip gather() for a
+    request whose expert batches all compute at once."""
+    compute = FakeCompute()
+
+    async def scenario():
+        with concurrent.futures.ThreadPoolExecutor(1) as executor:
+            batcher = Batcher(compute, executor, max_rows=64, inline_rows=4)
+            assert batcher.runs_inline(UID, "forward", 4) and not batcher.runs_inline(UID, "forward", 5)
+            assert not batcher.runs_inline(UID, "backward", 2)  # a backward costs ~3 forwards
+            compute.hold()
+            task = await _start(batcher, UID, "forward", _rows(8, 0))  # too big: the compute thread takes it
+            await _until_computing(compute)
+            assert not batcher.runs_inline(OTHER_UID, "forward", 1)  # the compute thread is busy
+            compute.gate.set()
+            await asyncio.wait_for(task, WAIT_S)
+            await asyncio.sleep(0)  # the drainer finishes
+            return batcher.runs_inline(OTHER_UID, "forward", 1)
+
+    assert asyncio.run(asyncio.wait_for(scenario(), WAIT_S * 2))
