@@ -134,7 +134,7 @@ class IsolatedDHT:
         )
         config = {"authkey": self._authkey.hex(), "initial_peers": list(initial_peers)}
         self._proc.stdin.write(json.dumps(config).encode() + b"\n")
-        self._proc.stdin.close()
+        self._proc.stdin.flush()  # kept open: the child stops when it reads EOF, i.e. when this process dies
         self._lock, self._ids = threading.Lock(), itertools.count()
         self._deadline = time.monotonic() + start_timeout_s
         self._conn = None
@@ -154,6 +154,7 @@ class IsolatedDHT:
         if not line.startswith("ready "):
             self._proc.kill()
             self._proc.wait()
+            self._proc.stdin.close()
             raise NodeUnavailable(f"the client DHT peer did not start in time ({line or 'no answer'}); check --initial-peers")
         return line.split(" ", 1)[1]
 
@@ -183,6 +184,10 @@ class IsolatedDHT:
         except subprocess.TimeoutExpired:
             self._proc.kill()
             self._proc.wait()
+        try:
+            self._proc.stdin.close()
+        except OSError:
+            pass
 
 
 def _serve_lookups() -> None:
@@ -190,17 +195,37 @@ def _serve_lookups() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the owner process decides when we stop
     import_dht_only()
     request = json.loads(sys.stdin.readline())
-    dht = start_dht(initial_peers=request["initial_peers"], client_mode=True)
-    try:
-        with tempfile.TemporaryDirectory(prefix="moeswarm-dht-") as tmp:
-            address = os.path.join(tmp, "socket")
-            authkey = bytes.fromhex(request["authkey"])
+    authkey = bytes.fromhex(request["authkey"])
+    listening = threading.Event()
+    with tempfile.TemporaryDirectory(prefix="moeswarm-dht-") as tmp:
+        address = os.path.join(tmp, "socket")
+        dht = start_dht(initial_peers=request["initial_peers"], client_mode=True)
+        # After start_dht: it forks, and a fork taken while a thread blocks in a read of stdin could
+        # not close the inherited stdin (multiprocessing's bootstrap does) and would hang.
+        threading.Thread(target=_stop_when_owner_dies, args=(address, authkey, listening), daemon=True).start()
+        try:
             with multiprocessing.connection.Listener(address, family="AF_UNIX", authkey=authkey) as listener:
+                listening.set()
                 print(f"ready {address}", flush=True)
                 with listener.accept() as conn:
                     _answer(conn, dht)
-    finally:
-        stop_dht(dht)
+        finally:
+            stop_dht(dht)
+
+
+def _stop_when_owner_dies(address: str, authkey: bytes, listening: threading.Event) -> None:
+    """The owner keeps our stdin open; EOF means it closed us or died, possibly (kill -9) before it
+    ever connected, which would leave us and p2pd waiting in accept() forever. Connect as it would
+    and ask for the stop."""
+    while os.read(sys.stdin.fileno(), 1 << 16):  # the raw fd: no Python-level lock is held while waiting
+        pass
+    if not listening.wait(DHT_START_TIMEOUT_S + 5):
+        return  # never came up: start_dht raised, and the main thread is on its way out
+    try:
+        with multiprocessing.connection.Client(address, family="AF_UNIX", authkey=authkey) as conn:
+            conn.send(None)
+    except (OSError, EOFError, multiprocessing.AuthenticationError):
+        pass  # the owner's own connection came first: its EOF stops the main thread
 
 
 def _answer(conn, dht) -> None:

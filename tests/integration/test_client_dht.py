@@ -4,6 +4,8 @@ still starting, it leaves no process behind."""
 from __future__ import annotations
 
 import pathlib
+import subprocess
+import sys
 import threading
 import time
 
@@ -58,3 +60,38 @@ def test_closed_while_starting_leaves_no_process(dht_peer):
     while _still_running(seen) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _still_running(seen), f"left behind: {_still_running(seen)}"
+
+
+_OWNER = """
+import sys, time
+from moeswarm.protocol.dht import IsolatedDHT
+dht = IsolatedDHT(sys.argv[1:], wait=False)  # never connects: the child waits for it in accept()
+print(dht._proc.pid, flush=True)
+time.sleep(120)
+"""
+
+
+def test_owner_killed_before_connecting_leaves_no_process(dht_peer):
+    """kill -9 of the owning process (a user's crashed script) stops its DHT child and p2pd, even
+    when it died before its first lookup."""
+    owner = subprocess.Popen([sys.executable, "-c", _OWNER, *dht_peer.ready["maddrs"]], stdout=subprocess.PIPE, text=True)
+    seen: dict[int, bytes] = {}
+    stop = threading.Event()
+    try:
+        child = int(owner.stdout.readline())
+        watcher = threading.Thread(target=_watch_tree, args=(child, seen, stop))
+        watcher.start()
+        deadline = time.monotonic() + 30
+        while not any(b"p2pd" in argv0 for argv0 in seen.values()) and time.monotonic() < deadline:
+            time.sleep(0.05)  # the child is up (p2pd running) and waits for its owner
+        assert any(b"p2pd" in argv0 for argv0 in seen.values()), f"the child's p2pd never started: {seen}"
+        time.sleep(0.5)
+    finally:
+        owner.kill()
+        owner.wait()
+        stop.set()
+    watcher.join()
+    deadline = time.monotonic() + 15
+    while _still_running(seen) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _still_running(seen), f"left behind after the owner died: {_still_running(seen)}"
