@@ -15,12 +15,24 @@ import torch
 from torch.optim.adam import adam as functional_adam
 
 
-class NodeAdam:
-    """Adam (no weight decay, no amsgrad) over a fixed list of parameters, in one param group."""
+class NodeOptimizer:
+    """A fixed list of parameters in one param group; subclasses define step and their state."""
+
+    def __init__(self, params, *, lr: float):
+        self.params: list[torch.nn.Parameter] = list(params)
+        self.lr = lr
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for param in self.params:
+            param.grad = None
+
+
+class NodeAdam(NodeOptimizer):
+    """Adam (no weight decay, no amsgrad)."""
 
     def __init__(self, params, *, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, fused: bool = True):
-        self.params: list[torch.nn.Parameter] = list(params)
-        self.lr, self.betas, self.eps = lr, tuple(betas), eps
+        super().__init__(params, lr=lr)
+        self.betas, self.eps = tuple(betas), eps
         self.fused = fused  # cleared at the first step where the device has no fused kernel
         self.state: list[dict[str, torch.Tensor]] = [{} for _ in self.params]  # made at each parameter's first step
 
@@ -39,8 +51,9 @@ class NodeAdam:
                 return self._update(live, fused=True)
             except RuntimeError:  # no fused kernel for this device or dtype (nothing was updated)
                 self.fused = False
-                for _, state in live:
-                    state["step"] = state["step"].cpu()
+                for state in self.state:
+                    if state:
+                        state["step"] = state["step"].cpu()
         self._update(live, fused=False)
 
     def _update(self, live, *, fused: bool) -> None:
@@ -54,10 +67,6 @@ class NodeAdam:
 
     def _step_device(self, param: torch.Tensor) -> torch.device:
         return param.device if self.fused else torch.device("cpu")  # torch keeps non-fused step counters on the CPU
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for param in self.params:
-            param.grad = None
 
     def state_dict(self) -> dict:
         group = {"lr": self.lr, "betas": self.betas, "eps": self.eps, "weight_decay": 0.0, "amsgrad": False,
@@ -88,22 +97,14 @@ class NodeAdam:
         self.state = new_state
 
 
-class NodeSGD:
+class NodeSGD(NodeOptimizer):
     """Plain SGD (no momentum, no weight decay): torch.optim.SGD's update, param -= lr * grad."""
-
-    def __init__(self, params, *, lr: float):
-        self.params: list[torch.nn.Parameter] = list(params)
-        self.lr = lr
 
     @torch.no_grad()
     def step(self) -> None:
         for param in self.params:
             if param.grad is not None:
                 param.add_(param.grad, alpha=-self.lr)
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for param in self.params:
-            param.grad = None
 
     def state_dict(self) -> dict:
         group = {"lr": self.lr, "momentum": 0, "dampening": 0, "weight_decay": 0, "nesterov": False, "maximize": False,
@@ -112,9 +113,6 @@ class NodeSGD:
 
     def load_state_dict(self, state_dict: dict) -> None:
         _check_layout(state_dict, len(self.params))  # plain SGD keeps no state
-
-
-NodeOptimizer = NodeAdam | NodeSGD
 
 
 def _check_layout(state_dict: dict, n_params: int) -> dict:
