@@ -75,13 +75,27 @@ def group_rows(topk_ids_TK: torch.Tensor, uids: list[str]) -> dict[str, ExpertRo
     Experts in increasing id order, rows in token order."""
     if topk_ids_TK.numel() <= SMALL_ROUTING_SLOTS:
         return _group_rows_small(topk_ids_TK, uids)
-    rows = {}
-    for expert in torch.unique(topk_ids_TK).tolist():
-        if expert < 0:
-            continue
-        token_idx, slot_idx = torch.where(topk_ids_TK == expert)
-        rows[uids[expert]] = ExpertRows(token_idx, slot_idx)
+    # One stable sort of the flattened (token, slot) ids by expert, cut into one run per expert:
+    # a fixed handful of torch ops, however many experts the layer has.
+    K = topk_ids_TK.shape[1]
+    flat_ids = topk_ids_TK.reshape(-1)
+    order = torch.argsort(flat_ids, stable=True)
+    experts, counts = torch.unique_consecutive(flat_ids[order], return_counts=True)
+    token_idx, slot_idx = order // K, order % K
+    rows, start = {}, 0
+    for expert, count in zip(experts.tolist(), counts.tolist()):
+        if expert >= 0:
+            rows[uids[expert]] = ExpertRows(token_idx[start : start + count], slot_idx[start : start + count])
+        start += count
     return rows
+
+
+def gather_rows(x_TD: torch.Tensor, rows: dict[str, ExpertRows]) -> dict[str, torch.Tensor]:
+    """Each expert's input rows {uid: x_ND}: one gather for the whole layer, then views of it."""
+    if len(rows) <= 1:
+        return {uid: x_TD[r.token_idx] for uid, r in rows.items()}
+    gathered = x_TD[torch.cat([r.token_idx for r in rows.values()])]
+    return dict(zip(rows, gathered.split([r.token_idx.numel() for r in rows.values()])))
 
 
 SMALL_ROUTING_SLOTS = 64  # up to this many (token, slot) pairs, plain Python beats a dozen tiny torch ops
@@ -144,7 +158,7 @@ class Dispatcher:
     ) -> DispatchResult:
         """keep_activations: a training forward; nodes keep what backward() then reuses."""
         rows = group_rows(topk_ids_TK, uids)
-        inputs = {uid: x_TD[r.token_idx] for uid, r in rows.items()}
+        inputs = gather_rows(x_TD, rows)
         forward_ids: dict[str, str] = {}
         outputs, endpoints, attempts = await self._run_experts(_Job("forward", inputs, keep=keep_activations), {}, forward_ids)
         T, K = topk_ids_TK.shape

@@ -1,8 +1,11 @@
 """Merges concurrent requests for the same expert into one matmul, run on one compute thread.
 
-No fixed wait: a lone request runs at once; requests that arrive while a batch computes are merged
-into the next batch for that expert (up to `max_rows`). Each (uid, op) key has at most one batch in
-flight, and all compute goes through a single thread, so expert state is never touched concurrently.
+No fixed wait: a lone request runs at once; requests that arrive while the compute thread is busy
+are merged into the next batch for their expert (up to `max_rows`). Work reaches the compute thread
+in rounds: one round takes the next batch of every expert and op that has rows waiting and runs them
+all in one hand-off to the thread, so a request for several experts of this node costs one thread
+round trip, not one per expert. All compute goes through that single thread, so expert state is
+never touched concurrently.
 Exception: a tiny batch (at most `inline_rows`) arriving while the compute thread is idle runs right
 on the event-loop thread, since a thread hop costs more than its matmul; the compute thread is idle
 and the loop is busy meanwhile, so nothing else touches expert state.
@@ -58,7 +61,7 @@ class Batcher:
         self._compute, self._executor, self.max_rows, self.inline_rows = compute, executor, max_rows, inline_rows
         self._in_executor = 0  # jobs submitted to the compute thread and not finished
         self._queues: dict[tuple[str, str], collections.deque[_Pending]] = collections.defaultdict(collections.deque)
-        self._drainers: dict[tuple[str, str], asyncio.Task] = {}
+        self._drainer: asyncio.Task | None = None  # runs rounds while any queue has rows
         self.queued_rows = 0
         self.meter = RateMeter()
 
@@ -68,28 +71,33 @@ class Batcher:
             out_ND = self._compute(uid, op, x_ND, g_ND, [(tag, x_ND.shape[0])])
             self.meter.add(x_ND.shape[0])
             return out_ND
-        key = (uid, op)
+        return await self.enqueue(uid, op, x_ND, g_ND, tag)
+
+    def enqueue(self, uid: str, op: str, x_ND: torch.Tensor, g_ND: torch.Tensor | None = None, tag: str = "") -> asyncio.Future:
+        """Queue rows for the compute thread (never inline); returns the future of their result.
+        Rows queued in one go (before the loop runs again) go to the thread in the same round."""
         pending = _Pending(x_ND, g_ND, asyncio.get_running_loop().create_future(), tag)
-        self._queues[key].append(pending)
+        self._queues[(uid, op)].append(pending)
         self.queued_rows += x_ND.shape[0]
-        if key not in self._drainers:
-            self._drainers[key] = asyncio.create_task(self._drain(key))
-        return await pending.future
+        if self._drainer is None:
+            self._drainer = asyncio.create_task(self._drain())
+        return pending.future
 
     def runs_inline(self, uid: str, op: str, rows: int) -> bool:
         """Whether submit() would compute these rows right away on the loop (it then never yields)."""
         cost = rows * (3 if op == "backward" else 1)  # backward costs ~3 forwards
         return cost <= self.inline_rows and self._in_executor == 0 and not self._queues.get((uid, op))
 
-    async def _drain(self, key: tuple[str, str]) -> None:
-        queue = self._queues[key]
+    async def _drain(self) -> None:
         try:
-            while queue:
-                batch = self._take_batch(queue)
-                if batch:
-                    await self._run(key, batch)
+            while True:
+                round_ = [(key, self._take_batch(queue)) for key, queue in self._queues.items() if queue]
+                round_ = [(key, batch) for key, batch in round_ if batch]
+                if not round_:
+                    return
+                await self._run_round(round_)
         finally:
-            del self._drainers[key]
+            self._drainer = None
 
     def _take_batch(self, queue: collections.deque[_Pending]) -> list[_Pending]:
         batch, rows = [], 0
@@ -102,28 +110,45 @@ class Batcher:
             rows += item.x_ND.shape[0]
         return batch
 
-    async def _run(self, key: tuple[str, str], batch: list[_Pending]) -> None:
-        uid, op = key
+    async def _run_round(self, round_: list[tuple[tuple[str, str], list[_Pending]]]) -> None:
+        """One hand-off to the compute thread for a batch of each (uid, op) in the round; a failure
+        reaches every caller of its batch and no one else."""
+        jobs, failed = [], {}
+        for key, batch in round_:
+            try:
+                jobs.append((key, *_merge(key[1], batch)))
+            except Exception as e:  # defensive: validated rows always concatenate
+                failed[key] = e
         try:
-            x_ND = batch[0].x_ND if len(batch) == 1 else torch.cat([item.x_ND for item in batch])
-            g_ND = None
-            if op == "backward":
-                g_ND = batch[0].g_ND if len(batch) == 1 else torch.cat([item.g_ND for item in batch])
-            tags = [(item.tag, item.x_ND.shape[0]) for item in batch]
-            out_ND = await self.run_on_compute_thread(self._compute, uid, op, x_ND, g_ND, tags)
-        except Exception as e:  # task boundary: hand the failure to every waiting caller
-            logger.error("expert %s %s failed on %d requests", uid, op, len(batch), exc_info=True)
+            results = await self.run_on_compute_thread(self._compute_round, jobs) if jobs else []
+        except Exception as e:  # the compute thread is gone (node stopping): every caller gets it
+            results = [e] * len(jobs)
+        outputs = dict(zip((key for key, *_ in jobs), results))
+        for key, batch in round_:
+            out_ND = failed.get(key, outputs.get(key))
+            if isinstance(out_ND, BaseException):
+                logger.error("expert %s %s failed on %d requests", *key, len(batch), exc_info=out_ND)
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(out_ND)
+                continue
+            self.meter.add(out_ND.shape[0])
+            offset = 0
             for item in batch:
+                rows = item.x_ND.shape[0]
                 if not item.future.done():
-                    item.future.set_exception(e)
-            return
-        self.meter.add(x_ND.shape[0])
-        offset = 0
-        for item in batch:
-            rows = item.x_ND.shape[0]
-            if not item.future.done():
-                item.future.set_result(out_ND[offset : offset + rows])
-            offset += rows
+                    item.future.set_result(out_ND[offset : offset + rows])
+                offset += rows
+
+    def _compute_round(self, jobs: list) -> list:
+        """On the compute thread: each job's output, or the exception it raised."""
+        results = []
+        for (uid, op), x_ND, g_ND, tags in jobs:
+            try:
+                results.append(self._compute(uid, op, x_ND, g_ND, tags))
+            except Exception as e:
+                results.append(e)
+        return results
 
     def run_in_background(self, fn, *args) -> None:
         """Queue fn(*args) on the compute thread without waiting for it (an optimizer step after its
@@ -149,3 +174,12 @@ class Batcher:
             return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
         finally:
             self._in_executor -= 1
+
+
+def _merge(op: str, batch: list[_Pending]) -> tuple[torch.Tensor, torch.Tensor | None, list[tuple[str, int]]]:
+    """The rows of a batch's requests as one input (and grads, for backward), with each one's tag."""
+    x_ND = batch[0].x_ND if len(batch) == 1 else torch.cat([item.x_ND for item in batch])
+    g_ND = None
+    if op == "backward":
+        g_ND = batch[0].g_ND if len(batch) == 1 else torch.cat([item.g_ND for item in batch])
+    return x_ND, g_ND, [(item.tag, item.x_ND.shape[0]) for item in batch]

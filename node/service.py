@@ -100,10 +100,10 @@ class ExpertServicer:
         keep_as = request.request_id if request.keep_activations else ""
         op = "backward" if backward else "forward"
         if len(work) == 1 or all(self._batcher.runs_inline(item.uid, op, item.x_ND.shape[0]) for item in work):
-            # decoding: one expert, or a few tiny batches each computed at once: no gather, no tasks
+            # decoding: one expert, or a few tiny batches each computed at once: no futures, no tasks
             outputs = [await self._submit(item, backward, keep_as) for item in work]
-        else:
-            outputs = await asyncio.gather(*(self._submit(item, backward, keep_as) for item in work))
+        else:  # queued together: one round trip to the compute thread for all of them
+            outputs = await asyncio.gather(*(self._enqueue(item, backward, keep_as) for item in work))
         # In the caller's wire dtype (fp32 unless it opted in).
         return wire.write_response(request.request_id, [(out, item.x_ND.dtype) for item, out in zip(work, outputs)])
 
@@ -112,6 +112,11 @@ class ExpertServicer:
         Forward whose activations a backward may reuse, or under which a forward keeps them."""
         tag = item.forward_id if backward else keep_as
         return self._batcher.submit(item.uid, "backward" if backward else "forward", item.x_ND, item.g_ND, tag)
+
+    def _enqueue(self, item: ExpertWork, backward: bool, keep_as: str) -> asyncio.Future:
+        """As _submit, always through the compute thread."""
+        tag = item.forward_id if backward else keep_as
+        return self._batcher.enqueue(item.uid, "backward" if backward else "forward", item.x_ND, item.g_ND, tag)
 
 
 def _parse_request(data: bytes) -> wire.RequestView | expert_pb2.ExpertRequest:

@@ -34,19 +34,29 @@ _PAD_TAG = 15 << 3 | _LEN  # Tensor.pad
 
 
 def _varint(value: int) -> bytes:
+    if value < 0x80:
+        return bytes((value,))
     out = bytearray()
-    while True:
-        byte = value & 0x7F
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
         value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
+    out.append(value)
+    return bytes(out)
+
+
+def _varint_len(value: int) -> int:
+    return max(1, (value.bit_length() + 6) // 7)
 
 
 def _key(field: int, wire: int) -> bytes:
     return bytes([field << 3 | wire])
+
+
+def _pad_to_align(offset: int) -> int:
+    """Bytes of Tensor.pad field (0, or a 2-byte field header plus zeros) that move `offset` to an
+    ALIGN boundary: sizes 0 and 2..17 cover every residue."""
+    shift = -offset % ALIGN
+    return 0 if shift == 0 else (ALIGN + 1 if shift == 1 else shift)
 
 
 @dataclasses.dataclass
@@ -56,19 +66,38 @@ class _TensorPart:
     field: int
     header: bytes
     data: memoryview
-    pad: int = 0  # total bytes of the pad field: 0, or 2..17
+    pad: int = 0  # total bytes of the pad field: 0, or 2..129 (a 1-byte length)
+    size: int = 0  # of the sub-message, set by place()
+    extra_pad: int = 0  # a multiple of ALIGN added to the pad (see _assemble)
 
-    def size(self) -> int:
+    def place(self, position: int) -> int:
+        """Choose the pad so the data starts ALIGN-aligned when this field starts at `position`;
+        returns the position after the field. The size's varint length depends on the pad and the
+        pad on that length: try the shorter length, then the longer one, whose pad can grow by
+        ALIGN until the size really needs the longer varint (at a 128**k boundary)."""
         n = self.data.nbytes
-        return len(self.header) + self.pad + (1 + len(_varint(n)) + n if n else 0)
+        if n == 0:
+            self.pad, self.size = 0, len(self.header)
+            return position + 1 + _varint_len(self.size) + self.size
+        bare = len(self.header) + 1 + _varint_len(n) + n  # the size without a pad field
+        shortest = _varint_len(bare)
+        for length in (shortest, shortest + 1):
+            pad = _pad_to_align(position + 1 + length + len(self.header) + 1 + _varint_len(n)) + self.extra_pad
+            while _varint_len(bare + pad) < length:
+                pad += ALIGN
+            if _varint_len(bare + pad) == length:
+                self.pad, self.size = pad, bare + pad
+                return position + 1 + length + self.size
+        raise AssertionError("unreachable: the longer varint always fits")  # pragma: no cover
 
-    def chunks(self) -> list:
-        out = [_key(self.field, _LEN) + _varint(self.size()), self.header]
+    def chunks(self) -> tuple[bytes, memoryview | None]:
+        """The field's bytes: everything before the payload, then the payload (None if empty)."""
+        opening = _key(self.field, _LEN) + _varint(self.size) + self.header
         if self.pad:
-            out.append(bytes([_PAD_TAG, self.pad - 2]) + bytes(self.pad - 2))
-        if self.data.nbytes:
-            out += [_key(3, _LEN) + _varint(self.data.nbytes), self.data]
-        return out
+            opening += bytes([_PAD_TAG, self.pad - 2]) + bytes(self.pad - 2)
+        if not self.data.nbytes:
+            return opening, None
+        return opening + _key(3, _LEN) + _varint(self.data.nbytes), self.data
 
 
 def _tensor_part(field: int, tensor: torch.Tensor, wire_dtype: torch.dtype | None) -> _TensorPart:
@@ -78,34 +107,46 @@ def _tensor_part(field: int, tensor: torch.Tensor, wire_dtype: torch.dtype | Non
 
 def _assemble(head: bytes, groups: list[tuple[bytes | None, list[_TensorPart]]], tail: bytes = b"") -> bytes:
     """head, then per group either a batch sub-message (field 3: prefix bytes + its tensors) or, for
-    prefix None, bare tensor fields; then tail. Pads each tensor so its data lands ALIGN-aligned."""
-    parts = [part for _, group in groups for part in group]
-    for _ in range(2 * len(parts) + 2):  # each round fixes the first misaligned payload
-        chunks, offsets = _layout(head, groups, tail)
-        misaligned = [(part, offset) for part, offset in zip(parts, offsets) if offset % ALIGN]
-        if not misaligned:
+    prefix None, bare tensor fields; then tail. Pads each tensor so its data lands ALIGN-aligned.
+
+    One pass places every tensor given the assumed varint length of each batch's size; a batch whose
+    size needs a longer varint (at 128**k bytes) is placed again with it, and one that comes out
+    shorter than assumed has its last tensor's pad grown by ALIGN (alignment unchanged)."""
+    size_lengths = [1] * len(groups)
+    batch_sizes = [0] * len(groups)
+    for _ in range(4 * len(groups) + 4):
+        position, settled = len(head), True
+        for g, (prefix, parts) in enumerate(groups):
+            start = position
+            if prefix is not None:
+                position += 1 + size_lengths[g] + len(prefix)
+            for part in parts:
+                position = part.place(position)
+            if prefix is None:
+                continue
+            batch_sizes[g] = position - start - 1 - size_lengths[g]
+            needed = _varint_len(batch_sizes[g])
+            if needed > size_lengths[g]:
+                size_lengths[g], settled = needed, False
+            elif needed < size_lengths[g]:  # only after a grow, placed right at the boundary
+                # (sizes depend on positions only through pads, so some tensor here has data)
+                [part for part in parts if part.data.nbytes][-1].extra_pad += ALIGN
+                settled = False
+        if settled:
             break
-        part, offset = misaligned[0]
-        shift = (part.pad + (-offset) % ALIGN) % ALIGN  # pad sizes 0 and 2..17 cover every residue
-        part.pad = 0 if shift == 0 else (ALIGN + 1 if shift == 1 else shift)
-    return b"".join(chunks)  # the one copy of each payload
-
-
-def _layout(head: bytes, groups, tail: bytes) -> tuple[list, list[int]]:
-    chunks, offsets, position = [head], [], len(head)
-    for prefix, group in groups:
+    else:  # pragma: no cover
+        raise AssertionError("tensor layout did not settle")
+    chunks = [head]
+    for g, (prefix, parts) in enumerate(groups):
         if prefix is not None:
-            size = len(prefix) + sum(len(_key(p.field, _LEN) + _varint(p.size())) + p.size() for p in group)
-            opening = _key(3, _LEN) + _varint(size) + prefix
+            chunks.append(_key(3, _LEN) + _varint(batch_sizes[g]) + prefix)
+        for part in parts:
+            opening, data = part.chunks()
             chunks.append(opening)
-            position += len(opening)
-        for part in group:
-            pieces = part.chunks()
-            offsets.append(position + sum(len(piece) for piece in pieces[:-1]) if part.data.nbytes else 0)
-            chunks += pieces
-            position += sum(len(piece) for piece in pieces)
+            if data is not None:
+                chunks.append(data)
     chunks.append(tail)
-    return chunks, offsets
+    return b"".join(chunks)  # the one copy of each payload
 
 
 def encode_request(

@@ -154,6 +154,38 @@ def test_ops_and_experts_are_batched_separately():
     assert sorted(compute.batches[1:]) == [(UID, "backward", 2), (UID, "forward", 2), (OTHER_UID, "forward", 2)]
 
 
+class CountingExecutor(concurrent.futures.ThreadPoolExecutor):
+    """One worker thread, like the node's; counts the jobs handed to it."""
+
+    def __init__(self):
+        super().__init__(max_workers=1)
+        self.jobs = 0
+
+    def submit(self, fn, /, *args, **kwargs):
+        self.jobs += 1
+        return super().submit(fn, *args, **kwargs)
+
+
+def test_rows_enqueued_together_reach_the_compute_thread_in_one_round_with_a_failure_kept_to_its_batch():
+    """A request for several experts of a node costs one hand-off to the compute thread, not one per
+    expert; one expert's failure fails only that expert's callers."""
+    compute = FakeCompute(fail_over_rows=4)
+    inputs = {UID: _rows(2, seed=80), OTHER_UID: _rows(3, seed=81), "tiny.L0.E2": _rows(5, seed=82)}
+
+    async def main():
+        with CountingExecutor() as executor:
+            batcher = Batcher(compute, executor, max_rows=16)
+            futures = [batcher.enqueue(uid, "forward", x_ND) for uid, x_ND in inputs.items()]
+            results = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), WAIT_S)
+            return results, executor.jobs, batcher.queued_rows
+
+    (first, second, third), jobs, queued = asyncio.run(main())
+    assert jobs == 1 and queued == 0
+    assert torch.equal(first, inputs[UID] * 2 + 1) and torch.equal(second, inputs[OTHER_UID] * 2 + 1)
+    assert isinstance(third, ValueError) and "boom on 5 rows" in str(third)
+    assert [uid for uid, _, _ in compute.batches] == list(inputs)
+
+
 def test_merged_backward_splits_input_grads_per_caller():
     compute = FakeCompute()
     pairs = [(_rows(n, seed=30 + n), _rows(n, seed=40 + n)) for n in (2, 3, 1)]

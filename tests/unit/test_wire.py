@@ -78,6 +78,26 @@ def test_every_header_length_still_aligns_every_payload(id_length):
         assert torch.equal(codec.decode(batch.inputs), x)
 
 
+@pytest.mark.parametrize("boundary", [128, 128**2])
+def test_sizes_around_varint_boundaries_still_parse_and_align(boundary):
+    """A tensor's or a batch's size crossing 128**k bytes changes its length prefix, which moves every
+    payload after it (and so the pads, and so the size again): each payload must still land aligned,
+    and protobuf must read the same message. Sweeps sizes, header lengths and with/without grads."""
+    for elements in range((boundary - 110) // 2, (boundary + 20) // 2):
+        for id_length in range(0, 16, 1 if boundary == 128 else 5):
+            for uid, grads in (("m.L0.E9", False), ("m.L0.E99999", True), ("m.L0.E999999999999", False)):
+                inputs = {uid: torch.randn(elements, 1).half(), "m.L1.E2": torch.randn(1, 1).half()}
+                ours, _ = wire.encode_request("m", "i" * id_length, inputs, inputs if grads else None, backward=grads)
+                expected = _protobuf_request("m", "i" * id_length, inputs, inputs if grads else None, backward=grads)
+                assert _without_pads(expert_pb2.ExpertRequest.FromString(ours)) == expert_pb2.ExpertRequest.FromString(expected)
+                view = wire.parse_request(ours)
+                tensors = [t for b in view.batches for t in (b.inputs, b.grad_outputs) if t is not None]
+                assert all(offset % codec.ALIGN == 0 for offset in _payload_offsets(ours, tensors)), (elements, id_length, uid)
+                response = wire.encode_response("i" * id_length, [(x, x.dtype) for x in inputs.values()])
+                parsed = wire.parse_response(response)
+                assert all(offset % codec.ALIGN == 0 for offset in _payload_offsets(response, parsed.tensors))
+
+
 def test_response_parses_as_protobufs_own():
     outputs = [(torch.randn(3, 8), torch.float32), (torch.randn(2, 8), torch.bfloat16), (torch.randn(0, 8), torch.float32)]
     expected = expert_pb2.ExpertResponse(request_id="r")
