@@ -44,10 +44,15 @@ class ReplicaPicker:
         """Candidates best first: usable ones by score (latency x load, with jitter to spread load),
         then banned ones (tried only when nothing else is left)."""
         now = self.clock()
-        candidates = [r for r in records if r.endpoint not in exclude]
-        usable = [r for r in candidates if self._get(r.endpoint).banned_until <= now]
-        banned = sorted((r for r in candidates if r not in usable), key=lambda r: self._get(r.endpoint).banned_until)
-        return sorted(usable, key=self._score) + banned
+        usable, banned = [], []
+        for record in records:
+            if record.endpoint not in exclude:
+                (usable if self._get(record.endpoint).banned_until <= now else banned).append(record)
+        if len(usable) > 1:
+            usable.sort(key=self._score)
+        if len(banned) > 1:
+            banned.sort(key=lambda r: self._get(r.endpoint).banned_until)
+        return usable + banned
 
     def _score(self, record: ExpertRecord) -> float:
         health = self._get(record.endpoint)

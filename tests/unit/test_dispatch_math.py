@@ -7,7 +7,7 @@ Legend: T tokens, D model dim, E experts, K experts per token.
 import pytest
 import torch
 
-from moeswarm.model.dispatcher import DispatchConfig, DispatchResult, group_rows, pick_endpoint
+from moeswarm.model.dispatcher import DispatchConfig, DispatchResult, _scatter_outputs, gather_rows, group_rows, pick_endpoint
 from moeswarm.model.experts import init_expert
 from moeswarm.model.local_moe import LocalMoE, combine
 from moeswarm.model.remote_moe import RemoteMoE, check_min_experts
@@ -49,7 +49,8 @@ def test_group_rows_small_and_large_paths_agree_and_skip_unsent_slots(tokens):
     rows = group_rows(topk_ids_TK, UIDS)
     assert list(rows) == sorted(by_loop, key=UIDS.index)  # experts in id order
     assert {uid: list(zip(r.token_idx.tolist(), r.slot_idx.tolist())) for uid, r in rows.items()} == by_loop
-    assert all(r.token_idx.dtype == r.slot_idx.dtype == torch.long for r in rows.values())
+    assert all(r.token_idx.dtype == r.slot_idx.dtype == r.flat_idx.dtype == torch.long for r in rows.values())
+    assert all(torch.equal(r.flat_idx, r.token_idx * 2 + r.slot_idx) for r in rows.values())
 
 
 def test_group_rows_lists_only_the_experts_that_got_rows():
@@ -71,6 +72,32 @@ def test_group_rows_random_routing_partitions_all_pairs():
     for uid, r in rows.items():
         rebuilt_TK[r.token_idx, r.slot_idx] = UIDS.index(uid)
     assert torch.equal(rebuilt_TK, topk_ids_TK)
+
+
+@pytest.mark.parametrize("tokens", [1, 5, 40])  # decoding, small path, sorted path
+def test_gather_and_scatter_put_every_row_back_in_its_place(tokens):
+    """gather_rows then _scatter_outputs is the identity on sent slots: each expert's output row i
+    lands at (token_idx[i], slot_idx[i]); unsent slots (-1) and unanswered experts stay 0 / unserved."""
+    generator = torch.Generator().manual_seed(tokens)
+    topk_ids_TK = torch.randint(-1, len(UIDS), (tokens, 2), generator=generator)
+    topk_ids_TK[0] = torch.tensor([0, 1])  # at least two experts answer
+    x_TD = _randn(tokens, D, seed=tokens)
+    rows = group_rows(topk_ids_TK, UIDS)
+    inputs = gather_rows(x_TD, rows)
+    for uid, r in rows.items():
+        assert torch.equal(inputs[uid], x_TD[r.token_idx])
+    outputs = {uid: x_ND * (UIDS.index(uid) + 1) for uid, x_ND in inputs.items()}  # expert e scales by e+1
+    y_TKD, served_TK = _scatter_outputs(topk_ids_TK, D, rows, outputs)
+    expected_TKD = x_TD[:, None, :] * (topk_ids_TK + 1).clamp(min=0)[..., None].float()
+    assert torch.equal(y_TKD, expected_TKD) and torch.equal(served_TK, topk_ids_TK >= 0)
+    missing = UIDS[1]  # every replica of one expert failed
+    partial = {uid: y for uid, y in outputs.items() if uid != missing}
+    y_TKD, served_TK = _scatter_outputs(topk_ids_TK, D, rows, partial)
+    lost_TK = topk_ids_TK == 1
+    assert torch.equal(served_TK, (topk_ids_TK >= 0) & ~lost_TK)
+    assert torch.equal(y_TKD, expected_TKD * served_TK[..., None])
+    y_TKD, served_TK = _scatter_outputs(topk_ids_TK, D, rows, {})
+    assert not served_TK.any() and not y_TKD.any()
 
 
 def test_group_rows_of_no_tokens_is_empty():
