@@ -25,10 +25,12 @@ def test_started_without_waiting_it_answers_lookups(dht_peer):
 
 def _watch_tree(pid: int, seen: dict[int, bytes], stop: threading.Event) -> None:
     """Record every process ever in pid's tree (p2pd among them), with its argv[0], until stop is
-    set. Only this client's processes: other tests, e.g. under pytest-xdist, run p2pd daemons too."""
+    set. Only this client's processes: other tests, e.g. under pytest-xdist, run p2pd daemons too.
+    argv[0] is re-read while a process stays in the tree: one first seen between fork and exec
+    still shows its parent's (python), and p2pd would go unrecognised."""
     while not stop.is_set():
-        for child in process_tree(pid) - seen.keys():
-            seen[child] = _argv0(child)
+        for child in process_tree(pid):
+            seen[child] = _argv0(child) or seen.get(child, b"")
         time.sleep(0.02)
 
 
