@@ -211,8 +211,9 @@ class Dispatcher:
             raise AllReplicasFailed(uid, attempts.get(uid, []))
         grad_x_TD = torch.zeros(x_TD.shape, dtype=torch.float32)
         order = [uid for uid in served if uid in grad_x]  # expert order: the same sums as one add per expert
-        token_idx = torch.cat([served[uid].token_idx for uid in order])
-        grad_x_TD.index_add_(0, token_idx, torch.cat([grad_x[uid] for uid in order]).float())
+        if order:  # none when no slot was sent (a capacity limit dropped them all)
+            token_idx = torch.cat([served[uid].token_idx for uid in order])
+            grad_x_TD.index_add_(0, token_idx, torch.cat([grad_x[uid] for uid in order]).float())
         return grad_x_TD
 
     async def _run_experts(self, job: _Job, preferred: dict[str, str], forward_ids: dict[str, str]):

@@ -7,7 +7,9 @@ Legend: T tokens, D model dim, E experts, K experts per token.
 import pytest
 import torch
 
-from moeswarm.model.dispatcher import DispatchConfig, DispatchResult, _scatter_outputs, gather_rows, group_rows, pick_endpoint
+from moeswarm.model.dispatcher import (
+    DispatchConfig, DispatchResult, Dispatcher, _scatter_outputs, gather_rows, group_rows, pick_endpoint,
+)
 from moeswarm.model.experts import init_expert
 from moeswarm.model.local_moe import LocalMoE, combine
 from moeswarm.model.remote_moe import RemoteMoE, check_min_experts
@@ -98,6 +100,21 @@ def test_gather_and_scatter_put_every_row_back_in_its_place(tokens):
     assert torch.equal(y_TKD, expected_TKD * served_TK[..., None])
     y_TKD, served_TK = _scatter_outputs(topk_ids_TK, D, rows, {})
     assert not served_TK.any() and not y_TKD.any()
+
+
+def test_backward_of_a_layer_call_that_sent_no_slot_is_all_zeros():
+    """Every slot dropped (a capacity limit): no RPC goes out and the input grads are zeros."""
+    dispatcher = Dispatcher(directory=None, model="tiny", config=DispatchConfig())
+    try:
+        topk_ids_TK = torch.full((3, 2), -1)
+        x_TD = _randn(3, D)
+        rows = group_rows(topk_ids_TK, UIDS)
+        y_TKD, served_TK = _scatter_outputs(topk_ids_TK, D, rows, {})
+        result = DispatchResult(y_TKD, served_TK, rows, endpoints={}, attempts={})
+        grad_x_TD = dispatcher.run(dispatcher.backward(result, x_TD, torch.ones(3, 2, D)))
+    finally:
+        dispatcher.close()
+    assert rows == {} and torch.equal(grad_x_TD, torch.zeros(3, D))
 
 
 def test_group_rows_of_no_tokens_is_empty():
