@@ -94,8 +94,8 @@ def group_rows(topk_ids_TK: torch.Tensor, uids: list[str]) -> dict[str, ExpertRo
 
 def gather_rows(x_TD: torch.Tensor, rows: dict[str, ExpertRows]) -> dict[str, torch.Tensor]:
     """Each expert's input rows {uid: x_ND}: one gather for the whole layer, then views of it."""
-    if x_TD.shape[0] == 1:  # decoding one sequence: every expert gets the one token, no copy
-        return dict.fromkeys(rows, x_TD)
+    if x_TD.shape[0] == 1 and all(r.token_idx.numel() == 1 for r in rows.values()):
+        return dict.fromkeys(rows, x_TD)  # decoding one sequence: every expert gets the one token, no copy
     return _gather(x_TD, rows, "token_idx")
 
 

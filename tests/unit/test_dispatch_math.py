@@ -88,6 +88,8 @@ def test_gather_and_scatter_put_every_row_back_in_its_place(tokens):
     inputs = gather_rows(x_TD, rows)
     for uid, r in rows.items():
         assert torch.equal(inputs[uid], x_TD[r.token_idx])
+    twice = group_rows(torch.tensor([[2, 2]]), UIDS)  # no gate does this; the rows must still match
+    assert gather_rows(x_TD[:1], twice)[UIDS[2]].shape == (2, D)
     outputs = {uid: x_ND * (UIDS.index(uid) + 1) for uid, x_ND in inputs.items()}  # expert e scales by e+1
     y_TKD, served_TK = _scatter_outputs(topk_ids_TK, D, rows, outputs)
     expected_TKD = x_TD[:, None, :] * (topk_ids_TK + 1).clamp(min=0)[..., None].float()
