@@ -131,9 +131,9 @@ class ExpertNode:
             return self.registry.forward(uid, x_ND, tags)
         grad_x_ND = self.registry.backward(uid, x_ND, g_ND, tags, defer_step=True)
         if self.registry.experts[uid].step_due:
-            # The optimizer step runs after the answer leaves, not before: queued from here, it is
-            # counted as compute in flight before this job's own completion is seen on the loop.
-            self._loop.call_soon_threadsafe(self.batcher.run_in_background, self.registry.apply_due_step, uid)
+            # The optimizer step runs after the answer leaves, not before (until then any request
+            # for this expert applies it first, so none computes with stale weights).
+            self._loop.call_soon_threadsafe(self.batcher.after_answers, self.registry.apply_due_step, uid)
         return grad_x_ND
 
     def info(self) -> expert_pb2.InfoResponse:

@@ -282,6 +282,37 @@ def test_background_work_keeps_tiny_batches_off_the_loop_until_it_finished(caplo
     assert "background compute failed" in caplog.text
 
 
+def test_work_queued_after_answers_waits_until_the_callers_have_their_results():
+    """A backward's optimizer step is queued during its round (after_answers, as the node does from
+    the compute thread) but starts only after the round's callers resumed with their results: the
+    answer is not left competing with the step for the CPU."""
+    events: list[str] = []
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        with concurrent.futures.ThreadPoolExecutor(1) as executor:
+
+            def compute(uid, op, x_ND, g_ND, tags):  # on the compute thread, like ExpertNode._compute
+                loop.call_soon_threadsafe(batcher.after_answers, lambda: events.append(f"step {uid}"))
+                return x_ND * g_ND
+
+            batcher = Batcher(compute, executor, max_rows=16)
+
+            async def caller(uid):
+                await batcher.enqueue(uid, "backward", _rows(2, seed=90), _rows(2, seed=91))
+                events.append(f"answered {uid}")
+
+            await asyncio.wait_for(asyncio.gather(caller(UID), caller(OTHER_UID)), WAIT_S)
+            for _ in range(200):  # bounded: the steps follow within a few loop turns
+                if len(events) == 4:
+                    break
+                await asyncio.sleep(0.01)
+
+    asyncio.run(main())
+    assert sorted(events[:2]) == sorted([f"answered {UID}", f"answered {OTHER_UID}"]), events
+    assert sorted(events[2:]) == sorted([f"step {UID}", f"step {OTHER_UID}"]), events
+
+
 def test_runs_inline_only_small_batches_while_the_compute_thread_is_idle():
     """runs_inline says what submit() will do; the servicer relies on it to skip gather() for a
     request whose expert batches all compute at once."""
