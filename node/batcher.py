@@ -154,9 +154,10 @@ class Batcher:
     def after_answers(self, fn, *args) -> None:
         """Run fn(*args) on the compute thread (as run_in_background) once the answers of the round
         now computing have been handed to gRPC: an optimizer step a backward made due. Queued at
-        once, the step would start on the compute thread the moment the round ends and compete for
-        the CPU with the event loop that still has to send those answers (on 2 cores, with a second
-        node stepping too, the answer waited for the steps: ~7 ms). Call on the event loop."""
+        once, the step would start on the compute thread the moment the round ends, competing for
+        the CPU with the event loop that still has to send those answers (2 nodes on 2 cores,
+        b256 fwd+bwd: a step started before the answer in 164 of 165 rounds; the last backward
+        to the encoded answer took 0.42 ms, 0.31 ms with this). Call on the event loop."""
         self._after_answers.append((fn, args))
         if not self._round_running:  # computed inline on the loop: its answer is on its way already
             self._start_flush()
