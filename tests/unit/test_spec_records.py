@@ -177,11 +177,32 @@ def test_unknown_wire_dtypes_are_dropped_but_float32_is_required():
         {"peer_id": ""},
         {"version": -1},
         {"version": None},
+        {"version": True},  # bool is not a count
+        {"version": 1.5},
+        {"queue_depth": "3"},
+        {"rows_per_s": "12.5"},
+        {"peer_id": 7},
+        {"peer_id": "p" * 129},
+        {"wire_dtypes": "float32"},  # a string, not a list of them
+        {"wire_dtypes": ["float32", 3]},
     ],
 )
 def test_expert_record_rejects_bad_values(change):
     with pytest.raises(ValueError):
         ExpertRecord.model_validate({**LOAD, "version": 0, **change})
+
+
+def test_records_are_frozen_and_keep_their_types():
+    record = ExpertRecord.model_validate({**LOAD, "rows_per_s": 3, "version": 0, "wire_dtypes": ["float32"]})
+    assert record.rows_per_s == 3.0 and isinstance(record.rows_per_s, float) and record.wire_dtypes == ("float32",)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        record.version = 5  # type: ignore[misc]
+    node = NodeRecord.model_validate({**LOAD, "model": SPEC_FIELDS, "uids": ["tiny-moe.L0.E0"]})
+    assert NodeRecord.model_validate(node.model_dump()) == node
+    with pytest.raises(ValueError, match="lacks uids"):
+        NodeRecord.model_validate({**LOAD, "model": SPEC_FIELDS})
+    with pytest.raises(ValueError, match="model must be a dictionary"):
+        NodeRecord.model_validate({**LOAD, "model": [1], "uids": []})
 
 
 def test_parse_entries_drops_invalid_and_keeps_valid():
