@@ -119,22 +119,14 @@ class Batcher:
     async def _run_round(self, round_: list[tuple[tuple[str, str], list[_Pending]]]) -> None:
         """One hand-off to the compute thread for a batch of each (uid, op) in the round; a failure
         reaches every caller of its batch and no one else."""
-        jobs, failed = [], {}
-        for key, batch in round_:
-            try:
-                jobs.append((key, *_merge(key[1], batch)))
-            except Exception as e:  # defensive: validated rows always concatenate
-                failed[key] = e
         self._round_running = True
         try:
-            results = await self.run_on_compute_thread(self._compute_round, jobs) if jobs else []
+            results = await self.run_on_compute_thread(self._compute_round, round_)
         except Exception as e:  # the compute thread is gone (node stopping): every caller gets it
-            results = [e] * len(jobs)
+            results = [e] * len(round_)
         finally:
             self._round_running = False
-        outputs = dict(zip((key for key, *_ in jobs), results))
-        for key, batch in round_:
-            out_ND = failed.get(key, outputs.get(key))
+        for (key, batch), out_ND in zip(round_, results):
             if isinstance(out_ND, BaseException):
                 logger.error("expert %s %s failed on %d requests", *key, len(batch), exc_info=out_ND)
                 for item in batch:
@@ -176,12 +168,12 @@ class Batcher:
         finally:
             self._flusher = None
 
-    def _compute_round(self, jobs: list) -> list:
-        """On the compute thread: each job's output, or the exception it raised."""
+    def _compute_round(self, round_: list[tuple[tuple[str, str], list[_Pending]]]) -> list:
+        """On the compute thread: each batch's merged output, or the exception it raised."""
         results = []
-        for (uid, op), x_ND, g_ND, tags in jobs:
+        for (uid, op), batch in round_:
             try:
-                results.append(self._compute(uid, op, x_ND, g_ND, tags))
+                results.append(self._compute(uid, op, *_merge(op, batch)))
             except Exception as e:
                 results.append(e)
         return results

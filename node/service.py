@@ -9,7 +9,7 @@ from typing import AsyncIterator, Callable
 import grpc
 
 from moeswarm.node.batcher import Batcher
-from moeswarm.node.validation import ExpertWork, Limits, validate_request
+from moeswarm.node.validation import Limits, validate_request
 from moeswarm.protocol import expert_pb2, wire
 from moeswarm.protocol.errors import BadRequest, MoeSwarmError, status_of
 
@@ -99,24 +99,15 @@ class ExpertServicer:
         work = validate_request(request, self._limits, backward=backward)
         keep_as = request.request_id if request.keep_activations else ""
         op = "backward" if backward else "forward"
+        # The tag: the Forward whose activations a backward may reuse, or under which a forward keeps them.
+        jobs = [(item.uid, op, item.x_ND, item.g_ND, item.forward_id if backward else keep_as) for item in work]
         if len(work) == 1 or all(self._batcher.runs_inline(item.uid, op, item.x_ND.shape[0]) for item in work):
             # decoding: one expert, or a few tiny batches each computed at once: no futures, no tasks
-            outputs = [await self._submit(item, backward, keep_as) for item in work]
+            outputs = [await self._batcher.submit(*job) for job in jobs]
         else:  # queued together: one round trip to the compute thread for all of them
-            outputs = await asyncio.gather(*(self._enqueue(item, backward, keep_as) for item in work))
+            outputs = await asyncio.gather(*(self._batcher.enqueue(*job) for job in jobs))
         # In the caller's wire dtype (fp32 unless it opted in).
         return wire.write_response(request.request_id, [(out, item.x_ND.dtype) for item, out in zip(work, outputs)])
-
-    def _submit(self, item: ExpertWork, backward: bool, keep_as: str):
-        """One expert's rows to the batcher; returns an awaitable of its output rows. The tag: the
-        Forward whose activations a backward may reuse, or under which a forward keeps them."""
-        tag = item.forward_id if backward else keep_as
-        return self._batcher.submit(item.uid, "backward" if backward else "forward", item.x_ND, item.g_ND, tag)
-
-    def _enqueue(self, item: ExpertWork, backward: bool, keep_as: str) -> asyncio.Future:
-        """As _submit, always through the compute thread."""
-        tag = item.forward_id if backward else keep_as
-        return self._batcher.enqueue(item.uid, "backward" if backward else "forward", item.x_ND, item.g_ND, tag)
 
 
 def _parse_request(data: bytes) -> wire.RequestView | expert_pb2.ExpertRequest:
