@@ -78,7 +78,52 @@ def start_dht(
         kwargs["client_mode"] = True
     else:
         kwargs["host_maddrs"] = [f"/ip4/{host}/tcp/{port}"]
-    return DHT(**kwargs)
+
+    class ParentBoundDHT(DHT):  # hivemind's DHT is a ForkProcess: a local class needs no pickling
+        def run(self) -> None:  # in the forked DHT process
+            watch = threading.Thread(target=_end_when_orphaned, args=(self._parent_pid,), name="dht-parent-watch", daemon=True)
+            watch.start()
+            super().run()
+
+    return ParentBoundDHT(**kwargs)
+
+
+ORPHAN_POLL_S = 0.5
+
+
+def _end_when_orphaned(parent_pid: int) -> None:
+    """In a DHT process: once the process that started it is gone (even by SIGKILL, which runs no
+    cleanup), stop its p2pd and exit, instead of serving a dead node's DHT port forever."""
+    while os.getppid() == parent_pid:
+        time.sleep(ORPHAN_POLL_S)
+    logger.warning("DHT process %d: its parent %d is gone; stopping", os.getpid(), parent_pid)
+    children = _child_pids(os.getpid())
+    for signum in (signal.SIGTERM, signal.SIGKILL):
+        for pid in children:
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+        time.sleep(ORPHAN_POLL_S)
+    os._exit(0)
+
+
+def _child_pids(pid: int) -> list[int]:
+    """Direct children of `pid` (p2pd), from /proc; none where there is no /proc."""
+    children = []
+    try:
+        entries = [entry for entry in os.listdir("/proc") if entry.isdigit()]
+    except OSError:
+        return children
+    for entry in entries:
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as stat:
+                fields = stat.read().rsplit(b")", 1)[1].split()  # after "pid (comm)": state, ppid, ...
+        except (OSError, IndexError):
+            continue  # it exited meanwhile
+        if len(fields) > 1 and int(fields[1]) == pid:
+            children.append(int(entry))
+    return children
 
 
 def stop_dht(dht) -> None:

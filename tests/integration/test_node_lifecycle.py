@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 from conftest import MODEL, node_config
-from procs import run
+from procs import alive, process_tree, run
 from moeswarm.model.directory import find_experts
 from moeswarm.model.expert_client import ExpertClient
 from moeswarm.protocol.dht import IsolatedDHT, get_records
@@ -119,6 +119,15 @@ def test_kill9_then_restart_resumes_from_checkpoint(node_factory, tmp_path):
     assert "resumed 1 of 1 experts" in restarted.log
     # Same identity key: the restarted node rewrites its own DHT entry instead of adding a second one.
     assert restarted.ready["peer_id"] != "" and checkpoint.exists()
+
+
+def test_kill9_of_the_node_alone_takes_its_dht_process_and_p2pd_down(node_factory):
+    node = node_factory("lone")
+    tree = process_tree(node.popen.pid)
+    assert len(tree) == 3, tree  # the node, its DHT process and p2pd
+    os.kill(node.popen.pid, signal.SIGKILL)  # not the group: as `kill -9 <pid>` by hand
+    node.popen.wait(5)
+    wait_for(lambda: not alive(tree), timeout_s=10, what=f"the node's DHT process and p2pd ({alive(tree)}) exiting")
 
 
 def test_sigterm_stops_within_5s_and_saves_last_updates(node_factory, tmp_path):
