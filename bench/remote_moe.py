@@ -3,7 +3,8 @@
 Layer: 8 experts, top-2, d_model 256, expert hidden 1024, fp32, batches of 16, 64 and 256 tokens, all
 on 127.0.0.1, the bench process with torch.set_num_threads(1) (nodes and servers run 1 thread too).
   (a) moeswarm RemoteMoE: a bootstrap DHT process and 2 node processes hosting 4 experts each
-      (1 replica), SwiGLU experts (moeswarm.model.experts);
+      (1 replica), SwiGLU experts (moeswarm.model.experts), each pinned to its own CPU as `swarm up`
+      pins nodes when there are enough CPUs (deploy/swarm.py node_cpus; not on a 1-CPU machine);
   (b) LocalMoE: the same router and the same expert weights (same seed), in this process;
   (c) hivemind.moe RemoteMixtureOfExperts (k_best=2, grid of 8) against 2 hivemind Server processes,
       4 experts each. hivemind has no SwiGLU expert: its 'ffn' block (hidden_dim=256: Linear 256->1024,
@@ -102,9 +103,10 @@ def main() -> int:
     started, load_before = time.monotonic(), os.getloadavg()
     try:
         with tempfile.TemporaryDirectory(prefix="moeswarm-bench-") as tmp, Children(pathlib.Path(tmp)) as children:
-            peers, nodes = start_moeswarm(children, pathlib.Path(tmp))  # they start while hivemind runs
+            peers, nodes, node_cpus = start_moeswarm(children, pathlib.Path(tmp))  # they start while hivemind runs
             seconds, details = run_hivemind(children, pathlib.Path(tmp), pick)
             more_seconds, more_details = run_moeswarm(peers, nodes, pick)
+            details["node_cpus"] = node_cpus
     finally:
         kill_descendants()  # what libraries started here: DHT children, p2pd, torch_shm_manager
     seconds.update(more_seconds)
@@ -143,6 +145,8 @@ def print_context(details: dict) -> None:
         print(f"  error: {error}")
     print(f"  killed {fault['killed_endpoint']} (the busier replica); {len(fault['failed_rpcs_retried'])} failed RPCs "
           "retried on the other replica (dispatcher warnings)")
+    pinned = details["node_cpus"]
+    print("moeswarm nodes pinned to CPUs " + ", ".join(map(str, pinned)) if pinned[0] else "moeswarm nodes not pinned (1 CPU)")
     load = details["loadavg_1_5_15"]
     print(f"load average before {load['before'][0]:.2f}, after {load['after'][0]:.2f} on {os.cpu_count()} CPUs")
 
@@ -305,9 +309,9 @@ def serve_hivemind(ready_file: str, uids: str, peer: str) -> int:
 # ---- (a) moeswarm and (b) local ----------------------------------------------------------------
 
 
-def spawn_node(children: Children, work_dir: pathlib.Path, name: str, uids, swarm: str, peers: list[str]):
+def spawn_node(children: Children, work_dir: pathlib.Path, name: str, uids, swarm: str, peers: list[str], cpus=None):
     config = {"model": MODEL, "experts": uids, "seed": SEED, "swarm": swarm, "initial_peers": peers, "state_dir": None,
-              "torch_threads": 1, "optimizer": {"name": "adam", "lr": LR, "update_every": 1}}
+              "torch_threads": 1, "optimizer": {"name": "adam", "lr": LR, "update_every": 1}, "cpus": list(cpus or ())}
     (work_dir / f"{name}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     ready = work_dir / f"{name}.json"
     cmd = [sys.executable, "-m", "moeswarm.deploy.cli", "node", "--config", str(work_dir / f"{name}.yaml"),
@@ -315,17 +319,22 @@ def spawn_node(children: Children, work_dir: pathlib.Path, name: str, uids, swar
     return children.spawn(cmd, name), ready
 
 
-def start_moeswarm(children: Children, work_dir: pathlib.Path) -> tuple[list[str], list]:
-    """Bootstrap DHT (waited for), then 2 throughput nodes and 2 fault-run nodes (not waited for)."""
+def start_moeswarm(children: Children, work_dir: pathlib.Path) -> tuple[list[str], list, list]:
+    """Bootstrap DHT (waited for), then 2 throughput nodes and 2 fault-run nodes (not waited for);
+    returns the CPUs each node of a pair is pinned to ([None, None]: not pinned)."""
+    from moeswarm.deploy.swarm import node_cpus
+    from moeswarm.node.affinity import available_cpus
+
     dht_ready = work_dir / "dht.json"
     cmd = [sys.executable, "-m", "moeswarm.deploy.cli", "dht", "--ready-file", str(dht_ready), "--exit-with-parent"]
     peers = wait_ready(dht_ready, children.spawn(cmd, "dht"), "bootstrap DHT")["maddrs"]
     half = N_EXPERTS // 2
-    nodes = [spawn_node(children, work_dir, "node0", UIDS[:half], "default", peers),
-             spawn_node(children, work_dir, "node1", UIDS[half:], "default", peers),
-             spawn_node(children, work_dir, "fault0", "all", FAULT_SWARM, peers),
-             spawn_node(children, work_dir, "fault1", "all", FAULT_SWARM, peers)]
-    return peers, nodes
+    cpus = node_cpus(2, 1, available_cpus()) or [None, None]  # each pair as `swarm up` would pin it
+    nodes = [spawn_node(children, work_dir, "node0", UIDS[:half], "default", peers, cpus[0]),
+             spawn_node(children, work_dir, "node1", UIDS[half:], "default", peers, cpus[1]),
+             spawn_node(children, work_dir, "fault0", "all", FAULT_SWARM, peers, cpus[0]),
+             spawn_node(children, work_dir, "fault1", "all", FAULT_SWARM, peers, cpus[1])]
+    return peers, nodes, cpus
 
 
 def run_moeswarm(peers: list[str], nodes: list, pick: int) -> tuple[dict, dict]:

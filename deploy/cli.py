@@ -74,6 +74,8 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--swarm", default="default")
     up.add_argument("--node-set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a key of every node's config, e.g. device=cuda or optimizer.lr=1e-4")
+    up.add_argument("--no-pin-cpus", action="store_true",
+                    help="leave node threads to the OS scheduler (default: each node gets its own CPUs when there are enough)")
     up.add_argument("--run-dir", help="keep node checkpoints and logs here (default: a temp dir removed at exit)")
     up.set_defaults(func=_cmd_swarm_up)
 

@@ -9,6 +9,7 @@ import os
 import pathlib
 import signal
 
+from moeswarm.node.affinity import pin_process
 from moeswarm.node.config import NodeConfig
 from moeswarm.protocol.malloc import keep_freed_memory
 
@@ -17,6 +18,8 @@ logger = logging.getLogger(__name__)
 
 def run_node(config: NodeConfig, *, ready_file: str | None = None, exit_with_parent: bool = False) -> int:
     """Serve until SIGTERM/SIGINT; returns the exit code."""
+    if config.cpus:  # first: threads and processes started from here on inherit it
+        pin_process(config.cpus)
     keep_freed_memory()
     try:
         import uvloop

@@ -18,6 +18,7 @@ import yaml
 
 from moeswarm.coordinator.placement import place_experts
 from moeswarm.deploy.configfile import apply_overrides, build
+from moeswarm.node.affinity import available_cpus, format_cpus
 from moeswarm.node.config import NodeConfig
 from moeswarm.node.model_source import is_hf_checkpoint, spec_of
 from moeswarm.protocol.errors import ConfigError, StartupError
@@ -41,15 +42,29 @@ class SwarmPlan:
     uids: tuple[str, ...] | None = None  # the experts to place (None: every expert of the model)
     placement: str = "spread"  # coordinator/placement.py: "spread" (throughput) or "by-layer" (decoding latency)
     node_overrides: tuple[str, ...] = ()  # "key=value" applied to every node's config (--node-set)
+    pin_cpus: bool = True  # give each node its own CPUs when there are enough (node_cpus)
 
 
 # Keys swarm up sets per node from its plan; --node-set may change any other key of a node config.
 PLANNED_NODE_KEYS = frozenset({"model", "experts", "seed", "model_dir", "swarm", "initial_peers", "state_dir", "host", "port", "dht_port"})
 
 
+def node_cpus(nodes: int, threads: int, available: list[int] | None) -> list[tuple[int, ...]] | None:
+    """The CPUs each node is pinned to: `threads` of the available ones each, none shared. None (leave
+    them to the scheduler) when there are too few CPUs for that or the OS cannot pin. Pure."""
+    if available is None or nodes * threads > len(available):
+        return None
+    return [tuple(available[i * threads : (i + 1) * threads]) for i in range(nodes)]
+
+
+def planned_cpus(plan: SwarmPlan) -> list[tuple[int, ...]] | None:
+    return node_cpus(plan.nodes, plan.torch_threads, available_cpus()) if plan.pin_cpus else None
+
+
 def node_configs(plan: SwarmPlan, initial_peers: list[str], run_dir: pathlib.Path) -> list[dict]:
     """One node YAML mapping per node, from the placement plan, with plan.node_overrides applied."""
     placement = place_experts(list(plan.uids or plan.model.all_uids()), plan.nodes, plan.replicas, layout=plan.placement)
+    cpus = planned_cpus(plan)
     planned = [
         {
             "model": plan.model.to_config(),
@@ -60,6 +75,7 @@ def node_configs(plan: SwarmPlan, initial_peers: list[str], run_dir: pathlib.Pat
             "initial_peers": initial_peers,
             "state_dir": str(run_dir / f"node{i}"),
             "torch_threads": plan.torch_threads,
+            **({"cpus": list(cpus[i])} if cpus else {}),
         }
         for i, uids in enumerate(placement)
     ]
@@ -170,6 +186,18 @@ def format_placement(ready: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def describe_pinning(plan: SwarmPlan) -> str:
+    cpus = planned_cpus(plan)
+    if cpus:
+        return "node CPUs (--no-pin-cpus leaves them to the scheduler): " + ", ".join(f"node{i} {format_cpus(c)}" for i, c in enumerate(cpus))
+    if not plan.pin_cpus:
+        return "node CPUs: not pinned (--no-pin-cpus)"
+    available = available_cpus()
+    if available is None:
+        return "node CPUs: not pinned (this OS cannot pin)"
+    return f"node CPUs: not pinned ({plan.nodes} nodes x {plan.torch_threads} threads > {len(available)} CPUs)"
+
+
 def watch_until_signal(swarm: LocalSwarm, stop: threading.Event) -> None:
     """Block until `stop` is set; report nodes that die meanwhile."""
     reported = set()
@@ -201,7 +229,7 @@ def plan_from_args(args, scratch: pathlib.Path) -> SwarmPlan:
     run_dir = pathlib.Path(args.run_dir) if args.run_dir else None
     common = dict(
         nodes=args.nodes, replicas=args.replicas, swarm=args.swarm, run_dir=run_dir, placement=args.placement,
-        node_overrides=tuple(args.node_set),
+        node_overrides=tuple(args.node_set), pin_cpus=not args.no_pin_cpus,
     )
     bare = {key: getattr(args, key) for key in BARE_DEFAULTS if getattr(args, key) is not None}
     if args.model and bare:
@@ -247,6 +275,7 @@ def _run_swarm(plan: SwarmPlan) -> int:
     with LocalSwarm(plan) as swarm:
         print(f"swarm up in {time.monotonic() - started:.1f} s", flush=True)
         print(format_placement(swarm.ready), flush=True)
+        print(describe_pinning(plan), flush=True)
         peer = swarm.initial_peers[0]
         print(f"\ninitial peers: {peer}", flush=True)
         print(f"try:  moeswarm status --initial-peers {peer}", flush=True)

@@ -48,6 +48,7 @@ class NodeConfig:
     batch_max_rows: int = 8192  # most rows merged into one expert matmul across requests
     wire_dtypes: tuple[str, ...] = ("float32", "bfloat16", "float16")  # dtypes accepted on the wire
     torch_threads: int = 1  # intra-op threads for expert compute (several nodes share a machine)
+    cpus: tuple[int, ...] = ()  # pin the node's threads to these CPUs (Linux); empty: the scheduler decides
     device: str = "cpu"  # where experts live and compute: "cpu", "cuda" or "cuda:N"
     activation_cache_mb: int = 256  # memory (on device) for activations training forwards keep for their backward; 0: off
     optimizer: OptimizerConfig = OptimizerConfig()
@@ -75,6 +76,8 @@ class NodeConfig:
         for dtype in self.wire_dtypes:
             _require(dtype in WIRE_DTYPES, "wire_dtypes", dtype, f"not one of {sorted(WIRE_DTYPES)}")
         _require(1 <= self.torch_threads <= 256, "torch_threads", self.torch_threads, "must be in [1, 256]")
+        _require(all(0 <= cpu < 1 << 16 for cpu in self.cpus), "cpus", self.cpus, "CPU numbers must be in [0, 65535]")
+        _require(len(set(self.cpus)) == len(self.cpus), "cpus", self.cpus, "has duplicates")
         _require(0 <= self.activation_cache_mb <= 1 << 20, "activation_cache_mb", self.activation_cache_mb, "must be in [0, 1048576]")
         _require(
             isinstance(self.device, str) and re.fullmatch(r"cpu|cuda(:\d{1,3})?", self.device) is not None,

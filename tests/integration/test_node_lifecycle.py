@@ -168,3 +168,39 @@ def test_unreachable_initial_peers_end_the_node_with_a_clear_error(tmp_path):
     assert result.returncode == 1, result.stderr[-2000:]
     assert "moeswarm: the DHT peer did not start" in result.stderr and nobody in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def _cpus_allowed(pid: int) -> dict[int, str]:
+    """Cpus_allowed_list of every thread of a process: {tid: '3'}."""
+    allowed = {}
+    for task in pathlib.Path(f"/proc/{pid}/task").iterdir():
+        try:
+            status = (task / "status").read_text()
+        except OSError:  # the thread ended meanwhile
+            continue
+        allowed[int(task.name)] = next(line.split()[1] for line in status.splitlines() if line.startswith("Cpus_allowed_list:"))
+    return allowed
+
+
+@pytest.mark.skipif(not pathlib.Path("/proc/self/task").exists(), reason="needs Linux /proc")
+def test_node_pinned_to_a_cpu_keeps_every_thread_and_child_there(node_factory):
+    cpu = max(os.sched_getaffinity(0))
+    node = node_factory("pinned", cpus=[cpu])
+    tree = process_tree(node.popen.pid)
+    assert len(tree) == 3, tree  # the node, its DHT child and p2pd: all inherit the pinning
+    threads = {pid: _cpus_allowed(pid) for pid in tree}
+    assert sum(len(t) for t in threads.values()) > len(tree)  # grpc, the compute thread, ...: many threads
+    assert {allowed for t in threads.values() for allowed in t.values()} == {str(cpu)}, threads
+    out, _ = run(_probe(node.ready["endpoint"], "itest.L0.E0", torch.ones(2, D)))  # and it serves as usual
+    assert out.shape == (2, D) and torch.isfinite(out).all()
+
+
+def test_node_pinned_to_a_missing_cpu_stops_with_a_clear_error(tmp_path):
+    missing = max(os.sched_getaffinity(0)) + 1 if hasattr(os, "sched_getaffinity") else 0
+    config = tmp_path / "node.yaml"
+    config.write_text(yaml.safe_dump(node_config([], cpus=[missing]), sort_keys=False))
+    cmd = [sys.executable, "-m", "moeswarm.deploy.cli", "node", "--config", str(config)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert (f"cpus=[{missing}]" in result.stderr and "not available" in result.stderr) or "needs Linux" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr

@@ -111,6 +111,10 @@ def test_wrong_type_is_named(data, key):
         (_node(device="gpu"), "device='gpu'"),
         (_node(device="cuda:x"), "device='cuda:x'"),
         (_node(device="CPU"), "device='CPU'"),
+        (_node(cpus=[0, 0]), "cpus=(0, 0): has duplicates"),
+        (_node(cpus=[-1]), "cpus=(-1,)"),
+        (_node(cpus=[1.5]), "cpus[0]=1.5"),
+        (_node(cpus="0-3"), "cpus='0-3'"),
         ({"model": {**MODEL, "n_experts": 0}}, "model.n_experts=0"),
     ],
 )

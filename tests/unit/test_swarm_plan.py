@@ -1,11 +1,14 @@
-"""deploy/swarm.py: the node configs `moeswarm swarm up` writes, with --node-set overrides."""
+"""deploy/swarm.py: the node configs `moeswarm swarm up` writes, with --node-set overrides and CPU pinning."""
 
+import dataclasses
 import pathlib
 
 import pytest
 
+from moeswarm.deploy import swarm as swarm_module
 from moeswarm.deploy.configfile import build
-from moeswarm.deploy.swarm import SwarmPlan, check_node_overrides, node_configs
+from moeswarm.deploy.swarm import SwarmPlan, check_node_overrides, describe_pinning, node_configs, node_cpus
+from moeswarm.node.affinity import available_cpus, format_cpus, pin_process
 from moeswarm.node.config import NodeConfig
 from moeswarm.protocol.errors import ConfigError
 from moeswarm.protocol.spec import ModelSpec
@@ -45,3 +48,44 @@ def test_node_set_reaches_every_node():
 def test_bad_node_set_is_refused_before_anything_starts(override, message):
     with pytest.raises(ConfigError, match=message):
         check_node_overrides(_plan(override))
+
+
+@pytest.mark.parametrize(
+    "nodes,threads,available,expected",
+    [
+        (2, 1, [0, 1], [(0,), (1,)]),
+        (2, 2, [0, 1, 2, 3, 4], [(0, 1), (2, 3)]),
+        (2, 1, [3, 7, 9], [(3,), (7,)]),  # the launcher's own affinity (taskset) is respected
+        (3, 1, [0, 1], None),  # too few CPUs: sharing pinned cores would be worse than the scheduler
+        (2, 2, [0, 1, 2], None),
+        (2, 1, None, None),  # the OS cannot pin
+    ],
+)
+def test_node_cpus_gives_each_node_its_own_cpus_or_none(nodes, threads, available, expected):
+    assert node_cpus(nodes, threads, available) == expected
+
+
+def test_nodes_are_pinned_apart_when_there_are_enough_cpus(monkeypatch):
+    monkeypatch.setattr(swarm_module, "available_cpus", lambda: [0, 1, 2])
+    configs = [build(NodeConfig, data) for data in node_configs(_plan(), [], pathlib.Path("run"))]
+    assert [c.cpus for c in configs] == [(0,), (1,)]
+    unpinned = dataclasses.replace(_plan(), pin_cpus=False)
+    assert [build(NodeConfig, data).cpus for data in node_configs(unpinned, [], pathlib.Path("run"))] == [(), ()]
+    assert describe_pinning(_plan()).endswith("node0 0, node1 1")
+    monkeypatch.setattr(swarm_module, "available_cpus", lambda: [0])
+    assert [build(NodeConfig, data).cpus for data in node_configs(_plan(), [], pathlib.Path("run"))] == [(), ()]
+    assert "not pinned (2 nodes x 1 threads > 1 CPUs)" in describe_pinning(_plan())
+
+
+def test_format_cpus_joins_runs():
+    assert format_cpus([6, 0, 1, 2, 3, 9, 10]) == "0-3,6,9-10"
+    assert format_cpus([4]) == "4"
+
+
+def test_pinning_to_a_missing_cpu_is_refused_before_changing_anything():
+    before = available_cpus()
+    if before is None:
+        pytest.skip("this OS cannot pin")
+    with pytest.raises(ConfigError, match=rf"CPU \[{max(before) + 1}\] is not available to this process \(available: "):
+        pin_process([before[0], max(before) + 1])
+    assert available_cpus() == before
