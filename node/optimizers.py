@@ -23,8 +23,12 @@ class NodeOptimizer:
         self.lr = lr
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        """As torch.optim.Optimizer.zero_grad: drop the grads, or zero them in place (set_to_none=False)."""
         for param in self.params:
-            param.grad = None
+            if set_to_none:
+                param.grad = None
+            elif param.grad is not None:
+                param.grad.detach_().zero_()
 
 
 class NodeAdam(NodeOptimizer):

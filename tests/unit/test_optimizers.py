@@ -94,3 +94,17 @@ def test_stepping_imports_no_torch_dynamo():
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_zero_grad_drops_or_zeroes_grads_like_torch():
+    params = _params(0)
+    for param in params:
+        param.grad = torch.ones_like(param)
+    optimizer = NodeSGD(params, lr=0.1)
+    grads = [param.grad for param in params]
+    optimizer.zero_grad(set_to_none=False)
+    assert all(param.grad is grad and not grad.any() for param, grad in zip(params, grads))  # same tensors, zeroed
+    optimizer.zero_grad()
+    assert all(param.grad is None for param in params)
+    optimizer.zero_grad(set_to_none=False)  # no grads: nothing to zero
+    assert all(param.grad is None for param in params)
