@@ -13,6 +13,7 @@ import importlib.util
 import itertools
 import json
 import logging
+import multiprocessing
 import multiprocessing.connection
 import os
 import secrets
@@ -81,7 +82,9 @@ def start_dht(
 
     class ParentBoundDHT(DHT):  # hivemind's DHT is a ForkProcess: a local class needs no pickling
         def run(self) -> None:  # in the forked DHT process
-            watch = threading.Thread(target=_end_when_orphaned, args=(self._parent_pid,), name="dht-parent-watch", daemon=True)
+            parent = multiprocessing.parent_process()  # the process that forked this one, even if already gone
+            parent_pid = parent.pid if parent is not None else os.getppid()
+            watch = threading.Thread(target=_end_when_orphaned, args=(parent_pid,), name="dht-parent-watch", daemon=True)
             watch.start()
             super().run()
 
