@@ -100,9 +100,8 @@ def _end_when_orphaned(parent_pid: int) -> None:
     while os.getppid() == parent_pid:
         time.sleep(ORPHAN_POLL_S)
     logger.warning("DHT process %d: its parent %d is gone; stopping", os.getpid(), parent_pid)
-    children = _child_pids(os.getpid())
     for signum in (signal.SIGTERM, signal.SIGKILL):
-        for pid in children:
+        for pid in _child_pids(os.getpid()):  # read again each time: a pid freed meanwhile is not ours
             try:
                 os.kill(pid, signum)
             except ProcessLookupError:
