@@ -20,6 +20,8 @@ def run_node(config: NodeConfig, *, ready_file: str | None = None, exit_with_par
     """Serve until SIGTERM/SIGINT; returns the exit code."""
     if config.cpus:  # first: threads and processes started from here on inherit it
         pin_process(config.cpus)
+        if len(config.cpus) < config.torch_threads:
+            logger.warning("torch_threads=%d on %d pinned CPUs: the threads will take turns", config.torch_threads, len(config.cpus))
     keep_freed_memory()
     try:
         import uvloop
