@@ -2,9 +2,9 @@
 
 Measured (2-core VM, 2 nodes hosting 4 experts each, RemoteMoE forward at batch 256 alternating with a
 LocalMoE in the client process): 15.6 ms per step with the nodes left to the scheduler, 11.2 ms with each
-pinned to its own core; with the client idle between steps, 12.0 ms either way. When the client process
-has just been busy, the scheduler tends to wake both nodes' compute threads on the same core, and one
-waits for the other.
+pinned to its own core; with the client idle between steps, 11.7-12.9 ms unpinned and 11.4-12.0 ms pinned.
+A spin loop in the client slows the unpinned nodes as much as the LocalMoE does, so it is placement, not
+cache: after the client was busy, the scheduler most likely woke both compute threads on one core.
 """
 
 from __future__ import annotations
