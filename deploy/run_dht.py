@@ -9,7 +9,7 @@ import signal
 import threading
 
 from moeswarm.node.checkpoint import write_atomic
-from moeswarm.protocol.dht import start_dht, stop_dht
+from moeswarm.protocol.dht import describe_dht_exit, start_dht, stop_dht
 
 
 def run_dht(*, host: str, port: int, initial_peers: list[str], ready_file: str | None, exit_with_parent: bool = False) -> int:
@@ -28,7 +28,7 @@ def run_dht(*, host: str, port: int, initial_peers: list[str], ready_file: str |
                 print("moeswarm dht: launcher is gone, stopping", flush=True)
                 break
             if not dht.is_alive():
-                print("moeswarm dht: the DHT process died", flush=True)
+                print(f"moeswarm dht: the DHT process {describe_dht_exit(dht.exitcode)}", flush=True)
                 return 1
     finally:
         stop_dht(dht)

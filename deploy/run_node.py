@@ -14,6 +14,8 @@ from moeswarm.node.config import NodeConfig
 from moeswarm.protocol.malloc import keep_freed_memory
 
 logger = logging.getLogger(__name__)
+DHT_WATCH_S = 1.0  # how often a serving node checks that its DHT process is still there
+EXIT_DHT_LOST = 1
 
 
 def run_node(config: NodeConfig, *, ready_file: str | None = None, exit_with_parent: bool = False) -> int:
@@ -41,8 +43,10 @@ async def _serve(config: NodeConfig, ready_file: str | None, exit_with_parent: b
     if exit_with_parent:
         watchdog = asyncio.create_task(_stop_when_orphaned(os.getppid(), stop))
     node = ExpertNode(config)
+    dht_watch = None
     try:
         await node.start()
+        dht_watch = asyncio.create_task(_stop_when_dht_dies(node, stop))
         maddrs = node.dht_maddrs()
         print(f"moeswarm node ready: {len(node.uids)} experts of {config.model.name}", flush=True)
         print(f"  grpc endpoint : {node.endpoint}", flush=True)
@@ -54,6 +58,20 @@ async def _serve(config: NodeConfig, ready_file: str | None, exit_with_parent: b
         logger.info("stopping: finishing in-flight requests and writing a last checkpoint")
     finally:
         await node.stop()
+    return dht_watch.result() if dht_watch is not None and dht_watch.done() else 0
+
+
+async def _stop_when_dht_dies(node, stop: asyncio.Event) -> int:
+    """The DHT process cannot be started again from here (it forks, and forking after gRPC has
+    started is unsafe), so a node that lost it stops cleanly (last checkpoint included) with a
+    non-zero exit code: a supervisor (systemd's Restart=on-failure) then starts it afresh."""
+    while not stop.is_set():
+        failure = node.dht_failure()
+        if failure is not None:
+            logger.error("%s: this node can no longer announce its experts; stopping (exit code %d) so that a supervisor restarts it", failure, EXIT_DHT_LOST)
+            stop.set()
+            return EXIT_DHT_LOST
+        await asyncio.sleep(DHT_WATCH_S)
     return 0
 
 

@@ -23,7 +23,7 @@ from moeswarm.node.service import SERVICE_NAME, ExpertServicer
 from moeswarm.node.validation import Limits
 from moeswarm.protocol import expert_pb2
 from moeswarm.protocol.errors import ConfigError, StartupError
-from moeswarm.protocol.dht import start_dht, stop_dht
+from moeswarm.protocol.dht import describe_dht_exit, start_dht, stop_dht
 from moeswarm.protocol.records import ExpertRecord, NodeRecord, dht_subkey
 
 logger = logging.getLogger(__name__)
@@ -121,6 +121,13 @@ class ExpertNode:
         await self._server.start()
         for name in ("", SERVICE_NAME):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    def dht_failure(self) -> str | None:
+        """Why this node's DHT process is gone, or None while it runs. Without it the node cannot
+        refresh its records, so it would drop out of the swarm one TTL later while still serving."""
+        if self.dht is None or self.dht.is_alive():
+            return None
+        return f"the node's DHT process (pid {self.dht.pid}) {describe_dht_exit(self.dht.exitcode)}"
 
     def dht_maddrs(self) -> list[str]:
         return [str(maddr) for maddr in self.dht.get_visible_maddrs()]

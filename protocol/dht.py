@@ -84,21 +84,47 @@ def start_dht(
         def run(self) -> None:  # in the forked DHT process
             parent = multiprocessing.parent_process()  # the process that forked this one, even if already gone
             parent_pid = parent.pid if parent is not None else os.getppid()
-            watch = threading.Thread(target=_end_when_orphaned, args=(parent_pid,), name="dht-parent-watch", daemon=True)
+            self._stopping = threading.Event()
+            watch = threading.Thread(target=_watch_parent_and_p2pd, args=(parent_pid, self._stopping), name="dht-watch", daemon=True)
             watch.start()
             super().run()
+
+        async def _shutdown(self) -> None:  # in the DHT process, asked to stop: p2pd going away is expected
+            self._stopping.set()
+            await super()._shutdown()
 
     return ParentBoundDHT(**kwargs)
 
 
 ORPHAN_POLL_S = 0.5
+P2PD_START_POLL_S = 0.05  # until p2pd is first seen: a p2pd that dies right after starting is noticed too
+EXIT_P2PD_LOST = 3  # a DHT process whose p2pd died exits with this code
 
 
-def _end_when_orphaned(parent_pid: int) -> None:
-    """In a DHT process: once the process that started it is gone (even by SIGKILL, which runs no
-    cleanup), stop its p2pd and exit, instead of serving a dead node's DHT port forever."""
+def describe_dht_exit(exitcode: int | None) -> str:
+    """What a DHT process's exit code says, for the node's log."""
+    if exitcode == EXIT_P2PD_LOST:
+        return f"exited with code {exitcode}: its p2pd daemon died"
+    if exitcode is not None and exitcode < 0:
+        return f"was killed by signal {-exitcode}"
+    return f"exited with code {exitcode}"
+
+
+def _watch_parent_and_p2pd(parent_pid: int, stopping: threading.Event) -> None:
+    """In a DHT process. Once the process that started it is gone (even by SIGKILL, which runs no
+    cleanup), stop its p2pd and exit, instead of serving a dead node's DHT port forever. Once its
+    p2pd is gone (killed, crashed), exit with EXIT_P2PD_LOST: the DHT can do nothing without it,
+    and the node watching this process then stops instead of silently dropping out of the swarm.
+    `stopping`: set once the DHT was asked to shut down (it stops p2pd itself then)."""
+    p2pd_seen = False
     while os.getppid() == parent_pid:
-        time.sleep(ORPHAN_POLL_S)
+        time.sleep(ORPHAN_POLL_S if p2pd_seen else P2PD_START_POLL_S)
+        live = _child_pids(os.getpid(), live_only=True)
+        if live:
+            p2pd_seen = True
+        elif p2pd_seen and not stopping.is_set():
+            logger.error("DHT process %d: its p2pd daemon exited; stopping", os.getpid())
+            os._exit(EXIT_P2PD_LOST)
     logger.warning("DHT process %d: its parent %d is gone; stopping", os.getpid(), parent_pid)
     for signum in (signal.SIGTERM, signal.SIGKILL):
         for pid in _child_pids(os.getpid()):  # read again each time: a pid freed meanwhile is not ours
@@ -110,8 +136,9 @@ def _end_when_orphaned(parent_pid: int) -> None:
     os._exit(0)
 
 
-def _child_pids(pid: int) -> list[int]:
-    """Direct children of `pid` (p2pd), from /proc; none where there is no /proc."""
+def _child_pids(pid: int, *, live_only: bool = False) -> list[int]:
+    """Direct children of `pid` (p2pd), from /proc; none where there is no /proc. live_only: leave
+    out zombies (exited, not yet reaped)."""
     children = []
     try:
         entries = [entry for entry in os.listdir("/proc") if entry.isdigit()]
@@ -123,7 +150,7 @@ def _child_pids(pid: int) -> list[int]:
                 fields = stat.read().rsplit(b")", 1)[1].split()  # after "pid (comm)": state, ppid, ...
         except (OSError, IndexError):
             continue  # it exited meanwhile
-        if len(fields) > 1 and int(fields[1]) == pid:
+        if len(fields) > 1 and int(fields[1]) == pid and not (live_only and fields[0] in (b"Z", b"X")):
             children.append(int(entry))
     return children
 

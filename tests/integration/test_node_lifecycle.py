@@ -130,6 +130,32 @@ def test_kill9_of_the_node_alone_takes_its_dht_process_and_p2pd_down(node_factor
     wait_for(lambda: not alive(tree), timeout_s=10, what=f"the node's DHT process and p2pd ({alive(tree)}) exiting")
 
 
+def _dht_and_p2pd(node_pid: int) -> tuple[int, int]:
+    """The pids of a node's DHT process and of that process's p2pd."""
+    tree = process_tree(node_pid) - {node_pid}
+    p2pd = [pid for pid in tree if pathlib.Path(f"/proc/{pid}/comm").read_text().strip() == "p2pd"]
+    assert len(tree) == 2 and len(p2pd) == 1, tree
+    return (tree - set(p2pd)).pop(), p2pd[0]
+
+
+@pytest.mark.parametrize("victim", ["dht process", "p2pd"])
+def test_node_that_loses_its_dht_stops_with_a_clear_error_and_a_last_checkpoint(node_factory, tmp_path, victim):
+    # Before: the node went on serving with its records expiring, logging announce timeouts forever.
+    state = tmp_path / "state"
+    node = node_factory("n1", experts=["itest.L0.E0"], state_dir=str(state), checkpoint_interval_s=3600)
+    dht_pid, p2pd_pid = _dht_and_p2pd(node.popen.pid)
+    tree = process_tree(node.popen.pid)
+    assert not list(state.glob("*.pt"))  # nothing saved yet: a checkpoint below is the one written on the way out
+    time.sleep(0.5)  # the DHT process has noticed its p2pd by now (it looks every 50 ms until it does)
+    os.kill(dht_pid if victim == "dht process" else p2pd_pid, signal.SIGKILL)
+    assert node.popen.wait(15) == 1  # non-zero: systemd's Restart=on-failure starts it again
+    expected = "was killed by signal 9" if victim == "dht process" else "exited with code 3: its p2pd daemon died"
+    assert f"DHT process (pid {dht_pid}) {expected}" in node.log
+    assert "so that a supervisor restarts it" in node.log
+    assert list(state.glob("*.pt"))
+    wait_for(lambda: not alive(tree), timeout_s=10, what=f"the node's processes ({alive(tree)}) exiting")
+
+
 def test_sigterm_stops_within_5s_and_saves_last_updates(node_factory, tmp_path):
     uid, x = "itest.L0.E3", torch.randn(2, D)
     config = dict(experts=[uid], state_dir=str(tmp_path / "state"), checkpoint_interval_s=3600)
@@ -140,6 +166,7 @@ def test_sigterm_stops_within_5s_and_saves_last_updates(node_factory, tmp_path):
     os.kill(node.popen.pid, signal.SIGTERM)
     assert node.popen.wait(10) == 0
     assert time.monotonic() - started < 5.0
+    assert "p2pd daemon" not in node.log  # a requested stop of the DHT is not reported as a failure
     restarted = node_factory("n2", **config)
     resumed, versions = run(_probe(restarted.ready["endpoint"], uid, x))
     assert versions[uid] == 1 and torch.equal(resumed, trained)
