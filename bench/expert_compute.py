@@ -6,8 +6,8 @@ activations) and the optimizer step, through ExpertRegistry, the code a node run
 SwiGLU experts (d_model x d_ff) of the remote_moe benchmark (256 x 1024) and of a Mixtral-like
 width (1024 x 4096), fp32, Adam (fused where torch has it). Rows arrive and leave on the CPU, as they
 do from the wire, so a GPU's figures include the copies and the synchronisation. Devices: the CPU
-with 1 thread (what `swarm up` gives each node), the CPU with every core, and `cuda` when torch sees
-one. No network: the RPC path is node_call's. Ratios are against the 1-thread CPU in the same run.
+with 1 thread (what `swarm up` gives each node), the CPU with every core, the CPU with 1 thread and
+prepacked weights (node config `prepack_weights`), and `cuda` when torch sees one. No network: the RPC path is node_call's. Ratios are against the 1-thread CPU in the same run.
 """
 
 from __future__ import annotations
@@ -35,11 +35,13 @@ UID = "bench.L0.E0"
 STARTED = time.monotonic()
 
 
-def devices() -> list[tuple[str, str, int]]:
-    """(label, torch device, CPU threads)."""
-    found = [("cpu1", "cpu", 1), (f"cpu{os.cpu_count()}", "cpu", os.cpu_count() or 1)]
+def devices() -> list[tuple[str, str, int, bool]]:
+    """(label, torch device, CPU threads, prepacked weights: node config prepack_weights)."""
+    found = [("cpu1", "cpu", 1, False), (f"cpu{os.cpu_count()}", "cpu", os.cpu_count() or 1, False)]
+    if torch.backends.mkldnn.is_available():
+        found.append(("cpu1-prepacked", "cpu", 1, True))
     if torch.cuda.is_available():
-        found.append(("cuda", "cuda", 1))
+        found.append(("cuda", "cuda", 1, False))
     return found
 
 
@@ -56,11 +58,11 @@ def timed(call, repeats: int, device: str) -> float:
     return median(seconds)
 
 
-def measure(d_model: int, d_ff: int, device: str, threads: int, repeats: int) -> dict[str, float]:
+def measure(d_model: int, d_ff: int, device: str, threads: int, prepack: bool, repeats: int) -> dict[str, float]:
     torch.set_num_threads(threads)
     spec = ModelSpec(name="bench", d_model=d_model, d_ff=d_ff, n_layers=1, n_experts=1)
     registry = ExpertRegistry(spec, (UID,), seed=0, optimizer=OptimizerConfig(name="adam", lr=1e-4, update_every=1 << 30),
-                              device=device, activation_cache_bytes=1 << 30)
+                              device=device, activation_cache_bytes=1 << 30, prepack_weights=prepack)
     out, ids = {}, itertools.count()
     for rows in ROWS:
         x_ND, g_ND = torch.randn(rows, d_model), torch.randn(rows, d_model)
@@ -87,9 +89,9 @@ def main() -> int:
     load_before = os.getloadavg()
     results: dict[str, dict[str, float]] = {}
     for d_model, d_ff in SIZES:
-        for label, device, threads in devices():
+        for label, device, threads, prepack in devices():
             key = f"{d_model}x{d_ff}_{label}"
-            results[key] = measure(d_model, d_ff, device, threads, REPEATS[args.quick])
+            results[key] = measure(d_model, d_ff, device, threads, prepack, REPEATS[args.quick])
             print(f"[{time.monotonic() - STARTED:5.1f} s] {key}: done", flush=True)
     figures: list[Figure] = []
     for key, values in results.items():

@@ -20,6 +20,7 @@ class SwiGLUExpert(nn.Module):
         self.w1 = nn.Linear(d_model, d_ff, bias=False)  # gate
         self.w3 = nn.Linear(d_model, d_ff, bias=False)  # up
         self.w2 = nn.Linear(d_ff, d_model, bias=False)  # down
+        self.packed: PackedWeights | None = None  # set by prepack_weights(): expert_forward's weights on a CPU node
 
     def forward(self, x_ND: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x_ND)) * self.w3(x_ND))
@@ -57,10 +58,69 @@ def expert_forward_keep(expert: SwiGLUExpert, x_ND: torch.Tensor) -> tuple[torch
 
 
 def _swiglu_forward(expert: SwiGLUExpert, x_ND: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-    w1, w3, w2 = expert.w1.weight, expert.w3.weight, expert.w2.weight
-    x_ND = x_ND.to(w1.dtype)
-    h1_NF, h3_NF = F.linear(x_ND, w1), F.linear(x_ND, w3)
-    return F.linear(F.silu(h1_NF) * h3_NF, w2), (h1_NF, h3_NF)
+    x_ND = x_ND.to(expert.w1.weight.dtype)
+    packed = _packed_for(expert, x_ND)
+    h1_NF, h3_NF = _hidden(expert, x_ND, packed)
+    a_NF = F.silu(h1_NF) * h3_NF
+    y_ND = F.linear(a_NF, expert.w2.weight) if packed is None else _packed_linear(a_NF, packed[2])
+    return y_ND, (h1_NF, h3_NF)
+
+
+def _hidden(expert: SwiGLUExpert, x_ND: torch.Tensor, packed: tuple[torch.Tensor, ...] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(w1 x, w3 x): the two hidden projections, with the kernel the forward uses for these rows."""
+    if packed is None:
+        return F.linear(x_ND, expert.w1.weight), F.linear(x_ND, expert.w3.weight)
+    return _packed_linear(x_ND, packed[0]), _packed_linear(x_ND, packed[1])
+
+
+# ---- prepacked weights (node config `prepack_weights`) ------------------------------------------
+
+PREPACK_MIN_ROWS = 4  # below this MKL's plain matmul is faster (1 row of a 256x1024 expert: 102 vs 135 us)
+_PACK_ROWS_HINT = 64  # oneDNN's reorder takes a batch size hint; any gives the same results
+
+
+class PackedWeights:
+    """oneDNN-prepacked copies of a SwiGLU expert's weights, for its forward on a CPU node. MKL
+    repacks a weight matrix on every matmul; these are packed once and again only after a weight
+    changed (an optimizer step or a load bumps its version). Forward through ExpertRegistry, 1
+    thread, 4-512 rows: 1.3-1.8x faster for a 1024x4096 expert, 1.1-1.4x for 256x1024. Costs a
+    second copy of the weights in memory, and a repack after every optimizer step (18 ms for
+    1024x4096, 1.1 ms for 256x1024): for serving, not for a node stepping after every batch.
+    Results differ from MKL's in the last bits (about 2e-6 on outputs of size 1)."""
+
+    def __init__(self) -> None:
+        self._key: tuple = ()
+        self._packed: tuple[torch.Tensor, ...] = ()
+
+    def of(self, *weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        key = tuple((id(w), w.data_ptr(), w._version) for w in weights)
+        if key != self._key:
+            self._packed = tuple(torch.ops.mkldnn._reorder_linear_weight(w.detach(), _PACK_ROWS_HINT) for w in weights)
+            self._key = key
+        return self._packed
+
+
+def prepack_weights(expert: nn.Module) -> bool:
+    """Give a fp32 SwiGLU expert on the CPU PackedWeights for expert_forward (and the backward's
+    recomputed forward); returns False and changes nothing for any other expert."""
+    weight = getattr(getattr(expert, "w1", None), "weight", None)
+    if not isinstance(expert, SwiGLUExpert) or weight.dtype != torch.float32 or weight.device.type != "cpu":
+        return False
+    if not torch.backends.mkldnn.is_available():
+        return False
+    expert.packed = PackedWeights()
+    return True
+
+
+def _packed_for(expert: SwiGLUExpert, x_ND: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+    packed = getattr(expert, "packed", None)
+    if packed is None or x_ND.shape[0] < PREPACK_MIN_ROWS or x_ND.device.type != "cpu":
+        return None
+    return packed.of(expert.w1.weight, expert.w3.weight, expert.w2.weight)
+
+
+def _packed_linear(x_NK: torch.Tensor, packed_weight: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x_NK.contiguous(), packed_weight, None, "none", [], "")
 
 
 def expert_backward(
@@ -89,7 +149,7 @@ def _swiglu_backward(expert: SwiGLUExpert, x_ND: torch.Tensor, grad_y_ND: torch.
     autograd's."""
     w1, w3, w2 = expert.w1.weight, expert.w3.weight, expert.w2.weight
     x_ND, g_ND = x_ND.to(w1.dtype), grad_y_ND.to(w1.dtype)
-    h1_NF, h3_NF = kept if kept is not None else (F.linear(x_ND, w1), F.linear(x_ND, w3))
+    h1_NF, h3_NF = kept if kept is not None else _hidden(expert, x_ND, _packed_for(expert, x_ND))
     a_NF = F.silu(h1_NF)
     g_h_NF = g_ND.mm(w2)  # d loss / d (silu(h1) * h3)
     grad_w2 = g_ND.t().mm(a_NF * h3_NF)

@@ -51,6 +51,7 @@ class NodeConfig:
     cpus: tuple[int, ...] = ()  # pin the node's threads to these CPUs (Linux); empty: the scheduler decides
     device: str = "cpu"  # where experts live and compute: "cpu", "cuda" or "cuda:N"
     activation_cache_mb: int = 256  # memory (on device) for activations training forwards keep for their backward; 0: off
+    prepack_weights: bool = False  # CPU serving: forward with oneDNN-prepacked weights (1.1-1.8x faster at 4+ rows; 2x weight memory)
     optimizer: OptimizerConfig = OptimizerConfig()
 
     def __post_init__(self) -> None:
@@ -83,6 +84,7 @@ class NodeConfig:
             isinstance(self.device, str) and re.fullmatch(r"cpu|cuda(:\d{1,3})?", self.device) is not None,
             "device", self.device, "one of 'cpu', 'cuda', 'cuda:N'",
         )
+        _require(not self.prepack_weights or self.device == "cpu", "prepack_weights", self.prepack_weights, f"is for CPU nodes, not device={self.device!r}")
 
     def hosted_uids(self) -> tuple[str, ...]:
         return tuple(self.model.all_uids()) if self.experts == "all" else self.experts

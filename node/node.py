@@ -77,7 +77,7 @@ class ExpertNode:
         modules = load_expert_modules(config.model_dir, config.model, self.uids, self.device) if config.model_dir else None
         self.registry = ExpertRegistry(
             config.model, self.uids, seed=config.seed, optimizer=config.optimizer, modules=modules, device=self.device,
-            activation_cache_bytes=config.activation_cache_mb << 20,
+            activation_cache_bytes=config.activation_cache_mb << 20, prepack_weights=config.prepack_weights,
         )
         self._restore()
         # Inline below ~2 MFLOP (about the cost of handing work to another thread and back).

@@ -12,11 +12,14 @@ from typing import Callable
 import torch
 from torch import nn
 
-from moeswarm.model.experts import SwiGLUExpert, expert_backward, expert_forward, expert_forward_keep, init_expert
+from moeswarm.model.experts import (
+    SwiGLUExpert, expert_backward, expert_forward, expert_forward_keep, init_expert, prepack_weights,
+)
 from moeswarm.model.hf_experts import GptOssExpert, gpt_oss_forward
 from moeswarm.node.activations import ActivationCache
 from moeswarm.node.config import OptimizerConfig
 from moeswarm.node.optimizers import NodeAdam, NodeOptimizer, NodeSGD
+from moeswarm.protocol.errors import ConfigError
 from moeswarm.protocol.spec import ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -52,13 +55,16 @@ class ExpertRegistry:
     def __init__(
         self, spec: ModelSpec, uids: tuple[str, ...], *, seed: int, optimizer: OptimizerConfig,
         modules: dict[str, nn.Module] | None = None, device: torch.device | str = "cpu", activation_cache_bytes: int = 0,
+        prepack_weights: bool = False,
     ):
         """modules: uid -> expert module for the experts that start from given weights (a model
         directory or checkpoint); the others start from the deterministic (seed, uid) SwiGLU init,
         made on the CPU, so replicas on any device start from the same weights.
         device: where the weights, grads and optimizer state live and the experts compute; inputs
         arrive and outputs leave on the CPU (they come from and go to the wire).
-        activation_cache_bytes: memory (on `device`) for what training forwards keep for their backward."""
+        activation_cache_bytes: memory (on `device`) for what training forwards keep for their backward.
+        prepack_weights: fp32 SwiGLU experts on the CPU compute their forward with prepacked weights
+        (model/experts.py PackedWeights); ConfigError where torch has no oneDNN."""
         self.spec, self.optimizer_config, self.device = spec, optimizer, torch.device(device)
         self.kept = ActivationCache(activation_cache_bytes)
         self.experts: dict[str, HostedExpert] = {}
@@ -67,6 +73,18 @@ class ExpertRegistry:
             module = modules.get(uid) or init_expert(spec.d_model, spec.d_ff, seed=seed, uid=uid)
             module = module.to(self.device)
             self.experts[uid] = HostedExpert(module, forward=gpt_oss_forward if isinstance(module, GptOssExpert) else expert_forward)
+        if prepack_weights:
+            self._prepack()
+
+    def _prepack(self) -> None:
+        if not torch.backends.mkldnn.is_available():
+            raise ConfigError("prepack_weights=true needs a torch built with oneDNN (mkldnn); this one has none")
+        unpacked = [uid for uid, hosted in self.experts.items() if not prepack_weights(hosted.module)]
+        if unpacked:
+            logger.warning(
+                "prepack_weights: %d of %d experts are not fp32 SwiGLU experts on the CPU and compute unpacked (first: %s)",
+                len(unpacked), len(self.experts), unpacked[0],
+            )
 
     def forward(self, uid: str, x_ND: torch.Tensor, keep_for: Tags = ()) -> torch.Tensor:
         """keep_for: (forward_id, rows) per caller whose rows make up x_ND, in order; rows of a

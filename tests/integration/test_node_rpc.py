@@ -10,7 +10,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from conftest import MODEL
 from procs import run
 from moeswarm.model.expert_client import ExpertClient
-from moeswarm.model.experts import init_expert
+from moeswarm.model.experts import expert_backward, expert_forward, init_expert, prepack_weights
 from moeswarm.protocol import codec, expert_pb2
 from moeswarm.protocol.errors import BadRequest, ExpertNotFound, Overloaded
 
@@ -104,6 +104,34 @@ def test_backward_grads_match_autograd_and_update_weights(node_factory):
     assert torch.allclose(out_after, expected_after, atol=1e-6, rtol=0), (out_after - expected_after).abs().max()
     versions = {state.uid: state.version for state in info.experts}
     assert versions[uid] == 1 and versions["itest.L0.E0"] == 0
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+def test_prepacked_node_equals_a_local_prepacked_expert_before_and_after_a_step(node_factory):
+    rows, lr, uid, d_model, d_ff = 16, 0.05, "itest-big.L1.E2", 256, 1024  # at this size the two kernels differ
+    model = dict(MODEL, name="itest-big", d_model=d_model, d_ff=d_ff)  # its own name: the swarm has a smaller itest
+    node = node_factory(model=model, prepack_weights=True, optimizer=dict(name="sgd", lr=lr, update_every=rows))
+    x, grad_y = torch.randn(rows, d_model), torch.randn(rows, d_model)
+    reference = init_expert(d_model, d_ff, seed=7, uid=uid)
+    assert prepack_weights(reference)
+
+    async def forward_backward_forward():
+        client = ExpertClient(node.ready["endpoint"])
+        try:
+            before = await client.forward(model["name"], {uid: x}, timeout_s=10)
+            grad_x = await client.backward(model["name"], {uid: x}, {uid: grad_y}, timeout_s=10)
+            after = await client.forward(model["name"], {uid: x}, timeout_s=10)  # packed again after the step
+            return before[uid], grad_x[uid], after[uid]
+        finally:
+            await client.close()
+
+    before, grad_x, after = run(forward_backward_forward())
+    assert torch.equal(before, expert_forward(reference, x))
+    assert torch.equal(grad_x, expert_backward(reference, x, grad_y))
+    torch.optim.SGD(reference.parameters(), lr=lr).step()
+    assert torch.equal(after, expert_forward(reference, x))
+    with torch.no_grad():  # and the plain kernel's result, to fp32 rounding (the step made outputs large)
+        torch.testing.assert_close(after, reference(x), atol=1e-6 * float(after.abs().max()), rtol=1e-5)
 
 
 @pytest.mark.parametrize("rows", [3, 200])  # on the Stream, and unary (over its size limit)
