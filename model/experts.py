@@ -112,6 +112,13 @@ def prepack_weights(expert: nn.Module) -> bool:
     return True
 
 
+def check_prepacking() -> None:
+    """Pack and use a tiny weight: raises where this torch's oneDNN lacks the ops PackedWeights uses."""
+    weight, x = torch.ones(2, 3), torch.ones(_PACK_ROWS_HINT, 3)
+    if not torch.equal(_packed_linear(x, torch.ops.mkldnn._reorder_linear_weight(weight, _PACK_ROWS_HINT)), x @ weight.t()):
+        raise RuntimeError("oneDNN's packed matmul gave a wrong result")
+
+
 def _packed_for(expert: SwiGLUExpert, x_ND: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
     packed = getattr(expert, "packed", None)
     if packed is None or x_ND.shape[0] < PREPACK_MIN_ROWS or x_ND.device.type != "cpu":

@@ -14,6 +14,7 @@ from torch import nn
 
 from moeswarm.model.experts import (
     SwiGLUExpert, expert_backward, expert_forward, expert_forward_keep, init_expert, prepack_weights,
+    check_prepacking,
 )
 from moeswarm.model.hf_experts import GptOssExpert, gpt_oss_forward
 from moeswarm.node.activations import ActivationCache
@@ -79,6 +80,10 @@ class ExpertRegistry:
     def _prepack(self) -> None:
         if not torch.backends.mkldnn.is_available():
             raise ConfigError("prepack_weights=true needs a torch built with oneDNN (mkldnn); this one has none")
+        try:  # at start, not at the first request: some builds (CPUs) have oneDNN without these ops
+            check_prepacking()
+        except Exception as e:
+            raise ConfigError(f"prepack_weights=true: this torch cannot pack weights with oneDNN ({e})") from e
         unpacked = [uid for uid, hosted in self.experts.items() if not prepack_weights(hosted.module)]
         if unpacked:
             logger.warning(

@@ -87,3 +87,15 @@ def test_prepack_weights_is_a_cpu_option():
     spec = ModelSpec(name="m", d_model=D, d_ff=F, n_layers=1, n_experts=2)
     with pytest.raises(ConfigError, match="prepack_weights.*CPU nodes"):
         NodeConfig(model=spec, device="cuda", prepack_weights=True)
+
+
+def test_a_torch_that_cannot_prepack_is_a_config_error_at_start(monkeypatch):
+    import moeswarm.node.registry as registry_module
+
+    def missing_op():
+        raise RuntimeError("no kernel for mkldnn::_reorder_linear_weight on this CPU")
+
+    monkeypatch.setattr(registry_module, "check_prepacking", missing_op)
+    spec = ModelSpec(name="m", d_model=D, d_ff=F, n_layers=1, n_experts=1)
+    with pytest.raises(ConfigError, match="cannot pack weights with oneDNN .no kernel"):
+        ExpertRegistry(spec, ("m.L0.E0",), seed=0, optimizer=OptimizerConfig(), prepack_weights=True)
