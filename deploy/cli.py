@@ -76,6 +76,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="override a key of every node's config, e.g. device=cuda or optimizer.lr=1e-4")
     up.add_argument("--no-pin-cpus", action="store_true",
                     help="leave node threads to the OS scheduler (default: each node gets its own CPUs when there are enough)")
+    up.add_argument("--no-restart", action="store_true",
+                    help="leave a node that exits down (default: start it again from its checkpoint, at most 3 times in 10 min)")
     up.add_argument("--run-dir", help="keep node checkpoints and logs here (default: a temp dir removed at exit)")
     up.set_defaults(func=_cmd_swarm_up)
 

@@ -27,6 +27,8 @@ from moeswarm.protocol.spec import ModelSpec, uid_sort_key
 logger = logging.getLogger(__name__)
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 8.0
+RESTART_LIMIT = 3  # restarts of one node within RESTART_WINDOW_S before swarm up leaves it down
+RESTART_WINDOW_S = 600.0
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -43,6 +45,7 @@ class SwarmPlan:
     placement: str = "spread"  # coordinator/placement.py: "spread" (throughput) or "by-layer" (decoding latency)
     node_overrides: tuple[str, ...] = ()  # "key=value" applied to every node's config (--node-set)
     pin_cpus: bool = True  # give each node its own CPUs when there are enough (node_cpus)
+    restart_nodes: bool = True  # start a node again when it exits (watch_until_signal)
 
 
 # Keys swarm up sets per node from its plan; --node-set may change any other key of a node config.
@@ -124,19 +127,38 @@ class LocalSwarm:
         self.initial_peers = self._wait_ready(dht_dir, self.procs[0])["maddrs"]
         configs = node_configs(self.plan, self.initial_peers, self.run_dir)
         for i, config in enumerate(configs):
-            node_dir = self.run_dir / f"node{i}"
+            node_dir = self.node_dir(i)
             node_dir.mkdir(parents=True, exist_ok=True)
             (node_dir / "node.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-            cmd = ["node", "--config", str(node_dir / "node.yaml"), "--ready-file", str(node_dir / "ready.json")]
-            self._spawn(node_dir, cmd)
-        self.ready = [self._wait_ready(self.run_dir / f"node{i}", proc) for i, proc in enumerate(self.nodes)]
+            self._spawn(node_dir, _node_args(node_dir))
+        self.ready = [self._wait_ready(self.node_dir(i), proc) for i, proc in enumerate(self.nodes)]
+
+    def node_dir(self, i: int) -> pathlib.Path:
+        return self.run_dir / f"node{i}"
+
+    def restart_node(self, i: int) -> None:
+        """Start node i again from its directory: the same config, checkpoint and DHT identity (so
+        its new records replace the old ones). Does not wait for it: see node_ready()."""
+        _kill_group(self.procs[1 + i])  # whatever is left of the old one
+        self.procs[1 + i] = self._popen(self.node_dir(i), _node_args(self.node_dir(i)))
+
+    def node_ready(self, i: int) -> dict | None:
+        """What node i reported when it (last) became ready; None while it is starting."""
+        try:
+            self.ready[i] = json.loads((self.node_dir(i) / "ready.json").read_text())
+        except (OSError, ValueError):  # not written yet (it is written atomically: never half)
+            return None
+        return self.ready[i]
 
     def _spawn(self, work_dir: pathlib.Path, args: list[str]) -> None:
+        self.procs.append(self._popen(work_dir, args))
+
+    def _popen(self, work_dir: pathlib.Path, args: list[str]) -> subprocess.Popen:
         work_dir.mkdir(parents=True, exist_ok=True)
         (work_dir / "ready.json").unlink(missing_ok=True)
         cmd = [sys.executable, "-m", "moeswarm.deploy.cli", *args, "--exit-with-parent"]
         with open(work_dir / "log.txt", "ab") as log:
-            self.procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+            return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def _wait_ready(self, work_dir: pathlib.Path, proc: subprocess.Popen) -> dict:
         ready_file = work_dir / "ready.json"
@@ -164,6 +186,10 @@ class LocalSwarm:
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
+
+
+def _node_args(node_dir: pathlib.Path) -> list[str]:
+    return ["node", "--config", str(node_dir / "node.yaml"), "--ready-file", str(node_dir / "ready.json")]
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -198,14 +224,46 @@ def describe_pinning(plan: SwarmPlan) -> str:
     return f"node CPUs: not pinned ({plan.nodes} nodes x {plan.torch_threads} threads > {len(available)} CPUs)"
 
 
+@dataclasses.dataclass
+class _NodeWatch:
+    restarts: list[float] = dataclasses.field(default_factory=list)  # monotonic times of its restarts
+    restart_at: float | None = None  # when to start it again
+    starting: bool = False  # restarted, not ready yet
+    left_down: bool = False
+
+
 def watch_until_signal(swarm: LocalSwarm, stop: threading.Event) -> None:
-    """Block until `stop` is set; report nodes that die meanwhile."""
-    reported = set()
+    """Block until `stop` is set. A node that exits is started again (from its checkpoint) after
+    1, 2, 4 s, at most RESTART_LIMIT times in RESTART_WINDOW_S; past that, or with restarts off
+    (--no-restart), it is reported and left down."""
+    watches = [_NodeWatch() for _ in swarm.nodes]
     while not stop.wait(0.5):
-        for i, proc in enumerate(swarm.nodes):
-            if proc.poll() is not None and i not in reported:
-                reported.add(i)
-                logger.warning("node %d exited with code %s; see %s", i, proc.returncode, swarm.run_dir / f"node{i}" / "log.txt")
+        for i, (proc, watch) in enumerate(zip(swarm.nodes, watches)):
+            _watch_node(swarm, i, proc, watch, time.monotonic())
+
+
+def _watch_node(swarm: LocalSwarm, i: int, proc: subprocess.Popen, watch: _NodeWatch, now: float) -> None:
+    log = swarm.node_dir(i) / "log.txt"
+    if watch.starting and proc.poll() is None and (ready := swarm.node_ready(i)) is not None:
+        watch.starting = False
+        logger.warning("node %d is back: %s", i, ready["endpoint"])
+    if proc.poll() is None or watch.left_down:
+        return
+    if watch.restart_at is None:
+        watch.starting = False
+        watch.restarts = [t for t in watch.restarts if now - t < RESTART_WINDOW_S]
+        if not swarm.plan.restart_nodes or len(watch.restarts) >= RESTART_LIMIT:
+            why = "--no-restart" if not swarm.plan.restart_nodes else f"restarted {RESTART_LIMIT} times in {RESTART_WINDOW_S / 60:.0f} min"
+            logger.warning("node %d exited with code %s; leaving it down (%s); see %s", i, proc.returncode, why, log)
+            watch.left_down = True
+            return
+        delay = 2 ** len(watch.restarts)
+        logger.warning("node %d exited with code %s; starting it again in %d s; see %s", i, proc.returncode, delay, log)
+        watch.restart_at = now + delay
+    elif now >= watch.restart_at:
+        swarm.restart_node(i)
+        watch.restarts.append(now)
+        watch.restart_at, watch.starting = None, True
 
 
 BARE_DEFAULTS = dict(layers=2, experts=8, d_model=256, d_ff=1024)  # experts-only swarm (no language model)
@@ -229,7 +287,7 @@ def plan_from_args(args, scratch: pathlib.Path) -> SwarmPlan:
     run_dir = pathlib.Path(args.run_dir) if args.run_dir else None
     common = dict(
         nodes=args.nodes, replicas=args.replicas, swarm=args.swarm, run_dir=run_dir, placement=args.placement,
-        node_overrides=tuple(args.node_set), pin_cpus=not args.no_pin_cpus,
+        node_overrides=tuple(args.node_set), pin_cpus=not args.no_pin_cpus, restart_nodes=not args.no_restart,
     )
     bare = {key: getattr(args, key) for key in BARE_DEFAULTS if getattr(args, key) is not None}
     if args.model and bare:

@@ -1,9 +1,11 @@
-"""`moeswarm swarm up` + `moeswarm status` as a user runs them; Ctrl-C leaves no process behind."""
+"""`moeswarm swarm up` + `moeswarm status` as a user runs them; a killed node comes back; Ctrl-C leaves no process behind."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -14,24 +16,54 @@ from procs import alive, process_tree, read_until
 READY_LINE = "Ctrl-C stops the swarm"
 
 
-def test_swarm_up_status_and_ctrl_c(tmp_path):
-    cmd = [sys.executable, "-m", "moeswarm.deploy.cli", "swarm", "up", "--nodes", "3", "--replicas", "2"]
-    cmd += ["--layers", "2", "--experts", "3", "--d-model", "32", "--d-ff", "64", "--run-dir", str(tmp_path / "run")]
+@contextlib.contextmanager
+def swarm_up(tmp_path, *args: str):
+    """`moeswarm swarm up ARGS --run-dir tmp_path/run` in its own session; (process, its output file).
+    Whatever is left of its process tree is killed at the end."""
+    cmd = [sys.executable, "-m", "moeswarm.deploy.cli", "swarm", "up", *args, "--run-dir", str(tmp_path / "run")]
     output = tmp_path / "swarm.out"
     with open(output, "wb") as out:
         swarm = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        text = read_until(swarm, output, READY_LINE, timeout_s=90)
-        peer = next(line.split()[-1] for line in text.splitlines() if line.startswith("initial peers:"))
-        tree = process_tree(swarm.pid)
-        assert len(tree) >= 1 + 4 * 3  # launcher + (dht + 3 nodes), each with a DHT child and p2pd
+        yield swarm, output
+    finally:
+        for pid in alive(process_tree(swarm.pid)) | {swarm.pid}:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
-        status = subprocess.run(
-            [sys.executable, "-m", "moeswarm.deploy.cli", "status", "--initial-peers", peer, "--json"],
-            capture_output=True, text=True, timeout=60,
-        )
-        assert status.returncode == 0, status.stderr
-        view = json.loads(status.stdout)
+
+def ctrl_c_leaves_nothing_behind(swarm: subprocess.Popen) -> None:
+    tree = process_tree(swarm.pid)
+    os.killpg(swarm.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+    assert swarm.wait(30) == 0
+    deadline = time.monotonic() + 10
+    while alive(tree) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not alive(tree), f"left behind: {alive(tree)}"
+
+
+def status_json(peer: str) -> dict:
+    status = subprocess.run(
+        [sys.executable, "-m", "moeswarm.deploy.cli", "status", "--initial-peers", peer, "--json"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert status.returncode == 0, status.stderr
+    return json.loads(status.stdout)
+
+
+def initial_peer(text: str) -> str:
+    return next(line.split()[-1] for line in text.splitlines() if line.startswith("initial peers:"))
+
+
+def test_swarm_up_status_and_ctrl_c(tmp_path):
+    with swarm_up(tmp_path, "--nodes", "3", "--replicas", "2", "--layers", "2", "--experts", "3", "--d-model", "32", "--d-ff", "64") as (swarm, output):
+        text = read_until(swarm, output, READY_LINE, timeout_s=90)
+        peer = initial_peer(text)
+        assert len(process_tree(swarm.pid)) >= 1 + 4 * 3  # launcher + (dht + 3 nodes), each with a DHT child and p2pd
+
+        view = status_json(peer)
         assert len(view["nodes"]) == 3
         uids = {f"tiny-moe.L{layer}.E{expert}" for layer in range(2) for expert in range(3)}
         assert set(view["experts"]) == uids
@@ -46,19 +78,36 @@ def test_swarm_up_status_and_ctrl_c(tmp_path):
         assert table.returncode == 0, table.stderr
         rows = [line.split() for line in table.stdout.splitlines() if line.startswith("tiny-moe.")]
         assert sorted(row[0] for row in rows) == sorted(uids) and all(row[1] == "2" for row in rows), table.stdout
+        ctrl_c_leaves_nothing_behind(swarm)
 
-        os.killpg(swarm.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
-        assert swarm.wait(30) == 0
-        deadline = time.monotonic() + 10
-        while alive(tree) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not alive(tree), f"left behind: {alive(tree)}"
-    finally:
-        for pid in alive(process_tree(swarm.pid)) | {swarm.pid}:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+
+def _node_pid(launcher_pid: int, node_dir: pathlib.Path) -> int:
+    """The pid of the node process started with node_dir's config (a direct child of the launcher)."""
+    for pid in process_tree(launcher_pid):
+        try:
+            cmdline = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            parent = int(pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if str(node_dir / "node.yaml").encode() in cmdline and parent == launcher_pid:
+            return pid
+    raise LookupError(f"no node process for {node_dir}")
+
+
+def test_swarm_up_starts_a_node_that_died_again_under_its_identity(tmp_path):
+    run_dir = tmp_path / "run"
+    with swarm_up(tmp_path, "--nodes", "2", "--replicas", "1", "--layers", "1", "--experts", "2", "--d-model", "32", "--d-ff", "64") as (swarm, output):
+        read_until(swarm, output, READY_LINE, timeout_s=90)
+        before = json.loads((run_dir / "node0" / "ready.json").read_text())
+        os.kill(_node_pid(swarm.pid, run_dir / "node0"), signal.SIGKILL)
+        text = read_until(swarm, output, "node 0 is back", timeout_s=60)
+        assert "node 0 exited with code -9; starting it again in 1 s" in text
+        after = json.loads((run_dir / "node0" / "ready.json").read_text())
+        assert after["uids"] == before["uids"] and f"node 0 is back: {after['endpoint']}" in output.read_text()
+        experts = status_json(initial_peer(text))["experts"]
+        for uid in after["uids"]:  # its records were replaced (same signing identity), not joined by new ones
+            assert [replica["endpoint"] for replica in experts[uid]] == [after["endpoint"]], experts[uid]
+        ctrl_c_leaves_nothing_behind(swarm)
 
 
 def test_swarm_up_rejects_more_replicas_than_nodes():
