@@ -75,36 +75,43 @@ def _hidden(expert: SwiGLUExpert, x_ND: torch.Tensor, packed: tuple[torch.Tensor
 
 # ---- prepacked weights (node config `prepack_weights`) ------------------------------------------
 
-PREPACK_MIN_ROWS = 4  # below this MKL's plain matmul is faster (1 row of a 256x1024 expert: 102 vs 135 us)
+PREPACK_MIN_ROWS = 4  # fp32: below this MKL's plain matmul is faster (1 row of a 256x1024 expert: 102 vs 135 us)
 _PACK_ROWS_HINT = 64  # oneDNN's reorder takes a batch size hint; any gives the same results
+PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
 
 
 class PackedWeights:
-    """oneDNN-prepacked copies of a SwiGLU expert's weights, for its forward on a CPU node. MKL
-    repacks a weight matrix on every matmul; these are packed once and again only after a weight
-    changed (an optimizer step or a load bumps its version). Forward through ExpertRegistry, 1
-    thread, 4-512 rows: 1.3-1.8x faster for a 1024x4096 expert, 1.1-1.4x for 256x1024. Costs a
-    second copy of the weights in memory, and a repack after every optimizer step (18 ms for
-    1024x4096, 1.1 ms for 256x1024): for serving, not for a node stepping after every batch.
-    Results differ from MKL's in the last bits (about 2e-6 on outputs of size 1)."""
+    """oneDNN-prepacked copies of a SwiGLU expert's weights, for its forward on a CPU node. A
+    plain matmul repacks the weight matrix every time; these are packed once and again only after
+    a weight changed (an optimizer step or a load bumps its version). Forward through
+    ExpertRegistry, 1 thread: fp32 at 4-512 rows 1.3-1.8x faster for a 1024x4096 expert, 1.1-1.4x
+    for 256x1024, with results that differ from MKL's in the last bits (about 2e-6 on outputs of
+    size 1); bf16 at any row count, 1.4-1.5x for 1024x4096 at 1-16 rows and 1.2-1.3x for 256x1024
+    at 1-64 rows (about 1.05x at 256), with the plain path's results (its CPU bf16 matmul is
+    oneDNN's too). Costs a second copy of the weights in memory, and a
+    repack after every optimizer step (18 ms for fp32 1024x4096, 1.1 ms for 256x1024): for
+    serving, not for a node stepping after every batch."""
 
     def __init__(self) -> None:
         self._key: tuple = ()
         self._packed: tuple[torch.Tensor, ...] = ()
+        self.packs = 0  # times the weights were (re)packed
 
     def of(self, *weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
         key = tuple((id(w), w.data_ptr(), w._version) for w in weights)
         if key != self._key:
             self._packed = tuple(torch.ops.mkldnn._reorder_linear_weight(w.detach(), _PACK_ROWS_HINT) for w in weights)
             self._key = key
+            self.packs += 1
         return self._packed
 
 
-def prepack_weights(expert: nn.Module) -> bool:
-    """Give a fp32 SwiGLU expert on the CPU PackedWeights for expert_forward (and the backward's
-    recomputed forward); returns False and changes nothing for any other expert."""
+def prepack_weights(expert: nn.Module, dtypes: tuple[torch.dtype, ...] = PACKABLE_DTYPES) -> bool:
+    """Give a SwiGLU expert on the CPU whose weights are of one of `dtypes` PackedWeights for
+    expert_forward (and the backward's recomputed forward); returns False and changes nothing for
+    any other expert."""
     weight = getattr(getattr(expert, "w1", None), "weight", None)
-    if not isinstance(expert, SwiGLUExpert) or weight.dtype != torch.float32 or weight.device.type != "cpu":
+    if not isinstance(expert, SwiGLUExpert) or weight.dtype not in dtypes or weight.device.type != "cpu":
         return False
     if not torch.backends.mkldnn.is_available():
         return False
@@ -112,16 +119,17 @@ def prepack_weights(expert: nn.Module) -> bool:
     return True
 
 
-def check_prepacking() -> None:
-    """Pack and use a tiny weight: raises where this torch's oneDNN lacks the ops PackedWeights uses."""
-    weight, x = torch.ones(2, 3), torch.ones(_PACK_ROWS_HINT, 3)
+def check_prepacking(dtype: torch.dtype = torch.float32) -> None:
+    """Pack and use a tiny weight: raises where this torch's oneDNN lacks the ops PackedWeights uses
+    for `dtype` (some CPUs have no bf16 kernels)."""
+    weight, x = torch.ones(2, 3, dtype=dtype), torch.ones(_PACK_ROWS_HINT, 3, dtype=dtype)
     if not torch.equal(_packed_linear(x, torch.ops.mkldnn._reorder_linear_weight(weight, _PACK_ROWS_HINT)), x @ weight.t()):
         raise RuntimeError("oneDNN's packed matmul gave a wrong result")
 
 
 def _packed_for(expert: SwiGLUExpert, x_ND: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
     packed = getattr(expert, "packed", None)
-    if packed is None or x_ND.shape[0] < PREPACK_MIN_ROWS or x_ND.device.type != "cpu":
+    if packed is None or x_ND.device.type != "cpu" or (x_ND.dtype == torch.float32 and x_ND.shape[0] < PREPACK_MIN_ROWS):
         return None
     return packed.of(expert.w1.weight, expert.w3.weight, expert.w2.weight)
 

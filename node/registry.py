@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from moeswarm.model.experts import (
-    SwiGLUExpert, expert_backward, expert_forward, expert_forward_keep, init_expert, prepack_weights,
-    check_prepacking,
+    PACKABLE_DTYPES, SwiGLUExpert, check_prepacking, expert_backward, expert_forward, expert_forward_keep, init_expert,
+    prepack_weights,
 )
 from moeswarm.model.hf_experts import GptOssExpert, gpt_oss_forward
 from moeswarm.node.activations import ActivationCache
@@ -43,6 +43,14 @@ class HostedExpert:
         return self.version + self.step_due
 
 
+def _can_prepack(dtype: torch.dtype) -> bool:
+    try:
+        check_prepacking(dtype)
+    except Exception:  # e.g. no bf16 kernels on this CPU: those experts stay unpacked
+        return False
+    return True
+
+
 def make_optimizer(params, config: OptimizerConfig) -> NodeOptimizer:
     if config.name == "sgd":
         return NodeSGD(params, lr=config.lr)
@@ -64,8 +72,8 @@ class ExpertRegistry:
         device: where the weights, grads and optimizer state live and the experts compute; inputs
         arrive and outputs leave on the CPU (they come from and go to the wire).
         activation_cache_bytes: memory (on `device`) for what training forwards keep for their backward.
-        prepack_weights: fp32 SwiGLU experts on the CPU compute their forward with prepacked weights
-        (model/experts.py PackedWeights); ConfigError where torch has no oneDNN."""
+        prepack_weights: fp32 and bf16 SwiGLU experts on the CPU compute their forward with prepacked
+        weights (model/experts.py PackedWeights); ConfigError where torch has no oneDNN."""
         self.spec, self.optimizer_config, self.device = spec, optimizer, torch.device(device)
         self.kept = ActivationCache(activation_cache_bytes)
         self.experts: dict[str, HostedExpert] = {}
@@ -81,14 +89,16 @@ class ExpertRegistry:
         if not torch.backends.mkldnn.is_available():
             raise ConfigError("prepack_weights=true needs a torch built with oneDNN (mkldnn); this one has none")
         try:  # at start, not at the first request: some builds (CPUs) have oneDNN without these ops
-            check_prepacking()
+            check_prepacking(torch.float32)
         except Exception as e:
             raise ConfigError(f"prepack_weights=true: this torch cannot pack weights with oneDNN ({e})") from e
-        unpacked = [uid for uid, hosted in self.experts.items() if not prepack_weights(hosted.module)]
+        dtypes = tuple(dtype for dtype in PACKABLE_DTYPES if _can_prepack(dtype))
+        unpacked = [uid for uid, hosted in self.experts.items() if not prepack_weights(hosted.module, dtypes)]
         if unpacked:
+            names = " or ".join(str(dtype).removeprefix("torch.") for dtype in dtypes)
             logger.warning(
-                "prepack_weights: %d of %d experts are not fp32 SwiGLU experts on the CPU and compute unpacked (first: %s)",
-                len(unpacked), len(self.experts), unpacked[0],
+                "prepack_weights: %d of %d experts are not %s SwiGLU experts on the CPU and compute unpacked (first: %s)",
+                len(unpacked), len(self.experts), names, unpacked[0],
             )
 
     def forward(self, uid: str, x_ND: torch.Tensor, keep_for: Tags = ()) -> torch.Tensor:

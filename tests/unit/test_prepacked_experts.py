@@ -10,6 +10,7 @@ import torch
 
 from moeswarm.model.experts import (
     PREPACK_MIN_ROWS,
+    check_prepacking,
     expert_backward,
     expert_forward,
     expert_forward_keep,
@@ -48,11 +49,13 @@ def test_prepacked_weights_follow_every_change_of_the_weights():
     packed, plain = packed_and_plain()
     x = torch.randn(16, D)
     before = expert_forward(packed, x)
+    expert_forward(packed, x)
+    assert packed.packed.packs == 1
     with torch.no_grad():  # in place, as an optimizer step does
         for expert in (packed, plain):
             expert.w1.weight.mul_(0.5)
     after = expert_forward(packed, x)
-    assert not torch.equal(after, before)
+    assert packed.packed.packs == 2 and not torch.equal(after, before)
     torch.testing.assert_close(after, expert_forward(plain, x), atol=1e-5, rtol=1e-5)
     other = init_expert(D, F, seed=4, uid="m.L0.E0")
     packed.load_state_dict(other.state_dict())  # a checkpoint load copies into the same tensors
@@ -73,14 +76,33 @@ def test_backward_recomputes_the_forward_with_the_kernel_the_forward_used():
         assert torch.equal(getattr(packed, name).weight.grad, getattr(twin, name).weight.grad)
 
 
-def test_only_fp32_swiglu_experts_on_the_cpu_are_prepacked():
-    assert not prepack_weights(init_expert(D, F, seed=0, uid="m.L0.E0").to(torch.bfloat16))
+def test_only_fp32_and_bf16_swiglu_experts_on_the_cpu_are_prepacked():
+    assert prepack_weights(init_expert(D, F, seed=0, uid="m.L0.E0").to(torch.bfloat16))
+    assert not prepack_weights(init_expert(D, F, seed=0, uid="m.L0.E0").to(torch.float16))
     assert not prepack_weights(GptOssExpert(D, F))
     registry = ExpertRegistry(
         ModelSpec(name="m", d_model=D, d_ff=F, n_layers=1, n_experts=2), ("m.L0.E0", "m.L0.E1"),
         seed=0, optimizer=OptimizerConfig(), prepack_weights=True,
     )
     assert all(hosted.module.packed is not None for hosted in registry.experts.values())
+
+
+@pytest.mark.parametrize("rows", [1, 4, 64])
+def test_bf16_experts_use_their_packed_weights_at_any_row_count(rows):
+    plain = init_expert(256, 1024, seed=3, uid="m.L0.E0").to(torch.bfloat16)
+    packed = copy.deepcopy(plain)
+    try:
+        check_prepacking(torch.bfloat16)
+    except Exception as e:  # a CPU without bf16 kernels: the registry leaves such experts unpacked
+        pytest.skip(f"no oneDNN bf16 packing here ({e})")
+    assert prepack_weights(packed)
+    x = torch.randn(rows, 256)
+    y_packed = expert_forward(packed, x)
+    assert packed.packed.packs == 1  # one row too: unlike fp32, packed bf16 is faster there
+    assert y_packed.dtype == torch.bfloat16
+    torch.testing.assert_close(y_packed.float(), expert_forward(plain, x).float(), atol=2e-2, rtol=2e-2)
+    expert_forward(packed, x)
+    assert packed.packed.packs == 1  # and not again while the weights stay the same
 
 
 def test_prepack_weights_is_a_cpu_option():
@@ -92,7 +114,7 @@ def test_prepack_weights_is_a_cpu_option():
 def test_a_torch_that_cannot_prepack_is_a_config_error_at_start(monkeypatch):
     import moeswarm.node.registry as registry_module
 
-    def missing_op():
+    def missing_op(dtype):
         raise RuntimeError("no kernel for mkldnn::_reorder_linear_weight on this CPU")
 
     monkeypatch.setattr(registry_module, "check_prepacking", missing_op)
