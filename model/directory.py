@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import threading
+import time
 
 from moeswarm.protocol.dht import DHT_TIMEOUT_S, get_records
+from moeswarm.protocol.errors import MoeSwarmError
 from moeswarm.protocol.records import ExpertRecord, NodeRecord, expert_key, nodes_key, parse_entries
 
 
 logger = logging.getLogger(__name__)
+FAILURE_LOG_S = 60.0  # a failing refresh is logged at most this often
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,11 +82,24 @@ class ExpertDirectory:
                 self._view = {**self._view, **found}  # replace, never mutate: readers hold no lock
 
     def _refresh_loop(self) -> None:
+        """Refresh every refresh_s. Failures keep the last view; they are logged at most once a
+        FAILURE_LOG_S (the DHT may be gone for good: a warning every 2 s would bury everything else)."""
+        failures, logged_at = 0, -math.inf
         while not self._stop.wait(self.refresh_s):
             try:
                 self.refresh()
-            except Exception:  # thread boundary: keep the last view, try again next period
-                logger.warning("expert directory refresh failed; keeping the last view", exc_info=True)
+            except Exception as e:  # thread boundary: keep the last view, try again next period
+                failures += 1
+                if time.monotonic() - logged_at >= FAILURE_LOG_S:
+                    logged_at = time.monotonic()
+                    logger.warning(
+                        "expert directory refresh failed (%d in a row); routing on the last view: %s", failures, e,
+                        exc_info=not isinstance(e, MoeSwarmError),  # ours say what is wrong; anything else is a bug
+                    )
+                continue
+            if failures:
+                logger.warning("expert directory refresh works again after %d failures", failures)
+                failures, logged_at = 0, -math.inf
 
     def close(self) -> None:
         self._stop.set()

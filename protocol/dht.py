@@ -103,6 +103,8 @@ EXIT_P2PD_LOST = 3  # a DHT process whose p2pd died exits with this code
 
 def describe_dht_exit(exitcode: int | None) -> str:
     """What a DHT process's exit code says, for the node's log."""
+    if exitcode is None:
+        return "stopped answering"
     if exitcode == EXIT_P2PD_LOST:
         return f"exited with code {exitcode}: its p2pd daemon died"
     if exitcode is not None and exitcode < 0:
@@ -181,6 +183,8 @@ def get_records(dht, keys: list[str], timeout_s: float = DHT_TIMEOUT_S) -> dict:
     Raises NodeUnavailable if the DHT does not answer in time."""
     if isinstance(dht, IsolatedDHT):
         return dht.get_records(keys, timeout_s)
+    if not dht.is_alive():  # it would only time out: say why at once
+        raise NodeUnavailable(f"the DHT process {describe_dht_exit(dht.exitcode)}; restart this process to reach the swarm again")
     future = dht.run_coroutine(functools.partial(_get_many, keys=keys), return_future=True)
     try:
         return future.result(timeout=timeout_s)
@@ -236,14 +240,19 @@ class IsolatedDHT:
         self.wait_ready()
         with self._lock:  # one request at a time; replies carry the request id, stale ones are skipped
             request_id = next(self._ids)
-            self._conn.send((request_id, keys, timeout_s))
-            deadline = time.monotonic() + timeout_s + 1.0
-            while self._conn.poll(max(0.0, deadline - time.monotonic())):
-                reply_id, ok, value = self._conn.recv()
-                if reply_id == request_id:
-                    if ok:
-                        return value
-                    raise NodeUnavailable(value)
+            try:
+                self._conn.send((request_id, keys, timeout_s))
+                deadline = time.monotonic() + timeout_s + 1.0
+                while self._conn.poll(max(0.0, deadline - time.monotonic())):
+                    reply_id, ok, value = self._conn.recv()
+                    if reply_id == request_id:
+                        if ok:
+                            return value
+                        raise NodeUnavailable(value)
+            except (OSError, EOFError) as e:  # the child is gone (killed, crashed)
+                raise NodeUnavailable(
+                    f"the client DHT peer (pid {self._proc.pid}) {describe_dht_exit(self._proc.poll())}; restart this process to reach the swarm again"
+                ) from e
         raise NodeUnavailable(f"the DHT did not answer within {timeout_s:.0f} s; check --initial-peers")
 
     def close(self) -> None:

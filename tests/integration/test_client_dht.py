@@ -9,8 +9,10 @@ import sys
 import threading
 import time
 
+import pytest
 from procs import alive, process_tree
-from moeswarm.protocol.dht import IsolatedDHT
+from moeswarm.protocol.dht import IsolatedDHT, get_records
+from moeswarm.protocol.errors import NodeUnavailable
 from moeswarm.protocol.records import nodes_key
 
 
@@ -97,3 +99,21 @@ def test_owner_killed_before_connecting_leaves_no_process(dht_peer):
     while _still_running(seen) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _still_running(seen), f"left behind after the owner died: {_still_running(seen)}"
+
+
+def test_lookups_through_a_client_dht_peer_that_died_say_so_at_once(dht_peer):
+    dht = IsolatedDHT(dht_peer.ready["maddrs"])
+    try:
+        tree = process_tree(dht._proc.pid)
+        assert get_records(dht, [nodes_key("default")], timeout_s=30)  # it works first
+        dht._proc.kill()
+        dht._proc.wait()
+        # not "did not answer within 30 s": the cause, with what to do
+        with pytest.raises(NodeUnavailable, match=r"client DHT peer \(pid \d+\) was killed by signal 9; restart this process"):
+            get_records(dht, [nodes_key("default")], timeout_s=30)
+        deadline = time.monotonic() + 10  # its DHT process and p2pd follow it (they watch their parent)
+        while alive(tree) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not alive(tree), f"left behind: {alive(tree)}"
+    finally:
+        dht.close()
