@@ -49,5 +49,7 @@ class Announcer:
             await asyncio.sleep(self._ttl_s / 3)
             try:
                 await self.announce_once()
+            except asyncio.TimeoutError:  # the DHT is slow or unreachable: no traceback, it says nothing more
+                logger.warning("DHT announce timed out after %.1f s; retrying in %.1f s", self._ttl_s / 3, self._ttl_s / 3)
             except Exception:  # task boundary: a DHT hiccup must not stop future refreshes
                 logger.warning("DHT announce failed; retrying in %.1f s", self._ttl_s / 3, exc_info=True)

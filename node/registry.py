@@ -43,7 +43,8 @@ class HostedExpert:
         return self.version + self.step_due
 
 
-def _can_prepack(dtype: torch.dtype) -> bool:
+def can_prepack(dtype: torch.dtype) -> bool:
+    """Whether this torch and CPU can pack `dtype` weights with oneDNN (see check_prepacking)."""
     try:
         check_prepacking(dtype)
     except Exception:  # e.g. no bf16 kernels on this CPU: those experts stay unpacked
@@ -92,8 +93,9 @@ class ExpertRegistry:
             check_prepacking(torch.float32)
         except Exception as e:
             raise ConfigError(f"prepack_weights=true: this torch cannot pack weights with oneDNN ({e})") from e
-        dtypes = tuple(dtype for dtype in PACKABLE_DTYPES if _can_prepack(dtype))
+        dtypes = tuple(dtype for dtype in PACKABLE_DTYPES if can_prepack(dtype))
         unpacked = [uid for uid, hosted in self.experts.items() if not prepack_weights(hosted.module, dtypes)]
+        logger.info("prepacked the weights of %d of %d experts", len(self.experts) - len(unpacked), len(self.experts))
         if unpacked:
             names = " or ".join(str(dtype).removeprefix("torch.") for dtype in dtypes)
             logger.warning(

@@ -19,6 +19,7 @@ from procs import Proc, ProcGroup, read_until, spawn, start_dht_peer, wait_ready
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 import moeswarm.model  # noqa: E402
+from moeswarm.node.registry import can_prepack  # noqa: E402
 from moeswarm.protocol.dht import IsolatedDHT  # noqa: E402
 
 SWARM = "hf"
@@ -34,6 +35,8 @@ CHECKPOINTS = {
     ("deepseek_v3", torch.float32, "per_expert", 1): ["layers 1-2, experts all"],
     ("gpt_oss", torch.float32, "fused", 1): ["all"],
 }
+# Nodes started with prepack_weights: bf16 experts computed with packed weights must give the same bits.
+PREPACKED = {("mixtral", torch.bfloat16, "per_expert", 1)}
 
 
 def checkpoint_name(family, dtype, layout, shards) -> str:
@@ -56,7 +59,8 @@ def swarm(tmp_path_factory):
             save_tiny(family, model_dir, dtype=dtype, layout=layout, shards=shards)
             for i, experts in enumerate(specs):
                 work = root / f"node-{model_dir.name}-{i}"
-                group.spawn(work, *node_cmd(model_dir, experts, dht.ready["maddrs"]))
+                extra = ("--set", "prepack_weights=true") if key in PREPACKED else ()
+                group.spawn(work, *node_cmd(model_dir, experts, dht.ready["maddrs"], *extra))
         group.wait_ready(timeout_s=150)
         client_dht = IsolatedDHT(dht.ready["maddrs"])  # one client DHT peer for every checkpoint
         try:
@@ -86,6 +90,9 @@ def test_swarm_logits_and_greedy_tokens_equal_transformers(swarm, key):
         expected = reference.generate(IDS[:1, :6], max_new_tokens=8, do_sample=False)
         assert torch.equal(generated, expected)
         assert model.moeswarm_client.expert_wait_s > 0  # the experts really ran on the nodes
+        if key in PREPACKED:  # every expert packed (2 layers x 8), where this CPU's oneDNN has bf16 kernels
+            log = (root / f"node-{model_dir.name}-0" / "log.txt").read_text()
+            assert f"prepacked the weights of {16 if can_prepack(key[1]) else 0} of 16 experts" in log, log[-2000:]
     finally:
         model.moeswarm_client.close()
 
