@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import re
 from typing import Literal
 
@@ -10,6 +11,14 @@ from moeswarm.protocol.codec import WIRE_DTYPES
 from moeswarm.protocol.errors import ConfigError
 from moeswarm.protocol.records import check_swarm_name
 from moeswarm.protocol.spec import ModelSpec, check_uid_in_spec
+
+
+def _is_ip(text: object) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _require(condition: bool, key: str, value: object, rule: str) -> None:
@@ -36,7 +45,8 @@ class NodeConfig:
     seed: int = 0  # deterministic init of experts that have no checkpoint (same seed -> same weights)
     model_dir: str | None = None  # moeswarm model directory: experts start from its weights (a checkpoint in state_dir wins)
     swarm: str = "default"  # swarm name, part of every DHT key
-    host: str = "127.0.0.1"  # address to bind gRPC and the DHT to, and to announce
+    host: str = "127.0.0.1"  # IP to bind gRPC and the DHT to (0.0.0.0: every interface); announced unless announce_host is set
+    announce_host: str | None = None  # IP others reach this node at, if not `host` (NAT, cloud VM, host 0.0.0.0)
     port: int = 0  # gRPC port; 0 picks a free one
     dht_port: int = 0  # DHT (libp2p) TCP port; 0 picks a free one
     initial_peers: tuple[str, ...] = ()  # DHT multiaddrs to join; empty starts a new swarm
@@ -64,6 +74,14 @@ class NodeConfig:
             for uid in self.experts:
                 check_uid_in_spec(uid, self.model)
             _require(len(set(self.experts)) == len(self.experts), "experts", self.experts, "has duplicates")
+        _require(_is_ip(self.host), "host", self.host, "must be an IP address (0.0.0.0 listens on every interface)")
+        if self.announce_host is not None:
+            _require(_is_ip(self.announce_host) and not ipaddress.ip_address(self.announce_host).is_unspecified,
+                     "announce_host", self.announce_host, "must be the IP address others reach this node at")
+            _require(self.dht_port != 0, "dht_port", self.dht_port, "set a fixed port with announce_host: the DHT announces its port before it listens")
+        else:
+            _require(not ipaddress.ip_address(self.host).is_unspecified, "host", self.host,
+                     "listens on every interface: set announce_host to the IP others reach this node at")
         _require(0 <= self.port < 65536, "port", self.port, "must be in [0, 65535]")
         _require(0 <= self.dht_port < 65536, "dht_port", self.dht_port, "must be in [0, 65535]")
         _require(self.checkpoint_interval_s > 0, "checkpoint_interval_s", self.checkpoint_interval_s, "must be > 0")
@@ -85,6 +103,11 @@ class NodeConfig:
             "device", self.device, "one of 'cpu', 'cuda', 'cuda:N'",
         )
         _require(not self.prepack_weights or self.device == "cpu", "prepack_weights", self.prepack_weights, f"is for CPU nodes, not device={self.device!r}")
+
+    @property
+    def public_host(self) -> str:
+        """The address this node announces: announce_host, or the address it binds to."""
+        return self.announce_host or self.host
 
     def hosted_uids(self) -> tuple[str, ...]:
         return tuple(self.model.all_uids()) if self.experts == "all" else self.experts

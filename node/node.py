@@ -23,7 +23,7 @@ from moeswarm.node.service import SERVICE_NAME, ExpertServicer
 from moeswarm.node.validation import Limits
 from moeswarm.protocol import expert_pb2
 from moeswarm.protocol.errors import ConfigError, StartupError
-from moeswarm.protocol.dht import describe_dht_exit, start_dht, stop_dht
+from moeswarm.protocol.dht import describe_dht_exit, grpc_endpoint, start_dht, stop_dht
 from moeswarm.protocol.records import ExpertRecord, NodeRecord, dht_subkey
 
 logger = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ class ExpertNode:
         identity = load_or_create_identity(self.state_dir)
         self.dht = start_dht(
             initial_peers=config.initial_peers, host=config.host, port=config.dht_port, private_key=identity,
-            await_ready=False,
+            await_ready=False, announce_host=config.announce_host,
         )
         modules = load_expert_modules(config.model_dir, config.model, self.uids, self.device) if config.model_dir else None
         self.registry = ExpertRegistry(
@@ -114,10 +114,10 @@ class ExpertNode:
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         try:
-            port = self._server.add_insecure_port(f"{config.host}:{config.port}")
+            port = self._server.add_insecure_port(grpc_endpoint(config.host, config.port))
         except RuntimeError as e:
             raise ConfigError(f"port={config.port}: cannot bind gRPC on {config.host} ({e})") from e
-        self.endpoint = f"{config.host}:{port}"
+        self.endpoint = grpc_endpoint(config.public_host, port)  # what the DHT records tell clients
         await self._server.start()
         for name in ("", SERVICE_NAME):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import importlib.util
+import ipaddress
 import itertools
 import json
 import logging
@@ -60,7 +61,7 @@ def import_dht_only() -> None:
 
 def start_dht(
     *, initial_peers: list[str] = (), host: str = "127.0.0.1", port: int = 0, private_key=None, client_mode: bool = False,
-    await_ready: bool = True,
+    await_ready: bool = True, announce_host: str | None = None,
 ):
     """A started hivemind.DHT with moeswarm's record validators. Create it before any gRPC object.
     await_ready=False returns once its process is forked; call dht.wait_until_ready() before using it."""
@@ -78,7 +79,9 @@ def start_dht(
     if client_mode:
         kwargs["client_mode"] = True
     else:
-        kwargs["host_maddrs"] = [f"/ip4/{host}/tcp/{port}"]
+        kwargs["host_maddrs"] = [ip_maddr(host, port)]
+        if announce_host is not None:  # peers reach it there (NAT, cloud VM, a wildcard bind): port must be fixed
+            kwargs["announce_maddrs"] = [ip_maddr(announce_host, port)]
 
     class ParentBoundDHT(DHT):  # hivemind's DHT is a ForkProcess: a local class needs no pickling
         def run(self) -> None:  # in the forked DHT process
@@ -94,6 +97,16 @@ def start_dht(
             await super()._shutdown()
 
     return ParentBoundDHT(**kwargs)
+
+
+def ip_maddr(host: str, port: int) -> str:
+    """The TCP multiaddr of an IPv4 or IPv6 address."""
+    return f"/ip{ipaddress.ip_address(host).version}/{host}/tcp/{port}"
+
+
+def grpc_endpoint(host: str, port: int) -> str:
+    """host:port as gRPC writes it (an IPv6 address in brackets)."""
+    return f"[{host}]:{port}" if ipaddress.ip_address(host).version == 6 else f"{host}:{port}"
 
 
 ORPHAN_POLL_S = 0.5

@@ -6,6 +6,7 @@ import json
 import os
 import pathlib
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -49,6 +50,26 @@ def test_client_finds_every_expert_through_the_dht(node_factory, client_dht):
     assert {r.endpoint for r in found["itest.L1.E3"]} == {b.ready["endpoint"]}
     assert found["itest.L1.E0"] == []
     assert {r.peer_id for r in found["itest.L0.E1"]} == {a.ready["peer_id"], b.ready["peer_id"]}
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_a_node_listening_everywhere_announces_announce_host(node_factory, client_dht):
+    # As on a cloud VM or behind NAT: it binds 0.0.0.0 and tells the swarm where it is reached,
+    # here another loopback address (a socket bound to 127.0.0.1 only would refuse 127.0.0.2).
+    uid, dht_port = "itest.L0.E2", _free_port()
+    node = node_factory("public", experts=[uid], swarm="announce", host="0.0.0.0", announce_host="127.0.0.2", dht_port=dht_port)
+    assert node.ready["endpoint"].startswith("127.0.0.2:")
+    assert any(maddr.startswith(f"/ip4/127.0.0.2/tcp/{dht_port}/p2p/") for maddr in node.ready["maddrs"]), node.ready["maddrs"]
+    [record] = find_experts(client_dht, "announce", [uid])[uid]
+    assert record.endpoint == node.ready["endpoint"]
+    x = torch.randn(3, D)
+    out, _ = run(_probe(record.endpoint, uid, x))  # the announced address really serves
+    assert out.shape == x.shape
 
 
 def test_forged_and_malformed_records_are_dropped(node_factory, client_dht, dht_peer):

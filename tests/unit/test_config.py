@@ -8,6 +8,7 @@ import pytest
 from moeswarm.deploy import configfile
 from moeswarm.deploy.configfile import apply_overrides, build, load_yaml
 from moeswarm.node.config import NodeConfig, OptimizerConfig
+from moeswarm.protocol.dht import grpc_endpoint, ip_maddr
 from moeswarm.protocol.errors import ConfigError
 from moeswarm.protocol.spec import ModelSpec
 
@@ -116,6 +117,11 @@ def test_wrong_type_is_named(data, key):
         (_node(cpus=[1.5]), "cpus[0]=1.5"),
         (_node(cpus="0-3"), "cpus='0-3'"),
         ({"model": {**MODEL, "n_experts": 0}}, "model.n_experts=0"),
+        (_node(host="localhost"), "host='localhost': must be an IP address"),
+        (_node(host="0.0.0.0"), "listens on every interface: set announce_host"),
+        (_node(host="0.0.0.0", announce_host="0.0.0.0", dht_port=4000), "announce_host='0.0.0.0'"),
+        (_node(host="0.0.0.0", announce_host="example.org", dht_port=4000), "announce_host='example.org'"),
+        (_node(host="0.0.0.0", announce_host="203.0.113.7"), "dht_port=0: set a fixed port"),
     ],
 )
 def test_bad_value_is_named(data, key):
@@ -231,3 +237,17 @@ def test_load_yaml_of_missing_file_names_it(tmp_path):
 @pytest.mark.parametrize("device", ["cpu", "cuda", "cuda:0", "cuda:12"])
 def test_device_names_accepted(device):
     assert build(NodeConfig, _node(device=device)).device == device
+
+
+@pytest.mark.parametrize(
+    ("host", "announce_host", "public"),
+    [("127.0.0.1", None, "127.0.0.1"), ("0.0.0.0", "203.0.113.7", "203.0.113.7"), ("::", "2001:db8::7", "2001:db8::7"), ("::1", None, "::1")],
+)
+def test_a_node_announces_announce_host_or_else_host(host, announce_host, public):
+    config = build(NodeConfig, _node(host=host, announce_host=announce_host, dht_port=4000))
+    assert config.public_host == public
+
+
+def test_addresses_are_written_for_ipv4_and_ipv6():
+    assert (ip_maddr("203.0.113.7", 4000), grpc_endpoint("203.0.113.7", 5000)) == ("/ip4/203.0.113.7/tcp/4000", "203.0.113.7:5000")
+    assert (ip_maddr("2001:db8::7", 4000), grpc_endpoint("2001:db8::7", 5000)) == ("/ip6/2001:db8::7/tcp/4000", "[2001:db8::7]:5000")
