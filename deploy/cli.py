@@ -49,8 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     node.set_defaults(func=_cmd_node)
 
     dht = commands.add_parser("dht", help="run a bare DHT peer for others to join (a bootstrap peer)")
-    dht.add_argument("--host", default="127.0.0.1")
+    dht.add_argument("--host", default="127.0.0.1", help="IP to listen on (0.0.0.0: every interface)")
     dht.add_argument("--port", type=int, default=0)
+    dht.add_argument("--announce-host", metavar="IP", help="the IP others reach this peer at, if not --host (NAT, cloud VM); needs --port")
     dht.add_argument("--initial-peers", nargs="+", default=[], metavar="MADDR")
     dht.add_argument("--ready-file", help="write the multiaddrs as JSON here when ready")
     dht.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
@@ -155,7 +156,7 @@ def _cmd_dht(args) -> int:
 
     return run_dht(
         host=args.host, port=args.port, initial_peers=args.initial_peers, ready_file=args.ready_file,
-        exit_with_parent=args.exit_with_parent,
+        exit_with_parent=args.exit_with_parent, announce_host=args.announce_host,
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import pathlib
@@ -10,14 +11,19 @@ import threading
 
 from moeswarm.node.checkpoint import write_atomic
 from moeswarm.protocol.dht import describe_dht_exit, start_dht, stop_dht
+from moeswarm.protocol.errors import ConfigError
 
 
-def run_dht(*, host: str, port: int, initial_peers: list[str], ready_file: str | None, exit_with_parent: bool = False) -> int:
+def run_dht(
+    *, host: str, port: int, initial_peers: list[str], ready_file: str | None, exit_with_parent: bool = False,
+    announce_host: str | None = None,
+) -> int:
+    check_addresses(host, port, announce_host)
     stop = threading.Event()
     parent_pid = os.getppid()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    dht = start_dht(initial_peers=initial_peers, host=host, port=port)
+    dht = start_dht(initial_peers=initial_peers, host=host, port=port, announce_host=announce_host)
     try:
         maddrs = [str(maddr) for maddr in dht.get_visible_maddrs()]
         print(f"moeswarm dht ready: {maddrs[0]}", flush=True)
@@ -33,3 +39,16 @@ def run_dht(*, host: str, port: int, initial_peers: list[str], ready_file: str |
     finally:
         stop_dht(dht)
     return 0
+
+
+def check_addresses(host: str, port: int, announce_host: str | None) -> None:
+    """ConfigError for flags the DHT peer could not start with, or would announce wrongly with."""
+    try:
+        bind = ipaddress.ip_address(host)
+        public = ipaddress.ip_address(announce_host) if announce_host is not None else None
+    except ValueError as e:
+        raise ConfigError(f"--host / --announce-host: {e}") from e
+    if public is None and bind.is_unspecified:
+        raise ConfigError(f"--host {host} listens on every interface: give --announce-host, the IP others reach this peer at")
+    if public is not None and (public.is_unspecified or port == 0):
+        raise ConfigError("--announce-host needs a specific IP and a fixed --port (the DHT announces its port before it listens)")

@@ -57,9 +57,13 @@ def wait_ready(popen: subprocess.Popen, work_dir: pathlib.Path, timeout_s: float
     raise TimeoutError(f"not ready after {timeout_s} s")
 
 
-def start_dht_peer(work_dir: pathlib.Path) -> Proc:
-    popen = spawn(work_dir, "dht")
-    return Proc(popen, work_dir, wait_ready(popen, work_dir))
+def start_dht_peer(work_dir: pathlib.Path, *args: str) -> Proc:
+    popen = spawn(work_dir, "dht", *args)
+    try:
+        return Proc(popen, work_dir, wait_ready(popen, work_dir))
+    except BaseException:
+        Proc(popen, work_dir, {}).kill()
+        raise
 
 
 def start_node(work_dir: pathlib.Path, config: dict) -> Proc:

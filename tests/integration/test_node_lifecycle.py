@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 from conftest import MODEL, node_config
-from procs import alive, process_tree, run
+from procs import alive, process_tree, run, start_dht_peer, start_node
 from moeswarm.model.directory import find_experts
 from moeswarm.model.expert_client import ExpertClient
 from moeswarm.protocol.dht import IsolatedDHT, get_records
@@ -70,6 +70,25 @@ def test_a_node_listening_everywhere_announces_announce_host(node_factory, clien
     x = torch.randn(3, D)
     out, _ = run(_probe(record.endpoint, uid, x))  # the announced address really serves
     assert out.shape == x.shape
+
+
+def test_a_bootstrap_peer_listening_everywhere_is_joined_at_its_announced_address(tmp_path):
+    port = _free_port()
+    bootstrap = start_dht_peer(tmp_path / "dht", "--host", "0.0.0.0", "--announce-host", "127.0.0.2", "--port", str(port))
+    try:
+        [maddr] = [m for m in bootstrap.ready["maddrs"] if m.startswith(f"/ip4/127.0.0.2/tcp/{port}/p2p/")]
+        node = start_node(tmp_path / "node", node_config([maddr], experts=["itest.L0.E3"], swarm="bootstrap"))
+        try:
+            client = IsolatedDHT([maddr])
+            try:
+                [record] = find_experts(client, "bootstrap", ["itest.L0.E3"])["itest.L0.E3"]
+                assert record.endpoint == node.ready["endpoint"]
+            finally:
+                client.close()
+        finally:
+            node.kill()
+    finally:
+        bootstrap.kill()
 
 
 def test_forged_and_malformed_records_are_dropped(node_factory, client_dht, dht_peer):

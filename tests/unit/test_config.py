@@ -7,6 +7,7 @@ import pytest
 
 from moeswarm.deploy import configfile
 from moeswarm.deploy.configfile import apply_overrides, build, load_yaml
+from moeswarm.deploy.run_dht import check_addresses
 from moeswarm.node.config import NodeConfig, OptimizerConfig
 from moeswarm.protocol.dht import grpc_endpoint, ip_maddr
 from moeswarm.protocol.errors import ConfigError
@@ -251,3 +252,18 @@ def test_a_node_announces_announce_host_or_else_host(host, announce_host, public
 def test_addresses_are_written_for_ipv4_and_ipv6():
     assert (ip_maddr("203.0.113.7", 4000), grpc_endpoint("203.0.113.7", 5000)) == ("/ip4/203.0.113.7/tcp/4000", "203.0.113.7:5000")
     assert (ip_maddr("2001:db8::7", 4000), grpc_endpoint("2001:db8::7", 5000)) == ("/ip6/2001:db8::7/tcp/4000", "[2001:db8::7]:5000")
+
+
+@pytest.mark.parametrize(
+    ("host", "port", "announce_host", "message"),
+    [
+        ("0.0.0.0", 4000, None, "listens on every interface: give --announce-host"),
+        ("0.0.0.0", 0, "203.0.113.7", "fixed --port"),
+        ("0.0.0.0", 4000, "0.0.0.0", "a specific IP"),
+        ("localhost", 4000, None, "'localhost' does not appear to be an IPv4 or IPv6 address"),
+    ],
+)
+def test_dht_peer_addresses_are_checked_before_it_starts(host, port, announce_host, message):
+    with pytest.raises(ConfigError, match=message):
+        check_addresses(host, port, announce_host)
+    check_addresses("0.0.0.0", 4000, "203.0.113.7")  # and the way it is meant to be used passes
