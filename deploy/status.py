@@ -24,10 +24,12 @@ def format_expert_table(view: SwarmView) -> str:
     for name, uids in sorted(missing_experts(view).items()):
         shown = ", ".join(sorted(uids, key=uid_sort_key)[:6]) + (", ..." if len(uids) > 6 else "")
         lines.append(f"model {name}: {len(uids)} experts have no replica: {shown}")
-    lines.append(f"{'expert':<24} {'replicas':>8}  endpoints (queue rows, rows/s, version)")
+    lines.append(f"{'expert':<24} {'replicas':>8}  endpoints (queue rows, rows/s, version[, inference only: refuses gradients])")
     for uid in sorted(view.experts, key=uid_sort_key):
         replicas = sorted(view.experts[uid], key=lambda record: record.endpoint)
-        where = ", ".join(f"{r.endpoint} ({r.queue_depth}, {r.rows_per_s:.0f}, v{r.version})" for r in replicas)
+        where = ", ".join(
+            f"{r.endpoint} ({r.queue_depth}, {r.rows_per_s:.0f}, v{r.version}{'' if r.trainable else ', inference only'})" for r in replicas
+        )
         lines.append(f"{uid:<24} {len(replicas):>8}  {where or '-- none --'}")
     return "\n".join(lines)
 

@@ -23,7 +23,8 @@ from moeswarm.model.directory import ExpertDirectory
 from moeswarm.model.expert_client import ExpertClient
 from moeswarm.model.replicas import ReplicaPicker
 from moeswarm.protocol.codec import WIRE_DTYPES
-from moeswarm.protocol.errors import AllReplicasFailed, BadRequest, ConfigError, ExpertNotFound, MoeSwarmError
+from moeswarm.protocol.errors import AllReplicasFailed, BadRequest, ConfigError, ExpertNotFound, MoeSwarmError, NotTrainable
+from moeswarm.protocol.records import ExpertRecord
 
 logger = logging.getLogger(__name__)
 Attempts = dict[str, list[tuple[str, str]]]  # uid -> [(endpoint, reason)]
@@ -69,6 +70,11 @@ class _Job:
     grads: dict[str, torch.Tensor] | None = None
     keep: bool = False  # forward: nodes keep activations for the backward (training)
     kept_on: dict[str, tuple[str, str]] = dataclasses.field(default_factory=dict)  # backward: uid -> (endpoint, forward id)
+
+    @property
+    def trains(self) -> bool:
+        """A backward, or the forward of a training step (its backward should go to the same node)."""
+        return self.op == "backward" or self.keep
 
 
 def group_rows(topk_ids_TK: torch.Tensor, uids: list[str]) -> dict[str, ExpertRows]:
@@ -147,6 +153,15 @@ def _scatter_outputs(
     return y_TKD, served_TK
 
 
+def candidates(replicas: list[ExpertRecord], training: bool) -> list[ExpertRecord]:
+    """The replicas to choose from. Pure. Training work goes to replicas that accept gradients while
+    there are any (then a step's backward finds its forward's node); otherwise to all of them, so an
+    expert served only by inference-only nodes fails with their answers, not an empty list."""
+    if not training:
+        return replicas
+    return [record for record in replicas if record.trainable] or replicas
+
+
 AFFINITY_MAX_ROWS = 32  # an expert with this few rows joins a node already called rather than adding an RPC
 
 
@@ -222,7 +237,7 @@ class Dispatcher:
         outputs, served_by, attempts = {}, {}, {uid: [] for uid in job.inputs}
         pending = set(job.inputs)
         for _ in range(self.config.max_attempts):
-            plan = self._assign(pending, attempts, preferred, {uid: job.inputs[uid].shape[0] for uid in pending})
+            plan = self._assign(pending, attempts, preferred, {uid: job.inputs[uid].shape[0] for uid in pending}, job.trains)
             if not plan:
                 break
             calls = [self._call_hedged(job, endpoint, uids, attempts) for endpoint, uids in plan.items()]
@@ -234,11 +249,13 @@ class Dispatcher:
             pending -= set(outputs)
         return outputs, served_by, attempts
 
-    def _assign(self, pending: set[str], attempts: Attempts, preferred: dict[str, str], rows: dict[str, int]) -> dict[str, list[str]]:
+    def _assign(
+        self, pending: set[str], attempts: Attempts, preferred: dict[str, str], rows: dict[str, int], training: bool,
+    ) -> dict[str, list[str]]:
         plan: dict[str, list[str]] = {}
         for uid in sorted(pending):
             tried = {e for e, _ in attempts[uid]}
-            ranked = self.picker.rank(self.directory.replicas(uid), tried)
+            ranked = self.picker.rank(candidates(self.directory.replicas(uid), training), tried)
             first_choice = preferred.get(uid) if preferred.get(uid) not in tried else None
             endpoint = pick_endpoint(
                 [r.endpoint for r in ranked], self.picker.is_banned, first_choice,
@@ -248,8 +265,8 @@ class Dispatcher:
                 plan.setdefault(endpoint, []).append(uid)
         return plan
 
-    def _choose(self, uid: str, exclude: set[str], preferred: str | None) -> str | None:
-        ranked = self.picker.rank(self.directory.replicas(uid), exclude)
+    def _choose(self, uid: str, exclude: set[str], preferred: str | None, training: bool) -> str | None:
+        ranked = self.picker.rank(candidates(self.directory.replicas(uid), training), exclude)
         return pick_endpoint([r.endpoint for r in ranked], self.picker.is_banned, preferred if preferred not in exclude else None)
 
     async def _call_hedged(self, job: _Job, endpoint, uids, attempts: Attempts) -> dict:
@@ -263,7 +280,7 @@ class Dispatcher:
         if done:
             return primary.result()
         exclude = {uid: {endpoint} | {e for e, _ in attempts[uid]} for uid in uids}
-        alternatives = {uid: self._choose(uid, exclude[uid], None) for uid in uids}
+        alternatives = {uid: self._choose(uid, exclude[uid], None, job.trains) for uid in uids}
         if any(alt is None for alt in alternatives.values()):
             return await primary
         logger.info("hedging %s call to %s after %.0f ms", op, endpoint, self.picker.hedge_after_s(endpoint, 0) * 1e3)
@@ -312,7 +329,7 @@ class Dispatcher:
             reason = str(e).split(": ", 1)[-1][:200]
             for uid in uids:
                 attempts[uid].append((endpoint, reason))
-            if not isinstance(e, ExpertNotFound):  # the node is fine, just no longer hosts it
+            if not isinstance(e, (ExpertNotFound, NotTrainable)):  # else the node is fine: it no longer hosts it, or serves inference only
                 ban_s = self.picker.on_failure(endpoint)
                 logger.warning("%s to %s failed (%s); banned for %.0f s", op, endpoint, reason, ban_s)
             return {}

@@ -61,6 +61,7 @@ class NodeConfig:
     cpus: tuple[int, ...] = ()  # pin the node's threads to these CPUs (Linux); empty: the scheduler decides
     device: str = "cpu"  # where experts live and compute: "cpu", "cuda" or "cuda:N"
     activation_cache_mb: int = 256  # memory (on device) for activations training forwards keep for their backward; 0: off
+    trainable: bool = True  # accept Backward (gradients) from clients; false: inference only, no one can change the experts
     prepack_weights: bool = False  # CPU serving: forward with oneDNN-prepacked weights (fp32, bf16; 1.1-1.8x faster; 2x weight memory)
     optimizer: OptimizerConfig = OptimizerConfig()
 

@@ -109,7 +109,7 @@ class ExpertNode:
         ]
         self._server = grpc.aio.server(options=options)
         limits = Limits(config.model, frozenset(self.uids), config.max_rows, frozenset(config.wire_dtypes))
-        self._servicer = ExpertServicer(self.batcher, limits, self.info)
+        self._servicer = ExpertServicer(self.batcher, limits, self.info, trainable=config.trainable)
         self._server.add_generic_rpc_handlers([self._servicer.generic_handler()])
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
@@ -169,7 +169,8 @@ class ExpertNode:
         node = NodeRecord(**load, model=vars(spec).copy(), uids=self.uids)
         wire = tuple(self.config.wire_dtypes)
         experts = {
-            uid: ExpertRecord(**load, version=hosted.visible_version, wire_dtypes=wire) for uid, hosted in self.registry.experts.items()
+            uid: ExpertRecord(**load, version=hosted.visible_version, wire_dtypes=wire, trainable=self.config.trainable)
+            for uid, hosted in self.registry.experts.items()
         }
         return node, experts
 

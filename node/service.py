@@ -11,7 +11,7 @@ import grpc
 from moeswarm.node.batcher import Batcher
 from moeswarm.node.validation import Limits, validate_request
 from moeswarm.protocol import expert_pb2, wire
-from moeswarm.protocol.errors import BadRequest, MoeSwarmError, status_of
+from moeswarm.protocol.errors import BadRequest, MoeSwarmError, NotTrainable, status_of
 
 logger = logging.getLogger(__name__)
 SERVICE_NAME = "moeswarm.ExpertService"
@@ -22,8 +22,9 @@ class ExpertServicer:
     protocol/wire.py, without copying their tensors), so a message that is not valid protobuf gets
     INVALID_ARGUMENT instead of gRPC's generic INTERNAL; answers leave as bytes written by wire.py."""
 
-    def __init__(self, batcher: Batcher, limits: Limits, info: Callable[[], expert_pb2.InfoResponse]):
-        self._batcher, self._limits, self._info = batcher, limits, info
+    def __init__(self, batcher: Batcher, limits: Limits, info: Callable[[], expert_pb2.InfoResponse], *, trainable: bool = True):
+        """trainable=False: Backward is refused (PERMISSION_DENIED) and a training Forward keeps nothing."""
+        self._batcher, self._limits, self._info, self._trainable = batcher, limits, info, trainable
         self._streams: dict[asyncio.Task, bool] = {}  # open Stream calls -> whether one is mid-request
         self._closing = False
 
@@ -96,8 +97,10 @@ class ExpertServicer:
             await context.abort(*_failure(e, request_id))
 
     async def _respond(self, request: wire.RequestView, *, backward: bool) -> bytes:
+        if backward and not self._trainable:
+            raise NotTrainable("this node serves inference only (trainable: false) and accepts no gradients; send them to another replica")
         work = validate_request(request, self._limits, backward=backward)
-        keep_as = request.request_id if request.keep_activations else ""
+        keep_as = request.request_id if request.keep_activations and self._trainable else ""
         op = "backward" if backward else "forward"
         # The tag: the Forward whose activations a backward may reuse, or under which a forward keeps them.
         jobs = [(item.uid, op, item.x_ND, item.g_ND, item.forward_id if backward else keep_as) for item in work]

@@ -34,6 +34,10 @@ class NodeUnavailable(MoeSwarmError):
     """A node did not answer in time, or is shutting down."""
 
 
+class NotTrainable(MoeSwarmError):
+    """The node serves inference only (config trainable: false) and refuses gradients."""
+
+
 class AllReplicasFailed(MoeSwarmError):
     """Every replica of an expert failed; `attempts` lists (endpoint, reason) pairs."""
 
@@ -49,6 +53,7 @@ STATUS_OF_ERROR: dict[type[MoeSwarmError], str] = {
     ConfigError: "INVALID_ARGUMENT",
     ExpertNotFound: "NOT_FOUND",
     Overloaded: "RESOURCE_EXHAUSTED",
+    NotTrainable: "PERMISSION_DENIED",
     NodeUnavailable: "UNAVAILABLE",
     AllReplicasFailed: "UNAVAILABLE",
 }
@@ -56,6 +61,7 @@ ERROR_OF_STATUS: dict[str, type[MoeSwarmError]] = {
     "INVALID_ARGUMENT": BadRequest,
     "NOT_FOUND": ExpertNotFound,
     "RESOURCE_EXHAUSTED": Overloaded,
+    "PERMISSION_DENIED": NotTrainable,
     "UNAVAILABLE": NodeUnavailable,
     "DEADLINE_EXCEEDED": NodeUnavailable,
 }

@@ -96,10 +96,13 @@ class ExpertRecord(_Record):
 
     version: int  # optimizer steps applied to this replica
     wire_dtypes: tuple[str, ...] = ("float32",)
+    trainable: bool = True  # accepts Backward; False: inference only (records from before this field: True)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _integer(self, "version")
+        if not isinstance(self.trainable, bool):
+            raise ValueError(f"trainable must be a boolean, got {str(self.trainable)[:32]!r}")
         dtypes = _strings(self, "wire_dtypes", max_items=64)
         known = tuple(dtype for dtype in dtypes if dtype in WIRE_DTYPES)  # unknown = newer peer: skip
         if "float32" not in known:

@@ -12,7 +12,7 @@ from procs import run
 from moeswarm.model.expert_client import ExpertClient
 from moeswarm.model.experts import expert_backward, expert_forward, init_expert, prepack_weights
 from moeswarm.protocol import codec, expert_pb2
-from moeswarm.protocol.errors import BadRequest, ExpertNotFound, Overloaded
+from moeswarm.protocol.errors import BadRequest, ExpertNotFound, NotTrainable, Overloaded
 
 D = MODEL["d_model"]
 
@@ -132,6 +132,27 @@ def test_prepacked_node_equals_a_local_prepacked_expert_before_and_after_a_step(
     assert torch.equal(after, expert_forward(reference, x))
     with torch.no_grad():  # and the plain kernel's result, to fp32 rounding (the step made outputs large)
         torch.testing.assert_close(after, reference(x), atol=1e-6 * float(after.abs().max()), rtol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [3, 200])  # on the Stream, and unary (over its size limit)
+def test_an_inference_only_node_refuses_gradients_and_keeps_its_weights(node_factory, rows):
+    node = node_factory(trainable=False, optimizer=dict(name="sgd", lr=0.5, update_every=1))
+    uid, x, g = "itest.L0.E1", torch.randn(rows, D), torch.randn(rows, D)
+
+    async def try_to_train():
+        client = ExpertClient(node.ready["endpoint"])
+        try:
+            await client.forward(MODEL["name"], {uid: x}, timeout_s=10, keep_as="step-1")  # keeps nothing here
+            with pytest.raises(NotTrainable, match="PERMISSION_DENIED: this node serves inference only"):
+                await client.backward(MODEL["name"], {uid: x}, {uid: g}, timeout_s=10, forward_ids={uid: "step-1"})
+            return (await client.forward(MODEL["name"], {uid: x}, timeout_s=10))[uid], await client.info(timeout_s=10)
+        finally:
+            await client.close()
+
+    after, info = run(try_to_train())
+    with torch.no_grad():
+        assert torch.equal(after, local_expert(uid)(x))
+    assert {state.version for state in info.experts} == {0} and info.reused_activation_rows == 0
 
 
 @pytest.mark.parametrize("rows", [3, 200])  # on the Stream, and unary (over its size limit)

@@ -315,3 +315,23 @@ def test_training_through_remote_moe_lowers_loss_and_moves_remote_experts(dht, t
         remote.close()
         for node in nodes:
             node.kill()
+
+
+def test_training_goes_to_the_replica_that_accepts_gradients(dht, tmp_path, reap):
+    # Both nodes host every expert; one is a public inference-only node (trainable: false).
+    frozen = reap(start_nodes(tmp_path / "frozen", dht.ready["maddrs"], "mixed", [list(range(E))], trainable=False))[0]
+    config = dict(model=model_spec("mixed"), experts=[f"mixed.L0.E{e}" for e in range(E)], initial_peers=dht.ready["maddrs"])
+    config.update(seed=SEED, torch_threads=1, swarm="mixed", optimizer=dict(name="sgd", lr=0.05, update_every=1))
+    learner = reap(start_node(tmp_path / "learner", config))
+    _, remote = make_pair("mixed", 2, dht.ready["maddrs"])
+    reap(remote)
+    x = torch.randn(64, D)
+    for _ in range(3):  # training steps: the forward keeps activations, so it and the backward avoid the frozen node
+        remote(x).square().mean().backward()
+    assert {state.version for state in _info(frozen).values()} == {0}  # nobody changed the inference-only node
+    assert min(state.version for state in _info(learner).values()) >= 1
+    assert _node_info(learner).reused_activation_rows == 3 * 64 * 2  # every backward met its own forward there
+    with torch.no_grad():  # inference uses both
+        for _ in range(20):
+            remote(x)
+    assert sum(state.rows_served for state in _info(frozen).values()) > 0

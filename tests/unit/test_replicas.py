@@ -3,10 +3,12 @@
 A fake clock (`t[0]`) and a seeded rng make every test deterministic.
 """
 
+import dataclasses
 import random
 
 import pytest
 
+from moeswarm.model.dispatcher import candidates
 from moeswarm.model.replicas import UNKNOWN_LATENCY_S, ReplicaPicker
 from moeswarm.protocol.records import ExpertRecord
 
@@ -238,3 +240,11 @@ def test_ewma_update_matches_the_formula():
     picker.on_success(A, 0.102)
     # deviation: 0.002 + 0.5 * (|0.102 - 0.002| - 0.002) = 0.051; latency: 0.002 + 0.5 * 0.1 = 0.052
     assert picker.hedge_after_s(A, 0.0) == pytest.approx(0.052 + 4 * 0.051)
+
+
+def test_training_work_goes_to_replicas_that_accept_gradients_while_there_are_any():
+    frozen = dataclasses.replace(_record("127.0.0.1:1"), trainable=False)
+    learner = _record("127.0.0.1:2")
+    assert candidates([frozen, learner], training=True) == [learner]
+    assert candidates([frozen, learner], training=False) == [frozen, learner]  # inference uses every replica
+    assert candidates([frozen], training=True) == [frozen]  # none accepts: its refusal becomes the error

@@ -290,3 +290,11 @@ def test_tampered_value_fails(owner_key):
     signature = record.value[record.value.rindex(b"[signature:") :]
     tampered_value = MSGPackSerializer.dumps({**LOAD, "version": 99}) + signature
     assert not validator.validate(dataclasses.replace(record, value=tampered_value))
+
+
+def test_expert_record_trainable_defaults_to_true_for_records_that_predate_it():
+    assert ExpertRecord.model_validate({**LOAD, "version": 0}).trainable is True
+    frozen = ExpertRecord(**LOAD, version=0, trainable=False)
+    assert ExpertRecord.model_validate(frozen.model_dump()).trainable is False
+    with pytest.raises(ValueError, match="trainable must be a boolean"):
+        ExpertRecord.model_validate({**LOAD, "version": 0, "trainable": "no"})

@@ -23,3 +23,10 @@ def test_table_and_json_report_them():
     assert "model m: 1 experts have no replica: m.L1.E1" in format_expert_table(view)
     assert view_as_json(view)["missing"] == {"m": ["m.L1.E1"]}
     assert "no replica" not in format_expert_table(_view(["m.L1.E0", "m.L1.E1"]))
+
+
+def test_table_marks_inference_only_replicas():
+    load = dict(peer_id="p1", endpoint="127.0.0.1:5000", queue_depth=0, rows_per_s=0.0)
+    view = SwarmView(nodes={}, experts={"m.L1.E0": [ExpertRecord(**load, version=3, trainable=False)]})
+    assert "127.0.0.1:5000 (0, 0, v3, inference only)" in format_expert_table(view)
+    assert view_as_json(view)["experts"]["m.L1.E0"][0]["trainable"] is False
