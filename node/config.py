@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 import re
 from typing import Literal
 
@@ -31,11 +32,13 @@ class OptimizerConfig:
     name: Literal["sgd", "adam"] = "adam"  # optimizer applied to each hosted expert
     lr: float = 1e-3  # learning rate
     update_every: int = 1  # step once at least this many gradient rows (samples) have accumulated
+    max_grad_norm: float = 0.0  # clip each expert's gradient to this total norm before a step; 0: no clipping
 
     def __post_init__(self) -> None:
         _require(self.name in ("sgd", "adam"), "optimizer.name", self.name, "one of 'sgd', 'adam'")
         _require(0 < self.lr < 10, "optimizer.lr", self.lr, "must be in (0, 10)")
         _require(self.update_every >= 1, "optimizer.update_every", self.update_every, "must be >= 1")
+        _require(0 <= self.max_grad_norm < math.inf, "optimizer.max_grad_norm", self.max_grad_norm, "must be >= 0 (0: off)")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from typing import Callable
 
 import torch
@@ -153,9 +154,19 @@ class ExpertRegistry:
         if not hosted.step_due:
             return False
         optimizer = self._optimizer(hosted)
+        rows, hosted.rows_since_step, hosted.step_due = hosted.rows_since_step, 0, False
+        grads = [param.grad for param in hosted.module.parameters() if param.grad is not None]
+        norm = float(torch.stack([grad.norm() for grad in grads]).norm()) if grads else 0.0
+        if not math.isfinite(norm):  # finite inputs and grads can still overflow: never write inf/NaN into weights
+            logger.warning("dropped an optimizer step whose gradient norm is %s (gradients of %d rows)", norm, rows)
+            optimizer.zero_grad(set_to_none=True)
+            return False
+        max_norm = self.optimizer_config.max_grad_norm
+        if max_norm and norm > max_norm:  # as torch.nn.utils.clip_grad_norm_ scales
+            for grad in grads:
+                grad.mul_(max_norm / (norm + 1e-6))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        hosted.rows_since_step, hosted.step_due = 0, False
         hosted.version += 1
         return True
 

@@ -9,7 +9,7 @@ from typing import AsyncIterator, Callable
 import grpc
 
 from moeswarm.node.batcher import Batcher
-from moeswarm.node.validation import Limits, validate_request
+from moeswarm.node.validation import Limits, all_finite, validate_request
 from moeswarm.protocol import expert_pb2, wire
 from moeswarm.protocol.errors import BadRequest, MoeSwarmError, NotTrainable, status_of
 
@@ -109,6 +109,9 @@ class ExpertServicer:
             outputs = [await self._batcher.submit(*job) for job in jobs]
         else:  # queued together: one round trip to the compute thread for all of them
             outputs = await asyncio.gather(*(self._batcher.enqueue(*job) for job in jobs))
+        for item, out in zip(work, outputs):  # inputs are finite, weights too (registry): this is overflow
+            if not all_finite(out):
+                raise BadRequest(f"{item.uid}: the {op} overflowed to inf/NaN in {out.dtype}; these inputs are too large")
         # In the caller's wire dtype (fp32 unless it opted in).
         return wire.write_response(request.request_id, [(out, item.x_ND.dtype) for item, out in zip(work, outputs)])
 

@@ -81,12 +81,12 @@ def _decode_rows(message: wire.TensorView | expert_pb2.Tensor, what: str, uid: s
     if message.dtype not in limits.wire_dtypes:
         raise BadRequest(f"{uid}: {what} dtype {message.dtype[:32]!r} not accepted; use one of {sorted(limits.wire_dtypes)}")
     tensor = codec.decode(message, max_elements=limits.max_rows * d_model)
-    if not _all_finite(tensor):
+    if not all_finite(tensor):
         raise BadRequest(f"{uid}: {what} contains NaN or infinite values")
     return tensor
 
 
-def _all_finite(tensor: torch.Tensor) -> bool:
+def all_finite(tensor: torch.Tensor) -> bool:
     if tensor.numel() == 0:
         return True
     if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16: NaN propagates into min/max, inf shows in one

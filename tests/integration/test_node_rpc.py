@@ -134,6 +134,29 @@ def test_prepacked_node_equals_a_local_prepacked_expert_before_and_after_a_step(
         torch.testing.assert_close(after, reference(x), atol=1e-6 * float(after.abs().max()), rtol=1e-5)
 
 
+def test_overflowing_inputs_and_gradients_are_refused_and_change_no_weight(node_factory):
+    node = node_factory(optimizer=dict(name="sgd", lr=1.0, update_every=1))
+    uid, x = "itest.L1.E1", torch.randn(4, D)
+    huge = torch.full((4, D), 3e38)  # finite, so validation lets it in; the matmuls overflow
+
+    async def attack():
+        client = ExpertClient(node.ready["endpoint"])
+        try:
+            with pytest.raises(BadRequest, match="the forward overflowed to inf/NaN"):
+                await client.forward(MODEL["name"], {uid: huge}, timeout_s=10)
+            with pytest.raises(BadRequest, match="the backward overflowed to inf/NaN"):
+                await client.backward(MODEL["name"], {uid: x}, {uid: huge}, timeout_s=10)
+            return (await client.forward(MODEL["name"], {uid: x}, timeout_s=10))[uid], await client.info(timeout_s=10)
+        finally:
+            await client.close()
+
+    after, info = run(attack())
+    with torch.no_grad():
+        assert torch.equal(after, local_expert(uid)(x))  # the poisoned step was dropped
+    assert {state.uid: state.version for state in info.experts}[uid] == 0
+    assert "dropped an optimizer step whose gradient norm is" in node.log
+
+
 @pytest.mark.parametrize("rows", [3, 200])  # on the Stream, and unary (over its size limit)
 def test_an_inference_only_node_refuses_gradients_and_keeps_its_weights(node_factory, rows):
     node = node_factory(trainable=False, optimizer=dict(name="sgd", lr=0.5, update_every=1))

@@ -1,6 +1,7 @@
 """model/experts.py (SwiGLU expert, init, forward/backward) and node/registry.py (optimizer schedule, state)."""
 
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -270,3 +271,31 @@ def test_load_state_dict_for_another_model_raises(change):
     source = ExpertRegistry(dataclasses.replace(SPEC, **change), (), seed=0, optimizer=OptimizerConfig())
     with pytest.raises(ValueError, match="checkpoint is for model"):
         _registry().load_state_dict(source.state_dict())
+
+
+def _sgd_registry(**optimizer) -> ExpertRegistry:
+    spec = ModelSpec(name="m", d_model=16, d_ff=32, n_layers=1, n_experts=1)
+    return ExpertRegistry(spec, ("m.L0.E0",), seed=0, optimizer=OptimizerConfig(name="sgd", lr=1.0, update_every=1, **optimizer))
+
+
+def test_a_step_whose_gradient_overflowed_is_dropped_not_written_into_the_weights(caplog):
+    registry = _sgd_registry()
+    before = {k: v.clone() for k, v in registry.experts["m.L0.E0"].module.state_dict().items()}
+    x, huge = torch.randn(4, 16), torch.full((4, 16), 3e38)  # finite, as validation lets through; products overflow
+    registry.backward("m.L0.E0", x, huge)
+    after = registry.experts["m.L0.E0"].module.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before) and registry.experts["m.L0.E0"].version == 0
+    assert re.search(r"dropped an optimizer step whose gradient norm is (inf|nan)", caplog.text), caplog.text
+    registry.backward("m.L0.E0", x, torch.randn(4, 16))  # the next sane gradient steps as usual
+    assert registry.experts["m.L0.E0"].version == 1
+
+
+def test_max_grad_norm_clips_each_expert_gradient_as_torch_does():
+    registry, reference = _sgd_registry(max_grad_norm=0.5), init_expert(16, 32, seed=0, uid="m.L0.E0")
+    x, g = torch.randn(4, 16), 100 * torch.randn(4, 16)
+    registry.backward("m.L0.E0", x, g)
+    reference(x).backward(g)
+    assert torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.5) > 0.5  # it did need clipping
+    torch.optim.SGD(reference.parameters(), lr=1.0).step()
+    for name, value in reference.state_dict().items():
+        torch.testing.assert_close(registry.experts["m.L0.E0"].module.state_dict()[name], value, atol=1e-6, rtol=1e-6)
