@@ -113,5 +113,16 @@ class NodeConfig:
         """The address this node announces: announce_host, or the address it binds to."""
         return self.announce_host or self.host
 
+    def exposure_warning(self) -> str | None:
+        """What to tell the operator of a node others can reach and train, or None (loopback, or
+        inference only): every client that reaches it can move its experts."""
+        if not self.trainable or ipaddress.ip_address(self.public_host).is_loopback:
+            return None
+        clip = "" if self.optimizer.max_grad_norm else " and consider optimizer.max_grad_norm"
+        return (
+            f"this node accepts gradients from anyone who reaches {self.public_host}: "
+            f"set trainable: false to serve inference only{clip}"
+        )
+
     def hosted_uids(self) -> tuple[str, ...]:
         return tuple(self.model.all_uids()) if self.experts == "all" else self.experts

@@ -80,6 +80,8 @@ class ExpertNode:
             activation_cache_bytes=config.activation_cache_mb << 20, prepack_weights=config.prepack_weights,
         )
         self._restore()
+        if (warning := config.exposure_warning()) is not None:
+            logger.warning(warning)
         # Inline below ~2 MFLOP (about the cost of handing work to another thread and back).
         inline_rows = INLINE_FLOPS // (6 * config.model.d_model * config.model.d_ff)
         self.batcher = Batcher(self._compute, self._executor, max_rows=config.batch_max_rows, inline_rows=inline_rows)

@@ -267,3 +267,13 @@ def test_dht_peer_addresses_are_checked_before_it_starts(host, port, announce_ho
     with pytest.raises(ConfigError, match=message):
         check_addresses(host, port, announce_host)
     check_addresses("0.0.0.0", 4000, "203.0.113.7")  # and the way it is meant to be used passes
+
+
+def test_a_reachable_trainable_node_is_warned_about_who_can_train_it():
+    assert build(NodeConfig, _node()).exposure_warning() is None  # loopback
+    public = build(NodeConfig, _node(host="0.0.0.0", announce_host="203.0.113.7", dht_port=4000))
+    assert "accepts gradients from anyone who reaches 203.0.113.7" in public.exposure_warning()
+    assert "max_grad_norm" in public.exposure_warning()
+    clipped = build(NodeConfig, _node(host="0.0.0.0", announce_host="203.0.113.7", dht_port=4000, optimizer={"max_grad_norm": 1.0}))
+    assert "max_grad_norm" not in clipped.exposure_warning()
+    assert build(NodeConfig, _node(host="0.0.0.0", announce_host="203.0.113.7", dht_port=4000, trainable=False)).exposure_warning() is None
