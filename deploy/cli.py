@@ -52,6 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     dht.add_argument("--host", default="127.0.0.1", help="IP to listen on (0.0.0.0: every interface)")
     dht.add_argument("--port", type=int, default=0)
     dht.add_argument("--announce-host", metavar="IP", help="the IP others reach this peer at, if not --host (NAT, cloud VM); needs --port")
+    dht.add_argument("--identity", metavar="FILE",
+                     help="its libp2p key (made if missing): with a fixed --port, a restart keeps the multiaddr others were given")
     dht.add_argument("--initial-peers", nargs="+", default=[], metavar="MADDR")
     dht.add_argument("--ready-file", help="write the multiaddrs as JSON here when ready")
     dht.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
@@ -78,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--no-pin-cpus", action="store_true",
                     help="leave node threads to the OS scheduler (default: each node gets its own CPUs when there are enough)")
     up.add_argument("--no-restart", action="store_true",
-                    help="leave a node that exits down (default: start it again from its checkpoint, at most 3 times in 10 min)")
+                    help="leave a node or the bootstrap DHT peer that exits down (default: start it again, at most 3 times in 10 min)")
     up.add_argument("--run-dir", help="keep node checkpoints and logs here (default: a temp dir removed at exit)")
     up.set_defaults(func=_cmd_swarm_up)
 
@@ -156,7 +158,7 @@ def _cmd_dht(args) -> int:
 
     return run_dht(
         host=args.host, port=args.port, initial_peers=args.initial_peers, ready_file=args.ready_file,
-        exit_with_parent=args.exit_with_parent, announce_host=args.announce_host,
+        exit_with_parent=args.exit_with_parent, announce_host=args.announce_host, identity_path=args.identity,
     )
 
 

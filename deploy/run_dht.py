@@ -16,14 +16,14 @@ from moeswarm.protocol.errors import ConfigError
 
 def run_dht(
     *, host: str, port: int, initial_peers: list[str], ready_file: str | None, exit_with_parent: bool = False,
-    announce_host: str | None = None,
+    announce_host: str | None = None, identity_path: str | None = None,
 ) -> int:
     check_addresses(host, port, announce_host)
     stop = threading.Event()
     parent_pid = os.getppid()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    dht = start_dht(initial_peers=initial_peers, host=host, port=port, announce_host=announce_host)
+    dht = start_dht(initial_peers=initial_peers, host=host, port=port, announce_host=announce_host, identity_path=identity_path)
     try:
         maddrs = [str(maddr) for maddr in dht.get_visible_maddrs()]
         print(f"moeswarm dht ready: {maddrs[0]}", flush=True)

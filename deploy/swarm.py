@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -13,6 +14,7 @@ import sys
 import tempfile
 import threading
 import time
+from typing import Callable
 
 import yaml
 
@@ -122,9 +124,8 @@ class LocalSwarm:
         return self.procs[1:]
 
     def start(self) -> None:
-        dht_dir = self.run_dir / "dht"
-        self._spawn(dht_dir, ["dht", "--ready-file", str(dht_dir / "ready.json")])
-        self.initial_peers = self._wait_ready(dht_dir, self.procs[0])["maddrs"]
+        self._spawn(self.dht_dir, self._dht_args())
+        self.initial_peers = self._wait_ready(self.dht_dir, self.procs[0])["maddrs"]
         configs = node_configs(self.plan, self.initial_peers, self.run_dir)
         for i, config in enumerate(configs):
             node_dir = self.node_dir(i)
@@ -136,6 +137,24 @@ class LocalSwarm:
     def node_dir(self, i: int) -> pathlib.Path:
         return self.run_dir / f"node{i}"
 
+    @property
+    def dht_dir(self) -> pathlib.Path:
+        return self.run_dir / "dht"
+
+    def _dht_args(self, port: int = 0) -> list[str]:
+        # its own key file: restarted on the same port, it keeps the multiaddr printed for clients
+        args = ["dht", "--ready-file", str(self.dht_dir / "ready.json"), "--identity", str(self.dht_dir / "identity.key")]
+        return args + ["--port", str(port)] if port else args
+
+    def restart_dht(self) -> None:
+        """Start the bootstrap DHT peer again at the address it had (same port and peer id)."""
+        port = int(self.initial_peers[0].split("/tcp/")[1].split("/")[0])
+        _kill_group(self.procs[0])
+        self.procs[0] = self._popen(self.dht_dir, self._dht_args(port))
+
+    def dht_ready(self) -> dict | None:
+        return _read_ready(self.dht_dir)
+
     def restart_node(self, i: int) -> None:
         """Start node i again from its directory: the same config, checkpoint and DHT identity (so
         its new records replace the old ones). Does not wait for it: see node_ready()."""
@@ -144,11 +163,10 @@ class LocalSwarm:
 
     def node_ready(self, i: int) -> dict | None:
         """What node i reported when it (last) became ready; None while it is starting."""
-        try:
-            self.ready[i] = json.loads((self.node_dir(i) / "ready.json").read_text())
-        except (OSError, ValueError):  # not written yet (it is written atomically: never half)
-            return None
-        return self.ready[i]
+        ready = _read_ready(self.node_dir(i))
+        if ready is not None:
+            self.ready[i] = ready
+        return ready
 
     def _spawn(self, work_dir: pathlib.Path, args: list[str]) -> None:
         self.procs.append(self._popen(work_dir, args))
@@ -188,6 +206,13 @@ class LocalSwarm:
             self._tmp = None
 
 
+def _read_ready(work_dir: pathlib.Path) -> dict | None:
+    try:
+        return json.loads((work_dir / "ready.json").read_text())
+    except (OSError, ValueError):  # not written yet (it is written atomically: never half)
+        return None
+
+
 def _node_args(node_dir: pathlib.Path) -> list[str]:
     return ["node", "--config", str(node_dir / "node.yaml"), "--ready-file", str(node_dir / "ready.json")]
 
@@ -225,43 +250,64 @@ def describe_pinning(plan: SwarmPlan) -> str:
 
 
 @dataclasses.dataclass
-class _NodeWatch:
+class _Watch:
     restarts: list[float] = dataclasses.field(default_factory=list)  # monotonic times of its restarts
     restart_at: float | None = None  # when to start it again
     starting: bool = False  # restarted, not ready yet
     left_down: bool = False
 
 
+@dataclasses.dataclass(frozen=True)
+class _Child:
+    """A process swarm up keeps running: how to see it is back, and how to start it again."""
+
+    name: str  # "node 0", "the bootstrap DHT peer"
+    proc: subprocess.Popen
+    log: pathlib.Path
+    ready: Callable[[], dict | None]
+    where: Callable[[dict], str]  # its address, from what ready() returned
+    restart: Callable[[], None]
+
+
+def _children(swarm: LocalSwarm) -> list[_Child]:
+    children = [_Child("the bootstrap DHT peer", swarm.procs[0], swarm.dht_dir / "log.txt", swarm.dht_ready,
+                       lambda ready: ready["maddrs"][0], swarm.restart_dht)]
+    for i, proc in enumerate(swarm.nodes):
+        children.append(_Child(f"node {i}", proc, swarm.node_dir(i) / "log.txt", functools.partial(swarm.node_ready, i),
+                               lambda ready: ready["endpoint"], functools.partial(swarm.restart_node, i)))
+    return children
+
+
 def watch_until_signal(swarm: LocalSwarm, stop: threading.Event) -> None:
-    """Block until `stop` is set. A node that exits is started again (from its checkpoint) after
-    1, 2, 4 s, at most RESTART_LIMIT times in RESTART_WINDOW_S; past that, or with restarts off
-    (--no-restart), it is reported and left down."""
-    watches = [_NodeWatch() for _ in swarm.nodes]
+    """Block until `stop` is set. A node or the bootstrap DHT peer that exits is started again
+    (a node from its checkpoint, the DHT peer at its old address) after 1, 2, 4 s, at most
+    RESTART_LIMIT times in RESTART_WINDOW_S; past that, or with restarts off (--no-restart), it is
+    reported and left down."""
+    watches: dict[str, _Watch] = {}
     while not stop.wait(0.5):
-        for i, (proc, watch) in enumerate(zip(swarm.nodes, watches)):
-            _watch_node(swarm, i, proc, watch, time.monotonic())
+        for child in _children(swarm):
+            _watch_child(child, watches.setdefault(child.name, _Watch()), time.monotonic(), swarm.plan.restart_nodes)
 
 
-def _watch_node(swarm: LocalSwarm, i: int, proc: subprocess.Popen, watch: _NodeWatch, now: float) -> None:
-    log = swarm.node_dir(i) / "log.txt"
-    if watch.starting and proc.poll() is None and (ready := swarm.node_ready(i)) is not None:
+def _watch_child(child: _Child, watch: _Watch, now: float, restart: bool) -> None:
+    if watch.starting and child.proc.poll() is None and (ready := child.ready()) is not None:
         watch.starting = False
-        logger.warning("node %d is back: %s", i, ready["endpoint"])
-    if proc.poll() is None or watch.left_down:
+        logger.warning("%s is back: %s", child.name, child.where(ready))
+    if child.proc.poll() is None or watch.left_down:
         return
     if watch.restart_at is None:
         watch.starting = False
         watch.restarts = [t for t in watch.restarts if now - t < RESTART_WINDOW_S]
-        if not swarm.plan.restart_nodes or len(watch.restarts) >= RESTART_LIMIT:
-            why = "--no-restart" if not swarm.plan.restart_nodes else f"restarted {RESTART_LIMIT} times in {RESTART_WINDOW_S / 60:.0f} min"
-            logger.warning("node %d exited with code %s; leaving it down (%s); see %s", i, proc.returncode, why, log)
+        if not restart or len(watch.restarts) >= RESTART_LIMIT:
+            why = "--no-restart" if not restart else f"restarted {RESTART_LIMIT} times in {RESTART_WINDOW_S / 60:.0f} min"
+            logger.warning("%s exited with code %s; leaving it down (%s); see %s", child.name, child.proc.returncode, why, child.log)
             watch.left_down = True
             return
         delay = 2 ** len(watch.restarts)
-        logger.warning("node %d exited with code %s; starting it again in %d s; see %s", i, proc.returncode, delay, log)
+        logger.warning("%s exited with code %s; starting it again in %d s; see %s", child.name, child.proc.returncode, delay, child.log)
         watch.restart_at = now + delay
     elif now >= watch.restart_at:
-        swarm.restart_node(i)
+        child.restart()
         watch.restarts.append(now)
         watch.restart_at, watch.starting = None, True
 

@@ -61,7 +61,7 @@ def import_dht_only() -> None:
 
 def start_dht(
     *, initial_peers: list[str] = (), host: str = "127.0.0.1", port: int = 0, private_key=None, client_mode: bool = False,
-    await_ready: bool = True, announce_host: str | None = None,
+    await_ready: bool = True, announce_host: str | None = None, identity_path: str | None = None,
 ):
     """A started hivemind.DHT with moeswarm's record validators. Create it before any gRPC object.
     await_ready=False returns once its process is forked; call dht.wait_until_ready() before using it."""
@@ -76,6 +76,8 @@ def start_dht(
         start=True,
         await_ready=await_ready,
     )
+    if identity_path is not None:  # a libp2p key file (made if missing): the same peer id after a restart
+        kwargs["identity_path"] = identity_path
     if client_mode:
         kwargs["client_mode"] = True
     else:

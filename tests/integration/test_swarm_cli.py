@@ -44,11 +44,14 @@ def ctrl_c_leaves_nothing_behind(swarm: subprocess.Popen) -> None:
     assert not alive(tree), f"left behind: {alive(tree)}"
 
 
-def status_json(peer: str) -> dict:
+def status_json(peer: str, *, check: bool = True) -> dict:
+    """`moeswarm status --json`; check=False: {} where it finds no node (exit code 1)."""
     status = subprocess.run(
         [sys.executable, "-m", "moeswarm.deploy.cli", "status", "--initial-peers", peer, "--json"],
         capture_output=True, text=True, timeout=60,
     )
+    if not check and status.returncode == 1:
+        return {}
     assert status.returncode == 0, status.stderr
     return json.loads(status.stdout)
 
@@ -81,17 +84,17 @@ def test_swarm_up_status_and_ctrl_c(tmp_path):
         ctrl_c_leaves_nothing_behind(swarm)
 
 
-def _node_pid(launcher_pid: int, node_dir: pathlib.Path) -> int:
-    """The pid of the node process started with node_dir's config (a direct child of the launcher)."""
+def _child_pid(launcher_pid: int, argument: str) -> int:
+    """The pid of the launcher's direct child whose command line has `argument`."""
     for pid in process_tree(launcher_pid):
         try:
             cmdline = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
             parent = int(pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
         except (OSError, IndexError, ValueError):
             continue
-        if str(node_dir / "node.yaml").encode() in cmdline and parent == launcher_pid:
+        if argument.encode() in cmdline and parent == launcher_pid:
             return pid
-    raise LookupError(f"no node process for {node_dir}")
+    raise LookupError(f"no child process with {argument}")
 
 
 def test_swarm_up_starts_a_node_that_died_again_under_its_identity(tmp_path):
@@ -99,7 +102,7 @@ def test_swarm_up_starts_a_node_that_died_again_under_its_identity(tmp_path):
     with swarm_up(tmp_path, "--nodes", "2", "--replicas", "1", "--layers", "1", "--experts", "2", "--d-model", "32", "--d-ff", "64") as (swarm, output):
         read_until(swarm, output, READY_LINE, timeout_s=90)
         before = json.loads((run_dir / "node0" / "ready.json").read_text())
-        os.kill(_node_pid(swarm.pid, run_dir / "node0"), signal.SIGKILL)
+        os.kill(_child_pid(swarm.pid, str(run_dir / "node0" / "node.yaml")), signal.SIGKILL)
         text = read_until(swarm, output, "node 0 is back", timeout_s=60)
         assert "node 0 exited with code -9; starting it again in 1 s" in text
         after = json.loads((run_dir / "node0" / "ready.json").read_text())
@@ -107,6 +110,20 @@ def test_swarm_up_starts_a_node_that_died_again_under_its_identity(tmp_path):
         experts = status_json(initial_peer(text))["experts"]
         for uid in after["uids"]:  # its records were replaced (same signing identity), not joined by new ones
             assert [replica["endpoint"] for replica in experts[uid]] == [after["endpoint"]], experts[uid]
+        ctrl_c_leaves_nothing_behind(swarm)
+
+
+def test_swarm_up_starts_its_bootstrap_dht_peer_again_at_the_printed_address(tmp_path):
+    run_dir = tmp_path / "run"
+    with swarm_up(tmp_path, "--nodes", "1", "--replicas", "1", "--layers", "1", "--experts", "2", "--d-model", "32", "--d-ff", "64") as (swarm, output):
+        peer = initial_peer(read_until(swarm, output, READY_LINE, timeout_s=90))
+        os.kill(_child_pid(swarm.pid, str(run_dir / "dht" / "ready.json")), signal.SIGKILL)
+        text = read_until(swarm, output, "the bootstrap DHT peer is back", timeout_s=60)
+        assert f"the bootstrap DHT peer is back: {peer}" in text  # same port, same peer id
+        deadline = time.monotonic() + 40  # the node re-announces to it within a third of its TTL
+        while not status_json(peer, check=False).get("experts") and time.monotonic() < deadline:
+            time.sleep(1)
+        assert set(status_json(peer)["experts"]) == {"tiny-moe.L0.E0", "tiny-moe.L0.E1"}
         ctrl_c_leaves_nothing_behind(swarm)
 
 

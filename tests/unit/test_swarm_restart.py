@@ -1,12 +1,12 @@
-"""swarm up's restart policy for nodes that exit: back-off, the limit, --no-restart (no processes)."""
+"""swarm up's restart policy for a node or the bootstrap DHT peer that exits: back-off, the limit,
+--no-restart (no processes: stand-ins)."""
 
 from __future__ import annotations
 
 import logging
 import pathlib
-import types
 
-from moeswarm.deploy.swarm import RESTART_LIMIT, RESTART_WINDOW_S, _NodeWatch, _watch_node
+from moeswarm.deploy.swarm import RESTART_LIMIT, RESTART_WINDOW_S, _Child, _Watch, _watch_child
 
 
 class FakeProc:
@@ -17,69 +17,62 @@ class FakeProc:
         return self.returncode
 
 
-class FakeSwarm:
-    """The part of LocalSwarm that _watch_node uses; restart_node starts a live FakeProc."""
+class Supervised:
+    """One child process: restart() starts a live FakeProc; ready() says what it reported."""
 
-    def __init__(self, restart_nodes: bool = True):
-        self.plan = types.SimpleNamespace(restart_nodes=restart_nodes)
-        self.procs = [FakeProc(), FakeProc()]  # [dht, node0]
-        self.restarted_at: list[float] = []
-        self.ready: dict | None = None
-        self.now = 0.0
+    def __init__(self):
+        self.proc, self.report, self.restarted_at, self.now = FakeProc(), None, [], 0.0
 
-    def node_dir(self, i):
-        return pathlib.Path(f"/run/node{i}")
-
-    def node_ready(self, i):
-        return self.ready
-
-    def restart_node(self, i):
+    def restart(self):
         self.restarted_at.append(self.now)
-        self.procs[1 + i] = FakeProc()
-        self.ready = None
+        self.proc, self.report = FakeProc(), None
+
+    def child(self) -> _Child:
+        return _Child("node 0", self.proc, pathlib.Path("/run/node0/log.txt"), lambda: self.report,
+                      lambda ready: ready["endpoint"], self.restart)
 
 
-def tick(swarm: FakeSwarm, watch: _NodeWatch, now: float) -> None:
-    swarm.now = now
-    _watch_node(swarm, 0, swarm.procs[1], watch, now)
+def tick(supervised: Supervised, watch: _Watch, now: float, restart: bool = True) -> None:
+    supervised.now = now
+    _watch_child(supervised.child(), watch, now, restart)
 
 
-def test_a_dead_node_is_started_again_after_1_2_4_s_then_left_down(caplog):
-    swarm, watch = FakeSwarm(), _NodeWatch()
+def test_a_dead_child_is_started_again_after_1_2_4_s_then_left_down(caplog):
+    supervised, watch = Supervised(), _Watch()
     caplog.set_level(logging.WARNING)
     now = 100.0
     for attempt in range(RESTART_LIMIT):
-        swarm.procs[1].returncode = 1  # it dies
-        tick(swarm, watch, now)
-        assert f"starting it again in {2 ** attempt} s" in caplog.text
-        tick(swarm, watch, now + 2**attempt - 0.1)
-        assert len(swarm.restarted_at) == attempt  # not before its delay
-        tick(swarm, watch, now + 2**attempt)
-        assert len(swarm.restarted_at) == attempt + 1
-        swarm.ready = {"endpoint": f"127.0.0.1:{5000 + attempt}"}
-        tick(swarm, watch, now + 2**attempt + 0.5)
+        supervised.proc.returncode = 1  # it dies
+        tick(supervised, watch, now)
+        assert f"node 0 exited with code 1; starting it again in {2 ** attempt} s" in caplog.text
+        tick(supervised, watch, now + 2**attempt - 0.1)
+        assert len(supervised.restarted_at) == attempt  # not before its delay
+        tick(supervised, watch, now + 2**attempt)
+        assert len(supervised.restarted_at) == attempt + 1
+        supervised.report = {"endpoint": f"127.0.0.1:{5000 + attempt}"}
+        tick(supervised, watch, now + 2**attempt + 0.5)
         assert f"node 0 is back: 127.0.0.1:{5000 + attempt}" in caplog.text
         now += 10
-    swarm.procs[1].returncode = 1
-    tick(swarm, watch, now)
+    supervised.proc.returncode = 1
+    tick(supervised, watch, now)
     assert "leaving it down (restarted 3 times in 10 min)" in caplog.text
-    tick(swarm, watch, now + 3600)
-    assert len(swarm.restarted_at) == RESTART_LIMIT
+    tick(supervised, watch, now + 3600)
+    assert len(supervised.restarted_at) == RESTART_LIMIT
 
 
 def test_restarts_older_than_the_window_do_not_count():
-    swarm, watch = FakeSwarm(), _NodeWatch(restarts=[0.0] * RESTART_LIMIT)
-    swarm.procs[1].returncode = -9
-    tick(swarm, watch, RESTART_WINDOW_S + 1)
-    tick(swarm, watch, RESTART_WINDOW_S + 2)
-    assert swarm.restarted_at == [RESTART_WINDOW_S + 2]
+    supervised, watch = Supervised(), _Watch(restarts=[0.0] * RESTART_LIMIT)
+    supervised.proc.returncode = -9
+    tick(supervised, watch, RESTART_WINDOW_S + 1)
+    tick(supervised, watch, RESTART_WINDOW_S + 2)
+    assert supervised.restarted_at == [RESTART_WINDOW_S + 2]
 
 
-def test_no_restart_leaves_a_dead_node_down(caplog):
-    swarm, watch = FakeSwarm(restart_nodes=False), _NodeWatch()
-    swarm.procs[1].returncode = 1
+def test_no_restart_leaves_a_dead_child_down(caplog):
+    supervised, watch = Supervised(), _Watch()
+    supervised.proc.returncode = 1
     caplog.set_level(logging.WARNING)
     for now in (1.0, 5.0, 60.0):
-        tick(swarm, watch, now)
-    assert swarm.restarted_at == [] and "leaving it down (--no-restart)" in caplog.text
+        tick(supervised, watch, now, restart=False)
+    assert supervised.restarted_at == [] and "leaving it down (--no-restart)" in caplog.text
     assert caplog.text.count("leaving it down") == 1  # reported once
