@@ -19,6 +19,7 @@ import multiprocessing.connection
 import os
 import secrets
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -231,6 +232,7 @@ class IsolatedDHT:
         self._lock, self._ids = threading.Lock(), itertools.count()
         self._deadline = time.monotonic() + start_timeout_s
         self._conn = None
+        self._address: str | None = None  # its socket, in a temporary directory the child owns
         if wait:
             self.wait_ready()
 
@@ -238,8 +240,8 @@ class IsolatedDHT:
         """Block until the child DHT peer has joined and accepts lookups (NodeUnavailable on timeout)."""
         with self._lock:
             if self._conn is None:
-                address = self._read_address(max(0.0, self._deadline - time.monotonic()))
-                self._conn = multiprocessing.connection.Client(address, family="AF_UNIX", authkey=self._authkey)
+                self._address = self._read_address(max(0.0, self._deadline - time.monotonic()))
+                self._conn = multiprocessing.connection.Client(self._address, family="AF_UNIX", authkey=self._authkey)
 
     def _read_address(self, timeout_s: float) -> str:
         ready, _, _ = select.select([self._proc.stdout], [], [], timeout_s)
@@ -286,6 +288,8 @@ class IsolatedDHT:
             self._proc.stdin.close()
         except OSError:
             pass
+        if self._address is not None:  # the child removes it on the way out, unless it was killed
+            shutil.rmtree(os.path.dirname(self._address), ignore_errors=True)
 
 
 def _serve_lookups() -> None:

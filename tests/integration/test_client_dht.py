@@ -117,3 +117,4 @@ def test_lookups_through_a_client_dht_peer_that_died_say_so_at_once(dht_peer):
         assert not alive(tree), f"left behind: {alive(tree)}"
     finally:
         dht.close()
+    assert not pathlib.Path(dht._address).parent.exists()  # nor its socket directory
