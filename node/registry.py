@@ -94,7 +94,7 @@ class ExpertRegistry:
             check_prepacking(torch.float32)
         except Exception as e:
             raise ConfigError(f"prepack_weights=true: this torch cannot pack weights with oneDNN ({e})") from e
-        dtypes = tuple(dtype for dtype in PACKABLE_DTYPES if can_prepack(dtype))
+        dtypes = (torch.float32,) + tuple(dtype for dtype in PACKABLE_DTYPES if dtype != torch.float32 and can_prepack(dtype))
         unpacked = [uid for uid, hosted in self.experts.items() if not prepack_weights(hosted.module, dtypes)]
         logger.info("prepacked the weights of %d of %d experts", len(self.experts) - len(unpacked), len(self.experts))
         if unpacked:
