@@ -43,11 +43,12 @@ def init_expert(d_model: int, d_ff: int, *, seed: int, uid: str) -> SwiGLUExpert
     return expert
 
 
-@torch.no_grad()
 def expert_forward(expert: SwiGLUExpert, x_ND: torch.Tensor) -> torch.Tensor:
-    """Inference forward in the expert's dtype; returns y_ND (a new tensor). Calls F.linear directly:
-    for the small batches of decoding, nn.Module call overhead is a visible part of a node's time."""
-    return _swiglu_forward(expert, x_ND)[0]
+    """Inference forward in the expert's dtype; returns y_ND (a new tensor). Calls F.linear directly
+    and enters no_grad itself (the decorator's per-call copy of the context costs more): for the small
+    batches of decoding, Python overhead is a visible part of a node's time."""
+    with torch.no_grad():
+        return _swiglu_forward(expert, x_ND)[0]
 
 
 @torch.no_grad()
@@ -58,18 +59,20 @@ def expert_forward_keep(expert: SwiGLUExpert, x_ND: torch.Tensor) -> tuple[torch
 
 
 def _swiglu_forward(expert: SwiGLUExpert, x_ND: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-    x_ND = x_ND.to(expert.w1.weight.dtype)
+    w1, w3, w2 = expert.w1.weight, expert.w3.weight, expert.w2.weight
+    if x_ND.dtype != w1.dtype:
+        x_ND = x_ND.to(w1.dtype)
     packed = _packed_for(expert, x_ND)
-    h1_NF, h3_NF = _hidden(expert, x_ND, packed)
+    h1_NF, h3_NF = _hidden(x_ND, w1, w3, packed)
     a_NF = F.silu(h1_NF) * h3_NF
-    y_ND = F.linear(a_NF, expert.w2.weight) if packed is None else _packed_linear(a_NF, packed[2])
+    y_ND = F.linear(a_NF, w2) if packed is None else _packed_linear(a_NF, packed[2])
     return y_ND, (h1_NF, h3_NF)
 
 
-def _hidden(expert: SwiGLUExpert, x_ND: torch.Tensor, packed: tuple[torch.Tensor, ...] | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _hidden(x_ND: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, packed: tuple[torch.Tensor, ...] | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(w1 x, w3 x): the two hidden projections, with the kernel the forward uses for these rows."""
     if packed is None:
-        return F.linear(x_ND, expert.w1.weight), F.linear(x_ND, expert.w3.weight)
+        return F.linear(x_ND, w1), F.linear(x_ND, w3)
     return _packed_linear(x_ND, packed[0]), _packed_linear(x_ND, packed[1])
 
 
@@ -164,7 +167,7 @@ def _swiglu_backward(expert: SwiGLUExpert, x_ND: torch.Tensor, grad_y_ND: torch.
     autograd's."""
     w1, w3, w2 = expert.w1.weight, expert.w3.weight, expert.w2.weight
     x_ND, g_ND = x_ND.to(w1.dtype), grad_y_ND.to(w1.dtype)
-    h1_NF, h3_NF = kept if kept is not None else _hidden(expert, x_ND, _packed_for(expert, x_ND))
+    h1_NF, h3_NF = kept if kept is not None else _hidden(x_ND, w1, w3, _packed_for(expert, x_ND))
     a_NF = F.silu(h1_NF)
     g_h_NF = g_ND.mm(w2)  # d loss / d (silu(h1) * h3)
     grad_w2 = g_ND.t().mm(a_NF * h3_NF)
