@@ -20,7 +20,7 @@ MAX_ID_CHARS = 128
 
 @dataclasses.dataclass(frozen=True)
 class _Kept:
-    version: int  # the expert's optimizer steps when these were computed
+    revision: int  # the expert's weight revision (HostedExpert.revision) when these were computed
     rows: int
     tensors: tuple[torch.Tensor, ...]
     nbytes: int
@@ -37,7 +37,7 @@ class ActivationCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def put(self, forward_id: str, uid: str, version: int, tensors: tuple[torch.Tensor, ...]) -> None:
+    def put(self, forward_id: str, uid: str, revision: int, tensors: tuple[torch.Tensor, ...]) -> None:
         """Keep `tensors` (each [rows, ...]); the oldest entries go first when over max_bytes."""
         nbytes = sum(t.numel() * t.element_size() for t in tensors)
         if not forward_id or nbytes > self.max_bytes:
@@ -46,15 +46,15 @@ class ActivationCache:
         self._expire()
         while self._entries and self.bytes + nbytes > self.max_bytes:
             self._pop(next(iter(self._entries)))
-        self._entries[(forward_id, uid)] = _Kept(version, tensors[0].shape[0], tensors, nbytes, self._clock())
+        self._entries[(forward_id, uid)] = _Kept(revision, tensors[0].shape[0], tensors, nbytes, self._clock())
         self.bytes += nbytes
 
-    def take(self, forward_id: str, uid: str, version: int, rows: int) -> tuple[torch.Tensor, ...] | None:
+    def take(self, forward_id: str, uid: str, revision: int, rows: int) -> tuple[torch.Tensor, ...] | None:
         """The kept tensors, removed from the cache; None if absent, expired, or computed by other
-        weights (version) or for another number of rows."""
+        weights (revision) or for another number of rows."""
         self._expire()
         kept = self._pop((forward_id, uid))
-        if kept is None or kept.version != version or kept.rows != rows:
+        if kept is None or kept.revision != revision or kept.rows != rows:
             return None
         return kept.tensors
 

@@ -65,6 +65,8 @@ class NodeConfig:
     device: str = "cpu"  # where experts live and compute: "cpu", "cuda" or "cuda:N"
     activation_cache_mb: int = 256  # memory (on device) for activations training forwards keep for their backward; 0: off
     trainable: bool = True  # accept Backward (gradients) from clients; false: inference only, no one can change the experts
+    sync_from_replicas: bool = True  # an expert no checkpoint restored starts from its most trained replica in the swarm
+    average_every_s: float = 60.0  # trainable nodes average each expert with a trainable replica this often; 0: never
     prepack_weights: bool = False  # CPU serving: forward with oneDNN-prepacked weights (fp32, bf16; 1.1-1.8x faster; 2x weight memory)
     optimizer: OptimizerConfig = OptimizerConfig()
 
@@ -106,6 +108,8 @@ class NodeConfig:
             isinstance(self.device, str) and re.fullmatch(r"cpu|cuda(:\d{1,3})?", self.device) is not None,
             "device", self.device, "one of 'cpu', 'cuda', 'cuda:N'",
         )
+        _require(self.average_every_s == 0 or 1 <= self.average_every_s <= 86400, "average_every_s", self.average_every_s,
+                 "must be 0 (off) or in [1, 86400] seconds")
         _require(not self.prepack_weights or self.device == "cpu", "prepack_weights", self.prepack_weights, f"is for CPU nodes, not device={self.device!r}")
 
     @property

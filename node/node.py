@@ -19,6 +19,7 @@ from moeswarm.node.checkpoint import load_checkpoint, load_or_create_identity, s
 from moeswarm.node.config import NodeConfig
 from moeswarm.node.model_source import check_swarm_agrees, load_expert_modules
 from moeswarm.node.registry import ExpertRegistry
+from moeswarm.node.replica_sync import ReplicaSync
 from moeswarm.node.service import SERVICE_NAME, ExpertServicer
 from moeswarm.node.validation import Limits
 from moeswarm.protocol import expert_pb2
@@ -58,6 +59,7 @@ class ExpertNode:
         self._server: grpc.aio.Server | None = None
         self._tasks: list[asyncio.Task] = []
         self._saved_fingerprint: dict | None = None
+        self._restored: set[str] = set()  # experts a checkpoint restored
         self._serving = False  # set once start() completed; a node that failed to start writes nothing
         self._loop: asyncio.AbstractEventLoop | None = None  # the serving loop, set by start()
         self._executor = concurrent.futures.ThreadPoolExecutor(
@@ -94,11 +96,19 @@ class ExpertNode:
         self.peer_id = str(self.dht.peer_id)
         if config.initial_peers:
             await asyncio.to_thread(check_swarm_agrees, self.dht, config.swarm, config.model, self.peer_id)
+        self.replicas = ReplicaSync(
+            dht=self.dht, swarm=config.swarm, peer_id=self.peer_id, registry=self.registry, batcher=self.batcher,
+            max_message_bytes=config.max_message_bytes,
+        )
+        if config.initial_peers and config.sync_from_replicas:  # before announcing: never serve stale weights
+            await self.replicas.adopt_newest([uid for uid in self.uids if uid not in self._restored])
         self.announcer = Announcer(
             self.dht, swarm=config.swarm, subkey=dht_subkey(identity), ttl_s=config.announce_ttl_s, records=self._records
         )
         await self.announcer.announce_once()
         self._tasks = [asyncio.create_task(self.announcer.run()), asyncio.create_task(self._checkpoint_loop())]
+        if config.trainable and config.average_every_s > 0:
+            self._tasks.append(asyncio.create_task(self.replicas.run(config.average_every_s)))
         self._serving = True
         logger.info("serving %d experts of %s on %s", len(self.uids), config.model.name, self.endpoint)
 
@@ -111,7 +121,10 @@ class ExpertNode:
         ]
         self._server = grpc.aio.server(options=options)
         limits = Limits(config.model, frozenset(self.uids), config.max_rows, frozenset(config.wire_dtypes))
-        self._servicer = ExpertServicer(self.batcher, limits, self.info, trainable=config.trainable)
+        self._servicer = ExpertServicer(
+            self.batcher, limits, self.info, trainable=config.trainable, export=self._export_state,
+            max_message_bytes=config.max_message_bytes,
+        )
         self._server.add_generic_rpc_handlers([self._servicer.generic_handler()])
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
@@ -123,6 +136,9 @@ class ExpertNode:
         await self._server.start()
         for name in ("", SERVICE_NAME):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    async def _export_state(self, uid: str) -> tuple[int, dict[str, torch.Tensor]]:
+        return await self.batcher.run_on_compute_thread(self.registry.export_state, uid)
 
     def dht_failure(self) -> str | None:
         """Why this node's DHT process is gone, or None while it runs. Without it the node cannot
@@ -189,6 +205,7 @@ class ExpertNode:
         except (ValueError, KeyError, RuntimeError) as e:
             raise ConfigError(f"checkpoint in {self.state_dir} does not fit this node: {e}") from e
         self._saved_fingerprint = self.registry.fingerprint()
+        self._restored = set(restored)
         logger.info("resumed %d of %d experts from %s", len(restored), len(self.uids), self.state_dir)
 
     async def checkpoint(self) -> bool:

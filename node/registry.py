@@ -33,10 +33,12 @@ class HostedExpert:
     module: nn.Module  # SwiGLUExpert, or GptOssExpert for GPT-OSS checkpoints
     forward: Callable[[nn.Module, torch.Tensor], torch.Tensor] = expert_forward  # no-grad inference of this kind
     optimizer: NodeOptimizer | None = None  # made at the first step (see _optimizer)
-    version: int = 0  # optimizer steps applied
+    version: int = 0  # optimizer steps applied (a replica started from a peer's weights takes the peer's count)
+    revision: int = 0  # weight changes in this process (steps, averaging, loads): kept activations hold for one
     rows_since_step: int = 0  # gradient rows accumulated since the last step
     rows_served: int = 0  # forward + backward rows, for load reporting
     step_due: bool = False  # a deferred step (backward(defer_step=True)) not yet applied
+    averaged: int = 0  # averaging rounds with peer replicas applied in this process
 
     @property
     def visible_version(self) -> int:
@@ -119,7 +121,7 @@ class ExpertRegistry:
         for forward_id, rows in keep_for:
             if forward_id:  # a slice of a merged batch is copied, so it does not pin the whole batch
                 part = tuple(t if rows == t.shape[0] else t[offset : offset + rows].clone() for t in kept)
-                self.kept.put(forward_id, uid, hosted.version, part)
+                self.kept.put(forward_id, uid, hosted.revision, part)
             offset += rows
         return y_ND.cpu()
 
@@ -134,7 +136,7 @@ class ExpertRegistry:
         first, so no request ever computes with the weights before it."""
         hosted = self.experts[uid]
         self._apply_due_step(hosted)
-        kept = self._take_kept(uid, hosted.version, forward_ids) if forward_ids else None
+        kept = self._take_kept(uid, hosted.revision, forward_ids) if forward_ids else None
         grad_x_ND = expert_backward(hosted.module, x_ND.to(self.device), grad_y_ND.to(self.device), kept).cpu()
         if kept is not None:
             self.kept.reused_rows += x_ND.shape[0]
@@ -168,10 +170,46 @@ class ExpertRegistry:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         hosted.version += 1
+        hosted.revision += 1
         return True
 
-    def _take_kept(self, uid: str, version: int, forward_ids: Tags) -> tuple[torch.Tensor, ...] | None:
-        parts = [self.kept.take(forward_id, uid, version, rows) if forward_id else None for forward_id, rows in forward_ids]
+    # ---- replicas (node/replica_sync.py): on the compute thread, like every other use of the weights
+
+    def parameter_specs(self, uid: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """name -> (shape, dtype) of an expert's parameters: what a peer's weights must match."""
+        return {name: (tuple(param.shape), param.dtype) for name, param in self.experts[uid].module.named_parameters()}
+
+    def export_state(self, uid: str) -> tuple[int, dict[str, torch.Tensor]]:
+        """(version, name -> CPU copy of each parameter) of one expert, for a replica to start from or average with."""
+        hosted = self.experts[uid]
+        self._apply_due_step(hosted)
+        return hosted.version, {name: _cpu_copy(param) for name, param in hosted.module.named_parameters()}
+
+    def adopt_state(self, uid: str, version: int, tensors: dict[str, torch.Tensor]) -> None:
+        """Start this replica from a peer's weights (parameter_specs-checked): take them and the peer's
+        version; optimizer state and accumulated gradients start empty."""
+        hosted = self.experts[uid]
+        with torch.no_grad():
+            for name, param in hosted.module.named_parameters():
+                param.copy_(tensors[name])
+                param.grad = None
+        hosted.optimizer, hosted.version, hosted.rows_since_step, hosted.step_due = None, version, 0, False
+        hosted.revision += 1
+
+    def average_with(self, uid: str, tensors: dict[str, torch.Tensor]) -> None:
+        """One averaging round with a peer replica: weights := (own + peer's) / 2, the same on both
+        sides bit for bit. Optimizer state and accumulated gradients stay; the version (optimizer
+        steps) stays too, so rounds without training in between find nothing new to average."""
+        hosted = self.experts[uid]
+        self._apply_due_step(hosted)
+        with torch.no_grad():
+            for name, param in hosted.module.named_parameters():
+                param.add_(tensors[name].to(param.device)).mul_(0.5)
+        hosted.averaged += 1
+        hosted.revision += 1
+
+    def _take_kept(self, uid: str, revision: int, forward_ids: Tags) -> tuple[torch.Tensor, ...] | None:
+        parts = [self.kept.take(forward_id, uid, revision, rows) if forward_id else None for forward_id, rows in forward_ids]
         if any(part is None for part in parts):
             return None
         return parts[0] if len(parts) == 1 else tuple(torch.cat(tensors) for tensors in zip(*parts))
@@ -214,13 +252,14 @@ class ExpertRegistry:
                 param.grad = None if grad is None else grad.to(param.device, copy=True)
             hosted.version, hosted.rows_since_step = saved["version"], saved["rows_since_step"]
             hosted.step_due = False
+            hosted.revision += 1
             restored.append(uid)
         return restored
 
-    def fingerprint(self) -> dict[str, tuple[int, int]]:
+    def fingerprint(self) -> dict[str, tuple[int, int, int]]:
         """Changes whenever weights, optimizer state or accumulated grads change (a due step counts
         as applied: state_dict applies it)."""
-        return {uid: (h.visible_version, 0 if h.step_due else h.rows_since_step) for uid, h in self.experts.items()}
+        return {uid: (h.visible_version, 0 if h.step_due else h.rows_since_step, h.averaged) for uid, h in self.experts.items()}
 
 
 def _same_spec(saved, spec: ModelSpec) -> bool:

@@ -4,17 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Awaitable, Callable
 
 import grpc
+import torch
+from google.protobuf.message import DecodeError
 
 from moeswarm.node.batcher import Batcher
-from moeswarm.node.validation import Limits, all_finite, validate_request
+from moeswarm.node.validation import Limits, all_finite, check_hosted, validate_request
 from moeswarm.protocol import expert_pb2, wire
-from moeswarm.protocol.errors import BadRequest, MoeSwarmError, NotTrainable, status_of
+from moeswarm.protocol.errors import BadRequest, MoeSwarmError, NotTrainable, Overloaded, status_of
+from moeswarm.protocol.state_transfer import chunk_bytes_for, state_chunks
 
 logger = logging.getLogger(__name__)
 SERVICE_NAME = "moeswarm.ExpertService"
+MAX_EXPORTS = 2  # ExportState calls served at once; more get RESOURCE_EXHAUSTED (each holds a copy of an expert)
+# uid -> (version, parameter name -> CPU copy), taken on the compute thread
+ExportFn = Callable[[str], Awaitable[tuple[int, dict[str, torch.Tensor]]]]
 
 
 class ExpertServicer:
@@ -22,9 +28,14 @@ class ExpertServicer:
     protocol/wire.py, without copying their tensors), so a message that is not valid protobuf gets
     INVALID_ARGUMENT instead of gRPC's generic INTERNAL; answers leave as bytes written by wire.py."""
 
-    def __init__(self, batcher: Batcher, limits: Limits, info: Callable[[], expert_pb2.InfoResponse], *, trainable: bool = True):
-        """trainable=False: Backward is refused (PERMISSION_DENIED) and a training Forward keeps nothing."""
+    def __init__(
+        self, batcher: Batcher, limits: Limits, info: Callable[[], expert_pb2.InfoResponse], *, trainable: bool = True,
+        export: ExportFn | None = None, max_message_bytes: int = 64 << 20,
+    ):
+        """trainable=False: Backward is refused (PERMISSION_DENIED) and a training Forward keeps nothing.
+        export: an expert's current weights, for ExportState (None: the call is refused)."""
         self._batcher, self._limits, self._info, self._trainable = batcher, limits, info, trainable
+        self._export, self._max_message_bytes, self._exports = export, max_message_bytes, 0
         self._streams: dict[asyncio.Task, bool] = {}  # open Stream calls -> whether one is mid-request
         self._closing = False
 
@@ -42,6 +53,7 @@ class ExpertServicer:
                 "Backward": unary(self.Backward),
                 "Info": unary(self.Info),
                 "Stream": grpc.stream_stream_rpc_method_handler(self.Stream, response_serializer=serialize),
+                "ExportState": grpc.unary_stream_rpc_method_handler(self.ExportState, response_serializer=serialize),
             },
         )
 
@@ -76,6 +88,29 @@ class ExpertServicer:
                     return
         finally:
             del self._streams[task]
+
+    async def ExportState(self, data: bytes, context) -> AsyncIterator[expert_pb2.StateChunk]:
+        """One hosted expert's weights, in chunks no larger than either side's message limit."""
+        try:
+            try:
+                request = expert_pb2.StateRequest.FromString(data)
+            except DecodeError as e:
+                raise BadRequest(f"request is not a valid StateRequest message ({e})") from e
+            check_hosted(request.uid, self._limits)
+            if self._export is None:
+                raise BadRequest("this node does not export expert state")
+            if self._exports >= MAX_EXPORTS:
+                raise Overloaded(f"already sending the state of {self._exports} experts; try again in a few seconds")
+        except Exception as e:
+            await context.abort(*_failure(e, ""))
+        self._exports += 1
+        try:
+            version, tensors = await self._export(request.uid)
+            chunk_bytes = chunk_bytes_for(self._max_message_bytes, request.max_chunk_bytes)
+            for chunk in state_chunks(request.uid, version, tensors, chunk_bytes):
+                yield chunk
+        finally:
+            self._exports -= 1
 
     def close_idle_streams(self) -> None:
         """Node shutdown: end streams that wait for their next request now (a stream mid-request

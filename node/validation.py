@@ -50,10 +50,15 @@ def validate_request(request: wire.RequestView | expert_pb2.ExpertRequest, limit
     return work
 
 
+def check_hosted(uid: str, limits: Limits) -> None:
+    """BadRequest for a malformed UID, ExpertNotFound for one this node does not host."""
+    if uid not in limits.hosted:
+        parse_uid(uid)  # malformed -> BadRequest; well-formed but not here -> NOT_FOUND below
+        raise ExpertNotFound(f"expert {uid!r} is not hosted by this node; look it up in the DHT again")
+
+
 def _validate_batch(batch: wire.BatchView | expert_pb2.ExpertBatch, limits: Limits, backward: bool) -> ExpertWork:
-    if batch.uid not in limits.hosted:
-        parse_uid(batch.uid)  # malformed -> BadRequest; well-formed but not here -> NOT_FOUND below
-        raise ExpertNotFound(f"expert {batch.uid!r} is not hosted by this node; look it up in the DHT again")
+    check_hosted(batch.uid, limits)
     x_ND = _decode_rows(batch.inputs, "inputs", batch.uid, limits)
     g_ND = None
     if backward:

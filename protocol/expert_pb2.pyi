@@ -105,3 +105,29 @@ class InfoResponse(_message.Message):
     peer_id: str
     reused_activation_rows: int
     def __init__(self, model: _Optional[_Union[ModelSpecMsg, _Mapping]] = ..., experts: _Optional[_Iterable[_Union[ExpertState, _Mapping]]] = ..., queue_depth: _Optional[int] = ..., rows_per_s: _Optional[float] = ..., wire_dtypes: _Optional[_Iterable[str]] = ..., max_rows: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., peer_id: _Optional[str] = ..., reused_activation_rows: _Optional[int] = ...) -> None: ...
+
+class StateRequest(_message.Message):
+    __slots__ = ("uid", "max_chunk_bytes")
+    UID_FIELD_NUMBER: _ClassVar[int]
+    MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    uid: str
+    max_chunk_bytes: int
+    def __init__(self, uid: _Optional[str] = ..., max_chunk_bytes: _Optional[int] = ...) -> None: ...
+
+class StateChunk(_message.Message):
+    __slots__ = ("uid", "version", "name", "dtype", "shape", "offset", "data")
+    UID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    uid: str
+    version: int
+    name: str
+    dtype: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    offset: int
+    data: bytes
+    def __init__(self, uid: _Optional[str] = ..., version: _Optional[int] = ..., name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...

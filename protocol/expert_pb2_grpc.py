@@ -54,6 +54,11 @@ class ExpertServiceStub:
                 request_serializer=moeswarm_dot_protocol_dot_expert__pb2.ExpertRequest.SerializeToString,
                 response_deserializer=moeswarm_dot_protocol_dot_expert__pb2.ExpertResponse.FromString,
                 _registered_method=True)
+        self.ExportState = channel.unary_stream(
+                '/moeswarm.ExpertService/ExportState',
+                request_serializer=moeswarm_dot_protocol_dot_expert__pb2.StateRequest.SerializeToString,
+                response_deserializer=moeswarm_dot_protocol_dot_expert__pb2.StateChunk.FromString,
+                _registered_method=True)
 
 
 class ExpertServiceServicer:
@@ -83,6 +88,12 @@ class ExpertServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExportState(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExpertServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -105,6 +116,11 @@ def add_ExpertServiceServicer_to_server(servicer, server):
                     servicer.Stream,
                     request_deserializer=moeswarm_dot_protocol_dot_expert__pb2.ExpertRequest.FromString,
                     response_serializer=moeswarm_dot_protocol_dot_expert__pb2.ExpertResponse.SerializeToString,
+            ),
+            'ExportState': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportState,
+                    request_deserializer=moeswarm_dot_protocol_dot_expert__pb2.StateRequest.FromString,
+                    response_serializer=moeswarm_dot_protocol_dot_expert__pb2.StateChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -215,6 +231,33 @@ class ExpertService:
             '/moeswarm.ExpertService/Stream',
             moeswarm_dot_protocol_dot_expert__pb2.ExpertRequest.SerializeToString,
             moeswarm_dot_protocol_dot_expert__pb2.ExpertResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/moeswarm.ExpertService/ExportState',
+            moeswarm_dot_protocol_dot_expert__pb2.StateRequest.SerializeToString,
+            moeswarm_dot_protocol_dot_expert__pb2.StateChunk.FromString,
             options,
             channel_credentials,
             insecure,

@@ -94,7 +94,7 @@ class _Record:
 class ExpertRecord(_Record):
     """One node's entry for one hosted expert."""
 
-    version: int  # optimizer steps applied to this replica
+    version: int  # optimizer steps applied to this replica (one started from a peer counts the peer's steps)
     wire_dtypes: tuple[str, ...] = ("float32",)
     trainable: bool = True  # accepts Backward; False: inference only (records from before this field: True)
 

@@ -42,6 +42,15 @@ def node_factory(tmp_path, dht_peer):
         proc.kill()
 
 
+@pytest.fixture
+def client_dht(dht_peer):
+    from moeswarm.protocol.dht import IsolatedDHT
+
+    dht = IsolatedDHT(dht_peer.ready["maddrs"])  # never fork the test process (see IsolatedDHT)
+    yield dht
+    dht.close()
+
+
 @pytest.fixture(autouse=True)
 def _single_thread_torch():
     # Same intra-op thread count as the nodes, so local reference matmuls take the same kernels.

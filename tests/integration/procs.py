@@ -113,6 +113,42 @@ def run(coro, timeout_s: float = 30.0):
     return asyncio.run(asyncio.wait_for(coro, timeout_s))
 
 
+def wait_for(predicate, timeout_s: float = 20.0, what: str = "condition"):
+    """Poll predicate() every 0.1 s until it returns something true (returned); TimeoutError after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise TimeoutError(f"{what} not met within {timeout_s} s")
+
+
+async def probe(endpoint: str, model: str, uid: str, x):
+    """(Forward output of `uid` on x, {uid: version} from Info) of the node at endpoint."""
+    from moeswarm.model.expert_client import ExpertClient
+
+    client = ExpertClient(endpoint)
+    try:
+        out = await client.forward(model, {uid: x}, timeout_s=10)
+        info = await client.info(timeout_s=10)
+        return out[uid], {state.uid: state.version for state in info.experts}
+    finally:
+        await client.close()
+
+
+async def train_step(endpoint: str, model: str, uid: str, x, grad_y):
+    """One Backward (the node steps if it is due), then probe()."""
+    from moeswarm.model.expert_client import ExpertClient
+
+    client = ExpertClient(endpoint)
+    try:
+        await client.backward(model, {uid: x}, {uid: grad_y}, timeout_s=10)
+    finally:
+        await client.close()
+    return await probe(endpoint, model, uid, x)
+
+
 def read_until(proc: subprocess.Popen, output, marker: str, timeout_s: float) -> str:
     """Re-read the process's output file until `marker` appears; bounded by timeout_s."""
     deadline = time.monotonic() + timeout_s

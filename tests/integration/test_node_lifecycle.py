@@ -15,30 +15,12 @@ import pytest
 import torch
 import yaml
 from conftest import MODEL, node_config
-from procs import alive, process_tree, run, start_dht_peer, start_node
+from procs import alive, probe, process_tree, run, start_dht_peer, start_node, train_step, wait_for
 from moeswarm.model.directory import find_experts
-from moeswarm.model.expert_client import ExpertClient
 from moeswarm.protocol.dht import IsolatedDHT, get_records
 from moeswarm.protocol.records import expert_key
 
 D = MODEL["d_model"]
-
-
-@pytest.fixture
-def client_dht(dht_peer):
-    dht = IsolatedDHT(dht_peer.ready["maddrs"])  # never fork the test process (see IsolatedDHT)
-    yield dht
-    dht.close()
-
-
-def wait_for(predicate, timeout_s: float = 20.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise TimeoutError(f"{what} not met within {timeout_s} s")
 
 
 def test_client_finds_every_expert_through_the_dht(node_factory, client_dht):
@@ -68,7 +50,7 @@ def test_a_node_listening_everywhere_announces_announce_host(node_factory, clien
     [record] = find_experts(client_dht, "announce", [uid])[uid]
     assert record.endpoint == node.ready["endpoint"]
     x = torch.randn(3, D)
-    out, _ = run(_probe(record.endpoint, uid, x))  # the announced address really serves
+    out, _ = run(probe(record.endpoint, MODEL["name"], uid, x))  # the announced address really serves
     assert out.shape == x.shape
 
 
@@ -118,34 +100,13 @@ def test_forged_and_malformed_records_are_dropped(node_factory, client_dht, dht_
     assert [(r.peer_id, r.endpoint) for r in found] == [(node.ready["peer_id"], node.ready["endpoint"])]
 
 
-async def _train_step(endpoint: str, uid: str, x, grad_y):
-    client = ExpertClient(endpoint)
-    try:
-        await client.backward(MODEL["name"], {uid: x}, {uid: grad_y}, timeout_s=10)
-        out = await client.forward(MODEL["name"], {uid: x}, timeout_s=10)
-        info = await client.info(timeout_s=10)
-        return out[uid], {state.uid: state.version for state in info.experts}
-    finally:
-        await client.close()
-
-
-async def _probe(endpoint: str, uid: str, x):
-    client = ExpertClient(endpoint)
-    try:
-        out = await client.forward(MODEL["name"], {uid: x}, timeout_s=10)
-        info = await client.info(timeout_s=10)
-        return out[uid], {state.uid: state.version for state in info.experts}
-    finally:
-        await client.close()
-
-
 def test_kill9_then_restart_resumes_from_checkpoint(node_factory, tmp_path):
     uid, x = "itest.L1.E1", torch.randn(4, D)
     config = dict(experts=[uid], state_dir=str(tmp_path / "state"), checkpoint_interval_s=0.3)
     config["optimizer"] = dict(name="adam", lr=0.01, update_every=4)
     node = node_factory("n1", **config)
-    before, _ = run(_probe(node.ready["endpoint"], uid, x))
-    trained, versions = run(_train_step(node.ready["endpoint"], uid, x, torch.randn(4, D)))
+    before, _ = run(probe(node.ready["endpoint"], MODEL["name"], uid, x))
+    trained, versions = run(train_step(node.ready["endpoint"], MODEL["name"], uid, x, torch.randn(4, D)))
     assert versions[uid] == 1 and not torch.equal(trained, before)
     checkpoint = tmp_path / "state" / "experts.pt"
     wait_for(lambda: "checkpoint written" in node.log, what="a checkpoint after the update")
@@ -153,7 +114,7 @@ def test_kill9_then_restart_resumes_from_checkpoint(node_factory, tmp_path):
     node.kill()
 
     restarted = node_factory("n2", **config)
-    resumed, versions = run(_probe(restarted.ready["endpoint"], uid, x))
+    resumed, versions = run(probe(restarted.ready["endpoint"], MODEL["name"], uid, x))
     assert versions[uid] == 1
     assert torch.equal(resumed, trained)
     assert "resumed 1 of 1 experts" in restarted.log
@@ -201,14 +162,14 @@ def test_sigterm_stops_within_5s_and_saves_last_updates(node_factory, tmp_path):
     config = dict(experts=[uid], state_dir=str(tmp_path / "state"), checkpoint_interval_s=3600)
     config["optimizer"] = dict(name="sgd", lr=0.1, update_every=1)
     node = node_factory("n1", **config)
-    trained, _ = run(_train_step(node.ready["endpoint"], uid, x, torch.randn(2, D)))
+    trained, _ = run(train_step(node.ready["endpoint"], MODEL["name"], uid, x, torch.randn(2, D)))
     started = time.monotonic()
     os.kill(node.popen.pid, signal.SIGTERM)
     assert node.popen.wait(10) == 0
     assert time.monotonic() - started < 5.0
     assert "p2pd daemon" not in node.log  # a requested stop of the DHT is not reported as a failure
     restarted = node_factory("n2", **config)
-    resumed, versions = run(_probe(restarted.ready["endpoint"], uid, x))
+    resumed, versions = run(probe(restarted.ready["endpoint"], MODEL["name"], uid, x))
     assert versions[uid] == 1 and torch.equal(resumed, trained)
 
 
@@ -258,7 +219,7 @@ def test_node_pinned_to_a_cpu_keeps_every_thread_and_child_there(node_factory):
     threads = {pid: _cpus_allowed(pid) for pid in tree}
     assert sum(len(t) for t in threads.values()) > len(tree)  # grpc, the compute thread, ...: many threads
     assert {allowed for t in threads.values() for allowed in t.values()} == {str(cpu)}, threads
-    out, _ = run(_probe(node.ready["endpoint"], "itest.L0.E0", torch.ones(2, D)))  # and it serves as usual
+    out, _ = run(probe(node.ready["endpoint"], MODEL["name"], "itest.L0.E0", torch.ones(2, D)))  # and it serves as usual
     assert out.shape == (2, D) and torch.isfinite(out).all()
 
 

@@ -26,17 +26,17 @@ def _t(rows: int, cols: int = 4) -> torch.Tensor:
     return torch.zeros(rows, cols)  # 16 bytes per row
 
 
-def test_cache_gives_each_entry_once_and_only_to_the_same_version_and_rows():
+def test_cache_gives_each_entry_once_and_only_to_the_same_revision_and_rows():
     cache = ActivationCache(1 << 20)
     kept = (_t(3), _t(3))
-    cache.put("f1", UID, version=2, tensors=kept)
-    assert cache.take("f1", UID, version=2, rows=3) is kept
-    assert cache.take("f1", UID, version=2, rows=3) is None  # used up
-    cache.put("f2", UID, version=2, tensors=kept)
-    assert cache.take("f2", UID, version=3, rows=3) is None  # the weights stepped since
-    cache.put("f3", UID, version=2, tensors=kept)
-    assert cache.take("f3", UID, version=2, rows=4) is None
-    assert cache.take("f3", "tiny.L0.E1", version=2, rows=3) is None and cache.bytes == 0 and len(cache) == 0
+    cache.put("f1", UID, revision=2, tensors=kept)
+    assert cache.take("f1", UID, revision=2, rows=3) is kept
+    assert cache.take("f1", UID, revision=2, rows=3) is None  # used up
+    cache.put("f2", UID, revision=2, tensors=kept)
+    assert cache.take("f2", UID, revision=3, rows=3) is None  # the weights stepped since
+    cache.put("f3", UID, revision=2, tensors=kept)
+    assert cache.take("f3", UID, revision=2, rows=4) is None
+    assert cache.take("f3", "tiny.L0.E1", revision=2, rows=3) is None and cache.bytes == 0 and len(cache) == 0
 
 
 def test_cache_evicts_oldest_over_its_budget_and_drops_expired_entries():
@@ -88,7 +88,8 @@ def test_backward_recomputes_when_any_caller_missed_or_the_weights_changed():
     assert torch.equal(registry.backward(UID, x_ND, g_ND, [("f1", 2), ("other", 1)]), expected)
     assert registry.kept.reused_rows == 0
     registry.forward(UID, x_ND, [("f2", 3)])
-    registry.experts[UID].version += 1  # an optimizer step between forward and backward
+    peer = {name: torch.zeros_like(p) for name, p in registry.experts[UID].module.named_parameters()}
+    registry.average_with(UID, peer)  # the weights changed between forward and backward: an averaging round
     registry.backward(UID, x_ND, g_ND, [("f2", 3)])
     assert registry.kept.reused_rows == 0 and len(registry.kept) == 0
 

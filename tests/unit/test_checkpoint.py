@@ -72,7 +72,7 @@ def test_registry_state_survives_a_checkpoint(tmp_path):
 
     target = ExpertRegistry(spec, ("tiny.L0.E0",), seed=1, optimizer=optimizer)
     assert target.load_state_dict(load_checkpoint(tmp_path)) == ["tiny.L0.E0"]  # loads with weights_only=True
-    assert target.fingerprint() == source.fingerprint() == {"tiny.L0.E0": (1, 1)}
+    assert target.fingerprint() == source.fingerprint() == {"tiny.L0.E0": (1, 1, 0)}
     restored = dict(target.experts["tiny.L0.E0"].module.named_parameters())
     for name, p in source.experts["tiny.L0.E0"].module.named_parameters():
         assert torch.equal(p, restored[name]) and torch.equal(p.grad, restored[name].grad), name

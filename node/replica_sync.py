@@ -1,0 +1,174 @@
+"""Keeps the replicas of an expert together: a new replica starts from a peer's weights, and trainable
+replicas average with each other now and then.
+
+At start, each hosted expert that no checkpoint restored looks up its replicas in the DHT; if one
+has applied optimizer steps (version > 0), the node takes the weights of the most trained one that
+answers (ExportState) before it announces anything, so it never serves weights the swarm has
+trained past. A fresh swarm (every version 0) keeps the weights each node made from the shared seed
+or model directory.
+
+While serving, a trainable node, every `average_every_s` (jittered by +-20%), pulls the weights of
+one trainable replica of each hosted expert, chosen at random, and sets its own to the mean of the
+two (ExpertRegistry.average_with). A round is skipped when neither side has stepped since the last
+round with that peer (or ever), so an idle swarm sends nothing. Pulling, never pushing: a node's weights
+change only by its own choice, and not toward a "replica" whose weights differ from its own by
+more than MAX_RELATIVE_DISTANCE (a different seed or model directory, or a broken peer): that is
+refused and logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+
+import grpc
+import torch
+
+from moeswarm.model.directory import find_experts
+from moeswarm.node.batcher import Batcher
+from moeswarm.node.registry import ExpertRegistry
+from moeswarm.protocol import expert_pb2
+from moeswarm.protocol.errors import MoeSwarmError, error_from_rpc
+from moeswarm.protocol.records import ExpertRecord
+from moeswarm.protocol.state_transfer import CHUNK_HEADER_BYTES, StateAssembler
+
+logger = logging.getLogger(__name__)
+FETCH_TIMEOUT_S = 120.0  # one expert's weights; a 352 MiB Mixtral expert at 10 MB/s takes 35 s
+MAX_RELATIVE_DISTANCE = 0.5  # |peer - own| / |own| above this is not the same expert: not averaged
+FAILURE_LOG_S = 300.0  # the same failure is logged at most this often
+
+
+async def fetch_state(
+    endpoint: str, uid: str, expected: dict[str, tuple[tuple[int, ...], torch.dtype]], *, max_message_bytes: int,
+    timeout_s: float = FETCH_TIMEOUT_S,
+) -> tuple[int, dict[str, torch.Tensor]]:
+    """(version, name -> tensor) of the replica of `uid` at `endpoint`, checked against `expected`
+    (this node's own parameter shapes and dtypes). Raises our errors (protocol/errors.py)."""
+    options = [("grpc.max_receive_message_length", max_message_bytes), ("grpc.max_send_message_length", max_message_bytes)]
+    request = expert_pb2.StateRequest(uid=uid, max_chunk_bytes=max_message_bytes - CHUNK_HEADER_BYTES)
+    assembler = StateAssembler(uid, expected)
+    async with grpc.aio.insecure_channel(endpoint, options=options) as channel:
+        call = channel.unary_stream(
+            "/moeswarm.ExpertService/ExportState", request_serializer=expert_pb2.StateRequest.SerializeToString,
+            response_deserializer=expert_pb2.StateChunk.FromString,
+        )
+        try:
+            async for chunk in call(request, timeout=timeout_s):
+                assembler.add(chunk)
+        except grpc.RpcError as e:
+            raise error_from_rpc(e, endpoint) from e
+    return assembler.result()
+
+
+def relative_distance(own: dict[str, torch.Tensor], peer: dict[str, torch.Tensor]) -> float:
+    """|peer - own| / |own| over all parameters (0 for identical weights)."""
+    own = {name: param.detach() for name, param in own.items()}
+    diff = sum(float((peer[name].to(param.device, torch.float32) - param.float()).square().sum()) for name, param in own.items())
+    norm = sum(float(param.float().square().sum()) for param in own.values())
+    return (diff / norm) ** 0.5 if norm > 0 else (0.0 if diff == 0 else float("inf"))
+
+
+class ReplicaSync:
+    def __init__(
+        self, *, dht, swarm: str, peer_id: str, registry: ExpertRegistry, batcher: Batcher, max_message_bytes: int,
+        rng: random.Random | None = None,
+    ):
+        self._dht, self._swarm, self._peer_id = dht, swarm, peer_id
+        self._registry, self._batcher, self._max_message_bytes = registry, batcher, max_message_bytes
+        self._rng = rng or random.Random()
+        self._last_round: dict[tuple[str, str], tuple[int, int]] = {}  # (uid, peer) -> (own, peer's) version then
+        self._logged: dict[tuple, float] = {}  # what failed -> when it was last logged
+        self.rounds = 0  # averaging rounds applied, for logs and tests
+
+    async def replicas(self, uids: list[str]) -> dict[str, list[ExpertRecord]]:
+        """uid -> the other nodes' announced replicas of it."""
+        found = await asyncio.to_thread(find_experts, self._dht, self._swarm, uids)
+        return {uid: [r for r in records if r.peer_id != self._peer_id] for uid, records in found.items()}
+
+    async def _fetch(self, record: ExpertRecord, uid: str) -> tuple[int, dict[str, torch.Tensor]]:
+        expected = self._registry.parameter_specs(uid)
+        return await fetch_state(record.endpoint, uid, expected, max_message_bytes=self._max_message_bytes)
+
+    async def adopt_newest(self, uids: list[str]) -> list[str]:
+        """Start each expert in `uids` from its most trained replica (version > 0) that answers; returns
+        the UIDs that took a peer's weights. A replica that fails is logged and the next one tried."""
+        if not uids:
+            return []
+        found = await self.replicas(uids)
+        adopted = []
+        for uid in uids:
+            for record in sorted((r for r in found[uid] if r.version > 0), key=lambda r: -r.version):
+                try:
+                    version, tensors = await self._fetch(record, uid)
+                except MoeSwarmError as e:
+                    logger.warning("could not take %s's weights from %s (%s); trying another replica", uid, record.endpoint, e)
+                    continue
+                await self._batcher.run_on_compute_thread(self._registry.adopt_state, uid, version, tensors)
+                self._last_round[(uid, record.peer_id)] = (version, version)  # the same weights: nothing to average yet
+                logger.info("%s starts from the weights of its replica at %s (version %d)", uid, record.endpoint, version)
+                adopted.append(uid)
+                break
+        return adopted
+
+    async def run(self, every_s: float) -> None:
+        """Average every `every_s` seconds (jittered) until cancelled; a failed round is logged."""
+        while True:
+            await asyncio.sleep(every_s * self._rng.uniform(0.8, 1.2))
+            try:
+                await self.average_round()
+            except MoeSwarmError as e:
+                self._log(("round",), f"replica averaging skipped a round: {e}")
+            except Exception:  # task boundary: keep serving, try again next round
+                logger.error("replica averaging failed; will retry", exc_info=True)
+
+    async def average_round(self) -> int:
+        """Average each hosted expert with one trainable replica that has stepped since the last round
+        with it; returns how many experts were averaged."""
+        uids = list(self._registry.experts)
+        found = await self.replicas(uids)
+        averaged = 0
+        for uid in uids:
+            peers = [record for record in found[uid] if record.trainable]
+            if peers and await self._average_with(uid, self._rng.choice(peers)):
+                averaged += 1
+        return averaged
+
+    async def _average_with(self, uid: str, peer: ExpertRecord) -> bool:
+        own_version = self._registry.experts[uid].visible_version
+        # (0, 0): two replicas neither of which ever stepped hold the same weights (seed or model directory)
+        if self._last_round.get((uid, peer.peer_id), (0, 0)) == (own_version, peer.version):
+            return False  # neither side stepped since the last round with this peer
+        try:
+            version, tensors = await self._fetch(peer, uid)
+        except MoeSwarmError as e:
+            self._log((uid, peer.endpoint, "fetch"), f"could not average {uid} with {peer.endpoint}: {e}")
+            return False
+        applied = await self._batcher.run_on_compute_thread(self._apply, uid, tensors)
+        if applied is not None:
+            self._log((uid, peer.endpoint, "refused"), f"did not average {uid} with {peer.endpoint}: {applied}")
+            return False
+        self._last_round[(uid, peer.peer_id)] = (self._registry.experts[uid].visible_version, version)
+        self.rounds += 1
+        logger.debug("averaged %s with %s (its version %d)", uid, peer.endpoint, version)
+        return True
+
+    def _apply(self, uid: str, tensors: dict[str, torch.Tensor]) -> str | None:
+        """On the compute thread: average, or say why not."""
+        own = dict(self._registry.experts[uid].module.named_parameters())
+        distance = relative_distance(own, tensors)
+        if distance > MAX_RELATIVE_DISTANCE:
+            return (
+                f"its weights differ from this node's by {distance:.2f} of their norm (over {MAX_RELATIVE_DISTANCE}): "
+                "not the same expert (different seed or model_dir?)"
+            )
+        self._registry.average_with(uid, tensors)
+        return None
+
+    def _log(self, key: tuple, message: str) -> None:
+        now = time.monotonic()
+        if now - self._logged.get(key, -FAILURE_LOG_S) >= FAILURE_LOG_S:
+            self._logged[key] = now
+            logger.warning("%s", message)
+

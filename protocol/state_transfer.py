@@ -1,0 +1,93 @@
+"""An expert's weights in chunks (the ExportState RPC) and their checked reassembly by the receiver.
+
+A node that starts a new replica, or averages with one, pulls a peer's weights this way
+(node/replica_sync.py). What arrives is untrusted: the receiver knows the names, shapes and dtypes
+its own module has, and accepts nothing else: no unknown or repeated parameter, no byte beyond a
+parameter's size, no gap, no change of version mid-stream, no NaN or infinity.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+from moeswarm.protocol import expert_pb2
+from moeswarm.protocol.codec import WIRE_NAME_OF, decode, tensor_payload
+from moeswarm.protocol.errors import BadRequest
+from moeswarm.protocol.wire import TensorView
+
+CHUNK_BYTES = 4 << 20  # data bytes per chunk, unless either side's message limit asks for less
+CHUNK_HEADER_BYTES = 1024  # room for a chunk's other fields under a message limit
+
+
+def chunk_bytes_for(max_message_bytes: int, asked: int = 0) -> int:
+    """Data bytes per chunk: CHUNK_BYTES, less where the sender's limit or the caller's (`asked`) is lower."""
+    limit = min(CHUNK_BYTES, max_message_bytes - CHUNK_HEADER_BYTES)
+    return max(1, min(limit, asked) if asked > 0 else limit)
+
+
+def state_chunks(uid: str, version: int, tensors: dict[str, torch.Tensor], chunk_bytes: int = CHUNK_BYTES) -> Iterator[expert_pb2.StateChunk]:
+    """The chunks of `tensors` (CPU copies, taken consistently), parameter by parameter, in order.
+    A parameter with no elements still sends one (empty) chunk, so the receiver sees every name."""
+    for name, tensor in tensors.items():
+        dtype_name, shape, data = tensor_payload(tensor)
+        for offset in range(0, max(data.nbytes, 1), chunk_bytes):
+            yield expert_pb2.StateChunk(
+                uid=uid, version=version, name=name, dtype=dtype_name, shape=shape, offset=offset,
+                data=data[offset : offset + chunk_bytes].tobytes(),
+            )
+
+
+class StateAssembler:
+    """Collects the chunks of one expert's weights; `result()` once the stream ended.
+    expected: parameter name -> (shape, dtype) of the receiver's own module."""
+
+    def __init__(self, uid: str, expected: dict[str, tuple[tuple[int, ...], torch.dtype]]):
+        self.uid, self.expected = uid, expected
+        self.version: int | None = None
+        self._buffers: dict[str, bytearray] = {}
+        self._sizes = {name: _numel(shape) * dtype.itemsize for name, (shape, dtype) in expected.items()}
+
+    def add(self, chunk: expert_pb2.StateChunk) -> None:
+        """Take one chunk; BadRequest names what is wrong with it."""
+        if chunk.uid != self.uid:
+            raise BadRequest(f"sent a chunk of expert {chunk.uid[:96]!r}, asked for {self.uid}")
+        if chunk.version < 0 or (self.version is not None and chunk.version != self.version):
+            raise BadRequest(f"{self.uid}: chunk version {chunk.version} after version {self.version}")
+        self.version = chunk.version
+        spec = self.expected.get(chunk.name)
+        if spec is None:
+            raise BadRequest(f"{self.uid}: unknown parameter {chunk.name[:64]!r}; expected {sorted(self.expected)}")
+        shape, dtype = spec
+        if tuple(chunk.shape) != shape or chunk.dtype != WIRE_NAME_OF[dtype]:
+            raise BadRequest(
+                f"{self.uid}.{chunk.name}: sent {chunk.dtype[:32]} {list(chunk.shape)[:8]}, this node has {WIRE_NAME_OF[dtype]} {list(shape)}"
+            )
+        buffer = self._buffers.setdefault(chunk.name, bytearray())
+        size = self._sizes[chunk.name]
+        if chunk.offset != len(buffer) or (len(buffer) == size and size > 0):
+            raise BadRequest(f"{self.uid}.{chunk.name}: chunk at byte {chunk.offset}, expected byte {len(buffer)} of {size}")
+        if len(buffer) + len(chunk.data) > size:
+            raise BadRequest(f"{self.uid}.{chunk.name}: {len(buffer) + len(chunk.data)} bytes, the parameter has {size}")
+        buffer += chunk.data
+
+    def result(self) -> tuple[int, dict[str, torch.Tensor]]:
+        """(version, name -> tensor) once every parameter arrived whole and finite."""
+        incomplete = [name for name, size in self._sizes.items() if len(self._buffers.get(name, b"")) != size or name not in self._buffers]
+        if incomplete:
+            raise BadRequest(f"{self.uid}: the stream ended before all of {sorted(incomplete)} arrived")
+        tensors = {}
+        for name, (shape, dtype) in self.expected.items():
+            tensor = decode(TensorView(WIRE_NAME_OF[dtype], list(shape), memoryview(self._buffers[name])))
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise BadRequest(f"{self.uid}.{name}: contains NaN or infinite values")
+            tensors[name] = tensor
+        return self.version, tensors
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count

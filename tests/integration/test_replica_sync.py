@@ -1,0 +1,115 @@
+"""Replicas of one expert on real node processes: a new replica starts from the trained one's weights,
+trainable replicas average, a stranger's weights are refused, ExportState checks its input."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import torch
+from conftest import MODEL
+from procs import probe, run, train_step, wait_for
+from moeswarm.model.directory import find_experts
+from moeswarm.model.experts import init_expert
+from moeswarm.node.replica_sync import fetch_state
+from moeswarm.protocol import expert_pb2
+
+D, F = MODEL["d_model"], MODEL["d_ff"]
+UID = "itest.L1.E2"
+SEED = 7  # conftest.node_config's
+# Fast DHT refresh (announce_ttl_s / 3) so a new version is visible within a second; Adam with a large
+# rate so one step moves the weights far from the seed's.
+TRAINED = dict(experts=[UID], announce_ttl_s=3, optimizer=dict(name="adam", lr=0.05, update_every=1))
+
+
+def _published_version(client_dht, swarm: str, endpoint: str) -> int:
+    records = find_experts(client_dht, swarm, [UID])[UID]
+    return next((r.version for r in records if r.endpoint == endpoint), -1)
+
+
+def _trained_node(node_factory, client_dht, swarm: str, x, **config):
+    """A node hosting UID that took one optimizer step, and the DHT shows it; returns (node, its output on x)."""
+    node = node_factory("trained", swarm=swarm, **TRAINED, **config)
+    out, versions = run(train_step(node.ready["endpoint"], MODEL["name"], UID, x, torch.randn(len(x), D)))
+    assert versions[UID] == 1
+    wait_for(lambda: _published_version(client_dht, swarm, node.ready["endpoint"]) == 1, what="version 1 in the DHT")
+    return node, out
+
+
+def test_a_new_replica_starts_from_the_trained_replica_not_from_the_seed(node_factory, client_dht):
+    x = torch.randn(3, D)
+    trained, trained_out = _trained_node(node_factory, client_dht, "adopt", x, average_every_s=0)
+    seed_out = init_expert(D, F, seed=SEED, uid=UID)(x).detach()
+    assert not torch.allclose(trained_out, seed_out, atol=1e-3)
+
+    joined = node_factory("joined", swarm="adopt", experts=[UID], average_every_s=0)
+    out, versions = run(probe(joined.ready["endpoint"], MODEL["name"], UID, x))
+    assert torch.equal(out, trained_out) and versions[UID] == 1
+    assert f"starts from the weights of its replica at {trained.ready['endpoint']} (version 1)" in joined.log
+
+    alone = node_factory("alone", swarm="adopt", experts=[UID], average_every_s=0, sync_from_replicas=False)
+    out, versions = run(probe(alone.ready["endpoint"], MODEL["name"], UID, x))
+    assert torch.allclose(out, seed_out, atol=1e-6) and versions[UID] == 0
+
+
+def test_trainable_replicas_average_toward_each_other(node_factory, client_dht):
+    x = torch.randn(3, D)
+    other = node_factory("other", swarm="average", **TRAINED, average_every_s=1, sync_from_replicas=False)
+    before, _ = run(probe(other.ready["endpoint"], MODEL["name"], UID, x))
+    trained, trained_out = _trained_node(node_factory, client_dht, "average", x, average_every_s=1, sync_from_replicas=False)
+    gap = (trained_out - before).abs().max()
+
+    def both_moved():
+        a, _ = run(probe(trained.ready["endpoint"], MODEL["name"], UID, x))
+        b, _ = run(probe(other.ready["endpoint"], MODEL["name"], UID, x))
+        return (a, b) if not torch.equal(a, trained_out) and not torch.equal(b, before) else None
+
+    a, b = wait_for(both_moved, timeout_s=30, what="both replicas averaged")
+    # Each pulled the other once: the weights are now at most a quarter as far apart (exactly equal if
+    # both pulled before either applied); the outputs follow closely at this size.
+    assert (a - b).abs().max() <= 0.5 * gap
+    # Neither stepped since: later rounds send nothing and change nothing.
+    run(asyncio.sleep(2.5))
+    assert torch.equal(run(probe(trained.ready["endpoint"], MODEL["name"], UID, x))[0], a)
+    assert torch.equal(run(probe(other.ready["endpoint"], MODEL["name"], UID, x))[0], b)
+
+
+def test_a_replica_with_unrelated_weights_is_not_averaged_with(node_factory, client_dht):
+    x = torch.randn(3, D)
+    stranger = node_factory("stranger", swarm="stranger", **TRAINED, seed=SEED + 1, average_every_s=0)
+    trained, trained_out = _trained_node(node_factory, client_dht, "stranger", x, average_every_s=1, sync_from_replicas=False)
+    wait_for(lambda: "not the same expert (different seed or model_dir?)" in trained.log, timeout_s=20, what="the refusal")
+    assert f"did not average {UID} with {stranger.ready['endpoint']}" in trained.log
+    assert torch.equal(run(probe(trained.ready["endpoint"], MODEL["name"], UID, x))[0], trained_out)
+
+
+async def _export(endpoint: str, request: bytes) -> grpc.StatusCode:
+    async with grpc.aio.insecure_channel(endpoint) as channel:
+        call = channel.unary_stream("/moeswarm.ExpertService/ExportState")(request, timeout=10)
+        try:
+            async for _ in call:
+                pass
+        except grpc.aio.AioRpcError as e:
+            return e.code(), e.details()
+        return grpc.StatusCode.OK, ""
+
+
+BAD_REQUESTS = [
+    (b"\xff\xff\xff", grpc.StatusCode.INVALID_ARGUMENT, "not a valid StateRequest"),
+    (expert_pb2.StateRequest(uid="itest.L0.E3").SerializeToString(), grpc.StatusCode.NOT_FOUND, "not hosted"),
+    (expert_pb2.StateRequest(uid="../etc").SerializeToString(), grpc.StatusCode.INVALID_ARGUMENT, "uid"),
+]
+
+
+def test_export_state_checks_its_request_and_fits_the_callers_message_limit(node_factory):
+    node = node_factory("exporter", swarm="export", experts=[UID])
+    for request, code, message in BAD_REQUESTS:
+        got, details = run(_export(node.ready["endpoint"], request))
+        assert got == code and message in details, (request, got, details)
+    expert = init_expert(D, F, seed=SEED, uid=UID)
+    expected = {name: (tuple(p.shape), p.dtype) for name, p in expert.named_parameters()}
+    # 4 KiB messages: each 8 KiB weight matrix arrives in 3 chunks
+    version, tensors = run(fetch_state(node.ready["endpoint"], UID, expected, max_message_bytes=4096))
+    assert version == 0 and all(torch.equal(tensors[name], p) for name, p in expert.named_parameters())
+    out, _ = run(probe(node.ready["endpoint"], MODEL["name"], UID, torch.ones(1, D)))  # and it still serves
+    assert out.shape == (1, D)

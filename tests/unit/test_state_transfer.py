@@ -1,0 +1,143 @@
+"""Chunked expert state (ExportState) and its checked reassembly; a registry's replica operations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moeswarm.model.experts import init_expert
+from moeswarm.node.config import OptimizerConfig
+from moeswarm.node.registry import ExpertRegistry
+from moeswarm.node.replica_sync import relative_distance
+from moeswarm.protocol import expert_pb2
+from moeswarm.protocol.errors import BadRequest
+from moeswarm.protocol.spec import ModelSpec
+from moeswarm.protocol.state_transfer import CHUNK_BYTES, StateAssembler, chunk_bytes_for, state_chunks
+
+UID = "m.L0.E1"
+
+
+def _tensors() -> dict[str, torch.Tensor]:
+    return {"a": torch.randn(7, 5), "b": torch.randn(3).to(torch.bfloat16), "empty": torch.zeros(0, 4)}
+
+
+def _expected(tensors) -> dict:
+    return {name: (tuple(t.shape), t.dtype) for name, t in tensors.items()}
+
+
+def _chunks(tensors, chunk_bytes=16, version=3) -> list[expert_pb2.StateChunk]:
+    return list(state_chunks(UID, version, tensors, chunk_bytes))
+
+
+def test_chunks_reassemble_to_the_same_tensors_and_version():
+    tensors = _tensors()
+    chunks = _chunks(tensors)
+    assert len(chunks) == 9 + 1 + 1  # 140 bytes of "a" in 16-byte chunks, 6 of "b", one empty chunk for "empty"
+    assembler = StateAssembler(UID, _expected(tensors))
+    for chunk in chunks:
+        assembler.add(chunk)
+    version, out = assembler.result()
+    assert version == 3 and list(out) == list(tensors)
+    for name, tensor in tensors.items():
+        assert out[name].dtype == tensor.dtype and torch.equal(out[name], tensor)
+
+
+def _tamper(**changes):
+    """(chunks with the first chunk of "a" changed, expected) for one kind of bad stream."""
+    tensors = _tensors()
+    chunks = _chunks(tensors)
+    for field, value in changes.items():
+        if field == "shape":
+            chunks[0].shape[:] = value
+        else:
+            setattr(chunks[0], field, value)
+    return chunks, _expected(tensors)
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(uid="m.L0.E2"), "asked for m.L0.E1"),
+        (dict(name="c"), "unknown parameter 'c'"),
+        (dict(shape=[5, 7]), r"sent float32 \[5, 7\], this node has float32 \[7, 5\]"),
+        (dict(dtype="float16"), "sent float16"),
+        (dict(offset=16), "chunk at byte 16, expected byte 0"),
+        (dict(version=-1), "chunk version -1"),
+    ],
+)
+def test_a_bad_first_chunk_is_refused_with_what_is_wrong(changes, message):
+    chunks, expected = _tamper(**changes)
+    with pytest.raises(BadRequest, match=message):
+        StateAssembler(UID, expected).add(chunks[0])
+
+
+def test_a_stream_that_changes_version_overflows_repeats_or_ends_early_is_refused():
+    tensors = _tensors()
+    expected = _expected(tensors)
+    cases = {
+        "version 4 after version 3": lambda c: c[1].__setattr__("version", 4) or c,
+        "146 bytes, the parameter has 140": lambda c: c[8].__setattr__("data", c[8].data + b"123456") or c,
+        "chunk at byte 0, expected byte 140": lambda c: c + [c[0]],
+        "before all of \\['b'\\] arrived": lambda c: [chunk for chunk in c if chunk.name != "b"],
+    }
+    for message, bad in cases.items():
+        assembler = StateAssembler(UID, expected)
+        with pytest.raises(BadRequest, match=message):
+            for chunk in bad(_chunks(tensors)):
+                assembler.add(chunk)
+            assembler.result()
+
+
+def test_non_finite_weights_are_refused():
+    tensors = _tensors()
+    tensors["a"][2, 3] = float("nan")
+    assembler = StateAssembler(UID, _expected(tensors))
+    for chunk in _chunks(tensors):
+        assembler.add(chunk)
+    with pytest.raises(BadRequest, match="a: contains NaN"):
+        assembler.result()
+
+
+def test_chunk_size_respects_both_message_limits():
+    assert chunk_bytes_for(64 << 20) == CHUNK_BYTES
+    assert chunk_bytes_for(64 << 20, asked=10_000) == 10_000
+    assert chunk_bytes_for(8192) == 8192 - 1024
+    assert chunk_bytes_for(8192, asked=1 << 30) == 8192 - 1024
+
+
+def _registry(seed: int = 0) -> ExpertRegistry:
+    spec = ModelSpec(name="m", d_model=8, d_ff=16, n_layers=1, n_experts=2)
+    return ExpertRegistry(spec, (UID,), seed=seed, optimizer=OptimizerConfig(name="adam", lr=0.1), activation_cache_bytes=1 << 20)
+
+
+def test_averaging_is_the_same_on_both_replicas_and_keeps_the_version():
+    a, b = _registry(seed=0), _registry(seed=1)
+    _, state_a = a.export_state(UID)
+    _, state_b = b.export_state(UID)
+    a.average_with(UID, state_b)
+    b.average_with(UID, state_a)
+    _, after_a = a.export_state(UID)
+    _, after_b = b.export_state(UID)
+    for name in state_a:
+        assert torch.equal(after_a[name], after_b[name])
+        assert torch.allclose(after_a[name], (state_a[name] + state_b[name]) / 2)
+    assert a.experts[UID].version == 0 and a.experts[UID].averaged == 1
+    assert relative_distance(dict(a.experts[UID].module.named_parameters()), after_b) == 0.0
+    assert relative_distance(state_a, state_b) > 1.0  # two seeds: unrelated weights
+
+
+def test_a_new_replica_adopts_a_peers_weights_and_version_with_fresh_optimizer_state():
+    trained, fresh = _registry(), _registry()
+    x, g = torch.randn(4, 8), torch.randn(4, 8)
+    trained.backward(UID, x, g)  # one Adam step
+    version, state = trained.export_state(UID)
+    assert version == 1
+    state["w1.weight"].zero_()  # export_state gives copies: the expert is untouched
+    assert not torch.equal(trained.experts[UID].module.w1.weight, state["w1.weight"])
+    version, state = trained.export_state(UID)
+    fresh.backward(UID, x, g)
+    fresh.adopt_state(UID, version, state)
+    hosted = fresh.experts[UID]
+    assert hosted.version == 1 and hosted.optimizer is None and hosted.module.w1.weight.grad is None
+    assert torch.equal(fresh.forward(UID, x), trained.forward(UID, x))
+    assert not torch.equal(fresh.forward(UID, x), init_expert(8, 16, seed=0, uid=UID)(x))
