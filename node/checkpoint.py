@@ -1,4 +1,5 @@
-"""Atomic checkpoints of a node's experts and optimizer state, and the node's persistent identity.
+"""Atomic checkpoints of a node's experts and optimizer state, the node's persistent identity, and
+the lock that keeps a second node off the same state directory.
 
 A checkpoint is written to a temporary file, fsynced, renamed over the old one, and the directory
 fsynced: a crash at any moment leaves either the previous or the new checkpoint, never a torn one.
@@ -6,6 +7,7 @@ fsynced: a crash at any moment leaves either the previous or the new checkpoint,
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import pathlib
@@ -17,6 +19,8 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "experts.pt"
 IDENTITY_NAME = "identity.key"
+P2P_IDENTITY_NAME = "p2p_identity.key"  # libp2p key: the node keeps its DHT peer id across restarts
+LOCK_NAME = "lock"
 
 
 def write_atomic(path: pathlib.Path, write) -> None:
@@ -71,3 +75,26 @@ def load_or_create_identity(state_dir: pathlib.Path | None):
     write_atomic(path, lambda file: file.write(key.to_bytes()))
     os.chmod(path, 0o600)
     return key
+
+
+def lock_state_dir(state_dir: pathlib.Path):
+    """Hold an exclusive lock on state_dir for this process's lifetime (the kernel drops it when the
+    process ends, kill -9 included); returns the open lock file to keep. Two nodes on one state
+    directory would overwrite each other's checkpoints under one identity: the second one is refused.
+    A POSIX record lock (lockf), not flock: it belongs to this process alone, so the DHT process
+    forked from it does not hold it on after the node died."""
+    from moeswarm.protocol.errors import ConfigError
+
+    state_dir.mkdir(parents=True, exist_ok=True)
+    file = open(state_dir / LOCK_NAME, "a+")
+    try:
+        fcntl.lockf(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        file.seek(0)
+        holder = file.read().strip() or "unknown"
+        file.close()
+        raise ConfigError(f"state_dir={str(state_dir)!r} is in use by another node (pid {holder}); give each node its own") from None
+    file.truncate(0)
+    file.write(str(os.getpid()))
+    file.flush()
+    return file

@@ -15,7 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from moeswarm.node.announcer import Announcer
 from moeswarm.node.batcher import Batcher
-from moeswarm.node.checkpoint import load_checkpoint, load_or_create_identity, save_checkpoint
+from moeswarm.node.checkpoint import P2P_IDENTITY_NAME, load_checkpoint, load_or_create_identity, lock_state_dir, save_checkpoint
 from moeswarm.node.config import NodeConfig
 from moeswarm.node.model_source import check_swarm_agrees, load_expert_modules
 from moeswarm.node.registry import ExpertRegistry
@@ -60,6 +60,7 @@ class ExpertNode:
         self._tasks: list[asyncio.Task] = []
         self._saved_fingerprint: dict | None = None
         self._restored: set[str] = set()  # experts a checkpoint restored
+        self._lock = None  # the open lock file of state_dir, held while the node runs
         self._serving = False  # set once start() completed; a node that failed to start writes nothing
         self._loop: asyncio.AbstractEventLoop | None = None  # the serving loop, set by start()
         self._executor = concurrent.futures.ThreadPoolExecutor(
@@ -71,10 +72,12 @@ class ExpertNode:
         the swarm, then check the swarm agrees on the model and announce."""
         config = self.config
         self._loop = asyncio.get_running_loop()
+        self._lock = lock_state_dir(self.state_dir) if self.state_dir is not None else None
         identity = load_or_create_identity(self.state_dir)
         self.dht = start_dht(
             initial_peers=config.initial_peers, host=config.host, port=config.dht_port, private_key=identity,
             await_ready=False, announce_host=config.announce_host,
+            identity_path=str(self.state_dir / P2P_IDENTITY_NAME) if self.state_dir is not None else None,
         )
         modules = load_expert_modules(config.model_dir, config.model, self.uids, self.device) if config.model_dir else None
         self.registry = ExpertRegistry(
@@ -247,3 +250,5 @@ class ExpertNode:
             self._executor.shutdown(wait=True)
             if self.dht is not None:
                 stop_dht(self.dht)
+            if self._lock is not None:
+                self._lock.close()

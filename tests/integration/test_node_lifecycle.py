@@ -118,8 +118,18 @@ def test_kill9_then_restart_resumes_from_checkpoint(node_factory, tmp_path):
     assert versions[uid] == 1
     assert torch.equal(resumed, trained)
     assert "resumed 1 of 1 experts" in restarted.log
-    # Same identity key: the restarted node rewrites its own DHT entry instead of adding a second one.
-    assert restarted.ready["peer_id"] != "" and checkpoint.exists()
+    # Same identity keys: the restarted node rewrites its own DHT entry instead of adding a second
+    # one, under the same DHT peer id (peers' routing tables stay right).
+    assert restarted.ready["peer_id"] == node.ready["peer_id"] != "" and checkpoint.exists()
+
+
+def test_a_second_node_on_the_same_state_dir_is_refused(node_factory, tmp_path):
+    state = str(tmp_path / "state")
+    first = node_factory("n1", experts=["itest.L0.E0"], state_dir=state)
+    with pytest.raises(RuntimeError, match=f"state_dir='{state}' is in use by another node \\(pid {first.popen.pid}\\)"):
+        node_factory("n2", experts=["itest.L0.E1"], state_dir=state)
+    out, _ = run(probe(first.ready["endpoint"], MODEL["name"], "itest.L0.E0", torch.ones(1, D)))  # the first one serves on
+    assert out.shape == (1, D)
 
 
 def test_kill9_of_the_node_alone_takes_its_dht_process_and_p2pd_down(node_factory):
@@ -178,13 +188,18 @@ def test_node_refuses_a_checkpoint_of_another_model(node_factory, tmp_path):
     node = node_factory("n1", experts=["itest.L0.E0"], state_dir=state)
     os.kill(node.popen.pid, signal.SIGTERM)
     node.popen.wait(10)
-    saved = {path.name: path.read_bytes() for path in pathlib.Path(state).iterdir()}
+    saved = _state_files(state)
     bigger = dict(MODEL, d_ff=MODEL["d_ff"] * 2)
     # Another swarm name: in n1's swarm its DHT record (alive until its TTL) would refuse n2 first.
     with pytest.raises(RuntimeError, match="does not fit this node"):
         node_factory("n2", model=bigger, experts=["itest.L0.E0"], state_dir=state, swarm="other")
     # the refused checkpoint is left exactly as it was (a failed start writes nothing)
-    assert {path.name: path.read_bytes() for path in pathlib.Path(state).iterdir()} == saved
+    assert _state_files(state) == saved
+
+
+def _state_files(state_dir: str) -> dict[str, bytes]:
+    """Every file of a state directory but its lock (which holds the pid of the last node to start)."""
+    return {path.name: path.read_bytes() for path in pathlib.Path(state_dir).iterdir() if path.name != "lock"}
 
 
 def test_unreachable_initial_peers_end_the_node_with_a_clear_error(tmp_path):
