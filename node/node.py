@@ -201,7 +201,8 @@ class ExpertNode:
             return
         state = load_checkpoint(self.state_dir)
         if state is None:
-            logger.info("no checkpoint in %s: starting %d experts from seed %d", self.state_dir, len(self.uids), self.config.seed)
+            source = f"the model directory {self.config.model_dir}" if self.config.model_dir else f"seed {self.config.seed}"
+            logger.info("no checkpoint in %s: starting %d experts from %s", self.state_dir, len(self.uids), source)
             return
         try:
             restored = self.registry.load_state_dict(state)

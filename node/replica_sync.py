@@ -107,9 +107,13 @@ class ReplicaSync:
                     continue
                 await self._batcher.run_on_compute_thread(self._registry.adopt_state, uid, version, tensors)
                 self._last_round[(uid, record.peer_id)] = (version, version)  # the same weights: nothing to average yet
-                logger.info("%s starts from the weights of its replica at %s (version %d)", uid, record.endpoint, version)
+                logger.debug("%s starts from the weights of its replica at %s (version %d)", uid, record.endpoint, version)
                 adopted.append(uid)
                 break
+        if adopted:
+            logger.info(
+                "%d of %d experts start from the weights of their most trained replica (first: %s)", len(adopted), len(uids), adopted[0]
+            )
         return adopted
 
     async def run(self, every_s: float) -> None:
@@ -126,6 +130,7 @@ class ReplicaSync:
     async def average_round(self) -> int:
         """Average each hosted expert with one trainable replica that has stepped since the last round
         with it; returns how many experts were averaged."""
+        started = time.monotonic()
         uids = list(self._registry.experts)
         found = await self.replicas(uids)
         averaged = 0
@@ -133,6 +138,8 @@ class ReplicaSync:
             peers = [record for record in found[uid] if record.trainable]
             if peers and await self._average_with(uid, self._rng.choice(peers)):
                 averaged += 1
+        if averaged:
+            logger.info("averaged %d of %d experts with a replica in %.2f s", averaged, len(uids), time.monotonic() - started)
         return averaged
 
     async def _average_with(self, uid: str, peer: ExpertRecord) -> bool:
