@@ -1,10 +1,17 @@
-"""Train a model directory's MoE language model on Python's standard-library sources, in this process,
-and save it back, so `moeswarm generate` shows Python-like text instead of noise.
+"""Train a model directory's MoE language model on Python's standard-library sources and save it
+back, so `moeswarm generate` shows Python-like text instead of noise. Every expert in this process:
 
     moeswarm model init /tmp/tiny
     python examples/train_lm.py /tmp/tiny --steps 300      # a few minutes on 2 CPU cores
     moeswarm swarm up --model /tmp/tiny
     moeswarm generate --initial-peers MADDR --model /tmp/tiny --prompt "def " --max-new-tokens 80
+
+Or on the swarm: the dense part (embeddings, attention, gates) trains here, each expert on the nodes
+that host it (from the gradients sent back), replicas averaging now and then; at the end the dense
+weights are saved from here and every expert pulled from its most trained replica:
+
+    moeswarm swarm up --model /tmp/tiny                    # in another terminal; prints MADDR
+    python examples/train_lm.py /tmp/tiny --steps 300 --initial-peers MADDR
 
 Objective: next-byte cross-entropy + 0.01 x load-balancing loss + 0.001 x router z-loss (the model's
 aux_losses(), so every routing mode trains its gates toward balance).
@@ -22,8 +29,15 @@ from moeswarm.model.corpus import random_windows, stdlib_sources
 from moeswarm.model.lm import open_model, save_model
 
 
-def train(model_dir: str, steps: int, batch: int = 16, length: int = 128, lr: float = 3e-3, seed: int = 0) -> list[float]:
-    lm = open_model(model_dir)
+def train(
+    model_dir: str, steps: int, batch: int = 16, length: int = 128, lr: float = 3e-3, seed: int = 0,
+    initial_peers: list[str] | None = None,
+) -> list[float]:
+    with open_model(model_dir, initial_peers=initial_peers) as lm:
+        return _train(lm, model_dir, steps, batch, length, lr, seed)
+
+
+def _train(lm, model_dir: str, steps: int, batch: int, length: int, lr: float, seed: int) -> list[float]:
     model, tokenizer = lm.model.train(), lm.tokenizer
     data_N = torch.tensor(list(stdlib_sources()), dtype=torch.long)
     generator = torch.Generator().manual_seed(seed)
@@ -44,8 +58,13 @@ def train(model_dir: str, steps: int, batch: int = 16, length: int = 128, lr: fl
         if step % 25 == 0 or step == steps - 1:
             print(f"step {step:4d}  loss {loss.item():.3f} nats/byte  balance {aux['load_balancing'].item():.3f}  "
                   f"{time.monotonic() - started:.0f} s", flush=True)
-    save_model(model.eval(), model_dir, tokenizer)
+    save_model(model.eval(), model_dir, tokenizer, client=lm.client, progress=_progress)
     return losses
+
+
+def _progress(done: int, total: int, uid: str, version: int) -> None:
+    if done == total or done % 8 == 0:
+        print(f"pulled {done}/{total} experts from the swarm (last: {uid}, {version} optimizer steps)", flush=True)
 
 
 def main() -> None:
@@ -55,9 +74,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--length", type=int, default=128, help="bytes per training window")
     parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--initial-peers", nargs="+", metavar="MADDR", help="train on this swarm (experts on its nodes)")
     args = parser.parse_args()
     torch.set_num_threads(min(torch.get_num_threads(), 4))
-    losses = train(args.dir, args.steps, args.batch, args.length, args.lr)
+    losses = train(args.dir, args.steps, args.batch, args.length, args.lr, initial_peers=args.initial_peers)
     print(f"saved {args.dir}: loss {losses[0]:.3f} -> {losses[-1]:.3f} nats/byte")
 
 

@@ -14,10 +14,11 @@ from torch import nn
 
 from moeswarm.model.lm_config import MoELMConfig
 from moeswarm.model.local_moe import LocalMoE
-from moeswarm.model.model_dir import load_dense_weights, load_expert_weights, read_manifest, save_model_dir
+from moeswarm.model.model_dir import expert_shapes, load_dense_weights, load_expert_weights, read_manifest, save_model_dir
 from moeswarm.model.routing import make_gate
 from moeswarm.model.tokenizer import ByteTokenizer
 from moeswarm.model.transformer import MoETransformer, is_expert_param
+from moeswarm.protocol.errors import ConfigError
 
 
 def build_local_model(config: MoELMConfig) -> MoETransformer:
@@ -68,9 +69,22 @@ def dense_state(model: MoETransformer) -> dict[str, torch.Tensor]:
     return {name: t for name, t in model.state_dict().items() if not is_expert_param(name)}
 
 
-def save_model(model: MoETransformer, path: str | pathlib.Path, tokenizer: ByteTokenizer = ByteTokenizer()) -> pathlib.Path:
-    """Write a local model (all experts present) as a model directory."""
-    return save_model_dir(path, model.config, dense_state(model), expert_weights(model), tokenizer)
+def save_model(
+    model: MoETransformer, path: str | pathlib.Path, tokenizer: ByteTokenizer = ByteTokenizer(), *, client=None, progress=None,
+) -> pathlib.Path:
+    """Write a model as a model directory. Experts held in this process are saved from it; for a model
+    whose experts run on the swarm, pass its SwarmClient (LoadedModel.client): the others are pulled
+    from their most trained replicas (model/swarm_weights.py; progress(done, total, uid, version))."""
+    experts = expert_weights(model)
+    remote = [uid for uid in model.config.spec().all_uids() if uid not in experts]
+    if remote:
+        if client is None:
+            raise ConfigError(f"{len(remote)} experts of {model.config.name!r} run on the swarm: pass client= to pull them")
+        from moeswarm.model.swarm_weights import pull_swarm_experts
+
+        expected = {name: (shape, torch.float32) for name, shape in expert_shapes(model.config).items()}
+        experts.update(pull_swarm_experts(client, remote, expected, progress))
+    return save_model_dir(path, model.config, dense_state(model), experts, tokenizer)
 
 
 @dataclasses.dataclass

@@ -36,8 +36,13 @@ class Manifest:
     expert_files: dict[str, str]  # uid -> file name inside the directory
 
     def expert_shapes(self) -> dict[str, tuple[int, int]]:
-        D, F = self.config.d_model, self.config.d_ff
-        return {"w1.weight": (F, D), "w3.weight": (F, D), "w2.weight": (D, F)}
+        return expert_shapes(self.config)
+
+
+def expert_shapes(config: MoELMConfig) -> dict[str, tuple[int, int]]:
+    """Parameter name -> shape of each expert of the model (the keys of EXPERT_PARAMS)."""
+    D, F = config.d_model, config.d_ff
+    return {"w1.weight": (F, D), "w3.weight": (F, D), "w2.weight": (D, F)}
 
 
 def _expert_file(uid: str) -> str:

@@ -23,43 +23,18 @@ import logging
 import random
 import time
 
-import grpc
 import torch
 
 from moeswarm.model.directory import find_experts
 from moeswarm.node.batcher import Batcher
 from moeswarm.node.registry import ExpertRegistry
-from moeswarm.protocol import expert_pb2
-from moeswarm.protocol.errors import MoeSwarmError, error_from_rpc
+from moeswarm.protocol.errors import MoeSwarmError
 from moeswarm.protocol.records import ExpertRecord
-from moeswarm.protocol.state_transfer import CHUNK_HEADER_BYTES, StateAssembler
+from moeswarm.protocol.state_transfer import fetch_state
 
 logger = logging.getLogger(__name__)
-FETCH_TIMEOUT_S = 120.0  # one expert's weights; a 352 MiB Mixtral expert at 10 MB/s takes 35 s
 MAX_RELATIVE_DISTANCE = 0.5  # |peer - own| / |own| above this is not the same expert: not averaged
 FAILURE_LOG_S = 300.0  # the same failure is logged at most this often
-
-
-async def fetch_state(
-    endpoint: str, uid: str, expected: dict[str, tuple[tuple[int, ...], torch.dtype]], *, max_message_bytes: int,
-    timeout_s: float = FETCH_TIMEOUT_S,
-) -> tuple[int, dict[str, torch.Tensor]]:
-    """(version, name -> tensor) of the replica of `uid` at `endpoint`, checked against `expected`
-    (this node's own parameter shapes and dtypes). Raises our errors (protocol/errors.py)."""
-    options = [("grpc.max_receive_message_length", max_message_bytes), ("grpc.max_send_message_length", max_message_bytes)]
-    request = expert_pb2.StateRequest(uid=uid, max_chunk_bytes=max_message_bytes - CHUNK_HEADER_BYTES)
-    assembler = StateAssembler(uid, expected)
-    async with grpc.aio.insecure_channel(endpoint, options=options) as channel:
-        call = channel.unary_stream(
-            "/moeswarm.ExpertService/ExportState", request_serializer=expert_pb2.StateRequest.SerializeToString,
-            response_deserializer=expert_pb2.StateChunk.FromString,
-        )
-        try:
-            async for chunk in call(request, timeout=timeout_s):
-                assembler.add(chunk)
-        except grpc.RpcError as e:
-            raise error_from_rpc(e, endpoint) from e
-    return assembler.result()
 
 
 def relative_distance(own: dict[str, torch.Tensor], peer: dict[str, torch.Tensor]) -> float:

@@ -14,9 +14,10 @@ import torch
 
 from moeswarm.protocol import expert_pb2
 from moeswarm.protocol.codec import WIRE_NAME_OF, decode, tensor_payload
-from moeswarm.protocol.errors import BadRequest
+from moeswarm.protocol.errors import BadRequest, error_from_rpc
 from moeswarm.protocol.wire import TensorView
 
+FETCH_TIMEOUT_S = 120.0  # one expert's weights; a 336 MiB Mixtral expert at 10 MB/s takes 35 s
 CHUNK_BYTES = 4 << 20  # data bytes per chunk, unless either side's message limit asks for less
 CHUNK_HEADER_BYTES = 1024  # room for a chunk's other fields under a message limit
 
@@ -91,3 +92,28 @@ def _numel(shape: tuple[int, ...]) -> int:
     for dim in shape:
         count *= dim
     return count
+
+
+async def fetch_state(
+    endpoint: str, uid: str, expected: dict[str, tuple[tuple[int, ...], torch.dtype]], *, max_message_bytes: int,
+    timeout_s: float = FETCH_TIMEOUT_S,
+) -> tuple[int, dict[str, torch.Tensor]]:
+    """(version, name -> tensor) of the replica of `uid` at `endpoint`, checked against `expected`
+    (the caller's own parameter names, shapes and dtypes). Raises our errors (protocol/errors.py);
+    a malformed stream is BadRequest."""
+    import grpc
+
+    options = [("grpc.max_receive_message_length", max_message_bytes), ("grpc.max_send_message_length", max_message_bytes)]
+    request = expert_pb2.StateRequest(uid=uid, max_chunk_bytes=max_message_bytes - CHUNK_HEADER_BYTES)
+    assembler = StateAssembler(uid, expected)
+    async with grpc.aio.insecure_channel(endpoint, options=options) as channel:
+        call = channel.unary_stream(
+            "/moeswarm.ExpertService/ExportState", request_serializer=expert_pb2.StateRequest.SerializeToString,
+            response_deserializer=expert_pb2.StateChunk.FromString,
+        )
+        try:
+            async for chunk in call(request, timeout=timeout_s):
+                assembler.add(chunk)
+        except grpc.RpcError as e:
+            raise error_from_rpc(e, endpoint) from e
+    return assembler.result()

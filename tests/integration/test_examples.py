@@ -38,3 +38,31 @@ def test_train_lm_learns_stdlib_bytes_and_saves_the_model(tmp_path):
     assert sum(losses[-5:]) / 5 < 0.75 * losses[0], losses  # from ~ln(258) = 5.55 towards byte statistics
     assert not torch.equal(open_model(tmp_path).model.embed.weight, before)  # the trained weights were saved
     assert len(stdlib_sources(1 << 16)) == 1 << 16
+
+
+def test_train_lm_on_the_swarm_trains_the_nodes_experts_and_saves_them(tmp_path):
+    import torch
+
+    from moeswarm.deploy.model_cli import config_from_args
+    from moeswarm.model.lm import build_local_model, expert_weights, open_model, save_model
+
+    config = config_from_args("tiny-swarm-train", "tiny", "topk", ["d_model=32", "n_heads=2", "n_layers=2", "d_ff=32"])
+    model_dir = saved_dir = tmp_path / "model"  # train_lm saves back into the directory it trained
+    save_model(build_local_model(config), model_dir)
+    initial = expert_weights(open_model(model_dir).model)
+    # One replica per expert: the logits over the swarm then come from the very weights that are saved.
+    plan = SwarmPlan(model=config.spec(), model_dir=str(model_dir), nodes=2, replicas=1, run_dir=tmp_path / "run")
+    with LocalSwarm(plan) as swarm:
+        losses = load_example("train_lm").train(
+            str(model_dir), steps=15, batch=8, length=32, lr=1e-2, initial_peers=swarm.initial_peers
+        )
+        x_BT = torch.randint(0, 256, (2, 24))
+        with open_model(saved_dir, initial_peers=swarm.initial_peers) as remote, torch.no_grad():
+            remote_logits = remote.model(x_BT)
+    assert sum(losses[-5:]) / 5 < 0.9 * losses[0], losses
+    saved = open_model(saved_dir).model
+    with torch.no_grad():
+        assert (saved(x_BT) - remote_logits).abs().max() <= 1e-5  # the saved experts are the nodes' trained ones
+    trained = expert_weights(saved)
+    moved = [uid for uid in initial if not torch.equal(trained[uid]["w1.weight"], initial[uid]["w1.weight"])]
+    assert len(moved) > len(initial) // 2, moved  # the nodes' experts learned, and were pulled back

@@ -11,7 +11,7 @@ from conftest import MODEL
 from procs import probe, run, train_step, wait_for
 from moeswarm.model.directory import find_experts
 from moeswarm.model.experts import init_expert
-from moeswarm.node.replica_sync import fetch_state
+from moeswarm.protocol.state_transfer import fetch_state
 from moeswarm.protocol import expert_pb2
 
 D, F = MODEL["d_model"], MODEL["d_ff"]

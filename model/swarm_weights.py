@@ -1,0 +1,45 @@
+"""Expert weights pulled from the swarm: the most trained replica of each expert, over the nodes'
+ExportState call (protocol/state_transfer.py), e.g. to save a model whose experts were trained there."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from moeswarm.model.directory import find_experts
+from moeswarm.protocol.errors import AllReplicasFailed, MoeSwarmError
+from moeswarm.protocol.records import ExpertRecord
+from moeswarm.protocol.state_transfer import fetch_state
+
+Expected = dict[str, tuple[tuple[int, ...], torch.dtype]]  # parameter name -> (shape, dtype)
+Progress = Callable[[int, int, str, int], None]  # (done, total, uid, version)
+
+
+async def pull_experts(
+    records: dict[str, list[ExpertRecord]], expected: Expected, *, max_message_bytes: int = 64 << 20,
+    progress: Progress | None = None,
+) -> dict[str, dict[str, torch.Tensor]]:
+    """uid -> weights of its replica with the most optimizer steps that answers; AllReplicasFailed
+    names the endpoints tried for an expert no replica gave."""
+    pulled = {}
+    for done, (uid, replicas) in enumerate(records.items(), start=1):
+        attempts: list[tuple[str, str]] = []
+        for record in sorted(replicas, key=lambda r: -r.version):
+            try:
+                version, pulled[uid] = await fetch_state(record.endpoint, uid, expected, max_message_bytes=max_message_bytes)
+            except MoeSwarmError as e:
+                attempts.append((record.endpoint, str(e)))
+                continue
+            if progress is not None:
+                progress(done, len(records), uid, version)
+            break
+        else:
+            raise AllReplicasFailed(uid, attempts)
+    return pulled
+
+
+def pull_swarm_experts(client, uids: list[str], expected: Expected, progress: Progress | None = None) -> dict[str, dict[str, torch.Tensor]]:
+    """pull_experts for `uids` through a SwarmClient (its DHT view and event loop); blocks."""
+    records = find_experts(client.dht, client.directory.swarm, uids)
+    return client.dispatcher.run(pull_experts(records, expected, progress=progress))
