@@ -1,5 +1,6 @@
 """Sends a layer's routed rows to expert replicas: one RPC per node, all nodes at once, each with a
-deadline; falls back to other replicas, bans failing ones and hedges slow calls.
+deadline; falls back to other replicas, bans failing ones and hedges slow forwards (never a backward:
+both replicas would apply its gradients).
 
 Owns the client's single event loop, on its own thread: the sync<->async bridge (`run`).
 Legend: T tokens, K experts per token, D model dim, N rows of one expert.
@@ -270,10 +271,12 @@ class Dispatcher:
         return pick_endpoint([r.endpoint for r in ranked], self.picker.is_banned, preferred if preferred not in exclude else None)
 
     async def _call_hedged(self, job: _Job, endpoint, uids, attempts: Attempts) -> dict:
-        """Call one node; if it runs past its hedge delay, send the same experts to other replicas too
-        and take whichever answers first. Returns {uid: (tensor, endpoint, forward id)} for what succeeded."""
+        """Call one node; if a forward runs past its hedge delay, send the same experts to other replicas
+        too and take whichever answers first. A backward is never hedged: both replicas would apply its
+        gradients (it waits for its node, or its deadline and then another replica).
+        Returns {uid: (tensor, endpoint, forward id)} for what succeeded."""
         op = job.op
-        if all(len(self.directory.replicas(uid)) < 2 for uid in uids):  # nothing to hedge to: skip the timer task
+        if op == "backward" or all(len(self.directory.replicas(uid)) < 2 for uid in uids):  # no hedge: skip the timer task
             return await self._call(job, endpoint, uids, attempts)
         primary = asyncio.ensure_future(self._call(job, endpoint, uids, attempts))
         done, _ = await asyncio.wait({primary}, timeout=self.picker.hedge_after_s(endpoint, self.config.hedge_floor_s))

@@ -8,6 +8,7 @@ import pathlib
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -228,6 +229,36 @@ def test_sigstop_replica_is_hedged_avoided_and_used_again_after_sigcont(dht, tmp
         remote.close()
         for node in nodes:
             node.kill()
+
+
+def test_a_slow_backward_waits_for_its_node_and_is_never_hedged(dht, tmp_path, reap):
+    # A hedged backward would apply the same gradients on two replicas; it waits for its node instead.
+    nodes = reap(start_nodes(tmp_path, dht.ready["maddrs"], "nohedge", [[0, 1, 2, 3], [0, 1, 2, 3]]))
+    _, remote = make_pair("nohedge", 1, dht.ready["maddrs"], timeout_s=5.0, hedge_floor_s=0.2)
+    reap(remote)
+    slow, other = nodes
+    x = torch.randn(16, D, requires_grad=True)
+    with torch.no_grad():
+        for _ in range(5):
+            remote(x)  # open both channels
+    picker = remote.client.dispatcher.picker
+    for _ in range(20):  # the soon-slow replica looks fastest: the forward goes there, and a hedge would go at 0.2 s
+        picker.on_success(slow.ready["endpoint"], 0.0005)
+        picker.on_success(other.ready["endpoint"], 0.02)
+    served = [sum(state.rows_served for state in _info(node).values()) for node in nodes]
+    y = remote(x)
+    assert sum(state.rows_served for state in _info(other).values()) == served[1]  # the forward went to `slow` alone
+    os.kill(slow.popen.pid, signal.SIGSTOP)
+    resume = threading.Timer(1.0, os.kill, (slow.popen.pid, signal.SIGCONT))
+    resume.start()
+    try:
+        y.square().sum().backward()
+    finally:
+        resume.join()
+        os.kill(slow.popen.pid, signal.SIGCONT)
+    assert x.grad is not None and bool(torch.isfinite(x.grad).all())
+    assert sum(state.rows_served for state in _info(other).values()) == served[1]
+    assert sum(state.rows_served for state in _info(slow).values()) == served[0] + 2 * 16  # forward and backward rows
 
 
 def test_new_node_is_picked_up_within_a_refresh_period(dht, tmp_path, reap):
