@@ -69,6 +69,8 @@ class StateAssembler:
         size = self._sizes[chunk.name]
         if chunk.offset != len(buffer) or (len(buffer) == size and size > 0):
             raise BadRequest(f"{self.uid}.{chunk.name}: chunk at byte {chunk.offset}, expected byte {len(buffer)} of {size}")
+        if not chunk.data and size > 0:  # it would never end the stream: a loop until the deadline
+            raise BadRequest(f"{self.uid}.{chunk.name}: empty chunk at byte {len(buffer)} of {size}")
         if len(buffer) + len(chunk.data) > size:
             raise BadRequest(f"{self.uid}.{chunk.name}: {len(buffer) + len(chunk.data)} bytes, the parameter has {size}")
         buffer += chunk.data

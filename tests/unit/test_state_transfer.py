@@ -79,6 +79,7 @@ def test_a_stream_that_changes_version_overflows_repeats_or_ends_early_is_refuse
         "146 bytes, the parameter has 140": lambda c: c[8].__setattr__("data", c[8].data + b"123456") or c,
         "chunk at byte 0, expected byte 140": lambda c: c + [c[0]],
         "before all of \\['b'\\] arrived": lambda c: [chunk for chunk in c if chunk.name != "b"],
+        "empty chunk at byte 16 of 140": lambda c: c[:1] + [expert_pb2.StateChunk(**{**_fields(c[1]), "data": b""})] + c[1:],
     }
     for message, bad in cases.items():
         assembler = StateAssembler(UID, expected)
@@ -86,6 +87,10 @@ def test_a_stream_that_changes_version_overflows_repeats_or_ends_early_is_refuse
             for chunk in bad(_chunks(tensors)):
                 assembler.add(chunk)
             assembler.result()
+
+
+def _fields(chunk: expert_pb2.StateChunk) -> dict:
+    return {field.name: value for field, value in chunk.ListFields()}
 
 
 def test_non_finite_weights_are_refused():
