@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import gc
 import logging
 import pathlib
 import time
@@ -113,6 +114,10 @@ class ExpertNode:
         if config.trainable and config.average_every_s > 0:
             self._tasks.append(asyncio.create_task(self.replicas.run(config.average_every_s)))
         self._serving = True
+        # Everything loaded so far (torch, hivemind, grpc, the experts: ~175k objects) lives as long as
+        # the node: move it out of the cyclic GC's view, or every full collection walks it again (one
+        # took 116 ms in 40 s of batch-1 serving, a stall every client saw; after freezing, 1.1 ms).
+        gc.freeze()
         logger.info("serving %d experts of %s on %s", len(self.uids), config.model.name, self.endpoint)
 
     async def _start_server(self) -> None:
