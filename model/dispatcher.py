@@ -71,6 +71,9 @@ class _Job:
     grads: dict[str, torch.Tensor] | None = None
     keep: bool = False  # forward: nodes keep activations for the backward (training)
     kept_on: dict[str, tuple[str, str]] = dataclasses.field(default_factory=dict)  # backward: uid -> (endpoint, forward id)
+    # backward: experts a failed call may still have applied on its node (a deadline, a lost answer):
+    # their retries ask for input grads alone, so no replica applies the same gradients twice
+    maybe_applied: set[str] = dataclasses.field(default_factory=set)
 
     @property
     def trains(self) -> bool:
@@ -324,7 +327,7 @@ class Dispatcher:
                 forward_ids = {uid: job.kept_on[uid][1] for uid in uids if job.kept_on.get(uid, ("",))[0] == endpoint}
                 out = await client.backward(
                     self.model, batch, grad_batch, timeout_s=self.config.timeout_s, wire_dtype=self._wire_dtype,
-                    forward_ids=forward_ids,
+                    forward_ids=forward_ids, input_grads_only=job.maybe_applied.intersection(uids),
                 )
         except BadRequest:
             raise  # our request was malformed: a bug, not a replica fault; never retried
@@ -333,6 +336,8 @@ class Dispatcher:
             for uid in uids:
                 attempts[uid].append((endpoint, reason))
             if not isinstance(e, (ExpertNotFound, NotTrainable)):  # else the node is fine: it no longer hosts it, or serves inference only
+                if op == "backward":
+                    job.maybe_applied.update(uids)
                 ban_s = self.picker.on_failure(endpoint)
                 logger.warning("%s to %s failed (%s); banned for %.0f s", op, endpoint, reason, ban_s)
             return {}

@@ -62,11 +62,15 @@ class ExpertClient:
         timeout_s: float,
         wire_dtype: torch.dtype | None = None,
         forward_ids: dict[str, str] | None = None,
+        input_grads_only: frozenset[str] | set[str] = frozenset(),
     ) -> dict[str, torch.Tensor]:
         """Send output grads; returns input grads {uid: grad_x_ND}. The node accumulates param grads.
         forward_ids: {uid: keep_as of the forward that computed these rows on this node}; the node
-        reuses what it kept if it still can, and recomputes otherwise."""
-        return await self._call(model, inputs, grad_outputs, timeout_s, wire_dtype, forward_ids=forward_ids)
+        reuses what it kept if it still can, and recomputes otherwise.
+        input_grads_only: experts whose input grads alone are wanted: the node changes nothing for them."""
+        return await self._call(
+            model, inputs, grad_outputs, timeout_s, wire_dtype, forward_ids=forward_ids, input_grads_only=input_grads_only
+        )
 
     async def info(self, *, timeout_s: float) -> expert_pb2.InfoResponse:
         try:
@@ -76,13 +80,13 @@ class ExpertClient:
 
     async def _call(
         self, model: str, inputs: dict, grad_outputs: dict | None, timeout_s: float, wire_dtype, *, keep_as: str = "",
-        forward_ids: dict[str, str] | None = None,
+        forward_ids: dict[str, str] | None = None, input_grads_only: frozenset[str] | set[str] = frozenset(),
     ) -> dict[str, torch.Tensor]:
         backward = grad_outputs is not None
         on_stream = not self._stream_busy and wire.payload_bytes(inputs.values(), wire_dtype) * (2 if backward else 1) <= STREAM_MAX_BYTES
         request = wire.write_request(
             model, keep_as or next(self._request_ids), inputs, grad_outputs, backward=backward and on_stream,
-            wire_dtype=wire_dtype, keep_activations=bool(keep_as), forward_ids=forward_ids,
+            wire_dtype=wire_dtype, keep_activations=bool(keep_as), forward_ids=forward_ids, input_grads_only=input_grads_only,
         )
         if on_stream:
             data = await self._call_on_stream(request, timeout_s)

@@ -142,26 +142,30 @@ def _packed_linear(x_NK: torch.Tensor, packed_weight: torch.Tensor) -> torch.Ten
 
 
 def expert_backward(
-    expert: nn.Module, x_ND: torch.Tensor, grad_y_ND: torch.Tensor, kept: tuple[torch.Tensor, torch.Tensor] | None = None
+    expert: nn.Module, x_ND: torch.Tensor, grad_y_ND: torch.Tensor, kept: tuple[torch.Tensor, torch.Tensor] | None = None,
+    *, param_grads: bool = True,
 ) -> torch.Tensor:
-    """Recompute the forward from x, backpropagate grad_y; returns grad_x_ND and ADDS param grads.
+    """Recompute the forward from x, backpropagate grad_y; returns grad_x_ND and ADDS param grads
+    (param_grads=False: returns grad_x_ND alone and leaves every parameter's grad as it was).
 
     Stateless about the forward, so any replica holding the same weights can serve the backward.
     SwiGLU experts take a hand-written backward (below), which uses `kept` (expert_forward_keep's
     (h1, h3) for these rows) instead of recomputing them when given; other kinds go through autograd.
     """
     if isinstance(expert, SwiGLUExpert):
-        return _swiglu_backward(expert, x_ND, grad_y_ND, kept)
+        return _swiglu_backward(expert, x_ND, grad_y_ND, kept, param_grads=param_grads)
     param = next(expert.parameters())
     x_ND = x_ND.to(param.dtype).detach().requires_grad_(True)
     with torch.enable_grad():
         y_ND = expert(x_ND)
+        if not param_grads:
+            return torch.autograd.grad(y_ND, x_ND, grad_y_ND.to(param.dtype))[0]
         y_ND.backward(grad_y_ND.to(param.dtype))
     return x_ND.grad
 
 
 @torch.no_grad()
-def _swiglu_backward(expert: SwiGLUExpert, x_ND: torch.Tensor, grad_y_ND: torch.Tensor, kept=None) -> torch.Tensor:
+def _swiglu_backward(expert: SwiGLUExpert, x_ND: torch.Tensor, grad_y_ND: torch.Tensor, kept=None, *, param_grads: bool = True) -> torch.Tensor:
     """The same operations autograd runs for SwiGLUExpert.forward, minus the output projection that a
     recomputed forward does not need: 8 matmuls instead of 9 (6 with `kept`), no graph. Results equal
     autograd's."""
@@ -170,9 +174,11 @@ def _swiglu_backward(expert: SwiGLUExpert, x_ND: torch.Tensor, grad_y_ND: torch.
     h1_NF, h3_NF = kept if kept is not None else _hidden(x_ND, w1, w3, _packed_for(expert, x_ND))
     a_NF = F.silu(h1_NF)
     g_h_NF = g_ND.mm(w2)  # d loss / d (silu(h1) * h3)
-    grad_w2 = g_ND.t().mm(a_NF * h3_NF)
     g_h3_NF = g_h_NF * a_NF
     g_h1_NF = torch.ops.aten.silu_backward(g_h_NF * h3_NF, h1_NF)
+    if not param_grads:  # input grads alone: 3 matmuls fewer, no parameter touched
+        return g_h1_NF.mm(w1) + g_h3_NF.mm(w3)
+    grad_w2 = g_ND.t().mm(a_NF * h3_NF)
     grads = {w1: g_h1_NF.t().mm(x_ND), w3: g_h3_NF.t().mm(x_ND), w2: grad_w2}
     for param, grad in grads.items():
         if param.grad is None:

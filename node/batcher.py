@@ -28,7 +28,8 @@ logger = logging.getLogger(__name__)
 # resumes from its result within 2-3 turns (gather's callback, then the task) and sends its answer.
 ANSWER_TURNS = 4
 
-# run(uid, op, inputs_ND, grads_ND or None, tags) -> output_ND; called on the compute thread. tags:
+# run(uid, op, inputs_ND, grads_ND or None, tags) -> output_ND; called on the compute thread. op:
+# "forward", "backward" or "input_grad" (a backward's input grads alone, changing nothing). tags:
 # (tag, rows) of each request merged into inputs_ND, in order (a tag names the training Forward whose
 # activations a forward keeps or a backward reuses; "" for none).
 ComputeFn = Callable[[str, str, torch.Tensor, "torch.Tensor | None", "list[tuple[str, int]]"], torch.Tensor]
@@ -91,7 +92,7 @@ class Batcher:
 
     def runs_inline(self, uid: str, op: str, rows: int) -> bool:
         """Whether submit() would compute these rows right away on the loop (it then never yields)."""
-        cost = rows * (3 if op == "backward" else 1)  # backward costs ~3 forwards
+        cost = rows * {"backward": 3, "input_grad": 2}.get(op, 1)  # in forwards' worth: a backward costs ~3
         return cost <= self.inline_rows and self._in_executor == 0 and not self._queues.get((uid, op))
 
     async def _drain(self) -> None:
@@ -208,6 +209,6 @@ def _merge(op: str, batch: list[_Pending]) -> tuple[torch.Tensor, torch.Tensor |
     """The rows of a batch's requests as one input (and grads, for backward), with each one's tag."""
     x_ND = batch[0].x_ND if len(batch) == 1 else torch.cat([item.x_ND for item in batch])
     g_ND = None
-    if op == "backward":
+    if op != "forward":  # backward, input_grad
         g_ND = batch[0].g_ND if len(batch) == 1 else torch.cat([item.g_ND for item in batch])
     return x_ND, g_ND, [(item.tag, item.x_ND.shape[0]) for item in batch]

@@ -162,6 +162,8 @@ class ExpertNode:
         """On the compute thread (or inline on the loop for tiny batches)."""
         if op == "forward":
             return self.registry.forward(uid, x_ND, tags)
+        if op == "input_grad":
+            return self.registry.input_grad(uid, x_ND, g_ND)
         grad_x_ND = self.registry.backward(uid, x_ND, g_ND, tags, defer_step=True)
         if self.registry.experts[uid].step_due:
             # The optimizer step runs after the answer leaves, not before (until then any request

@@ -148,6 +148,14 @@ class ExpertRegistry:
                 self._apply_due_step(hosted)
         return grad_x_ND
 
+    def input_grad(self, uid: str, x_ND: torch.Tensor, grad_y_ND: torch.Tensor) -> torch.Tensor:
+        """A backward's input grads alone: no parameter grads, no step, no state touched (the rows of
+        a retried backward that another replica may already have applied)."""
+        hosted = self.experts[uid]
+        self._apply_due_step(hosted)
+        hosted.rows_served += x_ND.shape[0]
+        return expert_backward(hosted.module, x_ND.to(self.device), grad_y_ND.to(self.device), param_grads=False).cpu()
+
     def apply_due_step(self, uid: str) -> bool:
         """Apply the expert's deferred optimizer step, if one is due; returns whether it did."""
         return self._apply_due_step(self.experts[uid])

@@ -132,14 +132,18 @@ class ExpertServicer:
             await context.abort(*_failure(e, request_id))
 
     async def _respond(self, request: wire.RequestView, *, backward: bool) -> bytes:
-        if backward and not self._trainable:
-            raise NotTrainable("this node serves inference only (trainable: false) and accepts no gradients; send them to another replica")
         work = validate_request(request, self._limits, backward=backward)
+        if backward and not self._trainable and not all(item.input_grads_only for item in work):
+            raise NotTrainable("this node serves inference only (trainable: false) and accepts no gradients; send them to another replica")
         keep_as = request.request_id if request.keep_activations and self._trainable else ""
         op = "backward" if backward else "forward"
+        # op per batch: input grads alone ("input_grad") never merge with rows that accumulate.
         # The tag: the Forward whose activations a backward may reuse, or under which a forward keeps them.
-        jobs = [(item.uid, op, item.x_ND, item.g_ND, item.forward_id if backward else keep_as) for item in work]
-        if len(work) == 1 or all(self._batcher.runs_inline(item.uid, op, item.x_ND.shape[0]) for item in work):
+        jobs = [
+            (item.uid, "input_grad" if item.input_grads_only else op, item.x_ND, item.g_ND, item.forward_id if backward else keep_as)
+            for item in work
+        ]
+        if len(work) == 1 or all(self._batcher.runs_inline(uid, job_op, x.shape[0]) for uid, job_op, x, _, _ in jobs):
             # decoding: one expert, or a few tiny batches each computed at once: no futures, no tasks
             outputs = [await self._batcher.submit(*job) for job in jobs]
         else:  # queued together: one round trip to the compute thread for all of them

@@ -27,6 +27,7 @@ class ExpertWork:
     x_ND: torch.Tensor  # read-only view of the request bytes
     g_ND: torch.Tensor | None  # Backward only
     forward_id: str = ""  # Backward only: the Forward whose kept activations may be reused
+    input_grads_only: bool = False  # Backward only: input grads alone, nothing accumulated or stepped
 
 
 def validate_request(request: wire.RequestView | expert_pb2.ExpertRequest, limits: Limits, *, backward: bool) -> list[ExpertWork]:
@@ -73,7 +74,10 @@ def _validate_batch(batch: wire.BatchView | expert_pb2.ExpertBatch, limits: Limi
         raise BadRequest(f"Forward batch for {batch.uid} must not carry grad_outputs")
     if batch.forward_id and (not backward or len(batch.forward_id) > MAX_ID_CHARS):
         raise BadRequest(f"{batch.uid}: forward_id is for Backward batches, at most {MAX_ID_CHARS} characters")
-    return ExpertWork(batch.uid, x_ND, g_ND, batch.forward_id)
+    input_grads_only = bool(getattr(batch, "input_grads_only", False))
+    if input_grads_only and not backward:
+        raise BadRequest(f"{batch.uid}: input_grads_only is for Backward batches")
+    return ExpertWork(batch.uid, x_ND, g_ND, batch.forward_id, input_grads_only)
 
 
 def _decode_rows(message: wire.TensorView | expert_pb2.Tensor, what: str, uid: str, limits: Limits) -> torch.Tensor:

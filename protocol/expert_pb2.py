@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1emoeswarm/protocol/expert.proto\x12\x08moeswarm\"A\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0b\n\x03pad\x18\x0f \x01(\x0c\"x\n\x0b\x45xpertBatch\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12 \n\x06inputs\x18\x02 \x01(\x0b\x32\x10.moeswarm.Tensor\x12&\n\x0cgrad_outputs\x18\x03 \x01(\x0b\x32\x10.moeswarm.Tensor\x12\x12\n\nforward_id\x18\x04 \x01(\t\"\x86\x01\n\rExpertRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12&\n\x07\x62\x61tches\x18\x03 \x03(\x0b\x32\x15.moeswarm.ExpertBatch\x12\x10\n\x08\x62\x61\x63kward\x18\x04 \x01(\x08\x12\x18\n\x10keep_activations\x18\x05 \x01(\x08\"r\n\x0e\x45xpertResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12!\n\x07tensors\x18\x02 \x03(\x0b\x32\x10.moeswarm.Tensor\x12\x12\n\nerror_code\x18\x03 \x01(\x05\x12\x15\n\rerror_message\x18\x04 \x01(\t\"\r\n\x0bInfoRequest\"`\n\x0cModelSpecMsg\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x64_model\x18\x02 \x01(\x03\x12\x0c\n\x04\x64_ff\x18\x03 \x01(\x03\x12\x10\n\x08n_layers\x18\x04 \x01(\x03\x12\x11\n\tn_experts\x18\x05 \x01(\x03\"@\n\x0b\x45xpertState\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x13\n\x0brows_served\x18\x03 \x01(\x03\"\xf9\x01\n\x0cInfoResponse\x12%\n\x05model\x18\x01 \x01(\x0b\x32\x16.moeswarm.ModelSpecMsg\x12&\n\x07\x65xperts\x18\x02 \x03(\x0b\x32\x15.moeswarm.ExpertState\x12\x13\n\x0bqueue_depth\x18\x03 \x01(\x03\x12\x12\n\nrows_per_s\x18\x04 \x01(\x01\x12\x13\n\x0bwire_dtypes\x18\x05 \x03(\t\x12\x10\n\x08max_rows\x18\x06 \x01(\x03\x12\x19\n\x11max_message_bytes\x18\x07 \x01(\x03\x12\x0f\n\x07peer_id\x18\x08 \x01(\t\x12\x1e\n\x16reused_activation_rows\x18\t \x01(\x03\"4\n\x0cStateRequest\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12\x17\n\x0fmax_chunk_bytes\x18\x02 \x01(\x03\"t\n\nStateChunk\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\r\n\x05shape\x18\x05 \x03(\x03\x12\x0e\n\x06offset\x18\x06 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x07 \x01(\x0c\x32\xc3\x02\n\rExpertService\x12<\n\x07\x46orward\x12\x17.moeswarm.ExpertRequest\x1a\x18.moeswarm.ExpertResponse\x12=\n\x08\x42\x61\x63kward\x12\x17.moeswarm.ExpertRequest\x1a\x18.moeswarm.ExpertResponse\x12\x35\n\x04Info\x12\x15.moeswarm.InfoRequest\x1a\x16.moeswarm.InfoResponse\x12?\n\x06Stream\x12\x17.moeswarm.ExpertRequest\x1a\x18.moeswarm.ExpertResponse(\x01\x30\x01\x12=\n\x0b\x45xportState\x12\x16.moeswarm.StateRequest\x1a\x14.moeswarm.StateChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1emoeswarm/protocol/expert.proto\x12\x08moeswarm\"A\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0b\n\x03pad\x18\x0f \x01(\x0c\"\x92\x01\n\x0b\x45xpertBatch\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12 \n\x06inputs\x18\x02 \x01(\x0b\x32\x10.moeswarm.Tensor\x12&\n\x0cgrad_outputs\x18\x03 \x01(\x0b\x32\x10.moeswarm.Tensor\x12\x12\n\nforward_id\x18\x04 \x01(\t\x12\x18\n\x10input_grads_only\x18\x05 \x01(\x08\"\x86\x01\n\rExpertRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12&\n\x07\x62\x61tches\x18\x03 \x03(\x0b\x32\x15.moeswarm.ExpertBatch\x12\x10\n\x08\x62\x61\x63kward\x18\x04 \x01(\x08\x12\x18\n\x10keep_activations\x18\x05 \x01(\x08\"r\n\x0e\x45xpertResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12!\n\x07tensors\x18\x02 \x03(\x0b\x32\x10.moeswarm.Tensor\x12\x12\n\nerror_code\x18\x03 \x01(\x05\x12\x15\n\rerror_message\x18\x04 \x01(\t\"\r\n\x0bInfoRequest\"`\n\x0cModelSpecMsg\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x64_model\x18\x02 \x01(\x03\x12\x0c\n\x04\x64_ff\x18\x03 \x01(\x03\x12\x10\n\x08n_layers\x18\x04 \x01(\x03\x12\x11\n\tn_experts\x18\x05 \x01(\x03\"@\n\x0b\x45xpertState\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x13\n\x0brows_served\x18\x03 \x01(\x03\"\xf9\x01\n\x0cInfoResponse\x12%\n\x05model\x18\x01 \x01(\x0b\x32\x16.moeswarm.ModelSpecMsg\x12&\n\x07\x65xperts\x18\x02 \x03(\x0b\x32\x15.moeswarm.ExpertState\x12\x13\n\x0bqueue_depth\x18\x03 \x01(\x03\x12\x12\n\nrows_per_s\x18\x04 \x01(\x01\x12\x13\n\x0bwire_dtypes\x18\x05 \x03(\t\x12\x10\n\x08max_rows\x18\x06 \x01(\x03\x12\x19\n\x11max_message_bytes\x18\x07 \x01(\x03\x12\x0f\n\x07peer_id\x18\x08 \x01(\t\x12\x1e\n\x16reused_activation_rows\x18\t \x01(\x03\"4\n\x0cStateRequest\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12\x17\n\x0fmax_chunk_bytes\x18\x02 \x01(\x03\"t\n\nStateChunk\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\r\n\x05shape\x18\x05 \x03(\x03\x12\x0e\n\x06offset\x18\x06 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x07 \x01(\x0c\x32\xc3\x02\n\rExpertService\x12<\n\x07\x46orward\x12\x17.moeswarm.ExpertRequest\x1a\x18.moeswarm.ExpertResponse\x12=\n\x08\x42\x61\x63kward\x12\x17.moeswarm.ExpertRequest\x1a\x18.moeswarm.ExpertResponse\x12\x35\n\x04Info\x12\x15.moeswarm.InfoRequest\x1a\x16.moeswarm.InfoResponse\x12?\n\x06Stream\x12\x17.moeswarm.ExpertRequest\x1a\x18.moeswarm.ExpertResponse(\x01\x30\x01\x12=\n\x0b\x45xportState\x12\x16.moeswarm.StateRequest\x1a\x14.moeswarm.StateChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,24 +33,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TENSOR']._serialized_start=44
   _globals['_TENSOR']._serialized_end=109
-  _globals['_EXPERTBATCH']._serialized_start=111
-  _globals['_EXPERTBATCH']._serialized_end=231
-  _globals['_EXPERTREQUEST']._serialized_start=234
-  _globals['_EXPERTREQUEST']._serialized_end=368
-  _globals['_EXPERTRESPONSE']._serialized_start=370
-  _globals['_EXPERTRESPONSE']._serialized_end=484
-  _globals['_INFOREQUEST']._serialized_start=486
-  _globals['_INFOREQUEST']._serialized_end=499
-  _globals['_MODELSPECMSG']._serialized_start=501
-  _globals['_MODELSPECMSG']._serialized_end=597
-  _globals['_EXPERTSTATE']._serialized_start=599
-  _globals['_EXPERTSTATE']._serialized_end=663
-  _globals['_INFORESPONSE']._serialized_start=666
-  _globals['_INFORESPONSE']._serialized_end=915
-  _globals['_STATEREQUEST']._serialized_start=917
-  _globals['_STATEREQUEST']._serialized_end=969
-  _globals['_STATECHUNK']._serialized_start=971
-  _globals['_STATECHUNK']._serialized_end=1087
-  _globals['_EXPERTSERVICE']._serialized_start=1090
-  _globals['_EXPERTSERVICE']._serialized_end=1413
+  _globals['_EXPERTBATCH']._serialized_start=112
+  _globals['_EXPERTBATCH']._serialized_end=258
+  _globals['_EXPERTREQUEST']._serialized_start=261
+  _globals['_EXPERTREQUEST']._serialized_end=395
+  _globals['_EXPERTRESPONSE']._serialized_start=397
+  _globals['_EXPERTRESPONSE']._serialized_end=511
+  _globals['_INFOREQUEST']._serialized_start=513
+  _globals['_INFOREQUEST']._serialized_end=526
+  _globals['_MODELSPECMSG']._serialized_start=528
+  _globals['_MODELSPECMSG']._serialized_end=624
+  _globals['_EXPERTSTATE']._serialized_start=626
+  _globals['_EXPERTSTATE']._serialized_end=690
+  _globals['_INFORESPONSE']._serialized_start=693
+  _globals['_INFORESPONSE']._serialized_end=942
+  _globals['_STATEREQUEST']._serialized_start=944
+  _globals['_STATEREQUEST']._serialized_end=996
+  _globals['_STATECHUNK']._serialized_start=998
+  _globals['_STATECHUNK']._serialized_end=1114
+  _globals['_EXPERTSERVICE']._serialized_start=1117
+  _globals['_EXPERTSERVICE']._serialized_end=1440
 # @@protoc_insertion_point(module_scope)

@@ -19,16 +19,18 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., pad: _Optional[bytes] = ...) -> None: ...
 
 class ExpertBatch(_message.Message):
-    __slots__ = ("uid", "inputs", "grad_outputs", "forward_id")
+    __slots__ = ("uid", "inputs", "grad_outputs", "forward_id", "input_grads_only")
     UID_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     GRAD_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     FORWARD_ID_FIELD_NUMBER: _ClassVar[int]
+    INPUT_GRADS_ONLY_FIELD_NUMBER: _ClassVar[int]
     uid: str
     inputs: Tensor
     grad_outputs: Tensor
     forward_id: str
-    def __init__(self, uid: _Optional[str] = ..., inputs: _Optional[_Union[Tensor, _Mapping]] = ..., grad_outputs: _Optional[_Union[Tensor, _Mapping]] = ..., forward_id: _Optional[str] = ...) -> None: ...
+    input_grads_only: bool
+    def __init__(self, uid: _Optional[str] = ..., inputs: _Optional[_Union[Tensor, _Mapping]] = ..., grad_outputs: _Optional[_Union[Tensor, _Mapping]] = ..., forward_id: _Optional[str] = ..., input_grads_only: _Optional[bool] = ...) -> None: ...
 
 class ExpertRequest(_message.Message):
     __slots__ = ("model", "request_id", "batches", "backward", "keep_activations")

@@ -159,6 +159,7 @@ def encode_request(
     wire_dtype: torch.dtype | None = None,
     keep_activations: bool = False,
     forward_ids: dict[str, str] | None = None,
+    input_grads_only: frozenset[str] | set[str] = frozenset(),
 ) -> tuple[bytes, int]:
     """A serialized ExpertRequest and its tensor payload in bytes."""
     groups = []
@@ -167,7 +168,8 @@ def encode_request(
         parts = [_tensor_part(2, x, wire_dtype)]
         if grad_outputs is not None:
             parts.append(_tensor_part(3, grad_outputs[uid], wire_dtype))
-        groups.append((expert_pb2.ExpertBatch(uid=uid, forward_id=forward_ids.get(uid, "")).SerializeToString(), parts))
+        batch = expert_pb2.ExpertBatch(uid=uid, forward_id=forward_ids.get(uid, ""), input_grads_only=uid in input_grads_only)
+        groups.append((batch.SerializeToString(), parts))
     head = expert_pb2.ExpertRequest(model=model, request_id=request_id, keep_activations=keep_activations).SerializeToString()
     data = _assemble(head, groups, _key(4, _VARINT) + b"\x01" if backward else b"")
     return data, sum(part.data.nbytes for _, parts in groups for part in parts)
@@ -190,18 +192,20 @@ def payload_bytes(tensors, wire_dtype: torch.dtype | None = None) -> int:
 
 
 def write_request(
-    model, request_id, inputs, grad_outputs=None, *, backward=False, wire_dtype=None, keep_activations=False, forward_ids=None
+    model, request_id, inputs, grad_outputs=None, *, backward=False, wire_dtype=None, keep_activations=False, forward_ids=None,
+    input_grads_only=frozenset(),
 ) -> bytes:
     """encode_request, through protobuf itself for small payloads."""
     if payload_bytes(inputs.values(), wire_dtype) * (2 if grad_outputs is not None else 1) > SMALL_PAYLOAD_BYTES:
         return encode_request(
             model, request_id, inputs, grad_outputs, backward=backward, wire_dtype=wire_dtype,
-            keep_activations=keep_activations, forward_ids=forward_ids,
+            keep_activations=keep_activations, forward_ids=forward_ids, input_grads_only=input_grads_only,
         )[0]
     request = expert_pb2.ExpertRequest(model=model, request_id=request_id, backward=backward, keep_activations=keep_activations)
     forward_ids = forward_ids or {}
     for uid, x in inputs.items():
-        batch = request.batches.add(uid=uid, forward_id=forward_ids.get(uid, ""))  # filled in place: no payload copies
+        # filled in place: no payload copies
+        batch = request.batches.add(uid=uid, forward_id=forward_ids.get(uid, ""), input_grads_only=uid in input_grads_only)
         encode_into(batch.inputs, x, wire_dtype)
         if grad_outputs is not None:
             encode_into(batch.grad_outputs, grad_outputs[uid], wire_dtype)
@@ -255,6 +259,7 @@ class BatchView:
     inputs: TensorView = dataclasses.field(default_factory=TensorView)
     grad_outputs: TensorView | None = None
     forward_id: str = ""
+    input_grads_only: bool = False
 
     def HasField(self, name: str) -> bool:  # noqa: N802  (protobuf's spelling, used by validation)
         if name != "grad_outputs":
@@ -333,7 +338,9 @@ def _batch(view: memoryview, start: int, end: int) -> BatchView:
                 batch.grad_outputs = _tensor(view, *value)
         elif field == 4 and wire == _LEN:
             batch.forward_id = _text(view, value, "forward_id")
-        elif field in (1, 2, 3, 4):
+        elif field == 5 and wire == _VARINT:
+            batch.input_grads_only = value != 0
+        elif field in (1, 2, 3, 4, 5):
             raise BadRequest(f"ExpertBatch field {field} has wire type {wire}")
     return batch
 

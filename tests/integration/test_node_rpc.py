@@ -168,6 +168,9 @@ def test_an_inference_only_node_refuses_gradients_and_keeps_its_weights(node_fac
             await client.forward(MODEL["name"], {uid: x}, timeout_s=10, keep_as="step-1")  # keeps nothing here
             with pytest.raises(NotTrainable, match="PERMISSION_DENIED: this node serves inference only"):
                 await client.backward(MODEL["name"], {uid: x}, {uid: g}, timeout_s=10, forward_ids={uid: "step-1"})
+            # input grads alone change nothing: served (a retried backward may land here)
+            grad_x = (await client.backward(MODEL["name"], {uid: x}, {uid: g}, timeout_s=10, input_grads_only={uid}))[uid]
+            assert torch.equal(grad_x, expert_backward(local_expert(uid), x, g))
             return (await client.forward(MODEL["name"], {uid: x}, timeout_s=10))[uid], await client.info(timeout_s=10)
         finally:
             await client.close()

@@ -34,7 +34,8 @@ def start_nodes(root: pathlib.Path, peers: list[str], name: str, hosted: list[li
     try:
         for i, experts in enumerate(hosted):
             config = dict(model=model_spec(name), experts=[f"{name}.L0.E{e}" for e in experts], initial_peers=peers)
-            config.update(seed=SEED, torch_threads=1, swarm=name, optimizer=NO_UPDATES, **extra)
+            config.update(seed=SEED, torch_threads=1, swarm=name, optimizer=NO_UPDATES)
+            config.update(extra)
             nodes.append(start_node(root / f"{name}-n{i}", config))
     except BaseException:
         for node in nodes:
@@ -259,6 +260,39 @@ def test_a_slow_backward_waits_for_its_node_and_is_never_hedged(dht, tmp_path, r
     assert x.grad is not None and bool(torch.isfinite(x.grad).all())
     assert sum(state.rows_served for state in _info(other).values()) == served[1]
     assert sum(state.rows_served for state in _info(slow).values()) == served[0] + 2 * 16  # forward and backward rows
+
+
+def test_a_backward_retried_after_its_deadline_changes_nothing_on_the_second_replica(dht, tmp_path, reap):
+    # The timed-out node may still apply those gradients when it wakes: the retry asks for input grads only.
+    sgd = dict(name="sgd", lr=0.1, update_every=1)
+    nodes = reap(start_nodes(tmp_path, dht.ready["maddrs"], "retry", [[0, 1, 2, 3], [0, 1, 2, 3]], optimizer=sgd))
+    local, remote = make_pair("retry", 2, dht.ready["maddrs"], timeout_s=0.5, hedge_floor_s=0.2)
+    reap(remote)
+    slow, other = nodes
+    x_local = torch.randn(16, D, requires_grad=True)
+    x = x_local.detach().clone().requires_grad_(True)
+    with torch.no_grad():
+        for _ in range(5):
+            remote(x)  # open both channels
+    picker = remote.client.dispatcher.picker
+    for _ in range(20):  # the forward goes to the soon-stopped replica
+        picker.on_success(slow.ready["endpoint"], 0.0005)
+        picker.on_success(other.ready["endpoint"], 0.02)
+    served = sum(state.rows_served for state in _info(other).values())
+    y = remote(x)
+    assert sum(state.rows_served for state in _info(other).values()) == served
+    os.kill(slow.popen.pid, signal.SIGSTOP)
+    resume = threading.Timer(1.5, os.kill, (slow.popen.pid, signal.SIGCONT))
+    resume.start()
+    try:
+        y.square().sum().backward()  # times out on `slow` after 0.5 s, then goes to `other`
+    finally:
+        resume.join()
+        os.kill(slow.popen.pid, signal.SIGCONT)
+    local(x_local).square().sum().backward()
+    assert (x.grad - x_local.grad).abs().max() <= 1e-6  # the right input grads, from the weights the forward used
+    assert sum(state.rows_served for state in _info(other).values()) == served + 2 * 16  # it served the retry...
+    assert {state.version for state in _info(other).values()} == {0}  # ...and stepped on nothing
 
 
 def test_new_node_is_picked_up_within_a_refresh_period(dht, tmp_path, reap):

@@ -97,6 +97,30 @@ def test_expert_backward_of_other_expert_kinds_uses_autograd():
         assert torch.equal(p.grad, expected[name]), name
 
 
+@pytest.mark.parametrize("kind", ["swiglu", "autograd"])
+def test_input_grads_alone_equal_the_full_backwards_and_touch_no_parameter(kind):
+    make = (lambda: init_expert(8, 16, seed=0, uid=UID)) if kind == "swiglu" else (
+        lambda: torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.Tanh(), torch.nn.Linear(4, 8)))
+    torch.manual_seed(0)
+    full, alone = make(), make()
+    alone.load_state_dict(full.state_dict())
+    x_ND, grad_y_ND = _rows(5, seed=11), _rows(5, seed=12)
+    assert torch.equal(expert_backward(alone, x_ND, grad_y_ND, param_grads=False), expert_backward(full, x_ND, grad_y_ND))
+    assert all(p.grad is None for p in alone.parameters()) and all(p.grad is not None for p in full.parameters())
+
+
+def test_registry_input_grad_changes_no_state():
+    registry = _registry(name="sgd", lr=0.1, update_every=1)
+    hosted = registry.experts[UID]
+    before = _weights(hosted.module)
+    x_ND, grad_y_ND = _rows(3, seed=13), _rows(3, seed=14)
+    expected = expert_backward(init_expert(8, 16, seed=0, uid=UID), x_ND, grad_y_ND)
+    assert torch.equal(registry.input_grad(UID, x_ND, grad_y_ND), expected)
+    assert (hosted.version, hosted.rows_since_step, hosted.step_due, hosted.optimizer) == (0, 0, False, None)
+    assert all(p.grad is None for p in hosted.module.parameters())
+    _assert_same_weights(before, _weights(hosted.module))
+
+
 def test_expert_backward_does_not_change_weights():
     expert = init_expert(8, 16, seed=0, uid=UID)
     before = _weights(expert)

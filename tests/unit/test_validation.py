@@ -49,6 +49,17 @@ def test_good_backward_request_carries_grads():
     assert torch.equal(item.x_ND, x_ND) and torch.equal(item.g_ND, g_ND)
 
 
+def test_input_grads_only_is_read_for_backward_and_refused_on_a_forward():
+    x_ND, g_ND = _rows(2, seed=3), _rows(2, seed=4)
+    batch = _batch("tiny.L0.E1", x_ND, g_ND)
+    batch.input_grads_only = True
+    (item,) = validate_request(_request(batch), LIMITS, backward=True)
+    assert item.input_grads_only
+    forward = _batch("tiny.L0.E1", x_ND)
+    forward.input_grads_only = True
+    _rejects(_request(forward), BadRequest, "tiny.L0.E1: input_grads_only is for Backward batches")
+
+
 def test_bfloat16_batch_is_accepted_when_allowed():
     x_ND = _rows(2, seed=5).to(torch.bfloat16)
     (item,) = validate_request(_request(_batch("tiny.L0.E0", x_ND)), LIMITS, backward=False)

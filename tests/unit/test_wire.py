@@ -125,7 +125,9 @@ def _same_request(view: wire.RequestView, message: expert_pb2.ExpertRequest) -> 
     ):
         return False
     for ours, theirs in zip(view.batches, message.batches):
-        if (ours.uid, ours.forward_id) != (theirs.uid, theirs.forward_id) or not _same_tensor(ours.inputs, theirs.inputs):
+        if (ours.uid, ours.forward_id, ours.input_grads_only) != (theirs.uid, theirs.forward_id, theirs.input_grads_only):
+            return False
+        if not _same_tensor(ours.inputs, theirs.inputs):
             return False
         if ours.HasField("grad_outputs") != theirs.HasField("grad_outputs"):
             return False
@@ -233,3 +235,11 @@ def test_keep_activations_and_forward_ids_cross_both_encoders(rows):
     view, message = wire.parse_request(data), expert_pb2.ExpertRequest.FromString(data)
     assert _same_request(view, _without_pads(message))
     assert not view.keep_activations and [b.forward_id for b in view.batches] == ["", "f-1"]
+
+
+@pytest.mark.parametrize("rows", [2, 200])  # through protobuf's encoder, and through ours
+def test_input_grads_only_is_per_batch_and_crosses_both_encoders(rows):
+    x = {"m.L0.E1": torch.randn(rows, 64), "m.L1.E0": torch.randn(rows, 64)}
+    data = wire.write_request("m", "b-3", x, {uid: -t for uid, t in x.items()}, backward=True, input_grads_only={"m.L0.E1"})
+    view, message = wire.read_request(data), expert_pb2.ExpertRequest.FromString(data)
+    assert [b.input_grads_only for b in view.batches] == [b.input_grads_only for b in message.batches] == [True, False]
