@@ -35,6 +35,7 @@ from moeswarm.protocol.state_transfer import fetch_state
 logger = logging.getLogger(__name__)
 MAX_RELATIVE_DISTANCE = 0.5  # |peer - own| / |own| above this is not the same expert: not averaged
 FAILURE_LOG_S = 300.0  # the same failure is logged at most this often
+PROGRESS_S = 5.0  # a start that takes weights from replicas logs its progress this often
 
 
 def relative_distance(own: dict[str, torch.Tensor], peer: dict[str, torch.Tensor]) -> float:
@@ -72,8 +73,11 @@ class ReplicaSync:
         if not uids:
             return []
         found = await self.replicas(uids)
-        adopted = []
-        for uid in uids:
+        adopted, started, shown = [], time.monotonic(), time.monotonic()
+        for i, uid in enumerate(uids):
+            if time.monotonic() - shown >= PROGRESS_S:  # large experts over a slow link take a while: say so
+                shown = time.monotonic()
+                logger.info("taking weights from replicas: %d of %d experts checked, %d taken, %.0f s", i, len(uids), len(adopted), shown - started)
             for record in sorted((r for r in found[uid] if r.version > 0), key=lambda r: -r.version):
                 try:
                     version, tensors = await self._fetch(record, uid)
@@ -87,7 +91,8 @@ class ReplicaSync:
                 break
         if adopted:
             logger.info(
-                "%d of %d experts start from the weights of their most trained replica (first: %s)", len(adopted), len(uids), adopted[0]
+                "%d of %d experts start from the weights of their most trained replica (first: %s; %.1f s)",
+                len(adopted), len(uids), adopted[0], time.monotonic() - started,
             )
         return adopted
 

@@ -45,7 +45,7 @@ def test_a_new_replica_starts_from_the_trained_replica_not_from_the_seed(node_fa
     joined = node_factory("joined", swarm="adopt", experts=[UID], average_every_s=0)
     out, versions = run(probe(joined.ready["endpoint"], MODEL["name"], UID, x))
     assert torch.equal(out, trained_out) and versions[UID] == 1
-    assert f"1 of 1 experts start from the weights of their most trained replica (first: {UID})" in joined.log
+    assert f"1 of 1 experts start from the weights of their most trained replica (first: {UID}; " in joined.log
 
     alone = node_factory("alone", swarm="adopt", experts=[UID], average_every_s=0, sync_from_replicas=False)
     out, versions = run(probe(alone.ready["endpoint"], MODEL["name"], UID, x))
