@@ -46,7 +46,7 @@ import time
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from echo_server import ECHO_METHOD, GRPC_OPTIONS, run_event_loop, spawn_echo  # noqa: E402
+from echo_server import ECHO_METHOD, GRPC_OPTIONS, spawn_echo  # noqa: E402
 from common import (  # noqa: E402  (bench/ is a folder of scripts, not a package)
     Progress,
     print_greedy_check,
@@ -61,7 +61,6 @@ from common import (  # noqa: E402  (bench/ is a folder of scripts, not a packag
     stats_ms,
     time_call,
     wait_ready,
-    write_ready,
 )
 
 SIZES = dict(name="bench-lm", d_model=256, n_layers=4, n_heads=4, d_ff=512, d_ff_dense=1024, max_seq_len=256, seed=0)

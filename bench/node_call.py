@@ -49,12 +49,9 @@ from common import (  # noqa: E402  (bench/ is a folder of scripts, not a packag
     machine_info,
     median,
     memory_of,
-    print_table,
     process_tree,
     quantile,
     wait_ready,
-    write_json,
-    write_ready,
 )
 
 MODEL = dict(name="bench", d_model=256, d_ff=1024, n_layers=1, n_experts=8)

@@ -53,13 +53,11 @@ from common import (  # noqa: E402  (bench/ is a folder of scripts, not a packag
     kill_descendants,
     machine_info,
     median,
-    print_table,
     quantile,
     stats_ms,
     time_call,
     time_within,
     wait_ready,
-    write_json,
     write_ready,
 )
 

@@ -14,7 +14,7 @@ import torch
 pytest.importorskip("transformers")
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "unit"))
-from hf_tiny import FAMILIES, save_tiny  # noqa: E402
+from hf_tiny import save_tiny  # noqa: E402
 from procs import Proc, ProcGroup, read_until, spawn, start_dht_peer, wait_ready  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
