@@ -8,9 +8,8 @@ from typing import Callable
 import torch
 
 from moeswarm.model.directory import find_experts
-from moeswarm.protocol.errors import AllReplicasFailed, MoeSwarmError
 from moeswarm.protocol.records import ExpertRecord
-from moeswarm.protocol.state_transfer import fetch_state
+from moeswarm.protocol.state_transfer import fetch_newest
 
 Expected = dict[str, tuple[tuple[int, ...], torch.dtype]]  # parameter name -> (shape, dtype)
 Progress = Callable[[int, int, str, int], None]  # (done, total, uid, version)
@@ -24,18 +23,9 @@ async def pull_experts(
     names the endpoints tried for an expert no replica gave."""
     pulled = {}
     for done, (uid, replicas) in enumerate(records.items(), start=1):
-        attempts: list[tuple[str, str]] = []
-        for record in sorted(replicas, key=lambda r: -r.version):
-            try:
-                version, pulled[uid] = await fetch_state(record.endpoint, uid, expected, max_message_bytes=max_message_bytes)
-            except MoeSwarmError as e:
-                attempts.append((record.endpoint, str(e)))
-                continue
-            if progress is not None:
-                progress(done, len(records), uid, version)
-            break
-        else:
-            raise AllReplicasFailed(uid, attempts)
+        _, version, pulled[uid] = await fetch_newest(uid, replicas, expected, max_message_bytes=max_message_bytes)
+        if progress is not None:
+            progress(done, len(records), uid, version)
     return pulled
 
 

@@ -15,6 +15,8 @@ import tempfile
 
 import torch
 
+from moeswarm.protocol.errors import ConfigError
+
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "experts.pt"
@@ -83,8 +85,6 @@ def lock_state_dir(state_dir: pathlib.Path):
     directory would overwrite each other's checkpoints under one identity: the second one is refused.
     A POSIX record lock (lockf), not flock: it belongs to this process alone, so the DHT process
     forked from it does not hold it on after the node died."""
-    from moeswarm.protocol.errors import ConfigError
-
     state_dir.mkdir(parents=True, exist_ok=True)
     file = open(state_dir / LOCK_NAME, "a+")
     try:

@@ -28,9 +28,9 @@ import torch
 from moeswarm.model.directory import find_experts
 from moeswarm.node.batcher import Batcher
 from moeswarm.node.registry import ExpertRegistry
-from moeswarm.protocol.errors import MoeSwarmError
+from moeswarm.protocol.errors import AllReplicasFailed, MoeSwarmError
 from moeswarm.protocol.records import ExpertRecord
-from moeswarm.protocol.state_transfer import fetch_state
+from moeswarm.protocol.state_transfer import fetch_newest, fetch_state
 
 logger = logging.getLogger(__name__)
 MAX_RELATIVE_DISTANCE = 0.5  # |peer - own| / |own| above this is not the same expert: not averaged
@@ -56,7 +56,6 @@ class ReplicaSync:
         self._rng = rng or random.Random()
         self._last_round: dict[tuple[str, str], tuple[int, int]] = {}  # (uid, peer) -> (own, peer's) version then
         self._logged: dict[tuple, float] = {}  # what failed -> when it was last logged
-        self.rounds = 0  # averaging rounds applied, for logs and tests
 
     async def replicas(self, uids: list[str]) -> dict[str, list[ExpertRecord]]:
         """uid -> the other nodes' announced replicas of it."""
@@ -69,7 +68,7 @@ class ReplicaSync:
 
     async def adopt_newest(self, uids: list[str]) -> list[str]:
         """Start each expert in `uids` from its most trained replica (version > 0) that answers; returns
-        the UIDs that took a peer's weights. A replica that fails is logged and the next one tried."""
+        the UIDs that took a peer's weights. An expert no such replica gave keeps its own (logged)."""
         if not uids:
             return []
         found = await self.replicas(uids)
@@ -78,17 +77,20 @@ class ReplicaSync:
             if time.monotonic() - shown >= PROGRESS_S:  # large experts over a slow link take a while: say so
                 shown = time.monotonic()
                 logger.info("taking weights from replicas: %d of %d experts checked, %d taken, %.0f s", i, len(uids), len(adopted), shown - started)
-            for record in sorted((r for r in found[uid] if r.version > 0), key=lambda r: -r.version):
-                try:
-                    version, tensors = await self._fetch(record, uid)
-                except MoeSwarmError as e:
-                    logger.warning("could not take %s's weights from %s (%s); trying another replica", uid, record.endpoint, e)
-                    continue
-                await self._batcher.run_on_compute_thread(self._registry.adopt_state, uid, version, tensors)
-                self._last_round[(uid, record.peer_id)] = (version, version)  # the same weights: nothing to average yet
-                logger.debug("%s starts from the weights of its replica at %s (version %d)", uid, record.endpoint, version)
-                adopted.append(uid)
-                break
+            trained = [r for r in found[uid] if r.version > 0]
+            if not trained:
+                continue
+            try:
+                record, version, tensors = await fetch_newest(
+                    uid, trained, self._registry.parameter_specs(uid), max_message_bytes=self._max_message_bytes
+                )
+            except AllReplicasFailed as e:
+                logger.warning("%s starts from its own weights: %s", uid, e)
+                continue
+            await self._batcher.run_on_compute_thread(self._registry.adopt_state, uid, version, tensors)
+            self._last_round[(uid, record.peer_id)] = (version, version)  # the same weights: nothing to average yet
+            logger.debug("%s starts from the weights of its replica at %s (version %d)", uid, record.endpoint, version)
+            adopted.append(uid)
         if adopted:
             logger.info(
                 "%d of %d experts start from the weights of their most trained replica (first: %s; %.1f s)",
@@ -137,7 +139,6 @@ class ReplicaSync:
             self._log((uid, peer.endpoint, "refused"), f"did not average {uid} with {peer.endpoint}: {applied}")
             return False
         self._last_round[(uid, peer.peer_id)] = (self._registry.experts[uid].visible_version, version)
-        self.rounds += 1
         logger.debug("averaged %s with %s (its version %d)", uid, peer.endpoint, version)
         return True
 

@@ -8,13 +8,15 @@ parameter's size, no gap, no change of version mid-stream, no NaN or infinity.
 
 from __future__ import annotations
 
+import math
 from typing import Iterator
 
 import torch
 
 from moeswarm.protocol import expert_pb2
 from moeswarm.protocol.codec import WIRE_NAME_OF, decode, tensor_payload
-from moeswarm.protocol.errors import BadRequest, error_from_rpc
+from moeswarm.protocol.errors import AllReplicasFailed, BadRequest, MoeSwarmError, error_from_rpc
+from moeswarm.protocol.records import ExpertRecord
 from moeswarm.protocol.wire import TensorView
 
 FETCH_TIMEOUT_S = 120.0  # one expert's weights; a 336 MiB Mixtral expert at 10 MB/s takes 35 s
@@ -48,7 +50,7 @@ class StateAssembler:
         self.uid, self.expected = uid, expected
         self.version: int | None = None
         self._buffers: dict[str, bytearray] = {}
-        self._sizes = {name: _numel(shape) * dtype.itemsize for name, (shape, dtype) in expected.items()}
+        self._sizes = {name: math.prod(shape) * dtype.itemsize for name, (shape, dtype) in expected.items()}
 
     def add(self, chunk: expert_pb2.StateChunk) -> None:
         """Take one chunk; BadRequest names what is wrong with it."""
@@ -89,13 +91,6 @@ class StateAssembler:
         return self.version, tensors
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    count = 1
-    for dim in shape:
-        count *= dim
-    return count
-
-
 async def fetch_state(
     endpoint: str, uid: str, expected: dict[str, tuple[tuple[int, ...], torch.dtype]], *, max_message_bytes: int,
     timeout_s: float = FETCH_TIMEOUT_S,
@@ -119,3 +114,19 @@ async def fetch_state(
         except grpc.RpcError as e:
             raise error_from_rpc(e, endpoint) from e
     return assembler.result()
+
+
+async def fetch_newest(
+    uid: str, replicas: list[ExpertRecord], expected: dict[str, tuple[tuple[int, ...], torch.dtype]], *, max_message_bytes: int,
+) -> tuple[ExpertRecord, int, dict[str, torch.Tensor]]:
+    """(record, version, weights) of the replica with the most optimizer steps that answers, trying
+    them in that order; AllReplicasFailed names every endpoint tried and why."""
+    attempts: list[tuple[str, str]] = []
+    for record in sorted(replicas, key=lambda r: -r.version):
+        try:
+            version, tensors = await fetch_state(record.endpoint, uid, expected, max_message_bytes=max_message_bytes)
+        except MoeSwarmError as e:
+            attempts.append((record.endpoint, str(e)))
+            continue
+        return record, version, tensors
+    raise AllReplicasFailed(uid, attempts)
