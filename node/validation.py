@@ -74,7 +74,7 @@ def _validate_batch(batch: wire.BatchView | expert_pb2.ExpertBatch, limits: Limi
         raise BadRequest(f"Forward batch for {batch.uid} must not carry grad_outputs")
     if batch.forward_id and (not backward or len(batch.forward_id) > MAX_ID_CHARS):
         raise BadRequest(f"{batch.uid}: forward_id is for Backward batches, at most {MAX_ID_CHARS} characters")
-    input_grads_only = bool(getattr(batch, "input_grads_only", False))
+    input_grads_only = bool(batch.input_grads_only)
     if input_grads_only and not backward:
         raise BadRequest(f"{batch.uid}: input_grads_only is for Backward batches")
     return ExpertWork(batch.uid, x_ND, g_ND, batch.forward_id, input_grads_only)
