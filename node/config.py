@@ -65,8 +65,10 @@ class NodeConfig:
     device: str = "cpu"  # where experts live and compute: "cpu", "cuda" or "cuda:N"
     activation_cache_mb: int = 256  # memory (on device) for activations training forwards keep for their backward; 0: off
     trainable: bool = True  # accept Backward (gradients) from clients; false: inference only, no one can change the experts
-    sync_from_replicas: bool = True  # an expert no checkpoint restored starts from its most trained replica in the swarm
-    average_every_s: float = 60.0  # trainable nodes average each expert with a trainable replica this often; 0: never
+    sync_from_replicas: bool = True  # an expert no checkpoint restored starts from its most trained replica in the swarm;
+    # an inference-only node also takes a replica's weights later, when that one has trained further
+    average_every_s: float = 60.0  # trainable nodes average each expert with a trainable replica this often, inference-only
+    # ones (sync_from_replicas) check for replicas trained further this often; 0: never
     prepack_weights: bool = False  # CPU serving: forward with oneDNN-prepacked weights (fp32, bf16; 1.1-1.8x faster; 2x weight memory)
     optimizer: OptimizerConfig = OptimizerConfig()
 

@@ -111,8 +111,9 @@ class ExpertNode:
         )
         await self.announcer.announce_once()
         self._tasks = [asyncio.create_task(self.announcer.run()), asyncio.create_task(self._checkpoint_loop())]
-        if config.trainable and config.average_every_s > 0:
-            self._tasks.append(asyncio.create_task(self.replicas.run(config.average_every_s)))
+        if config.average_every_s > 0 and (config.trainable or config.sync_from_replicas):
+            # trainable: average with replicas; inference only: follow the most trained one
+            self._tasks.append(asyncio.create_task(self.replicas.run(config.average_every_s, follow=not config.trainable)))
         self._serving = True
         # Everything loaded so far (torch, hivemind, grpc, the experts: ~175k objects) lives as long as
         # the node: move it out of the cyclic GC's view, or every full collection walks it again (one

@@ -1,5 +1,5 @@
-"""Keeps the replicas of an expert together: a new replica starts from a peer's weights, and trainable
-replicas average with each other now and then.
+"""Keeps the replicas of an expert together: a new replica starts from a peer's weights, trainable
+replicas average with each other now and then, and inference-only replicas follow the trained ones.
 
 At start, each hosted expert that no checkpoint restored looks up its replicas in the DHT; if one
 has applied optimizer steps (version > 0), the node takes the weights of the most trained one that
@@ -7,13 +7,17 @@ answers (ExportState) before it announces anything, so it never serves weights t
 trained past. A fresh swarm (every version 0) keeps the weights each node made from the shared seed
 or model directory.
 
-While serving, a trainable node, every `average_every_s` (jittered by +-20%), pulls the weights of
-one trainable replica of each hosted expert, chosen at random, and sets its own to the mean of the
-two (ExpertRegistry.average_with). A round is skipped when neither side has stepped since the last
-round with that peer (or ever), so an idle swarm sends nothing. Pulling, never pushing: a node's weights
-change only by its own choice, and not toward a "replica" whose weights differ from its own by
-more than MAX_RELATIVE_DISTANCE (a different seed or model directory, or a broken peer): that is
-refused and logged.
+While serving, every `average_every_s` (jittered by +-20%):
+- a trainable node pulls the weights of one trainable replica of each hosted expert, chosen at
+  random, and sets its own to the mean of the two (ExpertRegistry.average_with). A round is skipped
+  when neither side has stepped since the last round with that peer (or ever), so an idle swarm
+  sends nothing. Its weights never move toward a "replica" whose weights differ from its own by
+  more than MAX_RELATIVE_DISTANCE (a different seed or model directory, or a broken peer): that is
+  refused and logged.
+- an inference-only node (it never steps) takes, as at start, the weights of the most trained
+  replica of each expert that has stepped past the version it holds, so it serves what the swarm
+  has learned rather than what it started with. Nothing moves while no replica is ahead of it.
+Pulling, never pushing: a node's weights change only by its own choice.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import asyncio
 import logging
 import random
 import time
+from typing import Callable
 
 import torch
 
@@ -71,26 +76,8 @@ class ReplicaSync:
         the UIDs that took a peer's weights. An expert no such replica gave keeps its own (logged)."""
         if not uids:
             return []
-        found = await self.replicas(uids)
-        adopted, started, shown = [], time.monotonic(), time.monotonic()
-        for i, uid in enumerate(uids):
-            if time.monotonic() - shown >= PROGRESS_S:  # large experts over a slow link take a while: say so
-                shown = time.monotonic()
-                logger.info("taking weights from replicas: %d of %d experts checked, %d taken, %.0f s", i, len(uids), len(adopted), shown - started)
-            trained = [r for r in found[uid] if r.version > 0]
-            if not trained:
-                continue
-            try:
-                record, version, tensors = await fetch_newest(
-                    uid, trained, self._registry.parameter_specs(uid), max_message_bytes=self._max_message_bytes
-                )
-            except AllReplicasFailed as e:
-                logger.warning("%s starts from its own weights: %s", uid, e)
-                continue
-            await self._batcher.run_on_compute_thread(self._registry.adopt_state, uid, version, tensors)
-            self._last_round[(uid, record.peer_id)] = (version, version)  # the same weights: nothing to average yet
-            logger.debug("%s starts from the weights of its replica at %s (version %d)", uid, record.endpoint, version)
-            adopted.append(uid)
+        started = time.monotonic()
+        adopted = await self._take_newest(uids, lambda uid: 0)
         if adopted:
             logger.info(
                 "%d of %d experts start from the weights of their most trained replica (first: %s; %.1f s)",
@@ -98,16 +85,55 @@ class ReplicaSync:
             )
         return adopted
 
-    async def run(self, every_s: float) -> None:
-        """Average every `every_s` seconds (jittered) until cancelled; a failed round is logged."""
+    async def follow_round(self) -> int:
+        """An inference-only node's round: each hosted expert takes the weights of its most trained
+        replica if that one stepped past the version held here; returns how many did."""
+        started = time.monotonic()
+        uids = list(self._registry.experts)
+        taken = await self._take_newest(uids, lambda uid: self._registry.experts[uid].visible_version)
+        if taken:
+            logger.info(
+                "took the weights of %d of %d experts from replicas trained further (first: %s, now version %d; %.2f s)",
+                len(taken), len(uids), taken[0], self._registry.experts[taken[0]].version, time.monotonic() - started,
+            )
+        return len(taken)
+
+    async def _take_newest(self, uids: list[str], held: Callable[[str], int]) -> list[str]:
+        """For each expert, the weights and version of its most trained replica that answers, among
+        those with a version above held(uid); returns the UIDs that took them."""
+        found = await self.replicas(uids)
+        taken, started, shown = [], time.monotonic(), time.monotonic()
+        for i, uid in enumerate(uids):
+            if time.monotonic() - shown >= PROGRESS_S:  # large experts over a slow link take a while: say so
+                shown = time.monotonic()
+                logger.info("taking weights from replicas: %d of %d experts checked, %d taken, %.0f s", i, len(uids), len(taken), shown - started)
+            ahead = [r for r in found[uid] if r.version > held(uid)]
+            if not ahead:
+                continue
+            try:
+                record, version, tensors = await fetch_newest(
+                    uid, ahead, self._registry.parameter_specs(uid), max_message_bytes=self._max_message_bytes
+                )
+            except AllReplicasFailed as e:
+                self._log((uid, "take"), f"{uid} keeps the weights it has (version {held(uid)}): {e}")
+                continue
+            await self._batcher.run_on_compute_thread(self._registry.adopt_state, uid, version, tensors)
+            self._last_round[(uid, record.peer_id)] = (version, version)  # the same weights: nothing to average yet
+            logger.debug("%s took the weights of its replica at %s (version %d)", uid, record.endpoint, version)
+            taken.append(uid)
+        return taken
+
+    async def run(self, every_s: float, *, follow: bool = False) -> None:
+        """Every `every_s` seconds (jittered) until cancelled, an averaging round, or with follow=True
+        (an inference-only node) a follow_round; a failed round is logged."""
         while True:
             await asyncio.sleep(every_s * self._rng.uniform(0.8, 1.2))
             try:
-                await self.average_round()
+                await (self.follow_round() if follow else self.average_round())
             except MoeSwarmError as e:
-                self._log(("round",), f"replica averaging skipped a round: {e}")
+                self._log(("round",), f"replica sync skipped a round: {e}")
             except Exception:  # task boundary: keep serving, try again next round
-                logger.error("replica averaging failed; will retry", exc_info=True)
+                logger.error("replica sync failed; will retry", exc_info=True)
 
     async def average_round(self) -> int:
         """Average each hosted expert with one trainable replica that has stepped since the last round

@@ -1,5 +1,6 @@
 """Replicas of one expert on real node processes: a new replica starts from the trained one's weights,
-trainable replicas average, a stranger's weights are refused, ExportState checks its input."""
+an inference-only one follows it, trainable replicas average, a stranger's weights are refused,
+ExportState checks its input."""
 
 from __future__ import annotations
 
@@ -50,6 +51,25 @@ def test_a_new_replica_starts_from_the_trained_replica_not_from_the_seed(node_fa
     alone = node_factory("alone", swarm="adopt", experts=[UID], average_every_s=0, sync_from_replicas=False)
     out, versions = run(probe(alone.ready["endpoint"], MODEL["name"], UID, x))
     assert torch.allclose(out, seed_out, atol=1e-6) and versions[UID] == 0
+
+
+def test_an_inference_only_replica_follows_the_replica_that_trains(node_factory, client_dht):
+    x = torch.randn(3, D)
+    trained, out_v1 = _trained_node(node_factory, client_dht, "follow", x, average_every_s=0)
+    follower = node_factory("follower", swarm="follow", experts=[UID], trainable=False, average_every_s=1)
+    out, versions = run(probe(follower.ready["endpoint"], MODEL["name"], UID, x))
+    assert torch.equal(out, out_v1) and versions[UID] == 1  # taken at start
+
+    out_v2, versions = run(train_step(trained.ready["endpoint"], MODEL["name"], UID, x, torch.randn(len(x), D)))
+    assert versions[UID] == 2 and not torch.equal(out_v2, out_v1)
+
+    def followed():
+        out, versions = run(probe(follower.ready["endpoint"], MODEL["name"], UID, x))
+        return (out, versions) if versions[UID] == 2 else None
+
+    out, _ = wait_for(followed, timeout_s=20, what="the follower at version 2")
+    assert torch.equal(out, out_v2)  # the trained replica's weights, bit for bit
+    assert f"took the weights of 1 of 1 experts from replicas trained further (first: {UID}, now version 2;" in follower.log
 
 
 def test_trainable_replicas_average_toward_each_other(node_factory, client_dht):
