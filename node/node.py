@@ -7,6 +7,7 @@ import concurrent.futures
 import gc
 import logging
 import pathlib
+import secrets
 import time
 
 import grpc
@@ -64,6 +65,7 @@ class ExpertNode:
         self._lock = None  # the open lock file of state_dir, held while the node runs
         self._serving = False  # set once start() completed; a node that failed to start writes nothing
         self._loop: asyncio.AbstractEventLoop | None = None  # the serving loop, set by start()
+        self._process_id = secrets.token_hex(6)  # with an expert's revision, names the weights it holds (ExpertRecord.state)
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="expert-compute", initializer=torch.set_num_threads, initargs=(config.torch_threads,)
         )
@@ -200,7 +202,10 @@ class ExpertNode:
         node = NodeRecord(**load, model=vars(spec).copy(), uids=self.uids)
         wire = tuple(self.config.wire_dtypes)
         experts = {
-            uid: ExpertRecord(**load, version=hosted.visible_version, wire_dtypes=wire, trainable=self.config.trainable)
+            uid: ExpertRecord(
+                **load, version=hosted.visible_version, wire_dtypes=wire, trainable=self.config.trainable,
+                state=f"{self._process_id}.{hosted.revision}",  # unique per process start, then per weight change
+            )
             for uid, hosted in self.registry.experts.items()
         }
         return node, experts

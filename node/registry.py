@@ -204,15 +204,19 @@ class ExpertRegistry:
         hosted.optimizer, hosted.version, hosted.rows_since_step, hosted.step_due = None, version, 0, False
         hosted.revision += 1
 
-    def average_with(self, uid: str, tensors: dict[str, torch.Tensor]) -> None:
+    def average_with(self, uid: str, tensors: dict[str, torch.Tensor], *, take: bool = False) -> None:
         """One averaging round with a peer replica: weights := (own + peer's) / 2, the same on both
-        sides bit for bit. Optimizer state and accumulated gradients stay; the version (optimizer
-        steps) stays too, so rounds without training in between find nothing new to average."""
+        sides bit for bit; take=True: weights := the peer's (replicas settling once training stopped).
+        Optimizer state and accumulated gradients stay; the version (optimizer steps) stays too, so
+        rounds without training in between find nothing new to average."""
         hosted = self.experts[uid]
         self._apply_due_step(hosted)
         with torch.no_grad():
             for name, param in hosted.module.named_parameters():
-                param.add_(tensors[name].to(param.device)).mul_(0.5)
+                if take:
+                    param.copy_(tensors[name])
+                else:
+                    param.add_(tensors[name].to(param.device)).mul_(0.5)
         hosted.averaged += 1
         hosted.revision += 1
 

@@ -17,6 +17,10 @@ While serving, every `average_every_s` (jittered by +-20%):
 - an inference-only node (it never steps) takes, as at start, the weights of the most trained
   replica of each expert that has stepped past the version it holds, so it serves what the swarm
   has learned rather than what it started with. Nothing moves while no replica is ahead of it.
+Once training stops (no trainable replica of an expert stepped between two rounds of this node),
+pairwise means leave the replicas close, not equal; they settle: every replica takes the weights
+of the trainable one with the lowest peer id, once, so any replica a client picks answers alike,
+bit for bit. A record's `state` names the weights it holds, so a settled swarm sends nothing more.
 Pulling, never pushing: a node's weights change only by its own choice.
 """
 
@@ -60,6 +64,8 @@ class ReplicaSync:
         self._registry, self._batcher, self._max_message_bytes = registry, batcher, max_message_bytes
         self._rng = rng or random.Random()
         self._last_round: dict[tuple[str, str], tuple[int, int]] = {}  # (uid, peer) -> (own, peer's) version then
+        self._versions_seen: dict[str, tuple] = {}  # uid -> versions of its trainable replicas at the last round
+        self._settled: dict[str, tuple[str, int]] = {}  # uid -> (leader's state, own revision) once it took them
         self._logged: dict[tuple, float] = {}  # what failed -> when it was last logged
 
     async def replicas(self, uids: list[str]) -> dict[str, list[ExpertRecord]]:
@@ -96,7 +102,13 @@ class ReplicaSync:
                 "took the weights of %d of %d experts from replicas trained further (first: %s, now version %d; %.2f s)",
                 len(taken), len(uids), taken[0], self._registry.experts[taken[0]].version, time.monotonic() - started,
             )
-        return len(taken)
+        found = await self.replicas([uid for uid in uids if uid not in taken])
+        settled = 0
+        for uid, records in found.items():  # training stopped: hold what the trainable replicas settle on
+            peers = [record for record in records if record.trainable]
+            if peers and self._quiet(uid, peers):
+                settled += await self._settle(uid, peers, may_lead=False)
+        return len(taken) + settled
 
     async def _take_newest(self, uids: list[str], held: Callable[[str], int]) -> list[str]:
         """For each expert, the weights and version of its most trained replica that answers, among
@@ -119,6 +131,7 @@ class ReplicaSync:
                 continue
             await self._batcher.run_on_compute_thread(self._registry.adopt_state, uid, version, tensors)
             self._last_round[(uid, record.peer_id)] = (version, version)  # the same weights: nothing to average yet
+            self._settled[uid] = (record.state, self._registry.experts[uid].revision)
             logger.debug("%s took the weights of its replica at %s (version %d)", uid, record.endpoint, version)
             taken.append(uid)
         return taken
@@ -136,40 +149,79 @@ class ReplicaSync:
                 logger.error("replica sync failed; will retry", exc_info=True)
 
     async def average_round(self) -> int:
-        """Average each hosted expert with one trainable replica that has stepped since the last round
-        with it; returns how many experts were averaged."""
+        """For each hosted expert: while replicas train, average with one trainable replica that has
+        stepped since the last round with it; once none stepped since this node's last round, settle
+        (see _settle). Returns how many experts changed."""
         started = time.monotonic()
         uids = list(self._registry.experts)
         found = await self.replicas(uids)
-        averaged = 0
+        averaged = settled = 0
         for uid in uids:
             peers = [record for record in found[uid] if record.trainable]
-            if peers and await self._average_with(uid, self._rng.choice(peers)):
-                averaged += 1
-        if averaged:
-            logger.info("averaged %d of %d experts with a replica in %.2f s", averaged, len(uids), time.monotonic() - started)
-        return averaged
+            if not peers:
+                continue
+            if self._quiet(uid, peers):
+                settled += await self._settle(uid, peers)
+            else:
+                averaged += await self._average_with(uid, self._rng.choice(peers))
+        if averaged or settled:
+            logger.info(
+                "averaged %d and settled %d of %d experts with a replica in %.2f s", averaged, settled, len(uids), time.monotonic() - started
+            )
+        return averaged + settled
+
+    def _quiet(self, uid: str, peers: list[ExpertRecord]) -> bool:
+        """Whether this expert's trainable replicas, this one included, all hold the versions they held
+        at this node's last round, and one of them ever stepped (a swarm that never trained holds the
+        weights of its seed or model directory everywhere: nothing to settle)."""
+        versions = (self._registry.experts[uid].visible_version, frozenset((r.peer_id, r.version) for r in peers))
+        seen, self._versions_seen[uid] = self._versions_seen.get(uid), versions
+        return seen == versions and (versions[0] > 0 or any(r.version > 0 for r in peers))
+
+    async def _settle(self, uid: str, peers: list[ExpertRecord], *, may_lead: bool = True) -> bool:
+        """Training stopped: pairwise averaging leaves replicas close, not equal. Every replica but the
+        trainable one with the lowest peer id (the leader) takes the leader's weights, so all answer
+        alike, bit for bit; nothing is sent again while neither side's weights change (the leader's
+        ExpertRecord.state names them). may_lead=False: an inference-only node, never the leader."""
+        leader = min(peers, key=lambda record: record.peer_id)
+        if (may_lead and leader.peer_id > self._peer_id) or not leader.state:  # this node leads, or a peer from before `state`
+            return False
+        if self._settled.get(uid) == (leader.state, self._registry.experts[uid].revision):
+            return False
+        if not await self._pull(uid, leader, take=True):
+            return False
+        self._settled[uid] = (leader.state, self._registry.experts[uid].revision)
+        logger.debug("%s took the weights of %s (settled)", uid, leader.endpoint)
+        return True
 
     async def _average_with(self, uid: str, peer: ExpertRecord) -> bool:
         own_version = self._registry.experts[uid].visible_version
         # (0, 0): two replicas neither of which ever stepped hold the same weights (seed or model directory)
         if self._last_round.get((uid, peer.peer_id), (0, 0)) == (own_version, peer.version):
             return False  # neither side stepped since the last round with this peer
-        try:
-            version, tensors = await self._fetch(peer, uid)
-        except MoeSwarmError as e:
-            self._log((uid, peer.endpoint, "fetch"), f"could not average {uid} with {peer.endpoint}: {e}")
-            return False
-        applied = await self._batcher.run_on_compute_thread(self._apply, uid, tensors)
-        if applied is not None:
-            self._log((uid, peer.endpoint, "refused"), f"did not average {uid} with {peer.endpoint}: {applied}")
+        version = await self._pull(uid, peer, take=False)
+        if version is None:
             return False
         self._last_round[(uid, peer.peer_id)] = (self._registry.experts[uid].visible_version, version)
         logger.debug("averaged %s with %s (its version %d)", uid, peer.endpoint, version)
         return True
 
-    def _apply(self, uid: str, tensors: dict[str, torch.Tensor]) -> str | None:
-        """On the compute thread: average, or say why not."""
+    async def _pull(self, uid: str, peer: ExpertRecord, *, take: bool) -> int | None:
+        """Fetch the peer's weights of uid and average with them (take: replace ours by them); returns
+        the peer's version, or None (logged) if it did not answer or its weights were refused."""
+        try:
+            version, tensors = await self._fetch(peer, uid)
+        except MoeSwarmError as e:
+            self._log((uid, peer.endpoint, "fetch"), f"could not average {uid} with {peer.endpoint}: {e}")
+            return None
+        refused = await self._batcher.run_on_compute_thread(self._apply, uid, tensors, take)
+        if refused is not None:
+            self._log((uid, peer.endpoint, "refused"), f"did not average {uid} with {peer.endpoint}: {refused}")
+            return None
+        return version
+
+    def _apply(self, uid: str, tensors: dict[str, torch.Tensor], take: bool) -> str | None:
+        """On the compute thread: average (or take), or say why not."""
         own = dict(self._registry.experts[uid].module.named_parameters())
         distance = relative_distance(own, tensors)
         if distance > MAX_RELATIVE_DISTANCE:
@@ -177,7 +229,7 @@ class ReplicaSync:
                 f"its weights differ from this node's by {distance:.2f} of their norm (over {MAX_RELATIVE_DISTANCE}): "
                 "not the same expert (different seed or model_dir?)"
             )
-        self._registry.average_with(uid, tensors)
+        self._registry.average_with(uid, tensors, take=take)
         return None
 
     def _log(self, key: tuple, message: str) -> None:

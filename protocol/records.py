@@ -97,10 +97,14 @@ class ExpertRecord(_Record):
     version: int  # optimizer steps applied to this replica (one started from a peer counts the peer's steps)
     wire_dtypes: tuple[str, ...] = ("float32",)
     trainable: bool = True  # accepts Backward; False: inference only (records from before this field: True)
+    # names the weights this replica holds now: it changes whenever they change ("" from peers before this field)
+    state: str = ""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _integer(self, "version")
+        if self.state != "":
+            _text(self, "state", max_length=64)
         if not isinstance(self.trainable, bool):
             raise ValueError(f"trainable must be a boolean, got {str(self.trainable)[:32]!r}")
         dtypes = _strings(self, "wire_dtypes", max_items=64)

@@ -1,5 +1,5 @@
 """Replicas of one expert on real node processes: a new replica starts from the trained one's weights,
-an inference-only one follows it, trainable replicas average, a stranger's weights are refused,
+an inference-only one follows it, trainable replicas average and then settle, a stranger's weights are refused,
 ExportState checks its input."""
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def test_an_inference_only_replica_follows_the_replica_that_trains(node_factory,
     assert f"took the weights of 1 of 1 experts from replicas trained further (first: {UID}, now version 2;" in follower.log
 
 
-def test_trainable_replicas_average_toward_each_other(node_factory, client_dht):
+def test_trainable_replicas_average_then_settle_on_the_same_weights(node_factory, client_dht):
     x = torch.randn(3, D)
     other = node_factory("other", swarm="average", **TRAINED, average_every_s=1, sync_from_replicas=False)
     before, _ = run(probe(other.ready["endpoint"], MODEL["name"], UID, x))
@@ -88,10 +88,19 @@ def test_trainable_replicas_average_toward_each_other(node_factory, client_dht):
     # Each pulled the other once: the weights are now at most a quarter as far apart (exactly equal if
     # both pulled before either applied); the outputs follow closely at this size.
     assert (a - b).abs().max() <= 0.5 * gap
-    # Neither stepped since: later rounds send nothing and change nothing.
+
+    # Neither steps any more: they settle on one replica's weights, bit for bit ...
+    def settled():
+        a, _ = run(probe(trained.ready["endpoint"], MODEL["name"], UID, x))
+        b, _ = run(probe(other.ready["endpoint"], MODEL["name"], UID, x))
+        return (a,) if torch.equal(a, b) else None
+
+    (same,) = wait_for(settled, timeout_s=30, what="the replicas settled")
+    assert "settled 1 of 1 experts" in trained.log + other.log
+    # ... and later rounds change nothing.
     run(asyncio.sleep(2.5))
-    assert torch.equal(run(probe(trained.ready["endpoint"], MODEL["name"], UID, x))[0], a)
-    assert torch.equal(run(probe(other.ready["endpoint"], MODEL["name"], UID, x))[0], b)
+    assert torch.equal(run(probe(trained.ready["endpoint"], MODEL["name"], UID, x))[0], same)
+    assert torch.equal(run(probe(other.ready["endpoint"], MODEL["name"], UID, x))[0], same)
 
 
 def test_a_replica_with_unrelated_weights_is_not_averaged_with(node_factory, client_dht):

@@ -298,3 +298,12 @@ def test_expert_record_trainable_defaults_to_true_for_records_that_predate_it():
     assert ExpertRecord.model_validate(frozen.model_dump()).trainable is False
     with pytest.raises(ValueError, match="trainable must be a boolean"):
         ExpertRecord.model_validate({**LOAD, "version": 0, "trainable": "no"})
+
+
+def test_expert_record_state_is_optional_and_checked():
+    assert ExpertRecord.model_validate({**LOAD, "version": 0}).state == ""  # a peer from before the field
+    named = ExpertRecord(**LOAD, version=3, state="a1b2c3d4e5f6.7")
+    assert ExpertRecord.model_validate(named.model_dump()).state == "a1b2c3d4e5f6.7"
+    for bad in (7, "x" * 65, None):
+        with pytest.raises(ValueError, match="state must be a string of 1 to 64 characters"):
+            ExpertRecord.model_validate({**LOAD, "version": 0, "state": bad})
