@@ -17,10 +17,12 @@ While serving, every `average_every_s` (jittered by +-20%):
 - an inference-only node (it never steps) takes, as at start, the weights of the most trained
   replica of each expert that has stepped past the version it holds, so it serves what the swarm
   has learned rather than what it started with. Nothing moves while no replica is ahead of it.
-Once training stops (no trainable replica of an expert stepped between two rounds of this node),
-pairwise means leave the replicas close, not equal; they settle: every replica takes the weights
-of the trainable one with the lowest peer id, once, so any replica a client picks answers alike,
-bit for bit. A record's `state` names the weights it holds, so a settled swarm sends nothing more.
+Once training stops (no trainable replica of an expert stepped since the last round), pairwise
+means leave the replicas close, not equal; they settle on the weights of the trainable replica with
+the lowest peer id (the leader). In quiet rounds the leader averages with every replica that stepped
+since its last round with it; after SETTLE_AFTER_ROUNDS quiet rounds every other replica takes the
+leader's weights, once, so any replica a client picks answers alike, bit for bit. A record's `state`
+names the weights it holds, so a settled swarm sends nothing more.
 Pulling, never pushing: a node's weights change only by its own choice.
 """
 
@@ -43,6 +45,11 @@ from moeswarm.protocol.state_transfer import fetch_newest, fetch_state
 
 logger = logging.getLogger(__name__)
 MAX_RELATIVE_DISTANCE = 0.5  # |peer - own| / |own| above this is not the same expert: not averaged
+# Rounds without a step anywhere before a replica takes the leader's weights: by then the leader,
+# which in quiet rounds averages with every replica that stepped since its last round with it, has
+# taken in this replica's last steps (a round is 0.8-1.2 average_every_s, so 3 of this node's rounds
+# outlast 2 of the leader's), so settling loses no replica's training.
+SETTLE_AFTER_ROUNDS = 3
 FAILURE_LOG_S = 300.0  # the same failure is logged at most this often
 PROGRESS_S = 5.0  # a start that takes weights from replicas logs its progress this often
 
@@ -64,7 +71,7 @@ class ReplicaSync:
         self._registry, self._batcher, self._max_message_bytes = registry, batcher, max_message_bytes
         self._rng = rng or random.Random()
         self._last_round: dict[tuple[str, str], tuple[int, int]] = {}  # (uid, peer) -> (own, peer's) version then
-        self._versions_seen: dict[str, tuple] = {}  # uid -> versions of its trainable replicas at the last round
+        self._versions_seen: dict[str, tuple] = {}  # uid -> (versions of its trainable replicas, rounds they held)
         self._settled: dict[str, tuple[str, int]] = {}  # uid -> (leader's state, own revision) once it took them
         self._logged: dict[tuple, float] = {}  # what failed -> when it was last logged
 
@@ -106,7 +113,7 @@ class ReplicaSync:
         settled = 0
         for uid, records in found.items():  # training stopped: hold what the trainable replicas settle on
             peers = [record for record in records if record.trainable]
-            if peers and self._quiet(uid, peers):
+            if peers and self._quiet_rounds(uid, peers) >= SETTLE_AFTER_ROUNDS:
                 settled += await self._settle(uid, peers, may_lead=False)
         return len(taken) + settled
 
@@ -150,8 +157,8 @@ class ReplicaSync:
 
     async def average_round(self) -> int:
         """For each hosted expert: while replicas train, average with one trainable replica that has
-        stepped since the last round with it; once none stepped since this node's last round, settle
-        (see _settle). Returns how many experts changed."""
+        stepped since the last round with it; once none steps, the leader catches up with all of them
+        and the others settle (see the module docstring). Returns how many pulls changed weights."""
         started = time.monotonic()
         uids = list(self._registry.experts)
         found = await self.replicas(uids)
@@ -160,23 +167,31 @@ class ReplicaSync:
             peers = [record for record in found[uid] if record.trainable]
             if not peers:
                 continue
-            if self._quiet(uid, peers):
+            quiet = self._quiet_rounds(uid, peers)
+            if quiet and self._peer_id < min(record.peer_id for record in peers):
+                # the leader catches up with every replica's last steps before the others take its weights
+                for peer in peers:
+                    averaged += await self._average_with(uid, peer)
+            elif quiet >= SETTLE_AFTER_ROUNDS:
                 settled += await self._settle(uid, peers)
             else:
                 averaged += await self._average_with(uid, self._rng.choice(peers))
         if averaged or settled:
             logger.info(
-                "averaged %d and settled %d of %d experts with a replica in %.2f s", averaged, settled, len(uids), time.monotonic() - started
+                "%d averaging pulls and %d settled of %d experts in %.2f s", averaged, settled, len(uids), time.monotonic() - started
             )
         return averaged + settled
 
-    def _quiet(self, uid: str, peers: list[ExpertRecord]) -> bool:
-        """Whether this expert's trainable replicas, this one included, all hold the versions they held
-        at this node's last round, and one of them ever stepped (a swarm that never trained holds the
-        weights of its seed or model directory everywhere: nothing to settle)."""
+    def _quiet_rounds(self, uid: str, peers: list[ExpertRecord]) -> int:
+        """How many rounds in a row this expert's trainable replicas, this one included, held the
+        versions they hold now (0: one stepped since this node's last round, or none ever stepped: a
+        swarm that never trained holds its seed's or model directory's weights everywhere)."""
         versions = (self._registry.experts[uid].visible_version, frozenset((r.peer_id, r.version) for r in peers))
-        seen, self._versions_seen[uid] = self._versions_seen.get(uid), versions
-        return seen == versions and (versions[0] > 0 or any(r.version > 0 for r in peers))
+        seen, count = self._versions_seen.get(uid, (None, 0))
+        trained = versions[0] > 0 or any(r.version > 0 for r in peers)
+        count = count + 1 if seen == versions and trained else 0
+        self._versions_seen[uid] = (versions, count)
+        return count
 
     async def _settle(self, uid: str, peers: list[ExpertRecord], *, may_lead: bool = True) -> bool:
         """Training stopped: pairwise averaging leaves replicas close, not equal. Every replica but the
@@ -188,7 +203,7 @@ class ReplicaSync:
             return False
         if self._settled.get(uid) == (leader.state, self._registry.experts[uid].revision):
             return False
-        if not await self._pull(uid, leader, take=True):
+        if await self._pull(uid, leader, take=True) is None:
             return False
         self._settled[uid] = (leader.state, self._registry.experts[uid].revision)
         logger.debug("%s took the weights of %s (settled)", uid, leader.endpoint)

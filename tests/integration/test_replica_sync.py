@@ -96,7 +96,7 @@ def test_trainable_replicas_average_then_settle_on_the_same_weights(node_factory
         return (a,) if torch.equal(a, b) else None
 
     (same,) = wait_for(settled, timeout_s=30, what="the replicas settled")
-    assert "settled 1 of 1 experts" in trained.log + other.log
+    assert "averaging pulls and 1 settled of 1 experts" in trained.log + other.log
     # ... and later rounds change nothing.
     run(asyncio.sleep(2.5))
     assert torch.equal(run(probe(trained.ready["endpoint"], MODEL["name"], UID, x))[0], same)

@@ -8,7 +8,8 @@ import torch
 from moeswarm.model.experts import init_expert
 from moeswarm.node.config import OptimizerConfig
 from moeswarm.node.registry import ExpertRegistry
-from moeswarm.node.replica_sync import relative_distance
+from moeswarm.node.replica_sync import SETTLE_AFTER_ROUNDS, ReplicaSync, relative_distance
+from moeswarm.protocol.records import ExpertRecord
 from moeswarm.protocol import expert_pb2
 from moeswarm.protocol.errors import BadRequest
 from moeswarm.protocol.spec import ModelSpec
@@ -146,3 +147,30 @@ def test_a_new_replica_adopts_a_peers_weights_and_version_with_fresh_optimizer_s
     assert hosted.version == 1 and hosted.optimizer is None and hosted.module.w1.weight.grad is None
     assert torch.equal(fresh.forward(UID, x), trained.forward(UID, x))
     assert not torch.equal(fresh.forward(UID, x), init_expert(8, 16, seed=0, uid=UID)(x))
+
+
+def test_taking_a_peers_weights_keeps_the_optimizer_state_and_version():
+    a, b = _registry(seed=0), _registry(seed=1)
+    a.backward(UID, torch.randn(4, 8), torch.randn(4, 8))  # update_every 1: steps
+    optimizer, version = a.experts[UID].optimizer, a.experts[UID].version
+    _, state_b = b.export_state(UID)
+    a.average_with(UID, state_b, take=True)
+    _, after_a = a.export_state(UID)
+    assert all(torch.equal(after_a[name], state_b[name]) for name in state_b)
+    assert a.experts[UID].optimizer is optimizer and a.experts[UID].version == version == 1
+
+
+def _record(peer_id: str, version: int) -> ExpertRecord:
+    return ExpertRecord(peer_id=peer_id, endpoint="127.0.0.1:9", queue_depth=0, rows_per_s=0.0, version=version)
+
+
+def test_replicas_count_as_quiet_only_once_trained_and_while_no_one_steps():
+    registry = _registry()
+    sync = ReplicaSync(dht=None, swarm="s", peer_id="me", registry=registry, batcher=None, max_message_bytes=1 << 20)
+    never_trained = [_record("peer", 0)]
+    assert [sync._quiet_rounds(UID, never_trained) for _ in range(4)] == [0, 0, 0, 0]  # seed weights everywhere
+    trained = [_record("peer", 5)]
+    assert [sync._quiet_rounds(UID, trained) for _ in range(4)] == [0, 1, 2, 3]
+    assert sync._quiet_rounds(UID, [_record("peer", 6)]) == 0  # the peer stepped
+    registry.experts[UID].version = 1  # this node stepped
+    assert [sync._quiet_rounds(UID, [_record("peer", 6)]) for _ in range(SETTLE_AFTER_ROUNDS + 1)] == list(range(SETTLE_AFTER_ROUNDS + 1))
