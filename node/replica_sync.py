@@ -103,24 +103,25 @@ class ReplicaSync:
         replica if that one stepped past the version held here; returns how many did."""
         started = time.monotonic()
         uids = list(self._registry.experts)
-        taken = await self._take_newest(uids, lambda uid: self._registry.experts[uid].visible_version)
+        found = await self.replicas(uids)
+        taken = await self._take_newest(uids, lambda uid: self._registry.experts[uid].visible_version, found)
         if taken:
             logger.info(
                 "took the weights of %d of %d experts from replicas trained further (first: %s, now version %d; %.2f s)",
                 len(taken), len(uids), taken[0], self._registry.experts[taken[0]].version, time.monotonic() - started,
             )
-        found = await self.replicas([uid for uid in uids if uid not in taken])
         settled = 0
-        for uid, records in found.items():  # training stopped: hold what the trainable replicas settle on
-            peers = [record for record in records if record.trainable]
-            if peers and self._quiet_rounds(uid, peers) >= SETTLE_AFTER_ROUNDS:
+        for uid in uids:  # training stopped: hold what the trainable replicas settle on
+            peers = [record for record in found[uid] if record.trainable]
+            if uid not in taken and peers and self._quiet_rounds(uid, peers) >= SETTLE_AFTER_ROUNDS:
                 settled += await self._settle(uid, peers, may_lead=False)
         return len(taken) + settled
 
-    async def _take_newest(self, uids: list[str], held: Callable[[str], int]) -> list[str]:
+    async def _take_newest(self, uids: list[str], held: Callable[[str], int], found: dict[str, list[ExpertRecord]] | None = None) -> list[str]:
         """For each expert, the weights and version of its most trained replica that answers, among
-        those with a version above held(uid); returns the UIDs that took them."""
-        found = await self.replicas(uids)
+        those with a version above held(uid); returns the UIDs that took them. found: replicas()
+        of uids, if already looked up."""
+        found = found if found is not None else await self.replicas(uids)
         taken, started, shown = [], time.monotonic(), time.monotonic()
         for i, uid in enumerate(uids):
             if time.monotonic() - shown >= PROGRESS_S:  # large experts over a slow link take a while: say so
