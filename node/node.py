@@ -26,7 +26,7 @@ from moeswarm.node.service import SERVICE_NAME, ExpertServicer
 from moeswarm.node.validation import Limits
 from moeswarm.protocol import expert_pb2
 from moeswarm.protocol.errors import ConfigError, StartupError
-from moeswarm.protocol.dht import describe_dht_exit, grpc_endpoint, start_dht, stop_dht
+from moeswarm.protocol.dht import describe_dht_exit, grpc_endpoint, start_dht, stop_dht, wait_dht_ready
 from moeswarm.protocol.records import ExpertRecord, NodeRecord, dht_subkey
 
 logger = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ class ExpertNode:
         self.batcher = Batcher(self._compute, self._executor, max_rows=config.batch_max_rows, inline_rows=inline_rows)
         await self._start_server()
         try:
-            await asyncio.to_thread(self.dht.wait_until_ready)
+            await asyncio.to_thread(wait_dht_ready, self.dht)
         except Exception as e:  # hivemind's P2PDaemonError & co: say what to check, without a traceback
             peers = " ".join(config.initial_peers) or "(none: a new swarm)"
             raise StartupError(f"the DHT peer did not start ({e}); initial peers: {peers}") from e

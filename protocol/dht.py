@@ -26,6 +26,7 @@ import sys
 import tempfile
 import threading
 import time
+from typing import Callable
 
 from moeswarm.protocol.errors import NodeUnavailable
 
@@ -79,6 +80,10 @@ def start_dht(
     )
     if identity_path is not None:  # a libp2p key file (made if missing): the same peer id after a restart
         kwargs["identity_path"] = identity_path
+        # hivemind would first start a throwaway p2pd to see whether a live peer uses this key. The
+        # node's lock on its state_dir already keeps a second process off the key file, and the
+        # throwaway daemon exiting looked like p2pd dying to the DHT process's watcher (below).
+        kwargs["check_if_identity_free"] = False
     if client_mode:
         kwargs["client_mode"] = True
     else:
@@ -91,7 +96,9 @@ def start_dht(
             parent = multiprocessing.parent_process()  # the process that forked this one, even if already gone
             parent_pid = parent.pid if parent is not None else os.getppid()
             self._stopping = threading.Event()
-            watch = threading.Thread(target=_watch_parent_and_p2pd, args=(parent_pid, self._stopping), name="dht-watch", daemon=True)
+            watch = threading.Thread(
+                target=_watch_parent_and_p2pd, args=(parent_pid, self._stopping, self._ready.done), name="dht-watch", daemon=True
+            )
             watch.start()
             super().run()
 
@@ -128,17 +135,19 @@ def describe_dht_exit(exitcode: int | None) -> str:
     return f"exited with code {exitcode}"
 
 
-def _watch_parent_and_p2pd(parent_pid: int, stopping: threading.Event) -> None:
+def _watch_parent_and_p2pd(parent_pid: int, stopping: threading.Event, ready: Callable[[], bool]) -> None:
     """In a DHT process. Once the process that started it is gone (even by SIGKILL, which runs no
     cleanup), stop its p2pd and exit, instead of serving a dead node's DHT port forever. Once its
     p2pd is gone (killed, crashed), exit with EXIT_P2PD_LOST: the DHT can do nothing without it,
     and the node watching this process then stops instead of silently dropping out of the swarm.
-    `stopping`: set once the DHT was asked to shut down (it stops p2pd itself then)."""
+    `stopping`: set once the DHT was asked to shut down (it stops p2pd itself then). `ready`: whether
+    the DHT finished starting; only a p2pd seen alive after that is the DHT's own (one that fails
+    before then fails the start, which the node hears from wait_dht_ready)."""
     p2pd_seen = False
     while os.getppid() == parent_pid:
         time.sleep(ORPHAN_POLL_S if p2pd_seen else P2PD_START_POLL_S)
         live = _child_pids(os.getpid(), live_only=True)
-        if live:
+        if live and ready():
             p2pd_seen = True
         elif p2pd_seen and not stopping.is_set():
             logger.error("DHT process %d: its p2pd daemon exited; stopping", os.getpid())
@@ -171,6 +180,19 @@ def _child_pids(pid: int, *, live_only: bool = False) -> list[int]:
         if len(fields) > 1 and int(fields[1]) == pid and not (live_only and fields[0] in (b"Z", b"X")):
             children.append(int(entry))
     return children
+
+
+def wait_dht_ready(dht, poll_s: float = 0.5) -> None:
+    """Block until a DHT started with await_ready=False is ready; raise its start error, or
+    NodeUnavailable at once if its process died before saying either (hivemind's own wait would
+    block forever then)."""
+    while True:
+        try:
+            dht.wait_until_ready(poll_s)
+            return
+        except concurrent.futures.TimeoutError:  # not the builtin TimeoutError before Python 3.11
+            if not dht.is_alive():
+                raise NodeUnavailable(f"the DHT process {describe_dht_exit(dht.exitcode)} before it was ready") from None
 
 
 def stop_dht(dht) -> None:

@@ -118,3 +118,21 @@ def test_lookups_through_a_client_dht_peer_that_died_say_so_at_once(dht_peer):
     finally:
         dht.close()
     assert not pathlib.Path(dht._address).parent.exists()  # nor its socket directory
+
+
+def test_waiting_for_a_dht_peer_whose_process_died_while_starting_fails_at_once():
+    import os
+    import signal
+
+    from moeswarm.protocol.dht import start_dht, wait_dht_ready
+
+    dht = start_dht(await_ready=False)
+    os.kill(dht.pid, signal.SIGSTOP)  # freeze it mid-start, so no p2pd it may have started escapes the kill
+    tree = process_tree(dht.pid)
+    for pid in tree:
+        os.kill(pid, signal.SIGKILL)
+    dht.join(10)
+    # hivemind's own wait_until_ready() would block forever: the process can no longer answer it
+    with pytest.raises(NodeUnavailable, match="the DHT process was killed by signal 9 before it was ready"):
+        wait_dht_ready(dht)
+    assert not alive(tree)
