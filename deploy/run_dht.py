@@ -9,7 +9,7 @@ import pathlib
 import signal
 import threading
 
-from moeswarm.node.checkpoint import write_atomic
+from moeswarm.node.checkpoint import hold_lock, write_atomic
 from moeswarm.protocol.dht import describe_dht_exit, start_dht, stop_dht
 from moeswarm.protocol.errors import ConfigError
 
@@ -23,6 +23,12 @@ def run_dht(
     parent_pid = os.getppid()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    lock = None  # two peers under one key would fight over one peer id: hold its lock while running
+    if identity_path is not None:
+        lock = hold_lock(
+            pathlib.Path(f"{identity_path}.lock"),
+            lambda pid: f"--identity {identity_path} is in use by another DHT peer (pid {pid}); give each peer its own key file",
+        )
     dht = start_dht(initial_peers=initial_peers, host=host, port=port, announce_host=announce_host, identity_path=identity_path)
     try:
         maddrs = [str(maddr) for maddr in dht.get_visible_maddrs()]
@@ -38,6 +44,8 @@ def run_dht(
                 return 1
     finally:
         stop_dht(dht)
+        if lock is not None:
+            lock.close()
     return 0
 
 

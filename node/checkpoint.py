@@ -12,6 +12,7 @@ import logging
 import os
 import pathlib
 import tempfile
+from typing import Callable
 
 import torch
 
@@ -82,18 +83,24 @@ def load_or_create_identity(state_dir: pathlib.Path | None):
 def lock_state_dir(state_dir: pathlib.Path):
     """Hold an exclusive lock on state_dir for this process's lifetime (the kernel drops it when the
     process ends, kill -9 included); returns the open lock file to keep. Two nodes on one state
-    directory would overwrite each other's checkpoints under one identity: the second one is refused.
-    A POSIX record lock (lockf), not flock: it belongs to this process alone, so the DHT process
-    forked from it does not hold it on after the node died."""
+    directory would overwrite each other's checkpoints under one identity: the second one is refused."""
     state_dir.mkdir(parents=True, exist_ok=True)
-    file = open(state_dir / LOCK_NAME, "a+")
+    return hold_lock(state_dir / LOCK_NAME, lambda pid: f"state_dir={str(state_dir)!r} is in use by another node (pid {pid}); give each node its own")
+
+
+def hold_lock(path: pathlib.Path, in_use: Callable[[str], str]):
+    """Hold an exclusive lock on `path` (made if missing) while this process lives; returns the open
+    file to keep. Taken: ConfigError(in_use(pid of the holder)). A POSIX record lock (lockf), not
+    flock: it belongs to this process alone, so the DHT process forked from it does not hold it on
+    after this process died."""
+    file = open(path, "a+")
     try:
         fcntl.lockf(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         file.seek(0)
         holder = file.read().strip() or "unknown"
         file.close()
-        raise ConfigError(f"state_dir={str(state_dir)!r} is in use by another node (pid {holder}); give each node its own") from None
+        raise ConfigError(in_use(holder)) from None
     file.truncate(0)
     file.write(str(os.getpid()))
     file.flush()

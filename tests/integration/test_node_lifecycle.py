@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 from conftest import MODEL, node_config
-from procs import alive, probe, process_tree, run, start_dht_peer, start_node, train_step, wait_for
+from procs import alive, probe, process_tree, run, spawn, start_dht_peer, start_node, train_step, wait_for
 from moeswarm.model.directory import find_experts
 from moeswarm.protocol.dht import IsolatedDHT, get_records
 from moeswarm.protocol.records import expert_key
@@ -247,3 +247,17 @@ def test_node_pinned_to_a_missing_cpu_stops_with_a_clear_error(tmp_path):
     assert result.returncode != 0
     assert (f"cpus=[{missing}]" in result.stderr and "not available" in result.stderr) or "needs Linux" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_second_dht_peer_on_the_same_key_file_is_refused(tmp_path):
+    key = tmp_path / "dht.key"
+    first = start_dht_peer(tmp_path / "first", "--identity", str(key))
+    try:
+        second = spawn(tmp_path / "second", "dht", "--identity", str(key))
+        assert second.wait(timeout=60) == 2
+        log = (tmp_path / "second" / "log.txt").read_text()
+        assert f"--identity {key} is in use by another DHT peer (pid {first.popen.pid})" in log
+    finally:
+        first.kill()
+    again = start_dht_peer(tmp_path / "again", "--identity", str(key))  # free once its holder stopped
+    again.kill()
