@@ -45,11 +45,12 @@ from moeswarm.protocol.state_transfer import fetch_newest, fetch_state
 
 logger = logging.getLogger(__name__)
 MAX_RELATIVE_DISTANCE = 0.5  # |peer - own| / |own| above this is not the same expert: not averaged
-# Rounds without a step anywhere before a replica takes the leader's weights: by then the leader,
-# which in quiet rounds averages with every replica that stepped since its last round with it, has
-# taken in this replica's last steps (a round is 0.8-1.2 average_every_s, so 3 of this node's rounds
-# outlast 2 of the leader's), so settling loses no replica's training.
-SETTLE_AFTER_ROUNDS = 3
+# Quiet rounds before a replica takes the leader's weights. The leader takes in a replica's last
+# step at its first quiet round, at most 2 of its rounds (2.4 average_every_s: rounds are jittered by
+# +-20%) plus one announce refresh after that step; this replica's 4th quiet round comes at least
+# 3.2 average_every_s after it. So settling loses no replica's training while a refresh
+# (announce_ttl_s / 3) is shorter than 0.8 average_every_s, as with the defaults (10 s and 60 s).
+SETTLE_AFTER_ROUNDS = 4
 FAILURE_LOG_S = 300.0  # the same failure is logged at most this often
 PROGRESS_S = 5.0  # a start that takes weights from replicas logs its progress this often
 
