@@ -55,6 +55,12 @@ FAILURE_LOG_S = 300.0  # the same failure is logged at most this often
 PROGRESS_S = 5.0  # a start that takes weights from replicas logs its progress this often
 
 
+def _leader(peers: list[ExpertRecord]) -> ExpertRecord:
+    """The trainable replica every other settles on: the one with the lowest peer id (this node's own
+    id compared by the caller)."""
+    return min(peers, key=lambda record: record.peer_id)
+
+
 def relative_distance(own: dict[str, torch.Tensor], peer: dict[str, torch.Tensor]) -> float:
     """|peer - own| / |own| over all parameters (0 for identical weights)."""
     own = {name: param.detach() for name, param in own.items()}
@@ -91,7 +97,7 @@ class ReplicaSync:
         if not uids:
             return []
         started = time.monotonic()
-        adopted = await self._take_newest(uids, lambda uid: 0)
+        adopted = await self._take_newest(uids, lambda uid: 0, await self.replicas(uids))
         if adopted:
             logger.info(
                 "%d of %d experts start from the weights of their most trained replica (first: %s; %.1f s)",
@@ -115,14 +121,12 @@ class ReplicaSync:
         for uid in uids:  # training stopped: hold what the trainable replicas settle on
             peers = [record for record in found[uid] if record.trainable]
             if uid not in taken and peers and self._quiet_rounds(uid, peers) >= SETTLE_AFTER_ROUNDS:
-                settled += await self._settle(uid, peers, may_lead=False)
+                settled += await self._settle(uid, _leader(peers))  # this node, inference only, never leads
         return len(taken) + settled
 
-    async def _take_newest(self, uids: list[str], held: Callable[[str], int], found: dict[str, list[ExpertRecord]] | None = None) -> list[str]:
+    async def _take_newest(self, uids: list[str], held: Callable[[str], int], found: dict[str, list[ExpertRecord]]) -> list[str]:
         """For each expert, the weights and version of its most trained replica that answers, among
-        those with a version above held(uid); returns the UIDs that took them. found: replicas()
-        of uids, if already looked up."""
-        found = found if found is not None else await self.replicas(uids)
+        those with a version above held(uid) (found: replicas() of uids); returns the UIDs that took them."""
         taken, started, shown = [], time.monotonic(), time.monotonic()
         for i, uid in enumerate(uids):
             if time.monotonic() - shown >= PROGRESS_S:  # large experts over a slow link take a while: say so
@@ -169,13 +173,13 @@ class ReplicaSync:
             peers = [record for record in found[uid] if record.trainable]
             if not peers:
                 continue
-            quiet = self._quiet_rounds(uid, peers)
-            if quiet and self._peer_id < min(record.peer_id for record in peers):
+            quiet, leader = self._quiet_rounds(uid, peers), _leader(peers)
+            if quiet and self._peer_id < leader.peer_id:
                 # the leader catches up with every replica's last steps before the others take its weights
                 for peer in peers:
                     averaged += await self._average_with(uid, peer)
             elif quiet >= SETTLE_AFTER_ROUNDS:
-                settled += await self._settle(uid, peers)
+                settled += await self._settle(uid, leader)
             else:
                 averaged += await self._average_with(uid, self._rng.choice(peers))
         if averaged or settled:
@@ -195,13 +199,11 @@ class ReplicaSync:
         self._versions_seen[uid] = (versions, count)
         return count
 
-    async def _settle(self, uid: str, peers: list[ExpertRecord], *, may_lead: bool = True) -> bool:
+    async def _settle(self, uid: str, leader: ExpertRecord) -> bool:
         """Training stopped: pairwise averaging leaves replicas close, not equal. Every replica but the
-        trainable one with the lowest peer id (the leader) takes the leader's weights, so all answer
-        alike, bit for bit; nothing is sent again while neither side's weights change (the leader's
-        ExpertRecord.state names them). may_lead=False: an inference-only node, never the leader."""
-        leader = min(peers, key=lambda record: record.peer_id)
-        if (may_lead and leader.peer_id > self._peer_id) or not leader.state:  # this node leads, or a peer from before `state`
+        leader (_leader) takes the leader's weights, so all answer alike, bit for bit; nothing is sent
+        again while neither side's weights change (the leader's ExpertRecord.state names them)."""
+        if not leader.state:  # a peer from before ExpertRecord.state: nothing to tell its weights by
             return False
         if self._settled.get(uid) == (leader.state, self._registry.experts[uid].revision):
             return False
