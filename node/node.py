@@ -26,7 +26,7 @@ from moeswarm.node.service import SERVICE_NAME, ExpertServicer
 from moeswarm.node.validation import Limits
 from moeswarm.protocol import expert_pb2
 from moeswarm.protocol.errors import ConfigError, StartupError
-from moeswarm.protocol.dht import describe_dht_exit, grpc_endpoint, start_dht, stop_dht, wait_dht_ready
+from moeswarm.protocol.dht import describe_dht_exit, dht_start_failure, grpc_endpoint, start_dht, stop_dht, wait_dht_ready
 from moeswarm.protocol.records import ExpertRecord, NodeRecord, dht_subkey
 
 logger = logging.getLogger(__name__)
@@ -97,8 +97,7 @@ class ExpertNode:
         try:
             await asyncio.to_thread(wait_dht_ready, self.dht)
         except Exception as e:  # hivemind's P2PDaemonError & co: say what to check, without a traceback
-            peers = " ".join(config.initial_peers) or "(none: a new swarm)"
-            raise StartupError(f"the DHT peer did not start ({e}); initial peers: {peers}") from e
+            raise StartupError(dht_start_failure(e, config.initial_peers)) from e
         self.peer_id = str(self.dht.peer_id)
         if config.initial_peers:
             await asyncio.to_thread(check_swarm_agrees, self.dht, config.swarm, config.model, self.peer_id)

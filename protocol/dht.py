@@ -17,6 +17,7 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import os
+import re
 import secrets
 import select
 import shutil
@@ -76,7 +77,7 @@ def start_dht(
         record_validators=dht_validators(private_key),
         shutdown_timeout=DHT_STOP_TIMEOUT_S,
         start=True,
-        await_ready=await_ready,
+        await_ready=False,  # waited for below, with a clear error instead of hivemind's traceback
     )
     if identity_path is not None:  # a libp2p key file (made if missing): the same peer id after a restart
         kwargs["identity_path"] = identity_path
@@ -106,7 +107,22 @@ def start_dht(
             self._stopping.set()
             await super()._shutdown()
 
-    return ParentBoundDHT(**kwargs)
+    dht = ParentBoundDHT(**kwargs)
+    if await_ready:
+        try:
+            wait_dht_ready(dht)
+        except Exception as e:
+            stop_dht(dht)
+            raise NodeUnavailable(dht_start_failure(e, initial_peers)) from e
+    return dht
+
+
+def dht_start_failure(error: Exception, initial_peers) -> str:
+    """What to tell a user whose DHT peer did not start (hivemind's P2PDaemonError & co: unreachable
+    or malformed initial peers, a port in use), without a traceback."""
+    reason = re.sub(r"\d{4}/\d\d/\d\d \d\d:\d\d:\d\d ", "", " ".join(str(error).split()))[:500]  # p2pd's timestamp
+    peers = " ".join(initial_peers) or "(none: a new swarm)"
+    return f"the DHT peer did not start ({reason or type(error).__name__}); initial peers: {peers}"
 
 
 def ip_maddr(host: str, port: int) -> str:
@@ -272,6 +288,8 @@ class IsolatedDHT:
             self._proc.kill()
             self._proc.wait()
             self._proc.stdin.close()
+            if line.startswith("failed "):
+                raise NodeUnavailable(line[len("failed "):])
             raise NodeUnavailable(f"the client DHT peer did not start in time ({line or 'no answer'}); check --initial-peers")
         return line.split(" ", 1)[1]
 
@@ -323,7 +341,11 @@ def _serve_lookups() -> None:
     listening = threading.Event()
     with tempfile.TemporaryDirectory(prefix="moeswarm-dht-") as tmp:
         address = os.path.join(tmp, "socket")
-        dht = start_dht(initial_peers=request["initial_peers"], client_mode=True)
+        try:
+            dht = start_dht(initial_peers=request["initial_peers"], client_mode=True)
+        except NodeUnavailable as e:  # the owner raises it (bad or unreachable peers): no traceback here
+            print(f"failed {e}", flush=True)
+            sys.exit(1)
         # After start_dht: it forks, and a fork taken while a thread blocks in a read of stdin could
         # not close the inherited stdin (multiprocessing's bootstrap does) and would hang.
         threading.Thread(target=_stop_when_owner_dies, args=(address, authkey, listening), daemon=True).start()

@@ -136,3 +136,17 @@ def test_waiting_for_a_dht_peer_whose_process_died_while_starting_fails_at_once(
     with pytest.raises(NodeUnavailable, match="the DHT process was killed by signal 9 before it was ready"):
         wait_dht_ready(dht)
     assert not alive(tree)
+
+
+def test_unreachable_initial_peers_fail_at_once_naming_why():
+    import socket
+
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    peer = f"/ip4/127.0.0.1/tcp/{port}/p2p/QmQSWMgkhr3hX3dzPgPVMjpwrfC3wMUYGjjSPxCGJJ9TRy"
+    dht = IsolatedDHT([peer], wait=False)
+    child = dht._proc
+    with pytest.raises(NodeUnavailable, match=f"failed to connect to bootstrap peers.*initial peers: {peer}"):
+        dht.wait_ready()
+    assert child.wait(10) is not None

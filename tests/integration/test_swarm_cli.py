@@ -132,3 +132,11 @@ def test_swarm_up_rejects_more_replicas_than_nodes():
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
     assert "replicas=3" in result.stderr
+
+
+def test_status_with_a_malformed_peer_address_says_so_in_one_line():
+    cmd = [sys.executable, "-m", "moeswarm.deploy.cli", "status", "--initial-peers", "ip4/127.0.0.1/tcp/1"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert 'failed to parse multiaddr "ip4/127.0.0.1/tcp/1"' in result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
