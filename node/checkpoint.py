@@ -1,8 +1,12 @@
 """Atomic checkpoints of a node's experts and optimizer state, the node's persistent identity, and
 the lock that keeps a second node off the same state directory.
 
-A checkpoint is written to a temporary file, fsynced, renamed over the old one, and the directory
+Each expert has its own checkpoint file, `experts/{uid}.pt` (an ExpertRegistry.state_dict of that
+expert alone), so a node snapshots and writes one expert at a time and only the experts that changed.
+Each file is written to a temporary file, fsynced, renamed over the old one, and the directory
 fsynced: a crash at any moment leaves either the previous or the new checkpoint, never a torn one.
+Nodes before per-expert files wrote every expert into one `experts.pt`; it is still read, for the
+experts that have no file of their own yet.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ from moeswarm.protocol.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_NAME = "experts.pt"
+EXPERTS_DIR = "experts"  # one checkpoint per expert: experts/{uid}.pt
+CHECKPOINT_NAME = "experts.pt"  # every expert in one file, as older nodes wrote it: read, never written
 IDENTITY_NAME = "identity.key"
 P2P_IDENTITY_NAME = "p2p_identity.key"  # libp2p key: the node keeps its DHT peer id across restarts
 LOCK_NAME = "lock"
@@ -39,22 +44,47 @@ def write_atomic(path: pathlib.Path, write) -> None:
     except BaseException:
         pathlib.Path(tmp_name).unlink(missing_ok=True)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: pathlib.Path) -> None:
+    dir_fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
 
 
-def save_checkpoint(state_dir: pathlib.Path, state: dict) -> pathlib.Path:
-    path = state_dir / CHECKPOINT_NAME
+def expert_checkpoint_path(state_dir: pathlib.Path, uid: str) -> pathlib.Path:
+    return state_dir / EXPERTS_DIR / f"{uid}.pt"  # UIDs are [a-z0-9_-] plus dots (protocol/spec.py)
+
+
+def save_expert_checkpoint(state_dir: pathlib.Path, uid: str, state: dict) -> pathlib.Path:
+    """Write one expert's state (ExpertRegistry.state_dict([uid])) atomically to its own file."""
+    folder = state_dir / EXPERTS_DIR
+    if not folder.is_dir():
+        folder.mkdir(parents=True, exist_ok=True)
+        _fsync_dir(state_dir)  # the new folder's entry survives a crash too
+    path = expert_checkpoint_path(state_dir, uid)
     write_atomic(path, lambda file: torch.save(state, file))
     return path
 
 
-def load_checkpoint(state_dir: pathlib.Path) -> dict | None:
-    """The last checkpoint, or None if there is none. A corrupt file raises with its path."""
-    path = state_dir / CHECKPOINT_NAME
+def load_checkpoints(state_dir: pathlib.Path, uids) -> tuple[list[dict], dict | None]:
+    """The last checkpoints of `uids`, for ExpertRegistry.load_state_dict: each expert's own file,
+    and the single file of older nodes narrowed to the experts without one (None if none is left).
+    A corrupt file raises with its path."""
+    own = [state for state in (load_checkpoint(expert_checkpoint_path(state_dir, uid)) for uid in uids) if state is not None]
+    legacy = load_checkpoint(state_dir / CHECKPOINT_NAME)
+    if legacy is None or not isinstance(legacy.get("experts"), dict):
+        return own, legacy
+    covered = {uid for state in own for uid in state.get("experts", ())}
+    experts = {uid: expert for uid, expert in legacy["experts"].items() if uid in uids and uid not in covered}
+    return own, {**legacy, "experts": experts} if experts else None
+
+
+def load_checkpoint(path: pathlib.Path) -> dict | None:
+    """One checkpoint file, or None if it does not exist. A corrupt file raises with its path."""
     if not path.exists():
         return None
     try:

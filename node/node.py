@@ -17,7 +17,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from moeswarm.node.announcer import Announcer
 from moeswarm.node.batcher import Batcher
-from moeswarm.node.checkpoint import P2P_IDENTITY_NAME, load_checkpoint, load_or_create_identity, lock_state_dir, save_checkpoint
+from moeswarm.node.checkpoint import (
+    CHECKPOINT_NAME, EXPERTS_DIR, P2P_IDENTITY_NAME, load_checkpoints, load_or_create_identity, lock_state_dir, save_expert_checkpoint,
+)
 from moeswarm.node.config import NodeConfig
 from moeswarm.node.model_source import check_swarm_agrees, load_expert_modules
 from moeswarm.node.registry import ExpertRegistry
@@ -60,7 +62,7 @@ class ExpertNode:
         self.dht: hivemind.DHT | None = None
         self._server: grpc.aio.Server | None = None
         self._tasks: list[asyncio.Task] = []
-        self._saved_fingerprint: dict | None = None
+        self._saved_fingerprint: dict[str, tuple] = {}  # per expert, as of its last checkpoint file
         self._restored: set[str] = set()  # experts a checkpoint restored
         self._lock = None  # the open lock file of state_dir, held while the node runs
         self._serving = False  # set once start() completed; a node that failed to start writes nothing
@@ -213,34 +215,50 @@ class ExpertNode:
         if self.state_dir is None:
             logger.warning("no state_dir: expert weights and optimizer state will not survive a restart")
             return
-        state = load_checkpoint(self.state_dir)
-        if state is None:
+        own, legacy = load_checkpoints(self.state_dir, self.uids)
+        if not own and legacy is None:
             source = f"the model directory {self.config.model_dir}" if self.config.model_dir else f"seed {self.config.seed}"
             logger.info("no checkpoint in %s: starting %d experts from %s", self.state_dir, len(self.uids), source)
             return
         try:
-            restored = self.registry.load_state_dict(state)
-        except (ValueError, KeyError, RuntimeError) as e:
+            for state in own:  # an expert's own file is rewritten only once the expert changes
+                restored = self.registry.load_state_dict(state)
+                self._restored.update(restored)
+                self._saved_fingerprint.update(self.registry.fingerprint(restored))
+            if legacy is not None:  # experts only the old single file holds: written to their own at the first checkpoint
+                self._restored.update(self.registry.load_state_dict(legacy))
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:
             raise ConfigError(f"checkpoint in {self.state_dir} does not fit this node: {e}") from e
-        self._saved_fingerprint = self.registry.fingerprint()
-        self._restored = set(restored)
-        logger.info("resumed %d of %d experts from %s", len(restored), len(self.uids), self.state_dir)
+        logger.info("resumed %d of %d experts from %s", len(self._restored), len(self.uids), self.state_dir)
 
     async def checkpoint(self) -> bool:
-        """Save if any expert changed since the last save; returns whether it wrote."""
+        """Save every expert that changed since its last save, one at a time: each is copied in its
+        own hand-off to the compute thread, so requests are served between experts, and the node
+        holds one expert's copy at a time, not a second copy of all of them. Returns whether it wrote."""
         if self.state_dir is None:
             return False
-        if self.registry.fingerprint() == self._saved_fingerprint:
-            return False
-        # Snapshot on the compute thread: no forward/backward can run halfway through it.
-        fingerprint, state = await self.batcher.run_on_compute_thread(
-            lambda: (self.registry.fingerprint(), self.registry.state_dict())
-        )
-        started = time.monotonic()
-        path = await asyncio.to_thread(save_checkpoint, self.state_dir, state)
-        self._saved_fingerprint = fingerprint
-        logger.info("checkpoint written to %s in %.2f s", path, time.monotonic() - started)
-        return True
+        started, written = time.monotonic(), 0
+        for uid in self.uids:
+            if self.registry.fingerprint([uid])[uid] == self._saved_fingerprint.get(uid):
+                continue
+            fingerprint, state = await self.batcher.run_on_compute_thread(self._snapshot, uid)
+            await asyncio.to_thread(save_expert_checkpoint, self.state_dir, uid, state)
+            del state
+            self._saved_fingerprint.update(fingerprint)
+            written += 1
+        legacy = self.state_dir / CHECKPOINT_NAME
+        if written and legacy.exists() and all(uid in self._saved_fingerprint for uid in self.uids):
+            legacy.unlink()  # every expert it held for this node now has a newer file of its own
+        if written:
+            logger.info(
+                "checkpoint written: %d of %d experts to %s in %.2f s",
+                written, len(self.uids), self.state_dir / EXPERTS_DIR, time.monotonic() - started,
+            )
+        return written > 0
+
+    def _snapshot(self, uid: str) -> tuple[dict, dict]:
+        """On the compute thread: no forward/backward can run halfway through it."""
+        return self.registry.fingerprint([uid]), self.registry.state_dict([uid])
 
     async def _checkpoint_loop(self) -> None:
         while True:

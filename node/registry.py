@@ -232,11 +232,13 @@ class ExpertRegistry:
             hosted.optimizer = make_optimizer(hosted.module.parameters(), self.optimizer_config)
         return hosted.optimizer
 
-    def state_dict(self) -> dict:
-        """A deep copy on the CPU of everything a restart needs (taken on the compute thread, so
-        consistent); a checkpoint written on any device loads on any other."""
+    def state_dict(self, uids=None) -> dict:
+        """A deep copy on the CPU of everything a restart needs, of `uids` (default: every hosted
+        expert); taken on the compute thread, so consistent. A checkpoint written on any device
+        loads on any other."""
         state = {}
-        for uid, hosted in self.experts.items():
+        for uid in self.experts if uids is None else uids:
+            hosted = self.experts[uid]
             self._apply_due_step(hosted)
             state[uid] = {
                 "weights": {k: _cpu_copy(v) for k, v in hosted.module.state_dict().items()},
@@ -268,10 +270,13 @@ class ExpertRegistry:
             restored.append(uid)
         return restored
 
-    def fingerprint(self) -> dict[str, tuple[int, int, int]]:
-        """Changes whenever weights, optimizer state or accumulated grads change (a due step counts
-        as applied: state_dict applies it)."""
-        return {uid: (h.visible_version, 0 if h.step_due else h.rows_since_step, h.averaged) for uid, h in self.experts.items()}
+    def fingerprint(self, uids=None) -> dict[str, tuple[int, int, int]]:
+        """Per expert of `uids` (default: all), changes whenever its weights, optimizer state or
+        accumulated grads change (a due step counts as applied: state_dict applies it)."""
+        return {
+            uid: (h.visible_version, 0 if h.step_due else h.rows_since_step, h.averaged)
+            for uid, h in ((uid, self.experts[uid]) for uid in (self.experts if uids is None else uids))
+        }
 
 
 def _same_spec(saved, spec: ModelSpec) -> bool:

@@ -108,7 +108,7 @@ def test_kill9_then_restart_resumes_from_checkpoint(node_factory, tmp_path):
     before, _ = run(probe(node.ready["endpoint"], MODEL["name"], uid, x))
     trained, versions = run(train_step(node.ready["endpoint"], MODEL["name"], uid, x, torch.randn(4, D)))
     assert versions[uid] == 1 and not torch.equal(trained, before)
-    checkpoint = tmp_path / "state" / "experts.pt"
+    checkpoint = tmp_path / "state" / "experts" / f"{uid}.pt"
     wait_for(lambda: "checkpoint written" in node.log, what="a checkpoint after the update")
     time.sleep(0.5)  # let one more interval pass with nothing new: it must not rewrite
     node.kill()
@@ -121,6 +121,43 @@ def test_kill9_then_restart_resumes_from_checkpoint(node_factory, tmp_path):
     # Same identity keys: the restarted node rewrites its own DHT entry instead of adding a second
     # one, under the same DHT peer id (peers' routing tables stay right).
     assert restarted.ready["peer_id"] == node.ready["peer_id"] != "" and checkpoint.exists()
+
+
+def test_a_checkpoint_rewrites_only_the_experts_that_changed(node_factory, tmp_path):
+    uids, x = ["itest.L0.E0", "itest.L0.E1"], torch.randn(4, D)
+    files = [tmp_path / "state" / "experts" / f"{uid}.pt" for uid in uids]
+    config = dict(experts=uids, state_dir=str(tmp_path / "state"), checkpoint_interval_s=0.3)
+    config["optimizer"] = dict(name="sgd", lr=0.1, update_every=4)
+    node = node_factory("n1", **config)
+    wait_for(lambda: "checkpoint written: 2 of 2 experts" in node.log, what="the first checkpoint of both fresh experts")
+    untouched = files[1].stat().st_mtime_ns
+    trained, versions = run(train_step(node.ready["endpoint"], MODEL["name"], uids[0], x, torch.randn(4, D)))
+    assert versions[uids[0]] == 1
+    wait_for(lambda: "checkpoint written: 1 of 2 experts" in node.log, what="a checkpoint of the trained expert alone")
+    assert files[1].stat().st_mtime_ns == untouched
+    assert torch.load(files[0], weights_only=True)["experts"][uids[0]]["version"] == 1
+
+
+def test_a_node_resumes_from_the_single_checkpoint_file_of_older_nodes_and_moves_on(node_factory, tmp_path):
+    from moeswarm.node.config import OptimizerConfig
+    from moeswarm.node.registry import ExpertRegistry
+    from moeswarm.protocol.spec import ModelSpec
+
+    uids, x = ["itest.L0.E0", "itest.L0.E1"], torch.randn(4, D)
+    older = ExpertRegistry(ModelSpec(**MODEL), uids, seed=3, optimizer=OptimizerConfig(name="sgd", lr=0.1, update_every=4))
+    older.backward(uids[1], torch.randn(4, D), torch.randn(4, D))  # one step, as an older node would have saved it
+    expected = older.forward(uids[1], x)
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    torch.save(older.state_dict(), state_dir / "experts.pt")  # the format written before per-expert files
+
+    node = node_factory("n1", experts=uids, state_dir=str(state_dir), checkpoint_interval_s=0.3)
+    assert "resumed 2 of 2 experts" in node.log
+    out, versions = run(probe(node.ready["endpoint"], MODEL["name"], uids[1], x))
+    assert versions[uids[1]] == 1 and torch.equal(out, expected)
+    wait_for(lambda: "checkpoint written: 2 of 2 experts" in node.log, what="the experts moved to files of their own")
+    assert sorted(path.name for path in (state_dir / "experts").iterdir()) == [f"{uid}.pt" for uid in uids]
+    assert not (state_dir / "experts.pt").exists()
 
 
 def test_a_second_node_on_the_same_state_dir_is_refused(node_factory, tmp_path):
@@ -156,14 +193,14 @@ def test_node_that_loses_its_dht_stops_with_a_clear_error_and_a_last_checkpoint(
     node = node_factory("n1", experts=["itest.L0.E0"], state_dir=str(state), checkpoint_interval_s=3600)
     dht_pid, p2pd_pid = _dht_and_p2pd(node.popen.pid)
     tree = process_tree(node.popen.pid)
-    assert not list(state.glob("*.pt"))  # nothing saved yet: a checkpoint below is the one written on the way out
+    assert not list(state.rglob("*.pt"))  # nothing saved yet: a checkpoint below is the one written on the way out
     time.sleep(0.5)  # the DHT process has noticed its p2pd by now (it looks every 50 ms until it does)
     os.kill(dht_pid if victim == "dht process" else p2pd_pid, signal.SIGKILL)
     assert node.popen.wait(15) == 1  # non-zero: systemd's Restart=on-failure starts it again
     expected = "was killed by signal 9" if victim == "dht process" else "exited with code 3: its p2pd daemon died"
     assert f"DHT process (pid {dht_pid}) {expected}" in node.log
     assert "so that a supervisor restarts it" in node.log
-    assert list(state.glob("*.pt"))
+    assert list(state.rglob("*.pt"))
     wait_for(lambda: not alive(tree), timeout_s=10, what=f"the node's processes ({alive(tree)}) exiting")
 
 
@@ -199,7 +236,8 @@ def test_node_refuses_a_checkpoint_of_another_model(node_factory, tmp_path):
 
 def _state_files(state_dir: str) -> dict[str, bytes]:
     """Every file of a state directory but its lock (which holds the pid of the last node to start)."""
-    return {path.name: path.read_bytes() for path in pathlib.Path(state_dir).iterdir() if path.name != "lock"}
+    root = pathlib.Path(state_dir)
+    return {str(path.relative_to(root)): path.read_bytes() for path in root.rglob("*") if path.is_file() and path.name != "lock"}
 
 
 def test_unreachable_initial_peers_end_the_node_with_a_clear_error(tmp_path):

@@ -9,9 +9,11 @@ import torch
 from moeswarm.node.checkpoint import (
     CHECKPOINT_NAME,
     IDENTITY_NAME,
+    expert_checkpoint_path,
     load_checkpoint,
+    load_checkpoints,
     load_or_create_identity,
-    save_checkpoint,
+    save_expert_checkpoint,
     write_atomic,
 )
 from moeswarm.node.config import OptimizerConfig
@@ -49,50 +51,72 @@ def test_failed_first_write_creates_nothing(tmp_path):
 
 
 def test_load_checkpoint_without_file_is_none(tmp_path):
-    assert load_checkpoint(tmp_path) is None
+    assert load_checkpoint(tmp_path / "experts" / "tiny.L0.E0.pt") is None
+    assert load_checkpoints(tmp_path, ["tiny.L0.E0"]) == ([], None)
 
 
-def test_checkpoint_round_trip(tmp_path):
+def test_expert_checkpoint_round_trip(tmp_path):
     state = {"model": {"name": "tiny"}, "experts": {"tiny.L0.E0": {"w": torch.arange(6.0).view(2, 3), "version": 3}}}
-    path = save_checkpoint(tmp_path, state)
-    assert path == tmp_path / CHECKPOINT_NAME
-    loaded = load_checkpoint(tmp_path)
-    assert loaded["model"] == {"name": "tiny"} and loaded["experts"]["tiny.L0.E0"]["version"] == 3
-    assert torch.equal(loaded["experts"]["tiny.L0.E0"]["w"], state["experts"]["tiny.L0.E0"]["w"])
+    path = save_expert_checkpoint(tmp_path, "tiny.L0.E0", state)
+    assert path == expert_checkpoint_path(tmp_path, "tiny.L0.E0") == tmp_path / "experts" / "tiny.L0.E0.pt"
+    own, legacy = load_checkpoints(tmp_path, ["tiny.L0.E0", "tiny.L0.E1"])
+    assert legacy is None and len(own) == 1
+    assert own[0]["model"] == {"name": "tiny"} and own[0]["experts"]["tiny.L0.E0"]["version"] == 3
+    assert torch.equal(own[0]["experts"]["tiny.L0.E0"]["w"], state["experts"]["tiny.L0.E0"]["w"])
+
+
+def test_the_single_file_of_older_nodes_serves_the_experts_without_their_own(tmp_path):
+    def expert(version):
+        return {"w": torch.full((2,), float(version)), "version": version}
+
+    torch.save({"model": {"name": "tiny"}, "experts": {f"tiny.L0.E{i}": expert(1) for i in range(3)}}, tmp_path / CHECKPOINT_NAME)
+    save_expert_checkpoint(tmp_path, "tiny.L0.E0", {"model": {"name": "tiny"}, "experts": {"tiny.L0.E0": expert(5)}})
+    own, legacy = load_checkpoints(tmp_path, ["tiny.L0.E0", "tiny.L0.E1"])  # E2: held, but not hosted any more
+    assert [state["experts"]["tiny.L0.E0"]["version"] for state in own] == [5]  # its own file wins
+    assert legacy["model"] == {"name": "tiny"} and list(legacy["experts"]) == ["tiny.L0.E1"]
+    save_expert_checkpoint(tmp_path, "tiny.L0.E1", {"model": {"name": "tiny"}, "experts": {"tiny.L0.E1": expert(2)}})
+    assert load_checkpoints(tmp_path, ["tiny.L0.E0", "tiny.L0.E1"])[1] is None
 
 
 def test_registry_state_survives_a_checkpoint(tmp_path):
-    spec = ModelSpec(name="tiny", d_model=4, d_ff=8, n_layers=1, n_experts=1)
+    spec = ModelSpec(name="tiny", d_model=4, d_ff=8, n_layers=1, n_experts=2)
     optimizer = OptimizerConfig(name="adam", lr=1e-2, update_every=2)
-    source = ExpertRegistry(spec, ("tiny.L0.E0",), seed=0, optimizer=optimizer)
+    uids = ("tiny.L0.E0", "tiny.L0.E1")
+    source = ExpertRegistry(spec, uids, seed=0, optimizer=optimizer)
     for seed in range(3):  # one step and one accumulated row
         g = torch.Generator().manual_seed(seed)
         source.backward("tiny.L0.E0", torch.randn(1, 4, generator=g), torch.randn(1, 4, generator=g))
-    save_checkpoint(tmp_path, source.state_dict())
+    for uid in uids:
+        save_expert_checkpoint(tmp_path, uid, source.state_dict([uid]))
 
-    target = ExpertRegistry(spec, ("tiny.L0.E0",), seed=1, optimizer=optimizer)
-    assert target.load_state_dict(load_checkpoint(tmp_path)) == ["tiny.L0.E0"]  # loads with weights_only=True
-    assert target.fingerprint() == source.fingerprint() == {"tiny.L0.E0": (1, 1, 0)}
-    restored = dict(target.experts["tiny.L0.E0"].module.named_parameters())
-    for name, p in source.experts["tiny.L0.E0"].module.named_parameters():
-        assert torch.equal(p, restored[name]) and torch.equal(p.grad, restored[name].grad), name
+    target = ExpertRegistry(spec, uids, seed=1, optimizer=optimizer)
+    own, legacy = load_checkpoints(tmp_path, uids)
+    assert [target.load_state_dict(state) for state in own] == [[uid] for uid in uids]  # loads with weights_only=True
+    assert target.fingerprint() == source.fingerprint() == {"tiny.L0.E0": (1, 1, 0), "tiny.L0.E1": (0, 0, 0)}
+    assert target.fingerprint(["tiny.L0.E1"]) == {"tiny.L0.E1": (0, 0, 0)}
+    for uid in uids:
+        restored = dict(target.experts[uid].module.named_parameters())
+        for name, p in source.experts[uid].module.named_parameters():
+            assert torch.equal(p, restored[name]) and (p.grad is None) == (restored[name].grad is None), name
+            assert p.grad is None or torch.equal(p.grad, restored[name].grad), name
 
 
 @pytest.mark.parametrize("contents", [b"", b"not a torch file", b"PK\x03\x04garbage"])
-def test_corrupt_checkpoint_raises_naming_its_path(tmp_path, contents):
-    (tmp_path / CHECKPOINT_NAME).write_bytes(contents)
+@pytest.mark.parametrize("name", ["experts/tiny.L0.E0.pt", CHECKPOINT_NAME])
+def test_corrupt_checkpoint_raises_naming_its_path(tmp_path, contents, name):
+    (tmp_path / "experts").mkdir()
+    (tmp_path / name).write_bytes(contents)
     with pytest.raises(RuntimeError) as info:
-        load_checkpoint(tmp_path)
-    assert str(tmp_path / CHECKPOINT_NAME) in str(info.value)
+        load_checkpoints(tmp_path, ["tiny.L0.E0"])
+    assert str(tmp_path / name) in str(info.value)
     assert "move it away" in str(info.value)
 
 
 def test_truncated_checkpoint_raises(tmp_path):
-    save_checkpoint(tmp_path, {"w": torch.zeros(1000)})
-    path = tmp_path / CHECKPOINT_NAME
+    path = save_expert_checkpoint(tmp_path, "tiny.L0.E0", {"w": torch.zeros(1000)})
     path.write_bytes(path.read_bytes()[:-100])
     with pytest.raises(RuntimeError, match="unreadable"):
-        load_checkpoint(tmp_path)
+        load_checkpoint(path)
 
 
 def test_identity_is_created_once_and_reloaded(tmp_path):
