@@ -199,7 +199,8 @@ def wait_ready(path: pathlib.Path, proc: subprocess.Popen, what: str, timeout_s:
 
 
 class Children:
-    """Child processes, each in its own session (so os.killpg reaches its DHT child and p2pd).
+    """Child processes, each in its own session; their descendants (a DHT child and its p2pd have a
+    process group of their own) are recorded when stopping and killed too.
     Use as a context manager: on exit every child group is terminated, then killed."""
 
     def __init__(self, work_dir: pathlib.Path):

@@ -447,12 +447,8 @@ def measure_node(children: Children, work_dir: pathlib.Path, name: str, model_di
         ready_s = time.perf_counter() - started
         time.sleep(SETTLE_S)
         main_memory, tree = status_memory(proc.pid), tree_memory(proc.pid)
-    finally:  # SIGKILL: a graceful stop (~2 s) is not what this measures
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        children.stop(proc)
+    finally:  # killed at once: a graceful stop (~2 s) is not what this measures
+        children.stop(proc, grace_s=0)
     loaded = LOADED.search((work_dir / f"{name}.log").read_text(errors="replace"))
     return {"uids": uids, "ready_s": ready_s, "load_s": float(loaded[2]) if loaded else float("nan"),
             **main_memory, **tree}

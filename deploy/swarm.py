@@ -218,7 +218,8 @@ def _node_args(node_dir: pathlib.Path) -> list[str]:
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
-    """Kill the node's whole process group (its DHT child and p2pd too), even if the node died first."""
+    """Kill the node's process group, even if the node died first. Its DHT child and p2pd, in a group of
+    their own (protocol/dht.py), stop by themselves within about 1 s of the node's end."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:

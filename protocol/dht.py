@@ -94,6 +94,7 @@ def start_dht(
 
     class ParentBoundDHT(DHT):  # hivemind's DHT is a ForkProcess: a local class needs no pickling
         def run(self) -> None:  # in the forked DHT process
+            _leave_process_group()  # before hivemind starts p2pd: it belongs to the new group too
             parent = multiprocessing.parent_process()  # the process that forked this one, even if already gone
             parent_pid = parent.pid if parent is not None else os.getppid()
             self._stopping = threading.Event()
@@ -149,6 +150,18 @@ def describe_dht_exit(exitcode: int | None) -> str:
     if exitcode is not None and exitcode < 0:
         return f"was killed by signal {-exitcode}"
     return f"exited with code {exitcode}"
+
+
+def _leave_process_group() -> None:
+    """Ctrl-C in a terminal signals the whole foreground process group, and a p2pd that started a
+    swarm closes on SIGINT at once, after which hivemind's DHT can no longer shut down (its owner
+    waits, then kills it). The DHT process and its p2pd live in a group of their own: the process
+    that started them alone decides when they stop, through the DHT's pipe, and if it dies,
+    _watch_parent_and_p2pd stops them."""
+    try:
+        os.setpgid(0, 0)
+    except OSError:  # not allowed here (a session leader): stay in the owner's group
+        pass
 
 
 def _watch_parent_and_p2pd(parent_pid: int, stopping: threading.Event, ready: Callable[[], bool]) -> None:

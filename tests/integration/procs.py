@@ -28,7 +28,13 @@ class Proc:
         return (self.work_dir / "log.txt").read_text(errors="replace")
 
     def kill(self) -> None:
-        """SIGKILL the whole process group (node, its DHT child and p2pd)."""
+        """SIGKILL the process group and every descendant (a DHT child and its p2pd have a group of
+        their own; they would also stop by themselves once their parent is gone, within about 1 s)."""
+        for pid in process_tree(self.popen.pid) - {self.popen.pid}:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         try:
             os.killpg(self.popen.pid, signal.SIGKILL)
         except ProcessLookupError:

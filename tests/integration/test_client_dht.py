@@ -3,7 +3,9 @@ still starting, it leaves no process behind."""
 
 from __future__ import annotations
 
+import os
 import pathlib
+import signal
 import subprocess
 import sys
 import threading
@@ -150,3 +152,38 @@ def test_unreachable_initial_peers_fail_at_once_naming_why():
     with pytest.raises(NodeUnavailable, match=f"failed to connect to bootstrap peers.*initial peers: {peer}"):
         dht.wait_ready()
     assert child.wait(10) is not None
+
+
+_CTRL_C_SCRIPT = """
+import sys, time
+from moeswarm.protocol.dht import IsolatedDHT, get_records
+dht = IsolatedDHT(sys.argv[1:])
+print("ready", flush=True)
+try:
+    time.sleep(60)
+except KeyboardInterrupt:  # an interactive session goes on after Ctrl-C
+    pass
+time.sleep(1.0)  # what Ctrl-C stopped has stopped by now
+try:
+    print(repr(get_records(dht, ["moeswarm:ctrl-c:nothing"], timeout_s=5)), flush=True)
+finally:
+    dht.close()
+"""
+
+
+def test_ctrl_c_in_the_owners_terminal_leaves_its_dht_peer_working(dht_peer):
+    # Ctrl-C signals the terminal's whole foreground process group: the owner, its DHT child, the
+    # DHT process and p2pd. p2pd exits on SIGINT, and the owner's lookups failed from then on.
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _CTRL_C_SCRIPT, *dht_peer.ready["maddrs"]],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,  # its own group, as in a terminal
+    )
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(2.0)  # a session that has run a while: its p2pd is settled
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    assert out.strip() == "{'moeswarm:ctrl-c:nothing': None}"

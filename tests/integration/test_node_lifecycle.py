@@ -299,3 +299,20 @@ def test_a_second_dht_peer_on_the_same_key_file_is_refused(tmp_path):
         first.kill()
     again = start_dht_peer(tmp_path / "again", "--identity", str(key))  # free once its holder stopped
     again.kill()
+
+
+def test_ctrl_c_in_the_nodes_terminal_stops_it_cleanly(tmp_path, request):
+    # Ctrl-C signals the whole foreground process group. The p2pd of a node that started a swarm (no
+    # initial peers) closed at once, and the node's stop then waited for a DHT that could no longer
+    # shut down, and killed it, logging both.
+    state = tmp_path / "state"
+    config = node_config([], experts=["itest.L0.E0"], state_dir=str(state))
+    node = start_node(tmp_path / "n1", config)
+    request.addfinalizer(node.kill)
+    tree = process_tree(node.popen.pid)
+    time.sleep(2.0)  # a node that has run a while: its p2pd is settled
+    os.killpg(node.popen.pid, signal.SIGINT)  # the node leads its own group, as a shell's foreground job does
+    assert node.popen.wait(15) == 0
+    assert "did not shut down" not in node.log and "did not stop" not in node.log and "p2pd daemon" not in node.log, node.log
+    assert list(state.rglob("*.pt"))  # the last checkpoint was written
+    wait_for(lambda: not alive(tree), timeout_s=10, what=f"the node's processes ({alive(tree)}) exiting")
