@@ -114,8 +114,11 @@ def lock_state_dir(state_dir: pathlib.Path):
     """Hold an exclusive lock on state_dir for this process's lifetime (the kernel drops it when the
     process ends, kill -9 included); returns the open lock file to keep. Two nodes on one state
     directory would overwrite each other's checkpoints under one identity: the second one is refused."""
-    state_dir.mkdir(parents=True, exist_ok=True)
-    return hold_lock(state_dir / LOCK_NAME, lambda pid: f"state_dir={str(state_dir)!r} is in use by another node (pid {pid}); give each node its own")
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        return hold_lock(state_dir / LOCK_NAME, lambda pid: f"state_dir={str(state_dir)!r} is in use by another node (pid {pid}); give each node its own")
+    except OSError as e:
+        raise ConfigError(f"state_dir={str(state_dir)!r} is not a directory this node can write ({e.strerror or e})") from e
 
 
 def hold_lock(path: pathlib.Path, in_use: Callable[[str], str]):

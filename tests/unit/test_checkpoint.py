@@ -13,11 +13,13 @@ from moeswarm.node.checkpoint import (
     load_checkpoint,
     load_checkpoints,
     load_or_create_identity,
+    lock_state_dir,
     save_expert_checkpoint,
     write_atomic,
 )
 from moeswarm.node.config import OptimizerConfig
 from moeswarm.node.registry import ExpertRegistry
+from moeswarm.protocol.errors import ConfigError
 from moeswarm.protocol.spec import ModelSpec
 
 
@@ -133,3 +135,11 @@ def test_identity_is_created_once_and_reloaded(tmp_path):
 def test_identity_without_state_dir_is_fresh_each_time():
     a, b = load_or_create_identity(None), load_or_create_identity(None)
     assert a.get_public_key().to_bytes() != b.get_public_key().to_bytes()
+
+
+def test_a_state_dir_that_cannot_be_a_directory_is_a_config_error(tmp_path):
+    taken = tmp_path / "a-file"
+    taken.write_bytes(b"")
+    for path in (taken, taken / "below-a-file"):
+        with pytest.raises(ConfigError, match=f"state_dir='{path}' is not a directory this node can write"):
+            lock_state_dir(path)
