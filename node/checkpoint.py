@@ -11,12 +11,13 @@ experts that have no file of their own yet.
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import logging
 import os
 import pathlib
 import tempfile
-from typing import Callable
+from typing import Awaitable, Callable
 
 import torch
 
@@ -68,6 +69,43 @@ def save_expert_checkpoint(state_dir: pathlib.Path, uid: str, state: dict) -> pa
     path = expert_checkpoint_path(state_dir, uid)
     write_atomic(path, lambda file: torch.save(state, file))
     return path
+
+
+class Checkpointer:
+    """Saves each expert that changed since its last checkpoint to its own file, one at a time: it is
+    copied (`snapshot`, on the node's compute thread, so requests are served between experts) and
+    written before the next is copied, so the node holds one expert's copy at a time, not a second
+    copy of all of them. A save cancelled mid-write (the node stopping) lets that write finish before
+    the next one starts: an older copy never lands after a newer one."""
+
+    def __init__(
+        self, state_dir: pathlib.Path, fingerprint: Callable[[list[str]], dict],
+        snapshot: Callable[[str], Awaitable[tuple[dict, dict]]], *, write=save_expert_checkpoint,
+    ):
+        """fingerprint(uids) -> {uid: value that changes with its state}; snapshot(uid) ->
+        (fingerprint([uid]), ExpertRegistry.state_dict([uid])), taken together."""
+        self.state_dir, self._fingerprint, self._snapshot, self._write = state_dir, fingerprint, snapshot, write
+        self.saved: dict[str, object] = {}  # uid -> fingerprint of its checkpoint file
+        self._writing: asyncio.Future | None = None
+
+    async def save(self, uids: list[str]) -> int:
+        """Write the experts of `uids` that changed; returns how many."""
+        written = 0
+        for uid in uids:
+            if self._fingerprint([uid])[uid] == self.saved.get(uid):
+                continue
+            fingerprint, state = await self._snapshot(uid)
+            if self._writing is not None and not self._writing.done():
+                await asyncio.wait({self._writing})  # a cancelled save's write: it must not land after ours
+            self._writing = asyncio.ensure_future(asyncio.to_thread(self._write, self.state_dir, uid, state))
+            del state  # the write holds it until done; the next expert's copy is taken after
+            await asyncio.shield(self._writing)
+            self.saved.update(fingerprint)
+            written += 1
+        legacy = self.state_dir / CHECKPOINT_NAME
+        if written and legacy.exists() and all(uid in self.saved for uid in uids):
+            legacy.unlink()  # every expert it held for this node now has a newer file of its own
+        return written
 
 
 def load_checkpoints(state_dir: pathlib.Path, uids) -> tuple[list[dict], dict | None]:

@@ -18,7 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from moeswarm.node.announcer import Announcer
 from moeswarm.node.batcher import Batcher
 from moeswarm.node.checkpoint import (
-    CHECKPOINT_NAME, EXPERTS_DIR, P2P_IDENTITY_NAME, load_checkpoints, load_or_create_identity, lock_state_dir, save_expert_checkpoint,
+    EXPERTS_DIR, P2P_IDENTITY_NAME, Checkpointer, load_checkpoints, load_or_create_identity, lock_state_dir,
 )
 from moeswarm.node.config import NodeConfig
 from moeswarm.node.model_source import check_swarm_agrees, load_expert_modules
@@ -62,7 +62,6 @@ class ExpertNode:
         self.dht: hivemind.DHT | None = None
         self._server: grpc.aio.Server | None = None
         self._tasks: list[asyncio.Task] = []
-        self._saved_fingerprint: dict[str, tuple] = {}  # per expert, as of its last checkpoint file
         self._restored: set[str] = set()  # experts a checkpoint restored
         self._lock = None  # the open lock file of state_dir, held while the node runs
         self._serving = False  # set once start() completed; a node that failed to start writes nothing
@@ -89,6 +88,8 @@ class ExpertNode:
             config.model, self.uids, seed=config.seed, optimizer=config.optimizer, modules=modules, device=self.device,
             activation_cache_bytes=config.activation_cache_mb << 20, prepack_weights=config.prepack_weights,
         )
+        if self.state_dir is not None:
+            self._checkpointer = Checkpointer(self.state_dir, self.registry.fingerprint, self._snapshot)
         self._restore()
         if (warning := config.exposure_warning()) is not None:
             logger.warning(warning)
@@ -224,7 +225,7 @@ class ExpertNode:
             for state in own:  # an expert's own file is rewritten only once the expert changes
                 restored = self.registry.load_state_dict(state)
                 self._restored.update(restored)
-                self._saved_fingerprint.update(self.registry.fingerprint(restored))
+                self._checkpointer.saved.update(self.registry.fingerprint(restored))
             if legacy is not None:  # experts only the old single file holds: written to their own at the first checkpoint
                 self._restored.update(self.registry.load_state_dict(legacy))
         except (ValueError, KeyError, TypeError, RuntimeError) as e:
@@ -232,23 +233,12 @@ class ExpertNode:
         logger.info("resumed %d of %d experts from %s", len(self._restored), len(self.uids), self.state_dir)
 
     async def checkpoint(self) -> bool:
-        """Save every expert that changed since its last save, one at a time: each is copied in its
-        own hand-off to the compute thread, so requests are served between experts, and the node
-        holds one expert's copy at a time, not a second copy of all of them. Returns whether it wrote."""
+        """Save every expert that changed since its last save (node/checkpoint.py Checkpointer: one
+        at a time, requests served in between); returns whether it wrote."""
         if self.state_dir is None:
             return False
-        started, written = time.monotonic(), 0
-        for uid in self.uids:
-            if self.registry.fingerprint([uid])[uid] == self._saved_fingerprint.get(uid):
-                continue
-            fingerprint, state = await self.batcher.run_on_compute_thread(self._snapshot, uid)
-            await asyncio.to_thread(save_expert_checkpoint, self.state_dir, uid, state)
-            del state
-            self._saved_fingerprint.update(fingerprint)
-            written += 1
-        legacy = self.state_dir / CHECKPOINT_NAME
-        if written and legacy.exists() and all(uid in self._saved_fingerprint for uid in self.uids):
-            legacy.unlink()  # every expert it held for this node now has a newer file of its own
+        started = time.monotonic()
+        written = await self._checkpointer.save(self.uids)
         if written:
             logger.info(
                 "checkpoint written: %d of %d experts to %s in %.2f s",
@@ -256,9 +246,9 @@ class ExpertNode:
             )
         return written > 0
 
-    def _snapshot(self, uid: str) -> tuple[dict, dict]:
+    async def _snapshot(self, uid: str) -> tuple[dict, dict]:
         """On the compute thread: no forward/backward can run halfway through it."""
-        return self.registry.fingerprint([uid]), self.registry.state_dict([uid])
+        return await self.batcher.run_on_compute_thread(lambda: (self.registry.fingerprint([uid]), self.registry.state_dict([uid])))
 
     async def _checkpoint_loop(self) -> None:
         while True:

@@ -1,13 +1,16 @@
 """node/checkpoint.py: atomic writes, checkpoint round trips, and the node's persistent RSA identity."""
 
+import asyncio
 import os
 import stat
+import threading
 
 import pytest
 import torch
 
 from moeswarm.node.checkpoint import (
     CHECKPOINT_NAME,
+    Checkpointer,
     IDENTITY_NAME,
     expert_checkpoint_path,
     load_checkpoint,
@@ -143,3 +146,56 @@ def test_a_state_dir_that_cannot_be_a_directory_is_a_config_error(tmp_path):
     for path in (taken, taken / "below-a-file"):
         with pytest.raises(ConfigError, match=f"state_dir='{path}' is not a directory this node can write"):
             lock_state_dir(path)
+
+
+def _trained_registry(uids) -> ExpertRegistry:
+    spec = ModelSpec(name="tiny", d_model=4, d_ff=8, n_layers=1, n_experts=2)
+    return ExpertRegistry(spec, uids, seed=0, optimizer=OptimizerConfig(name="sgd", lr=0.1, update_every=1))
+
+
+def _checkpointer(tmp_path, registry, write=save_expert_checkpoint) -> Checkpointer:
+    async def snapshot(uid):
+        return registry.fingerprint([uid]), registry.state_dict([uid])
+
+    return Checkpointer(tmp_path, registry.fingerprint, snapshot, write=write)
+
+
+def _saved_version(tmp_path, uid) -> int:
+    return load_checkpoint(expert_checkpoint_path(tmp_path, uid))["experts"][uid]["version"]
+
+
+def test_checkpointer_writes_only_the_experts_that_changed(tmp_path):
+    uids = ["tiny.L0.E0", "tiny.L0.E1"]
+    registry = _trained_registry(uids)
+    checkpointer = _checkpointer(tmp_path, registry)
+    assert asyncio.run(checkpointer.save(uids)) == 2  # fresh experts are written once
+    assert asyncio.run(checkpointer.save(uids)) == 0
+    registry.backward(uids[1], torch.ones(1, 4), torch.ones(1, 4))
+    assert asyncio.run(checkpointer.save(uids)) == 1
+    assert [_saved_version(tmp_path, uid) for uid in uids] == [0, 1]
+
+
+def test_a_cancelled_checkpoint_write_never_lands_after_a_newer_one(tmp_path):
+    uid = "tiny.L0.E0"
+    registry = _trained_registry([uid])
+    first_started, release_first = threading.Event(), threading.Event()
+
+    def slow_first_write(state_dir, uid, state):
+        if not first_started.is_set():
+            first_started.set()
+            release_first.wait(10)
+        return save_expert_checkpoint(state_dir, uid, state)
+
+    async def scenario():
+        checkpointer = _checkpointer(tmp_path, registry, write=slow_first_write)
+        periodic = asyncio.create_task(checkpointer.save([uid]))  # copies version 0, then writes slowly
+        await asyncio.to_thread(first_started.wait, 10)
+        periodic.cancel()  # the node is stopping
+        registry.backward(uid, torch.ones(1, 4), torch.ones(1, 4))  # version 1: the last save must hold it
+        final = asyncio.create_task(checkpointer.save([uid]))
+        await asyncio.sleep(0.2)
+        release_first.set()
+        assert await final == 1
+
+    asyncio.run(scenario())
+    assert _saved_version(tmp_path, uid) == 1
