@@ -17,7 +17,7 @@ import logging
 import os
 import pathlib
 import tempfile
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Iterator
 
 import torch
 
@@ -108,17 +108,27 @@ class Checkpointer:
         return written
 
 
-def load_checkpoints(state_dir: pathlib.Path, uids) -> tuple[list[dict], dict | None]:
-    """The last checkpoints of `uids`, for ExpertRegistry.load_state_dict: each expert's own file,
-    and the single file of older nodes narrowed to the experts without one (None if none is left).
-    A corrupt file raises with its path."""
-    own = [state for state in (load_checkpoint(expert_checkpoint_path(state_dir, uid)) for uid in uids) if state is not None]
+def iter_checkpoints(state_dir: pathlib.Path, uids) -> Iterator[tuple[dict, bool]]:
+    """The last checkpoints of `uids`, one file at a time, for ExpertRegistry.load_state_dict (a caller
+    that loads each before taking the next holds one expert's copy beside the weights, not a copy of
+    all): (state, True) for each expert's own file, then (state, False) for the single file of older
+    nodes narrowed to the experts without one, if any. A corrupt file raises with its path."""
+    covered = set()
+    for uid in uids:
+        state = load_checkpoint(expert_checkpoint_path(state_dir, uid))
+        if state is not None:
+            covered.add(uid)
+            yield state, True
+        state = None  # released before the next file is read
     legacy = load_checkpoint(state_dir / CHECKPOINT_NAME)
-    if legacy is None or not isinstance(legacy.get("experts"), dict):
-        return own, legacy
-    covered = {uid for state in own for uid in state.get("experts", ())}
+    if legacy is None:
+        return
+    if not isinstance(legacy.get("experts"), dict):
+        yield legacy, False  # malformed: load_state_dict says so
+        return
     experts = {uid: expert for uid, expert in legacy["experts"].items() if uid in uids and uid not in covered}
-    return own, {**legacy, "experts": experts} if experts else None
+    if experts:
+        yield {**legacy, "experts": experts}, False
 
 
 def load_checkpoint(path: pathlib.Path) -> dict | None:

@@ -18,7 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from moeswarm.node.announcer import Announcer
 from moeswarm.node.batcher import Batcher
 from moeswarm.node.checkpoint import (
-    EXPERTS_DIR, P2P_IDENTITY_NAME, Checkpointer, load_checkpoints, load_or_create_identity, lock_state_dir,
+    EXPERTS_DIR, P2P_IDENTITY_NAME, Checkpointer, iter_checkpoints, load_or_create_identity, lock_state_dir,
 )
 from moeswarm.node.config import NodeConfig
 from moeswarm.node.model_source import check_swarm_agrees, load_expert_modules
@@ -216,20 +216,19 @@ class ExpertNode:
         if self.state_dir is None:
             logger.warning("no state_dir: expert weights and optimizer state will not survive a restart")
             return
-        own, legacy = load_checkpoints(self.state_dir, self.uids)
-        if not own and legacy is None:
+        try:
+            for state, own in iter_checkpoints(self.state_dir, self.uids):
+                restored = self.registry.load_state_dict(state)
+                self._restored.update(restored)
+                if own:  # rewritten once the expert changes; the old single file's experts at the first checkpoint
+                    self._checkpointer.saved.update(self.registry.fingerprint(restored))
+                del state  # before the next file: one expert's copy at a time beside the weights
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:
+            raise ConfigError(f"checkpoint in {self.state_dir} does not fit this node: {e}") from e
+        if not self._restored:
             source = f"the model directory {self.config.model_dir}" if self.config.model_dir else f"seed {self.config.seed}"
             logger.info("no checkpoint in %s: starting %d experts from %s", self.state_dir, len(self.uids), source)
             return
-        try:
-            for state in own:  # an expert's own file is rewritten only once the expert changes
-                restored = self.registry.load_state_dict(state)
-                self._restored.update(restored)
-                self._checkpointer.saved.update(self.registry.fingerprint(restored))
-            if legacy is not None:  # experts only the old single file holds: written to their own at the first checkpoint
-                self._restored.update(self.registry.load_state_dict(legacy))
-        except (ValueError, KeyError, TypeError, RuntimeError) as e:
-            raise ConfigError(f"checkpoint in {self.state_dir} does not fit this node: {e}") from e
         logger.info("resumed %d of %d experts from %s", len(self._restored), len(self.uids), self.state_dir)
 
     async def checkpoint(self) -> bool:

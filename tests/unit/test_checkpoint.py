@@ -14,7 +14,7 @@ from moeswarm.node.checkpoint import (
     IDENTITY_NAME,
     expert_checkpoint_path,
     load_checkpoint,
-    load_checkpoints,
+    iter_checkpoints,
     load_or_create_identity,
     lock_state_dir,
     save_expert_checkpoint,
@@ -57,17 +57,16 @@ def test_failed_first_write_creates_nothing(tmp_path):
 
 def test_load_checkpoint_without_file_is_none(tmp_path):
     assert load_checkpoint(tmp_path / "experts" / "tiny.L0.E0.pt") is None
-    assert load_checkpoints(tmp_path, ["tiny.L0.E0"]) == ([], None)
+    assert list(iter_checkpoints(tmp_path, ["tiny.L0.E0"])) == []
 
 
 def test_expert_checkpoint_round_trip(tmp_path):
     state = {"model": {"name": "tiny"}, "experts": {"tiny.L0.E0": {"w": torch.arange(6.0).view(2, 3), "version": 3}}}
     path = save_expert_checkpoint(tmp_path, "tiny.L0.E0", state)
     assert path == expert_checkpoint_path(tmp_path, "tiny.L0.E0") == tmp_path / "experts" / "tiny.L0.E0.pt"
-    own, legacy = load_checkpoints(tmp_path, ["tiny.L0.E0", "tiny.L0.E1"])
-    assert legacy is None and len(own) == 1
-    assert own[0]["model"] == {"name": "tiny"} and own[0]["experts"]["tiny.L0.E0"]["version"] == 3
-    assert torch.equal(own[0]["experts"]["tiny.L0.E0"]["w"], state["experts"]["tiny.L0.E0"]["w"])
+    [(loaded, own)] = iter_checkpoints(tmp_path, ["tiny.L0.E0", "tiny.L0.E1"])
+    assert own and loaded["model"] == {"name": "tiny"} and loaded["experts"]["tiny.L0.E0"]["version"] == 3
+    assert torch.equal(loaded["experts"]["tiny.L0.E0"]["w"], state["experts"]["tiny.L0.E0"]["w"])
 
 
 def test_the_single_file_of_older_nodes_serves_the_experts_without_their_own(tmp_path):
@@ -76,11 +75,11 @@ def test_the_single_file_of_older_nodes_serves_the_experts_without_their_own(tmp
 
     torch.save({"model": {"name": "tiny"}, "experts": {f"tiny.L0.E{i}": expert(1) for i in range(3)}}, tmp_path / CHECKPOINT_NAME)
     save_expert_checkpoint(tmp_path, "tiny.L0.E0", {"model": {"name": "tiny"}, "experts": {"tiny.L0.E0": expert(5)}})
-    own, legacy = load_checkpoints(tmp_path, ["tiny.L0.E0", "tiny.L0.E1"])  # E2: held, but not hosted any more
-    assert [state["experts"]["tiny.L0.E0"]["version"] for state in own] == [5]  # its own file wins
-    assert legacy["model"] == {"name": "tiny"} and list(legacy["experts"]) == ["tiny.L0.E1"]
+    (own, is_own), (legacy, is_own_too) = iter_checkpoints(tmp_path, ["tiny.L0.E0", "tiny.L0.E1"])  # E2: held, not hosted
+    assert is_own and own["experts"]["tiny.L0.E0"]["version"] == 5  # its own file wins
+    assert not is_own_too and legacy["model"] == {"name": "tiny"} and list(legacy["experts"]) == ["tiny.L0.E1"]
     save_expert_checkpoint(tmp_path, "tiny.L0.E1", {"model": {"name": "tiny"}, "experts": {"tiny.L0.E1": expert(2)}})
-    assert load_checkpoints(tmp_path, ["tiny.L0.E0", "tiny.L0.E1"])[1] is None
+    assert [own for _, own in iter_checkpoints(tmp_path, ["tiny.L0.E0", "tiny.L0.E1"])] == [True, True]
 
 
 def test_registry_state_survives_a_checkpoint(tmp_path):
@@ -95,8 +94,7 @@ def test_registry_state_survives_a_checkpoint(tmp_path):
         save_expert_checkpoint(tmp_path, uid, source.state_dict([uid]))
 
     target = ExpertRegistry(spec, uids, seed=1, optimizer=optimizer)
-    own, legacy = load_checkpoints(tmp_path, uids)
-    assert [target.load_state_dict(state) for state in own] == [[uid] for uid in uids]  # loads with weights_only=True
+    assert [target.load_state_dict(state) for state, _ in iter_checkpoints(tmp_path, uids)] == [[uid] for uid in uids]  # weights_only
     assert target.fingerprint() == source.fingerprint() == {"tiny.L0.E0": (1, 1, 0), "tiny.L0.E1": (0, 0, 0)}
     assert target.fingerprint(["tiny.L0.E1"]) == {"tiny.L0.E1": (0, 0, 0)}
     for uid in uids:
@@ -112,7 +110,7 @@ def test_corrupt_checkpoint_raises_naming_its_path(tmp_path, contents, name):
     (tmp_path / "experts").mkdir()
     (tmp_path / name).write_bytes(contents)
     with pytest.raises(RuntimeError) as info:
-        load_checkpoints(tmp_path, ["tiny.L0.E0"])
+        list(iter_checkpoints(tmp_path, ["tiny.L0.E0"]))
     assert str(tmp_path / name) in str(info.value)
     assert "move it away" in str(info.value)
 
