@@ -138,7 +138,14 @@ def load_checkpoint(path: pathlib.Path) -> dict | None:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise RuntimeError(f"checkpoint {path} is unreadable ({e}); move it away to start from fresh weights") from e
+        raise ConfigError(f"checkpoint {path} is unreadable ({_load_failure(e)}); move it away to start from fresh weights") from e
+
+
+def _load_failure(error: Exception) -> str:
+    text = str(error)
+    if "WeightsUnpickler error:" in text:  # torch's advice to retry with weights_only=False is not for a damaged file
+        text = "damaged, or not a checkpoint: " + text.split("WeightsUnpickler error:", 1)[1].strip().split("\n", 1)[0]
+    return " ".join(text.split())[:300]
 
 
 def load_or_create_identity(state_dir: pathlib.Path | None):

@@ -223,6 +223,8 @@ class ExpertNode:
                 if own:  # rewritten once the expert changes; the old single file's experts at the first checkpoint
                     self._checkpointer.saved.update(self.registry.fingerprint(restored))
                 del state  # before the next file: one expert's copy at a time beside the weights
+        except ConfigError:  # an unreadable file: it names itself
+            raise
         except (ValueError, KeyError, TypeError, RuntimeError) as e:
             raise ConfigError(f"checkpoint in {self.state_dir} does not fit this node: {e}") from e
         if not self._restored:

@@ -109,16 +109,17 @@ def test_registry_state_survives_a_checkpoint(tmp_path):
 def test_corrupt_checkpoint_raises_naming_its_path(tmp_path, contents, name):
     (tmp_path / "experts").mkdir()
     (tmp_path / name).write_bytes(contents)
-    with pytest.raises(RuntimeError) as info:
+    with pytest.raises(ConfigError) as info:
         list(iter_checkpoints(tmp_path, ["tiny.L0.E0"]))
     assert str(tmp_path / name) in str(info.value)
     assert "move it away" in str(info.value)
+    assert "weights_only" not in str(info.value)  # torch's advice to unpickle anyway is not for a damaged file
 
 
 def test_truncated_checkpoint_raises(tmp_path):
     path = save_expert_checkpoint(tmp_path, "tiny.L0.E0", {"w": torch.zeros(1000)})
     path.write_bytes(path.read_bytes()[:-100])
-    with pytest.raises(RuntimeError, match="unreadable"):
+    with pytest.raises(ConfigError, match="unreadable"):
         load_checkpoint(path)
 
 
