@@ -368,5 +368,21 @@ def _new_event_loop() -> asyncio.AbstractEventLoop:
     try:
         import uvloop
     except ImportError:
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
+        loop = asyncio.new_event_loop()
+    else:
+        loop = uvloop.new_event_loop()
+    loop.set_exception_handler(_skip_events_of_closed_loops)
+    return loop
+
+
+def _skip_events_of_closed_loops(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+    """grpc.aio's poller queues every completion event of the process, and whichever bound loop reads
+    the queue hands each event to the loop its call was made on. An event that comes after that loop
+    was closed (another client of this process, closed a moment before) raises "Event loop is closed"
+    in the loop that read it, a traceback in the user's output. Its call was over: nothing waits for
+    the event, and the other events stay queued for the next read. Skip those; report the rest."""
+    error, handle = context.get("exception"), context.get("handle")
+    if isinstance(error, RuntimeError) and str(error) == "Event loop is closed" and "PollerCompletionQueue" in repr(handle):
+        logger.debug("skipped a gRPC completion event of a closed event loop")
+        return
+    loop.default_exception_handler(context)

@@ -4,6 +4,8 @@ validation, and the LocalMoE reference that RemoteMoE must equal.
 Legend: T tokens, D model dim, E experts, K experts per token.
 """
 
+import logging
+
 import pytest
 import torch
 
@@ -411,3 +413,24 @@ def test_dispatcher_makes_its_channels_only_on_its_loop_thread():
         assert dispatcher.run(make(), timeout_s=5).endpoint == "127.0.0.1:1"
     finally:
         dispatcher.close()
+
+
+def test_dispatcher_loops_skip_grpc_events_of_closed_loops_and_report_the_rest(caplog):
+    from moeswarm.model.dispatcher import _new_event_loop
+
+    class PollerCompletionQueue:  # the repr grpc's handle carries: functools.partial(<bound method PollerCompletionQueue._handle_events ...>)
+        def _handle_events(self):
+            pass
+
+    loop = _new_event_loop()
+    try:
+        late = loop.call_soon(PollerCompletionQueue()._handle_events)
+        other = loop.call_soon(lambda: None)
+        with caplog.at_level(logging.ERROR, logger="asyncio"):
+            loop.call_exception_handler({"message": "Exception in callback", "exception": RuntimeError("Event loop is closed"), "handle": late})
+            assert not caplog.records
+            loop.call_exception_handler({"message": "Exception in callback", "exception": RuntimeError("Event loop is closed"), "handle": other})
+            loop.call_exception_handler({"message": "Exception in callback", "exception": ValueError("a bug"), "handle": late})
+        assert [str(r.exc_info[1]) for r in caplog.records] == ["Event loop is closed", "a bug"]
+    finally:
+        loop.close()
