@@ -227,6 +227,9 @@ class ExpertNode:
             raise
         except (ValueError, KeyError, TypeError, RuntimeError) as e:
             raise ConfigError(f"checkpoint in {self.state_dir} does not fit this node: {e}") from e
+        # An expert no checkpoint holds is what its seed or model directory make again at the next
+        # start: written once it changes (trained, or taken from a replica), not copied to disk as is.
+        self._checkpointer.saved.update(self.registry.fingerprint([uid for uid in self.uids if uid not in self._restored]))
         if not self._restored:
             source = f"the model directory {self.config.model_dir}" if self.config.model_dir else f"seed {self.config.seed}"
             logger.info("no checkpoint in %s: starting %d experts from %s", self.state_dir, len(self.uids), source)

@@ -123,19 +123,23 @@ def test_kill9_then_restart_resumes_from_checkpoint(node_factory, tmp_path):
     assert restarted.ready["peer_id"] == node.ready["peer_id"] != "" and checkpoint.exists()
 
 
-def test_a_checkpoint_rewrites_only_the_experts_that_changed(node_factory, tmp_path):
+def test_a_checkpoint_writes_only_the_experts_that_changed(node_factory, tmp_path):
     uids, x = ["itest.L0.E0", "itest.L0.E1"], torch.randn(4, D)
     files = [tmp_path / "state" / "experts" / f"{uid}.pt" for uid in uids]
     config = dict(experts=uids, state_dir=str(tmp_path / "state"), checkpoint_interval_s=0.3)
     config["optimizer"] = dict(name="sgd", lr=0.1, update_every=4)
     node = node_factory("n1", **config)
-    wait_for(lambda: "checkpoint written: 2 of 2 experts" in node.log, what="the first checkpoint of both fresh experts")
-    untouched = files[1].stat().st_mtime_ns
-    trained, versions = run(train_step(node.ready["endpoint"], MODEL["name"], uids[0], x, torch.randn(4, D)))
-    assert versions[uids[0]] == 1
-    wait_for(lambda: "checkpoint written: 1 of 2 experts" in node.log, what="a checkpoint of the trained expert alone")
-    assert files[1].stat().st_mtime_ns == untouched
-    assert torch.load(files[0], weights_only=True)["experts"][uids[0]]["version"] == 1
+    time.sleep(1.0)  # three intervals: fresh experts are what the seed makes again, nothing to write
+    assert not any(file.exists() for file in files) and "checkpoint written" not in node.log
+    for i, uid in enumerate(uids):
+        _, versions = run(train_step(node.ready["endpoint"], MODEL["name"], uid, x, torch.randn(4, D)))
+        assert versions[uid] == 1
+        wait_for(lambda: node.log.count("checkpoint written: 1 of 2 experts") == i + 1, what=f"a checkpoint of {uid} alone")
+        if i == 0:
+            assert not files[1].exists()
+            first = files[0].stat().st_mtime_ns
+    assert files[0].stat().st_mtime_ns == first  # not rewritten with the second expert
+    assert [torch.load(file, weights_only=True)["experts"][uid]["version"] for file, uid in zip(files, uids)] == [1, 1]
 
 
 def test_a_node_resumes_from_the_single_checkpoint_file_of_older_nodes_and_moves_on(node_factory, tmp_path):
@@ -193,6 +197,7 @@ def test_node_that_loses_its_dht_stops_with_a_clear_error_and_a_last_checkpoint(
     node = node_factory("n1", experts=["itest.L0.E0"], state_dir=str(state), checkpoint_interval_s=3600)
     dht_pid, p2pd_pid = _dht_and_p2pd(node.popen.pid)
     tree = process_tree(node.popen.pid)
+    run(train_step(node.ready["endpoint"], MODEL["name"], "itest.L0.E0", torch.randn(2, D), torch.randn(2, D)))
     assert not list(state.rglob("*.pt"))  # nothing saved yet: a checkpoint below is the one written on the way out
     time.sleep(0.5)  # the DHT process has noticed its p2pd by now (it looks every 50 ms until it does)
     os.kill(dht_pid if victim == "dht process" else p2pd_pid, signal.SIGKILL)
@@ -223,9 +228,11 @@ def test_sigterm_stops_within_5s_and_saves_last_updates(node_factory, tmp_path):
 def test_node_refuses_a_checkpoint_of_another_model(node_factory, tmp_path):
     state = str(tmp_path / "state")
     node = node_factory("n1", experts=["itest.L0.E0"], state_dir=state)
+    run(train_step(node.ready["endpoint"], MODEL["name"], "itest.L0.E0", torch.randn(2, D), torch.randn(2, D)))
     os.kill(node.popen.pid, signal.SIGTERM)
     node.popen.wait(10)
     saved = _state_files(state)
+    assert "experts/itest.L0.E0.pt" in saved
     bigger = dict(MODEL, d_ff=MODEL["d_ff"] * 2)
     # Another swarm name: in n1's swarm its DHT record (alive until its TTL) would refuse n2 first.
     with pytest.raises(RuntimeError, match="does not fit this node"):
@@ -310,6 +317,7 @@ def test_ctrl_c_in_the_nodes_terminal_stops_it_cleanly(tmp_path, request):
     node = start_node(tmp_path / "n1", config)
     request.addfinalizer(node.kill)
     tree = process_tree(node.popen.pid)
+    run(train_step(node.ready["endpoint"], MODEL["name"], "itest.L0.E0", torch.randn(2, D), torch.randn(2, D)))  # something to save
     time.sleep(2.0)  # a node that has run a while: its p2pd is settled
     os.killpg(node.popen.pid, signal.SIGINT)  # the node leads its own group, as a shell's foreground job does
     assert node.popen.wait(15) == 0
