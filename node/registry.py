@@ -273,10 +273,8 @@ class ExpertRegistry:
     def fingerprint(self, uids=None) -> dict[str, tuple[int, int, int]]:
         """Per expert of `uids` (default: all), changes whenever its weights, optimizer state or
         accumulated grads change (a due step counts as applied: state_dict applies it)."""
-        return {
-            uid: (h.visible_version, 0 if h.step_due else h.rows_since_step, h.averaged)
-            for uid, h in ((uid, self.experts[uid]) for uid in (self.experts if uids is None else uids))
-        }
+        experts = self.experts if uids is None else {uid: self.experts[uid] for uid in uids}
+        return {uid: (h.visible_version, 0 if h.step_due else h.rows_since_step, h.averaged) for uid, h in experts.items()}
 
 
 def _same_spec(saved, spec: ModelSpec) -> bool:
