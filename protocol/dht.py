@@ -226,11 +226,13 @@ def wait_dht_ready(dht, poll_s: float = 0.5) -> None:
 
 def stop_dht(dht) -> None:
     """Shut the DHT down; kill its process if it does not stop in time. A peer still starting is
-    first let finish (bounded), so that it stops its p2pd itself."""
-    try:
-        dht.wait_until_ready(DHT_TIMEOUT_S)
-    except Exception:  # it failed to start, or is stuck: shut down / kill below either way
-        pass
+    first let finish (bounded), so that it stops its p2pd itself; one already gone is not waited for
+    (its start never finishes: start_dht's failure path would otherwise wait DHT_TIMEOUT_S)."""
+    if dht.is_alive():
+        try:
+            dht.wait_until_ready(DHT_TIMEOUT_S)
+        except Exception:  # it failed to start, or is stuck: shut down / kill below either way
+            pass
     dht.shutdown()
     dht.join(DHT_STOP_TIMEOUT_S)
     if dht.is_alive():
