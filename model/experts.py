@@ -152,23 +152,47 @@ def expert_backward(
     SwiGLU experts take a hand-written backward (below), which uses `kept` (expert_forward_keep's
     (h1, h3) for these rows) instead of recomputing them when given; other kinds go through autograd.
     """
+    if not param_grads:
+        if isinstance(expert, SwiGLUExpert):
+            return _swiglu_backward(expert, x_ND, grad_y_ND, kept, param_grads=False)[0]
+        x_ND = x_ND.to(next(expert.parameters()).dtype).detach().requires_grad_(True)
+        with torch.enable_grad():
+            return torch.autograd.grad(expert(x_ND), x_ND, grad_y_ND.to(x_ND.dtype))[0]
+    grad_x_ND, grads = expert_param_grads(expert, x_ND, grad_y_ND, kept)
+    add_grads(grads)
+    return grad_x_ND
+
+
+def expert_param_grads(
+    expert: nn.Module, x_ND: torch.Tensor, grad_y_ND: torch.Tensor, kept: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, dict[nn.Parameter, torch.Tensor]]:
+    """expert_backward's results without adding them: (grad_x_ND, {parameter: its gradient from
+    these rows}), so a caller can check them before they reach the accumulated grads (add_grads)."""
     if isinstance(expert, SwiGLUExpert):
-        return _swiglu_backward(expert, x_ND, grad_y_ND, kept, param_grads=param_grads)
-    param = next(expert.parameters())
-    x_ND = x_ND.to(param.dtype).detach().requires_grad_(True)
+        return _swiglu_backward(expert, x_ND, grad_y_ND, kept)
+    params = [param for param in expert.parameters() if param.requires_grad]
+    x_ND = x_ND.to(params[0].dtype).detach().requires_grad_(True)
     with torch.enable_grad():
-        y_ND = expert(x_ND)
-        if not param_grads:
-            return torch.autograd.grad(y_ND, x_ND, grad_y_ND.to(param.dtype))[0]
-        y_ND.backward(grad_y_ND.to(param.dtype))
-    return x_ND.grad
+        grad_x_ND, *grads = torch.autograd.grad(expert(x_ND), [x_ND, *params], grad_y_ND.to(x_ND.dtype))
+    return grad_x_ND, dict(zip(params, grads))
+
+
+def add_grads(grads: dict[nn.Parameter, torch.Tensor]) -> None:
+    """param.grad += grad for each (the gradient becomes param.grad where there is none yet)."""
+    for param, grad in grads.items():
+        if param.grad is None:
+            param.grad = grad
+        else:
+            param.grad.add_(grad)
 
 
 @torch.no_grad()
-def _swiglu_backward(expert: SwiGLUExpert, x_ND: torch.Tensor, grad_y_ND: torch.Tensor, kept=None, *, param_grads: bool = True) -> torch.Tensor:
+def _swiglu_backward(
+    expert: SwiGLUExpert, x_ND: torch.Tensor, grad_y_ND: torch.Tensor, kept=None, *, param_grads: bool = True,
+) -> tuple[torch.Tensor, dict[nn.Parameter, torch.Tensor]]:
     """The same operations autograd runs for SwiGLUExpert.forward, minus the output projection that a
     recomputed forward does not need: 8 matmuls instead of 9 (6 with `kept`), no graph. Results equal
-    autograd's."""
+    autograd's. Returns (grad_x_ND, {parameter: gradient}), the dict empty for param_grads=False."""
     w1, w3, w2 = expert.w1.weight, expert.w3.weight, expert.w2.weight
     x_ND, g_ND = x_ND.to(w1.dtype), grad_y_ND.to(w1.dtype)
     h1_NF, h3_NF = kept if kept is not None else _hidden(x_ND, w1, w3, _packed_for(expert, x_ND))
@@ -176,8 +200,11 @@ def _swiglu_backward(expert: SwiGLUExpert, x_ND: torch.Tensor, grad_y_ND: torch.
     g_h_NF = g_ND.mm(w2)  # d loss / d (silu(h1) * h3)
     g_h3_NF = g_h_NF * a_NF
     g_h1_NF = torch.ops.aten.silu_backward(g_h_NF * h3_NF, h1_NF)
+    grad_x_ND = g_h1_NF.mm(w1) + g_h3_NF.mm(w3)
     if not param_grads:  # input grads alone: 3 matmuls fewer, no parameter touched
-        return g_h1_NF.mm(w1) + g_h3_NF.mm(w3)
+        return grad_x_ND, {}
+    grad_w2 = g_ND.t().mm(a_NF * h3_NF)
+    return grad_x_ND, {w1: g_h1_NF.t().mm(x_ND), w3: g_h3_NF.t().mm(x_ND), w2: grad_w2}
     grad_w2 = g_ND.t().mm(a_NF * h3_NF)
     grads = {w1: g_h1_NF.t().mm(x_ND), w3: g_h3_NF.t().mm(x_ND), w2: grad_w2}
     for param, grad in grads.items():

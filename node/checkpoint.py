@@ -79,11 +79,12 @@ class Checkpointer:
     the next one starts: an older copy never lands after a newer one."""
 
     def __init__(
-        self, state_dir: pathlib.Path, fingerprint: Callable[[list[str]], dict],
+        self, state_dir: pathlib.Path, fingerprint: Callable[[list[str]], Awaitable[dict]],
         snapshot: Callable[[str], Awaitable[tuple[dict, dict]]], *, write=save_expert_checkpoint,
     ):
-        """fingerprint(uids) -> {uid: value that changes with its state}; snapshot(uid) ->
-        (fingerprint([uid]), ExpertRegistry.state_dict([uid])), taken together."""
+        """fingerprint(uids) -> {uid: value that changes with its state}, read where the state
+        changes (the compute thread: read from another thread, a step halfway done could look like
+        no change); snapshot(uid) -> (fingerprint([uid]), ExpertRegistry.state_dict([uid])), taken together."""
         self.state_dir, self._fingerprint, self._snapshot, self._write = state_dir, fingerprint, snapshot, write
         self.saved: dict[str, object] = {}  # uid -> fingerprint of its checkpoint file
         self._writing: asyncio.Future | None = None
@@ -91,8 +92,9 @@ class Checkpointer:
     async def save(self, uids: list[str]) -> int:
         """Write the experts of `uids` that changed; returns how many."""
         written = 0
+        current = await self._fingerprint(uids)
         for uid in uids:
-            if self._fingerprint([uid])[uid] == self.saved.get(uid):
+            if current[uid] == self.saved.get(uid):
                 continue
             fingerprint, state = await self._snapshot(uid)
             if self._writing is not None and not self._writing.done():

@@ -89,7 +89,7 @@ class ExpertNode:
             activation_cache_bytes=config.activation_cache_mb << 20, prepack_weights=config.prepack_weights,
         )
         if self.state_dir is not None:
-            self._checkpointer = Checkpointer(self.state_dir, self.registry.fingerprint, self._snapshot)
+            self._checkpointer = Checkpointer(self.state_dir, self._fingerprint, self._snapshot)
         self._restore()
         if (warning := config.exposure_warning()) is not None:
             logger.warning(warning)
@@ -249,6 +249,9 @@ class ExpertNode:
                 written, len(self.uids), self.state_dir / EXPERTS_DIR, time.monotonic() - started,
             )
         return written > 0
+
+    async def _fingerprint(self, uids: list[str]) -> dict:
+        return await self.batcher.run_on_compute_thread(self.registry.fingerprint, uids)
 
     async def _snapshot(self, uid: str) -> tuple[dict, dict]:
         """On the compute thread: no forward/backward can run halfway through it."""

@@ -14,13 +14,14 @@ import torch
 from torch import nn
 
 from moeswarm.model.experts import (
-    PACKABLE_DTYPES, SwiGLUExpert, check_prepacking, expert_backward, expert_forward, expert_forward_keep, init_expert,
-    prepack_weights,
+    PACKABLE_DTYPES, SwiGLUExpert, add_grads, check_prepacking, expert_backward, expert_forward, expert_forward_keep,
+    expert_param_grads, init_expert, prepack_weights,
 )
 from moeswarm.model.hf_experts import GptOssExpert, gpt_oss_forward
 from moeswarm.node.activations import ActivationCache
 from moeswarm.node.config import OptimizerConfig
 from moeswarm.node.optimizers import NodeAdam, NodeOptimizer, NodeSGD
+from moeswarm.node.validation import all_finite
 from moeswarm.protocol.errors import ConfigError
 from moeswarm.protocol.spec import ModelSpec
 
@@ -137,16 +138,41 @@ class ExpertRegistry:
         hosted = self.experts[uid]
         self._apply_due_step(hosted)
         kept = self._take_kept(uid, hosted.revision, forward_ids) if forward_ids else None
-        grad_x_ND = expert_backward(hosted.module, x_ND.to(self.device), grad_y_ND.to(self.device), kept).cpu()
+        x_ND, grad_y_ND = x_ND.to(self.device), grad_y_ND.to(self.device)
+        grad_x_ND, grads = expert_param_grads(hosted.module, x_ND, grad_y_ND, kept)
         if kept is not None:
             self.kept.reused_rows += x_ND.shape[0]
         hosted.rows_served += x_ND.shape[0]
-        hosted.rows_since_step += x_ND.shape[0]
+        if _all_finite(grad_x_ND, grads):
+            self._accumulate(hosted, grads, x_ND.shape[0], defer_step)
+        else:  # some rows overflow: only they are refused (merged callers each on their own)
+            grad_x_ND = self._accumulate_finite_callers(hosted, x_ND, grad_y_ND, forward_ids, defer_step)
+        return grad_x_ND.cpu()
+
+    def _accumulate(self, hosted: HostedExpert, grads: dict, rows: int, defer_step: bool) -> None:
+        add_grads(grads)
+        hosted.rows_since_step += rows
         if hosted.rows_since_step >= self.optimizer_config.update_every:
             hosted.step_due = True
             if not defer_step:
                 self._apply_due_step(hosted)
-        return grad_x_ND
+
+    def _accumulate_finite_callers(self, hosted: HostedExpert, x_ND, grad_y_ND, callers: Tags, defer_step: bool) -> torch.Tensor:
+        """A backward whose grads overflow: accumulate each caller's rows whose grads are finite; the
+        others add nothing and get NaN input grads, which the service answers with an overflow error.
+        A refused request changes nothing, and one caller's huge grad_outputs never poison the rest's."""
+        parts, offset = [], 0
+        for _, rows in callers or [("", x_ND.shape[0])]:
+            grad_x_ND, grads = expert_param_grads(hosted.module, x_ND[offset : offset + rows], grad_y_ND[offset : offset + rows])
+            if _all_finite(grad_x_ND, grads):
+                self._accumulate(hosted, grads, rows, defer_step=True)  # every caller's grads from the same weights
+            else:
+                grad_x_ND = torch.full_like(grad_x_ND, math.nan)
+            parts.append(grad_x_ND)
+            offset += rows
+        if not defer_step:
+            self._apply_due_step(hosted)
+        return torch.cat(parts)
 
     def input_grad(self, uid: str, x_ND: torch.Tensor, grad_y_ND: torch.Tensor) -> torch.Tensor:
         """A backward's input grads alone: no parameter grads, no step, no state touched (the rows of
@@ -161,15 +187,17 @@ class ExpertRegistry:
         return self._apply_due_step(self.experts[uid])
 
     def _apply_due_step(self, hosted: HostedExpert) -> bool:
+        """The due step, with step_due cleared only once it is done: visible_version and fingerprint,
+        read from other threads meanwhile, see the step as applied, never the state before it."""
         if not hosted.step_due:
             return False
         optimizer = self._optimizer(hosted)
-        rows, hosted.rows_since_step, hosted.step_due = hosted.rows_since_step, 0, False
         grads = [param.grad for param in hosted.module.parameters() if param.grad is not None]
         norm = float(torch.stack([grad.norm() for grad in grads]).norm()) if grads else 0.0
         if not math.isfinite(norm):  # finite inputs and grads can still overflow: never write inf/NaN into weights
-            logger.warning("dropped an optimizer step whose gradient norm is %s (gradients of %d rows)", norm, rows)
+            logger.warning("dropped an optimizer step whose gradient norm is %s (gradients of %d rows)", norm, hosted.rows_since_step)
             optimizer.zero_grad(set_to_none=True)
+            hosted.rows_since_step, hosted.step_due = 0, False
             return False
         max_norm = self.optimizer_config.max_grad_norm
         if max_norm and norm > max_norm:  # as torch.nn.utils.clip_grad_norm_ scales
@@ -177,8 +205,8 @@ class ExpertRegistry:
                 grad.mul_(max_norm / (norm + 1e-6))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        hosted.version += 1
         hosted.revision += 1
+        hosted.rows_since_step, hosted.version, hosted.step_due = 0, hosted.version + 1, False
         return True
 
     # ---- replicas (node/replica_sync.py): on the compute thread, like every other use of the weights
@@ -275,6 +303,10 @@ class ExpertRegistry:
         accumulated grads change (a due step counts as applied: state_dict applies it)."""
         experts = self.experts if uids is None else {uid: self.experts[uid] for uid in uids}
         return {uid: (h.visible_version, 0 if h.step_due else h.rows_since_step, h.averaged) for uid, h in experts.items()}
+
+
+def _all_finite(grad_x_ND: torch.Tensor, grads: dict) -> bool:
+    return all_finite(grad_x_ND) and all(all_finite(grad) for grad in grads.values())
 
 
 def _same_spec(saved, spec: ModelSpec) -> bool:

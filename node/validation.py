@@ -98,6 +98,8 @@ def _decode_rows(message: wire.TensorView | expert_pb2.Tensor, what: str, uid: s
 def all_finite(tensor: torch.Tensor) -> bool:
     if tensor.numel() == 0:
         return True
+    if tensor.device.type != "cpu":
+        return bool(torch.isfinite(tensor).all())
     if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16: NaN propagates into min/max, inf shows in one
         return bool(torch.isfinite(torch.stack(torch.aminmax(tensor))).all())
     # numpy: 2 us at one row, 34 us per MiB; torch's isfinite(x).all() costs ~15 us of dispatch per call.

@@ -153,10 +153,13 @@ def _trained_registry(uids) -> ExpertRegistry:
 
 
 def _checkpointer(tmp_path, registry, write=save_expert_checkpoint) -> Checkpointer:
+    async def fingerprint(uids):
+        return registry.fingerprint(uids)
+
     async def snapshot(uid):
         return registry.fingerprint([uid]), registry.state_dict([uid])
 
-    return Checkpointer(tmp_path, registry.fingerprint, snapshot, write=write)
+    return Checkpointer(tmp_path, fingerprint, snapshot, write=write)
 
 
 def _saved_version(tmp_path, uid) -> int:

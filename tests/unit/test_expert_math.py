@@ -1,6 +1,7 @@
 """model/experts.py (SwiGLU expert, init, forward/backward) and node/registry.py (optimizer schedule, state)."""
 
 import dataclasses
+import math
 import re
 
 import pytest
@@ -299,19 +300,55 @@ def test_load_state_dict_for_another_model_raises(change):
 
 def _sgd_registry(**optimizer) -> ExpertRegistry:
     spec = ModelSpec(name="m", d_model=16, d_ff=32, n_layers=1, n_experts=1)
-    return ExpertRegistry(spec, ("m.L0.E0",), seed=0, optimizer=OptimizerConfig(name="sgd", lr=1.0, update_every=1, **optimizer))
+    return ExpertRegistry(spec, ("m.L0.E0",), seed=0, optimizer=OptimizerConfig(**{"name": "sgd", "lr": 1.0, "update_every": 1, **optimizer}))
 
 
-def test_a_step_whose_gradient_overflowed_is_dropped_not_written_into_the_weights(caplog):
-    registry = _sgd_registry()
-    before = {k: v.clone() for k, v in registry.experts["m.L0.E0"].module.state_dict().items()}
+def test_a_backward_whose_grads_overflow_is_refused_and_adds_nothing():
+    registry = _sgd_registry(update_every=8)
+    hosted = registry.experts["m.L0.E0"]
     x, huge = torch.randn(4, 16), torch.full((4, 16), 3e38)  # finite, as validation lets through; products overflow
-    registry.backward("m.L0.E0", x, huge)
-    after = registry.experts["m.L0.E0"].module.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before) and registry.experts["m.L0.E0"].version == 0
+    assert torch.isnan(registry.backward("m.L0.E0", x, huge)).all()  # NaN: the service answers an overflow error
+    assert all(param.grad is None for param in hosted.module.parameters()) and hosted.rows_since_step == 0
+
+
+def test_merged_callers_with_overflowing_grads_are_refused_alone():
+    merged, alone = _sgd_registry(update_every=100), _sgd_registry(update_every=100)
+    x, g, huge = torch.randn(3, 16), torch.randn(3, 16), torch.full((2, 16), 3e38)
+    grad_x = merged.backward("m.L0.E0", torch.cat([x, x[:2]]), torch.cat([g, huge]), [("a", 3), ("b", 2)])
+    expected = alone.backward("m.L0.E0", x, g)
+    assert torch.equal(grad_x[:3], expected) and torch.isnan(grad_x[3:]).all()
+    for got, want in zip(merged.experts["m.L0.E0"].module.parameters(), alone.experts["m.L0.E0"].module.parameters()):
+        assert torch.equal(got.grad, want.grad)
+    assert merged.experts["m.L0.E0"].rows_since_step == 3
+
+
+def test_a_step_whose_accumulated_gradient_is_not_finite_is_dropped_not_written_into_the_weights(caplog):
+    registry = _sgd_registry()  # each request's grads are checked; their sum can still overflow
+    hosted = registry.experts["m.L0.E0"]
+    before = {k: v.clone() for k, v in hosted.module.state_dict().items()}
+    hosted.module.w1.weight.grad = torch.full_like(hosted.module.w1.weight, math.inf)
+    hosted.rows_since_step, hosted.step_due = 2, True
+    assert not registry.apply_due_step("m.L0.E0")
+    after = hosted.module.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before) and hosted.version == 0 and not hosted.step_due
     assert re.search(r"dropped an optimizer step whose gradient norm is (inf|nan)", caplog.text), caplog.text
+    x = torch.randn(4, 16)
     registry.backward("m.L0.E0", x, torch.randn(4, 16))  # the next sane gradient steps as usual
-    assert registry.experts["m.L0.E0"].version == 1
+    assert hosted.version == 1
+
+
+def test_a_step_in_progress_already_counts_as_applied_for_other_threads():
+    registry = _sgd_registry(update_every=1)
+    hosted = registry.experts["m.L0.E0"]
+    registry.backward("m.L0.E0", torch.randn(2, 16), torch.randn(2, 16), defer_step=True)
+    due = registry.fingerprint()
+    optimizer = registry._optimizer(hosted)
+    seen = []
+    step = optimizer.step
+    optimizer.step = lambda: (seen.append((registry.fingerprint(), hosted.visible_version)), step())[1]
+    assert registry.apply_due_step("m.L0.E0")
+    # A checkpoint or Info reading mid-step must not see the state from before the step
+    assert seen == [(due, 1)] and registry.fingerprint() == due and hosted.visible_version == 1
 
 
 def test_max_grad_norm_clips_each_expert_gradient_as_torch_does():
