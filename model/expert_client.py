@@ -95,7 +95,7 @@ class ExpertClient:
                 data = await (self._backward if backward else self._forward)(request, timeout=timeout_s)
             except grpc.RpcError as e:
                 raise error_from_rpc(e, self.endpoint) from e
-        response = self._parse(data)
+        response = self._parse(data, len(inputs))
         if response.error_code:
             raise error_from_status(response.error_code, response.error_message, self.endpoint)
         if len(response.tensors) != len(inputs):
@@ -133,9 +133,9 @@ class ExpertClient:
             raise NodeUnavailable(f"{self.endpoint}: closed the stream (shutting down)")
         return response
 
-    def _parse(self, data: bytes):
+    def _parse(self, data: bytes, tensors: int):
         try:
-            return wire.read_response(data)
+            return wire.read_response(data, tensors)
         except BadRequest as e:  # the node's fault, not ours: retried elsewhere like any node failure
             raise NodeUnavailable(f"{self.endpoint}: answered a malformed response ({e})") from e
 

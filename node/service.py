@@ -76,7 +76,7 @@ class ExpertServicer:
                 self._streams[task] = True
                 request_id = ""
                 try:
-                    request = _parse_request(data)
+                    request = _parse_request(data, len(self._limits.hosted))
                     request_id = request.request_id
                     response = await self._respond(request, backward=request.backward)
                 except Exception as e:
@@ -123,7 +123,7 @@ class ExpertServicer:
     async def _unary(self, data: bytes, context, *, backward: bool) -> bytes:
         request_id = ""
         try:
-            request = _parse_request(data)
+            request = _parse_request(data, len(self._limits.hosted))
             request_id = request.request_id
             if request.backward:
                 raise BadRequest("the backward field is for Stream requests; call Backward instead")
@@ -155,9 +155,9 @@ class ExpertServicer:
         return wire.write_response(request.request_id, [(out, item.x_ND.dtype) for item, out in zip(work, outputs)])
 
 
-def _parse_request(data: bytes) -> wire.RequestView | expert_pb2.ExpertRequest:
+def _parse_request(data: bytes, max_batches: int) -> wire.RequestView | expert_pb2.ExpertRequest:
     try:
-        return wire.read_request(data)
+        return wire.read_request(data, max_batches)
     except BadRequest as e:
         raise BadRequest(f"request is not a valid ExpertRequest message ({e})") from e
 

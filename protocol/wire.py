@@ -16,6 +16,7 @@ anything malformed raises BadRequest.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 from google.protobuf.message import DecodeError
@@ -26,6 +27,13 @@ from moeswarm.protocol.errors import BadRequest
 
 # Wire types (protobuf encoding spec).
 _VARINT, _FIXED64, _LEN, _FIXED32 = 0, 1, 2, 5
+
+# The parser below is Python, so its time grows with the number of fields, not bytes: a message made of
+# millions of tiny fields (or shape entries) would hold the node's event loop for seconds. Every
+# message type has a cap on its fields, unknown ones included; ours write at most 6 per sub-message.
+MAX_DIMS = 8  # shape entries of a Tensor
+MAX_FIELDS = 32  # fields of a Tensor or an ExpertBatch, and top-level fields besides batches/tensors
+MAX_ITEMS = 4096  # batches of a request, tensors of a response, unless the reader knows better
 
 
 # ---------------------------------------------------------------------------------------------- write
@@ -222,19 +230,19 @@ def write_response(request_id: str, outputs: list[tuple[torch.Tensor, torch.dtyp
     return response.SerializeToString()
 
 
-def read_request(data: bytes) -> RequestView | expert_pb2.ExpertRequest:
+def read_request(data: bytes, max_batches: int = MAX_ITEMS) -> RequestView | expert_pb2.ExpertRequest:
     """parse_request, through protobuf itself for small messages (same attributes either way)."""
-    return _read(data, parse_request, expert_pb2.ExpertRequest)
+    return _read(data, functools.partial(parse_request, max_batches=max_batches), expert_pb2.ExpertRequest)
 
 
-def read_response(data: bytes) -> ResponseView | expert_pb2.ExpertResponse:
+def read_response(data: bytes, max_tensors: int = MAX_ITEMS) -> ResponseView | expert_pb2.ExpertResponse:
     """parse_response, through protobuf itself for small messages."""
-    return _read(data, parse_response, expert_pb2.ExpertResponse)
+    return _read(data, functools.partial(parse_response, max_tensors=max_tensors), expert_pb2.ExpertResponse)
 
 
 def _read(data: bytes, parse, message_class):
     if len(data) > SMALL_PAYLOAD_BYTES:
-        return parse(data)
+        return parse(data)  # in Python: bounded field counts keep a hostile message from holding the loop
     try:
         return message_class.FromString(data)
     except DecodeError as e:
@@ -284,16 +292,18 @@ class ResponseView:
     error_message: str = ""
 
 
-def parse_request(data: bytes) -> RequestView:
-    """Parse an ExpertRequest; BadRequest if it is not one."""
+def parse_request(data: bytes, max_batches: int = MAX_ITEMS) -> RequestView:
+    """Parse an ExpertRequest; BadRequest if it is not one, or has over `max_batches` batches."""
     view = memoryview(data)
     request = RequestView()
-    for field, wire, value in _fields(view, 0, len(view), "ExpertRequest"):
+    for field, wire, value in _fields(view, 0, len(view), "ExpertRequest", MAX_FIELDS + max_batches):
         if field == 1 and wire == _LEN:
             request.model = _text(view, value, "model")
         elif field == 2 and wire == _LEN:
             request.request_id = _text(view, value, "request_id")
         elif field == 3 and wire == _LEN:
+            if len(request.batches) == max_batches:
+                raise BadRequest(f"ExpertRequest has more than {max_batches} expert batches")
             request.batches.append(_batch(view, *value))
         elif field == 4 and wire == _VARINT:
             request.backward = value != 0
@@ -304,14 +314,16 @@ def parse_request(data: bytes) -> RequestView:
     return request
 
 
-def parse_response(data: bytes) -> ResponseView:
-    """Parse an ExpertResponse; BadRequest if it is not one."""
+def parse_response(data: bytes, max_tensors: int = MAX_ITEMS) -> ResponseView:
+    """Parse an ExpertResponse; BadRequest if it is not one, or has over `max_tensors` tensors."""
     view = memoryview(data)
     response = ResponseView()
-    for field, wire, value in _fields(view, 0, len(view), "ExpertResponse"):
+    for field, wire, value in _fields(view, 0, len(view), "ExpertResponse", MAX_FIELDS + max_tensors):
         if field == 1 and wire == _LEN:
             response.request_id = _text(view, value, "request_id")
         elif field == 2 and wire == _LEN:
+            if len(response.tensors) == max_tensors:
+                raise BadRequest(f"ExpertResponse has more than {max_tensors} tensors")
             response.tensors.append(_tensor(view, *value))
         elif field == 3 and wire == _VARINT:
             response.error_code = _int32(value)
@@ -324,7 +336,7 @@ def parse_response(data: bytes) -> ResponseView:
 
 def _batch(view: memoryview, start: int, end: int) -> BatchView:
     batch, seen = BatchView(), set()
-    for field, wire, value in _fields(view, start, end, "ExpertBatch"):
+    for field, wire, value in _fields(view, start, end, "ExpertBatch", MAX_FIELDS):
         if field == 1 and wire == _LEN:
             batch.uid = _text(view, value, "uid")
         elif field in (2, 3) and wire == _LEN:
@@ -347,16 +359,16 @@ def _batch(view: memoryview, start: int, end: int) -> BatchView:
 
 def _tensor(view: memoryview, start: int, end: int) -> TensorView:
     tensor = TensorView()
-    for field, wire, value in _fields(view, start, end, "Tensor"):
+    for field, wire, value in _fields(view, start, end, "Tensor", MAX_FIELDS):
         if field == 1 and wire == _LEN:
             tensor.dtype = _text(view, value, "dtype")
         elif field == 2 and wire == _LEN:  # packed
             pos, stop = value
             while pos < stop:
                 dim, pos = _read_varint(view, pos, stop)
-                tensor.shape.append(_int64(dim))
+                _add_dim(tensor.shape, dim)
         elif field == 2 and wire == _VARINT:  # unpacked, also valid proto3
-            tensor.shape.append(_int64(value))
+            _add_dim(tensor.shape, value)
         elif field == 3 and wire == _LEN:
             tensor.data = view[value[0] : value[1]]
         elif field in (1, 2, 3):
@@ -364,9 +376,18 @@ def _tensor(view: memoryview, start: int, end: int) -> TensorView:
     return tensor
 
 
-def _fields(view: memoryview, pos: int, end: int, what: str):
-    """Yield (field number, wire type, value): an int for varints, (start, end) for length-delimited."""
-    while pos < end:
+def _add_dim(shape: list[int], dim: int) -> None:
+    if len(shape) == MAX_DIMS:
+        raise BadRequest(f"Tensor shape has more than {MAX_DIMS} dimensions")
+    shape.append(_int64(dim))
+
+
+def _fields(view: memoryview, pos: int, end: int, what: str, max_fields: int):
+    """Yield (field number, wire type, value): an int for varints, (start, end) for length-delimited.
+    BadRequest after `max_fields` fields."""
+    for _ in range(max_fields):
+        if pos >= end:
+            return
         key, pos = _read_varint(view, pos, end)
         field, wire = key >> 3, key & 7
         if field == 0:
@@ -386,6 +407,8 @@ def _fields(view: memoryview, pos: int, end: int, what: str):
         else:  # groups (3, 4) are not proto3; 6 and 7 do not exist
             raise BadRequest(f"{what}: unsupported wire type {wire} (field {field})")
         yield field, wire, value
+    if pos < end:
+        raise BadRequest(f"{what} has more than {max_fields} fields")
 
 
 def _read_varint(view: memoryview, pos: int, end: int) -> tuple[int, int]:

@@ -278,6 +278,10 @@ def test_hostile_inputs_get_clear_statuses_and_node_keeps_serving(node_factory):
         # over wire.SMALL_PAYLOAD_BYTES: parsed by protocol/wire.py instead of protobuf
         "large garbage": (b"\xff\xfe garbage \x00\x01" * 8000, grpc.StatusCode.INVALID_ARGUMENT, "not a valid"),
         "large, truncated": (_request(uid, torch.randn(200, D))[:-5], grpc.StatusCode.INVALID_ARGUMENT, "not a valid"),
+        # large and made of tiny fields: refused at a field cap, not parsed field by field for seconds
+        "100k unknown fields": (b"\x48\x00" * 100_000, grpc.StatusCode.INVALID_ARGUMENT, "more than"),
+        "100k shape entries": (_request(uid, tensor=expert_pb2.Tensor(dtype="float32", shape=[1] * 100_000)),
+                               grpc.StatusCode.INVALID_ARGUMENT, "dimensions"),
         "wrong dtype": (_request(uid, tensor=wrong_dtype), grpc.StatusCode.INVALID_ARGUMENT, "int64"),
         "wrong shape": (_request(uid, torch.randn(3, D + 1)), grpc.StatusCode.INVALID_ARGUMENT, "shape"),
         "3-d shape": (_request(uid, torch.randn(2, 3, D)), grpc.StatusCode.INVALID_ARGUMENT, "shape"),

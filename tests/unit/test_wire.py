@@ -180,6 +180,37 @@ def test_malformed_bytes_raise_bad_request(junk):
         wire.parse_request(junk)
 
 
+def test_field_counts_are_capped_so_a_message_of_tiny_fields_is_refused_at_once():
+    x = {f"m.L0.E{i}": torch.randn(1, 4) for i in range(3)}
+    data = wire.encode_request("m", "id", x)[0]
+    assert len(wire.parse_request(data, max_batches=3).batches) == 3
+    with pytest.raises(BadRequest, match="more than 2 expert batches"):
+        wire.parse_request(data, max_batches=2)
+    response = wire.encode_response("id", [(t, torch.float32) for t in x.values()])
+    assert len(wire.parse_response(response, max_tensors=3).tensors) == 3
+    with pytest.raises(BadRequest, match="more than 2 tensors"):
+        wire.parse_response(response, max_tensors=2)
+    unknown = b"\x48\x00"  # field 9, varint 0: skipped like any unknown field, but counted
+    assert wire.parse_request(unknown * wire.MAX_FIELDS, max_batches=0).batches == []
+    with pytest.raises(BadRequest, match="ExpertRequest has more than"):
+        wire.parse_request(unknown * 200_000)
+    for shape in ([1] * (wire.MAX_DIMS + 1), [1] * 100_000):  # packed, as protobuf writes it
+        tensor = expert_pb2.Tensor(dtype="float32", shape=shape).SerializeToString()
+        with pytest.raises(BadRequest, match=f"more than {wire.MAX_DIMS} dimensions"):
+            wire.parse_response(b"\x12" + _varint(len(tensor)) + tensor)
+    unpacked = b"".join(b"\x10\x01" for _ in range(wire.MAX_DIMS + 1))  # field 2 as single varints
+    with pytest.raises(BadRequest, match="dimensions"):
+        wire.parse_response(b"\x12" + _varint(len(unpacked)) + unpacked)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    return bytes(out + bytes([value]))
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_random_corruptions_never_escape_as_other_errors_and_agree_with_protobuf(seed):
     rng = random.Random(seed)
