@@ -148,11 +148,12 @@ class ExpertServicer:
             outputs = [await self._batcher.submit(*job) for job in jobs]
         else:  # queued together: one round trip to the compute thread for all of them
             outputs = await asyncio.gather(*(self._batcher.enqueue(*job) for job in jobs))
+        # In the caller's wire dtype (fp32 unless it opted in), checked there: fp32 results can overflow fp16.
+        outputs = [out.to(item.x_ND.dtype) for item, out in zip(work, outputs)]
         for item, out in zip(work, outputs):  # inputs are finite, weights too (registry): this is overflow
             if not all_finite(out):
                 raise BadRequest(f"{item.uid}: the {op} overflowed to inf/NaN in {out.dtype}; these inputs are too large")
-        # In the caller's wire dtype (fp32 unless it opted in).
-        return wire.write_response(request.request_id, [(out, item.x_ND.dtype) for item, out in zip(work, outputs)])
+        return wire.write_response(request.request_id, [(out, out.dtype) for out in outputs])
 
 
 def _parse_request(data: bytes, max_batches: int) -> wire.RequestView | expert_pb2.ExpertRequest:

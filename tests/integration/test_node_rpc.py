@@ -75,6 +75,16 @@ def test_forward_bf16_wire_is_opt_in_and_close(node_factory):
     assert torch.allclose(out.float(), expected, atol=0.05, rtol=0.02)
 
 
+def test_a_result_that_overflows_the_callers_fp16_is_refused_not_sent_as_inf(node_factory):
+    node = node_factory(wire_dtypes=["float32", "float16"])
+    uid, x = "itest.L0.E0", 1000 * torch.randn(8, D)
+    with torch.no_grad():
+        assert local_expert(uid)(x.half().float()).abs().max() > torch.finfo(torch.float16).max  # finite in fp32 only
+    assert torch.isfinite(run(_forward(node.ready["endpoint"], {uid: x}))[uid]).all()
+    with pytest.raises(BadRequest, match="overflowed to inf/NaN in torch.float16"):
+        run(_forward(node.ready["endpoint"], {uid: x}, wire_dtype=torch.float16))
+
+
 def test_backward_grads_match_autograd_and_update_weights(node_factory):
     rows, lr = 10, 0.05
     node = node_factory(optimizer=dict(name="sgd", lr=lr, update_every=rows))
