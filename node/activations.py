@@ -16,6 +16,9 @@ import torch
 
 KEEP_S = 60.0  # a Backward comes within a training step; older entries are dropped
 MAX_ID_CHARS = 128
+# What an entry costs besides its tensors' data (key strings, tensor and record objects: ~1.5 KB
+# measured): counted against max_bytes, so many tiny entries cannot outgrow it.
+ENTRY_OVERHEAD_BYTES = 2048
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,9 +41,10 @@ class ActivationCache:
         return len(self._entries)
 
     def put(self, forward_id: str, uid: str, revision: int, tensors: tuple[torch.Tensor, ...]) -> None:
-        """Keep `tensors` (each [rows, ...]); the oldest entries go first when over max_bytes."""
-        nbytes = sum(t.numel() * t.element_size() for t in tensors)
-        if not forward_id or nbytes > self.max_bytes:
+        """Keep `tensors` (each [rows, ...]); the oldest entries go first when over max_bytes.
+        Nothing is kept for zero rows (a backward of zero rows recomputes nothing)."""
+        nbytes = ENTRY_OVERHEAD_BYTES + sum(t.numel() * t.element_size() for t in tensors)
+        if not forward_id or not tensors[0].shape[0] or nbytes > self.max_bytes:
             return
         self._pop((forward_id, uid))
         self._expire()

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from moeswarm.model.experts import expert_backward, expert_forward, init_expert
-from moeswarm.node.activations import ActivationCache
+from moeswarm.node.activations import ENTRY_OVERHEAD_BYTES, ActivationCache
 from moeswarm.node.config import OptimizerConfig
 from moeswarm.node.registry import ExpertRegistry
 from moeswarm.protocol.spec import ModelSpec
@@ -41,18 +41,28 @@ def test_cache_gives_each_entry_once_and_only_to_the_same_revision_and_rows():
 
 def test_cache_evicts_oldest_over_its_budget_and_drops_expired_entries():
     clock = Clock()
-    cache = ActivationCache(10 * 16, keep_s=60, clock=clock)  # room for 10 rows of _t
+    entry = ENTRY_OVERHEAD_BYTES + 3 * 16  # an entry of 3 rows of _t
+    cache = ActivationCache(3 * entry + 10, keep_s=60, clock=clock)  # room for 3 of them
     for i in range(4):
         cache.put(f"f{i}", UID, 0, (_t(3),))
         clock.now += 1
-    assert len(cache) == 3 and cache.bytes == 9 * 16  # f0 went to make room for f3
+    assert len(cache) == 3 and cache.bytes == 3 * entry  # f0 went to make room for f3
     assert cache.take("f0", UID, 0, 3) is None and cache.take("f1", UID, 0, 3) is not None
-    cache.put("huge", UID, 0, (_t(11),))  # larger than the whole budget: not kept, nothing evicted
+    cache.put("huge", UID, 0, (_t(3 * entry // 16),))  # larger than the whole budget: not kept, nothing evicted
     assert len(cache) == 2
     clock.now += 61
     assert cache.take("f3", UID, 0, 3) is None and len(cache) == 0 and cache.bytes == 0
     cache.put("", UID, 0, (_t(1),))  # no id: nothing to key it by
     assert len(cache) == 0
+
+
+def test_entries_of_zero_rows_are_not_kept_and_tiny_ones_cannot_outgrow_the_budget():
+    cache = ActivationCache(1 << 20)
+    cache.put("empty", UID, 0, (_t(0), _t(0)))
+    assert len(cache) == 0
+    for i in range(10_000):  # 1 row each: their data alone would fit 16 thousand times over
+        cache.put(f"f{i}", UID, 0, (_t(1),))
+    assert len(cache) == (1 << 20) // (ENTRY_OVERHEAD_BYTES + 16) and cache.bytes <= 1 << 20
 
 
 def _registry(cache_bytes: int = 1 << 20) -> ExpertRegistry:
