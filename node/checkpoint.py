@@ -178,6 +178,19 @@ def lock_state_dir(state_dir: pathlib.Path):
         raise ConfigError(f"state_dir={str(state_dir)!r} is not a directory this node can write ({e.strerror or e})") from e
 
 
+def remove_unfinished_writes(state_dir: pathlib.Path) -> int:
+    """Delete the temporary files of writes a crash (kill -9, power loss) cut short; returns how many.
+    Call with the state_dir lock held: then no write of this directory is in progress."""
+    removed = 0
+    for folder in (state_dir, state_dir / EXPERTS_DIR):
+        for path in folder.glob(".*.tmp"):  # write_atomic's names: .{name}.{random}.tmp
+            path.unlink(missing_ok=True)
+            removed += 1
+    if removed:
+        logger.info("removed %d unfinished checkpoint writes from %s", removed, state_dir)
+    return removed
+
+
 def hold_lock(path: pathlib.Path, in_use: Callable[[str], str]):
     """Hold an exclusive lock on `path` (made if missing) while this process lives; returns the open
     file to keep. Taken: ConfigError(in_use(pid of the holder)). A POSIX record lock (lockf), not

@@ -18,7 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from moeswarm.node.announcer import Announcer
 from moeswarm.node.batcher import Batcher
 from moeswarm.node.checkpoint import (
-    EXPERTS_DIR, P2P_IDENTITY_NAME, Checkpointer, iter_checkpoints, load_or_create_identity, lock_state_dir,
+    EXPERTS_DIR, P2P_IDENTITY_NAME, Checkpointer, iter_checkpoints, load_or_create_identity, lock_state_dir, remove_unfinished_writes,
 )
 from moeswarm.node.config import NodeConfig
 from moeswarm.node.model_source import check_swarm_agrees, load_expert_modules
@@ -77,6 +77,8 @@ class ExpertNode:
         config = self.config
         self._loop = asyncio.get_running_loop()
         self._lock = lock_state_dir(self.state_dir) if self.state_dir is not None else None
+        if self.state_dir is not None:
+            remove_unfinished_writes(self.state_dir)
         identity = load_or_create_identity(self.state_dir)
         self.dht = start_dht(
             initial_peers=config.initial_peers, host=config.host, port=config.dht_port, private_key=identity,

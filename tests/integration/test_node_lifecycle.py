@@ -154,9 +154,13 @@ def test_a_node_resumes_from_the_single_checkpoint_file_of_older_nodes_and_moves
     state_dir = tmp_path / "state"
     state_dir.mkdir()
     torch.save(older.state_dict(), state_dir / "experts.pt")  # the format written before per-expert files
+    (state_dir / "experts").mkdir()
+    cut_short = state_dir / "experts" / f".{uids[0]}.pt.k3j2.tmp"  # a write that a kill -9 cut short
+    cut_short.write_bytes(b"\0" * 1000)
 
     node = node_factory("n1", experts=uids, state_dir=str(state_dir), checkpoint_interval_s=0.3)
     assert "resumed 2 of 2 experts" in node.log
+    assert not cut_short.exists() and "removed 1 unfinished checkpoint writes" in node.log
     out, versions = run(probe(node.ready["endpoint"], MODEL["name"], uids[1], x))
     assert versions[uids[1]] == 1 and torch.equal(out, expected)
     wait_for(lambda: "checkpoint written: 2 of 2 experts" in node.log, what="the experts moved to files of their own")

@@ -17,6 +17,7 @@ from moeswarm.node.checkpoint import (
     iter_checkpoints,
     load_or_create_identity,
     lock_state_dir,
+    remove_unfinished_writes,
     save_expert_checkpoint,
     write_atomic,
 )
@@ -145,6 +146,16 @@ def test_a_state_dir_that_cannot_be_a_directory_is_a_config_error(tmp_path):
     for path in (taken, taken / "below-a-file"):
         with pytest.raises(ConfigError, match=f"state_dir='{path}' is not a directory this node can write"):
             lock_state_dir(path)
+
+
+def test_unfinished_writes_are_removed_and_nothing_else(tmp_path):
+    (tmp_path / "experts").mkdir()
+    left = [tmp_path / ".identity.key.a1b2.tmp", tmp_path / "experts" / ".m.L0.E0.pt.x9y8.tmp"]
+    kept = [tmp_path / "identity.key", tmp_path / "experts" / "m.L0.E0.pt", tmp_path / "experts" / ".hidden", tmp_path / "notes.tmp"]
+    for path in left + kept:
+        path.write_bytes(b"x")
+    assert remove_unfinished_writes(tmp_path) == 2
+    assert not any(path.exists() for path in left) and all(path.exists() for path in kept)
 
 
 def _trained_registry(uids) -> ExpertRegistry:
