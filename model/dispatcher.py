@@ -77,8 +77,9 @@ class _Job:
 
     @property
     def trains(self) -> bool:
-        """A backward, or the forward of a training step (its backward should go to the same node)."""
-        return self.op == "backward" or self.keep
+        """A backward that applies grads, or the forward of a training step (its backward should go to
+        the same node). Input grads alone (every expert in maybe_applied) any replica serves."""
+        return self.op == "backward" and not self.maybe_applied.issuperset(self.inputs) or self.keep
 
 
 def group_rows(topk_ids_TK: torch.Tensor, uids: list[str]) -> dict[str, ExpertRows]:
@@ -217,13 +218,17 @@ class Dispatcher:
         y_TKD, served_TK = _scatter_outputs(topk_ids_TK, x_TD.shape[-1], rows, outputs)
         return DispatchResult(y_TKD, served_TK, rows, endpoints, attempts, forward_ids)
 
-    async def backward(self, result: DispatchResult, x_TD: torch.Tensor, grad_y_TKD: torch.Tensor) -> torch.Tensor:
-        """Send output grads of every served expert (to the replica that served the forward first)."""
+    async def backward(
+        self, result: DispatchResult, x_TD: torch.Tensor, grad_y_TKD: torch.Tensor, *, apply: bool = True
+    ) -> torch.Tensor:
+        """Send output grads of every served expert (to the replica that served the forward first).
+        apply=False: input grads alone; the nodes change nothing."""
         served = {uid: result.rows[uid] for uid in result.endpoints}
         inputs = gather_rows(x_TD, served)
         grads = _gather(grad_y_TKD.reshape(-1, grad_y_TKD.shape[-1]), served, "flat_idx")
         kept_on = {uid: (result.endpoints[uid], fid) for uid, fid in result.forward_ids.items() if uid in result.endpoints}
-        grad_x, _, attempts = await self._run_experts(_Job("backward", inputs, grads, kept_on=kept_on), result.endpoints, {})
+        job = _Job("backward", inputs, grads, kept_on=kept_on, maybe_applied=set() if apply else set(inputs))
+        grad_x, _, attempts = await self._run_experts(job, result.endpoints, {})
         missing = set(inputs) - set(grad_x)
         if missing:  # a lost gradient would silently bias training: fail loudly instead
             uid = sorted(missing)[0]

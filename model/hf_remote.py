@@ -34,8 +34,11 @@ EXPERTS_IMPLEMENTATION = "remote"  # our name in transformers' ALL_EXPERTS_FUNCT
 class ExpertBackend(Protocol):
     """Runs the routed experts of one MoE layer for a batch of tokens."""
 
-    def __call__(self, layer: int, hidden_TH: torch.Tensor, top_k_index_TK: torch.Tensor) -> torch.Tensor:
-        """y_TKH: slot k of token t is expert top_k_index_TK[t, k] of `layer` applied to hidden_TH[t]."""
+    def __call__(
+        self, layer: int, hidden_TH: torch.Tensor, top_k_index_TK: torch.Tensor, *, train_experts: bool = True
+    ) -> torch.Tensor:
+        """y_TKH: slot k of token t is expert top_k_index_TK[t, k] of `layer` applied to hidden_TH[t].
+        train_experts: a backward may update the experts (False: eval mode, or experts frozen)."""
         ...
 
 
@@ -60,7 +63,9 @@ class LocalExpertBackend:
             self._experts[key] = expert_from_weights(family.expert_kind, weights, **family.expert_params())
         return self._experts[key]
 
-    def __call__(self, layer: int, hidden_TH: torch.Tensor, top_k_index_TK: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self, layer: int, hidden_TH: torch.Tensor, top_k_index_TK: torch.Tensor, *, train_experts: bool = True
+    ) -> torch.Tensor:
         num_tokens, k = top_k_index_TK.shape
         ids_N = top_k_index_TK.reshape(-1)  # slot n is token n // k
         # Rows in grouped_mm's order (its torch.sort): a GEMM row's last bits depend on where it sits
@@ -90,7 +95,10 @@ def remote_experts_forward(
     backend = experts.__dict__.get("moeswarm_backend")
     if backend is None:
         raise ConfigError("this experts module has no backend; build the model with load_remote_model()")
-    y_TKH = backend(experts.moeswarm_layer, hidden_TH, top_k_index_TK)
+    # The experts' own parameters here are empty placeholders: the MoE block's others (its router) say
+    # whether the block is frozen.
+    train_experts = experts.training and all(param.requires_grad for param in experts.__dict__["moeswarm_block_params"])
+    y_TKH = backend(experts.moeswarm_layer, hidden_TH, top_k_index_TK, train_experts=train_experts)
     expected = (*top_k_index_TK.shape, hidden_TH.shape[-1])
     if tuple(y_TKH.shape) != expected:
         raise MoeSwarmError(f"expert backend returned shape {tuple(y_TKH.shape)} for layer "
@@ -136,6 +144,10 @@ def _attach_backend(model: PreTrainedModel, family: HFFamily, backend: ExpertBac
             emptied.add(f"{name}.{pname}")
         experts.__dict__["moeswarm_layer"] = layer
         experts.__dict__["moeswarm_backend"] = backend
+        block_name, _, local_name = name.rpartition(".")
+        experts.__dict__["moeswarm_block_params"] = [  # the router's (and shared experts') weights
+            param for pname, param in model.get_submodule(block_name).named_parameters() if not pname.startswith(local_name + ".")
+        ]
     untagged = [n for n, m in model.named_modules() if n.endswith(".experts") and "moeswarm_backend" not in m.__dict__]
     if untagged:
         raise ConfigError(f"experts modules {untagged} are not in the MoE layers read from config.json")

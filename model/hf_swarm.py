@@ -34,13 +34,17 @@ class SwarmExpertBackend:
         client.directory.track([uid for uids in self.uids.values() for uid in uids])
         client.directory.warn_if_missing([uid for uids in self.uids.values() for uid in uids])
 
-    def __call__(self, layer: int, hidden_TH: torch.Tensor, top_k_index_TK: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self, layer: int, hidden_TH: torch.Tensor, top_k_index_TK: torch.Tensor, *, train_experts: bool = True
+    ) -> torch.Tensor:
         uids = self.uids[layer]
-        result = self.client.dispatch(uids, hidden_TH, top_k_index_TK)
+        train_experts = train_experts and torch.is_grad_enabled()
+        result = self.client.dispatch(uids, hidden_TH, top_k_index_TK, keep_activations=train_experts)
         check_min_experts(result, top_k_index_TK, uids, min_experts=top_k_index_TK.shape[1])
         y_TKH = result.y_TKD
-        if torch.is_grad_enabled():  # training: backward sends the output grads to the serving replicas
-            y_TKH = RemoteExperts.apply(hidden_TH, self._anchor, self.client.dispatcher, result)
+        if torch.is_grad_enabled():  # backward sends the output grads to the serving replicas
+            anchor = self._anchor if train_experts else self._anchor.detach()
+            y_TKH = RemoteExperts.apply(hidden_TH, anchor, self.client.dispatcher, result, train_experts)
         # Node outputs are in the model dtype; the dispatcher widened them to fp32 exactly. Back to the
         # model dtype so the combine multiplies and sums in the same dtypes as transformers does.
         return y_TKH.to(hidden_TH.dtype)

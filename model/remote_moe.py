@@ -10,10 +10,12 @@ Legend: T tokens, K experts per token, D model dim, E experts.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from moeswarm.model.directory import ExpertDirectory
 from moeswarm.model.dispatcher import DispatchConfig, Dispatcher, DispatchResult
@@ -82,19 +84,26 @@ class SwarmClient:
 
 class RemoteExperts(torch.autograd.Function):
     """Ties an already-dispatched forward (DispatchResult) into autograd: backward sends the output
-    grads through the dispatcher. The network logic lives in Dispatcher, not here."""
+    grads through the dispatcher. The network logic lives in Dispatcher, not here.
+    train_experts: the nodes apply the gradients to their experts; else they return input grads alone
+    (an eval-mode or frozen layer: a saliency map must not train experts that every client shares)."""
 
     @staticmethod
-    def forward(ctx, x_TD, anchor, dispatcher: Dispatcher, result: DispatchResult):
-        ctx.dispatcher, ctx.result = dispatcher, result
+    def forward(ctx, x_TD, anchor, dispatcher: Dispatcher, result: DispatchResult, train_experts: bool = True):
+        ctx.dispatcher, ctx.result, ctx.train_experts = dispatcher, result, train_experts
         ctx.save_for_backward(x_TD)
         return result.y_TKD
 
     @staticmethod
+    @once_differentiable  # the nodes compute first-order grads only: a double backward raises, never wrong
     def backward(ctx, grad_y_TKD):
         (x_TD,) = ctx.saved_tensors
-        grad_x_TD = ctx.dispatcher.run(ctx.dispatcher.backward(ctx.result, x_TD.detach(), grad_y_TKD.contiguous()))
-        return grad_x_TD.to(x_TD.dtype), None, None, None
+        if not bool(torch.isfinite(grad_y_TKD).all()):
+            # fp16 loss scaling overflowed (GradScaler skips this step when it sees inf/NaN grads):
+            # pass that on, and send nodes nothing they would refuse or apply
+            return torch.full_like(x_TD, math.nan), None, None, None, None
+        work = ctx.dispatcher.backward(ctx.result, x_TD.detach(), grad_y_TKD.contiguous(), apply=ctx.train_experts)
+        return ctx.dispatcher.run(work).to(x_TD.dtype), None, None, None, None
 
 
 def check_min_experts(
@@ -128,8 +137,12 @@ class RemoteMoE(nn.Module):
         min_experts: int = 1,
         gate: nn.Module | None = None,
         local_shared: tuple[int, int] | None = None,
+        train_experts: bool = True,
     ):
         """gate: any routing module of model/routing.py (default: top-k softmax over n_experts).
+        train_experts: a backward in train mode updates the remote experts (on their nodes). They
+        are never updated in eval mode or while the layer is frozen (requires_grad_(False) on it or
+        a parent: its router's weights tell); the backward then returns input grads alone.
         local_shared=(d_ff, seed): compute the gate's shared experts here instead of on the swarm.
         min_experts: a token may lose experts whose replicas all failed (its remaining gate weights
         are renormalised) as long as it keeps this many; otherwise forward raises AllReplicasFailed.
@@ -138,7 +151,7 @@ class RemoteMoE(nn.Module):
         self.router = gate if gate is not None else TopKGate(d_model, n_experts, k)
         if not 1 <= min_experts <= self.router.k:
             raise ValueError(f"min_experts={min_experts}: must be between 1 and k={self.router.k}")
-        self.min_experts = min_experts
+        self.min_experts, self.train_experts = min_experts, train_experts
         self.d_model, self.k = d_model, self.router.k
         self.uids = expert_uids(model, layer, self.router)
         self.shared = make_shared(self.uids, self.router, d_model, *local_shared) if local_shared else nn.ModuleList()
@@ -156,14 +169,14 @@ class RemoteMoE(nn.Module):
         routing = self.router(x_TD)
         self.last_routing = routing
         if x_TD.shape[0] == 0:
-            return torch.zeros_like(x)
+            return x * 0  # empty, and in the graph like a local layer's output
         n_remote_slots = routing.topk_ids_TK.shape[1] - len(self.shared)
         ids_TK = routing.topk_ids_TK[:, :n_remote_slots]
         sent_TK = routing.mask_TK[:, :n_remote_slots]
         all_sent = bool(sent_TK.all())  # False only where a capacity limit dropped slots
-        backward_follows = torch.is_grad_enabled() and (self.training or x.requires_grad)  # see the anchor below
+        train_experts = torch.is_grad_enabled() and self.trains_experts()
         result = self.client.dispatch(
-            self.uids, x_TD, ids_TK if all_sent else ids_TK.masked_fill(~sent_TK, -1), keep_activations=backward_follows
+            self.uids, x_TD, ids_TK if all_sent else ids_TK.masked_fill(~sent_TK, -1), keep_activations=train_experts
         )
         # capacity drops carry weight 0 already: count them as served
         served_TK = result.served_TK if all_sent else result.served_TK | ~sent_TK
@@ -173,8 +186,8 @@ class RemoteMoE(nn.Module):
         if torch.is_grad_enabled():
             # The anchor requires grad, so backward reaches the remote experts even when neither the
             # input nor anything before this layer requires grad (the experts' weights live on nodes).
-            anchor = self._anchor if self.training else self._anchor.detach()
-            y_TKD = RemoteExperts.apply(x_TD, anchor, self.client.dispatcher, result)
+            anchor = self._anchor if train_experts else self._anchor.detach()
+            y_TKD = RemoteExperts.apply(x_TD, anchor, self.client.dispatcher, result, train_experts)
         else:
             y_TKD = result.y_TKD  # inference: no autograd node to build (decoding calls this per token)
         y_TKD = with_shared_outputs(y_TKD, self.shared, x_TD)
@@ -183,11 +196,17 @@ class RemoteMoE(nn.Module):
         out_TD = combine(y_TKD, routing.weights_TK, None if all_served else served_TK)
         return out_TD.to(x.dtype).reshape(x.shape)
 
+    def trains_experts(self) -> bool:
+        """Whether a backward now updates the remote experts (see train_experts)."""
+        return self.training and self.train_experts and all(p.requires_grad for p in self.router.parameters())
+
     async def forward_async(self, x: torch.Tensor) -> torch.Tensor:
         """Inference from an asyncio program: awaits the dispatch without blocking the caller's loop."""
-        loop = asyncio.get_running_loop()
-        with torch.no_grad():
-            return await loop.run_in_executor(None, self.forward, x)
+        return await asyncio.get_running_loop().run_in_executor(None, self._infer, x)
+
+    def _infer(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():  # grad mode is per thread: set here, on the thread that computes
+            return self.forward(x)
 
     def __enter__(self) -> "RemoteMoE":
         return self

@@ -165,6 +165,11 @@ def test_training_through_an_imported_model_matches_transformers_grads_and_moves
         try:
             with torch.no_grad():
                 before = model(IDS).logits
+            model.eval()  # eval mode: input grads come back, the shared experts are not trained
+            model(IDS, labels=IDS).loss.backward()
+            with torch.no_grad():
+                assert torch.equal(model(IDS).logits, before)
+            model.zero_grad(set_to_none=True)
             for m in (reference, model):
                 m.train()
                 m(IDS, labels=IDS).loss.backward()

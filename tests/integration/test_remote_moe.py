@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
 import pathlib
@@ -400,3 +401,58 @@ def test_training_goes_to_the_replica_that_accepts_gradients(dht, tmp_path, reap
         for _ in range(20):
             remote(x)
     assert sum(state.rows_served for state in _info(frozen).values()) > 0
+
+
+def test_eval_or_frozen_layers_get_input_grads_and_never_train_the_shared_experts(dht, tmp_path, reap):
+    """A saliency map or a head trained on a frozen model must not step experts every client shares."""
+    peers = dht.ready["maddrs"]
+    learner = reap(start_nodes(tmp_path / "learner", peers, "frozen", [list(range(E))], optimizer=dict(name="sgd", lr=0.05, update_every=1)))[0]
+    public = reap(start_nodes(tmp_path / "public", peers, "public", [list(range(E))], trainable=False))[0]
+    local, remote = make_pair("frozen", 2, peers)
+    reap(remote)
+    x = torch.randn(16, D)
+    x_local = x.clone().requires_grad_(True)
+    local(x_local).square().sum().backward()
+    for freeze in (lambda m: m.eval(), lambda m: m.requires_grad_(False), lambda m: torch.nn.Sequential(m).requires_grad_(False)):
+        remote.train().requires_grad_(True)
+        freeze(remote)
+        x_remote = x.clone().requires_grad_(True)
+        remote(x_remote).square().sum().backward()
+        torch.testing.assert_close(x_remote.grad, x_local.grad, atol=1e-5, rtol=1e-5)
+    assert {state.version for state in _info(learner).values()} == {0}
+    remote.train().requires_grad_(True)
+    remote(x).square().sum().backward()  # a training step does reach them (the check above can fail)
+    assert max(state.version for state in _info(learner).values()) >= 1
+
+    _, on_public = make_pair("public", 2, peers)  # a swarm that accepts no gradients at all
+    reap(on_public)
+    on_public.eval()
+    x_public = x.clone().requires_grad_(True)
+    on_public(x_public).sum().backward()  # input grads alone: before, PERMISSION_DENIED from every replica
+    assert torch.isfinite(x_public.grad).all() and x_public.grad.abs().sum() > 0
+    assert {state.version for state in _info(public).values()} == {0}
+
+
+def test_autograd_corner_cases_behave_as_a_local_layer_or_fail_clearly(split_swarm, dht, reap):
+    _, remote = make_pair("split", 2, dht.ready["maddrs"])
+    reap(remote)
+    remote.eval()  # nothing here may train the shared experts
+    # fp16 loss scaling that overflowed: inf grads come back as NaN for GradScaler to skip the step
+    x = torch.randn(8, D, requires_grad=True)
+    (remote(x) * math.inf).sum().backward()
+    assert torch.isnan(x.grad).all()
+    # a double backward (gradient penalty): the nodes compute first-order grads only, so it raises
+    x = torch.randn(8, D, requires_grad=True)
+    (grad_x,) = torch.autograd.grad(remote(x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad_x.square().sum().backward()
+    # an empty batch stays in the graph
+    empty = torch.randn(0, D, requires_grad=True)
+    remote(empty).sum().backward()
+    assert empty.grad.shape == (0, D)
+
+    async def concurrently():
+        return await asyncio.gather(*(remote.forward_async(torch.randn(4, D)) for _ in range(4)))
+
+    outputs = asyncio.run(concurrently())
+    assert torch.is_grad_enabled() and not any(out.requires_grad for out in outputs)  # grad mode is the caller's again

@@ -113,7 +113,7 @@ def test_negative_control_one_scaled_expert_changes_logits(checkpoint, reference
     directory = checkpoint(family)
     local = LocalExpertBackend(CheckpointReader(directory))
 
-    def scaled(layer: int, hidden_TH: torch.Tensor, top_k_index_TK: torch.Tensor) -> torch.Tensor:
+    def scaled(layer: int, hidden_TH: torch.Tensor, top_k_index_TK: torch.Tensor, train_experts: bool = True) -> torch.Tensor:
         y_TKH = local(layer, hidden_TH, top_k_index_TK)
         return torch.where((top_k_index_TK == 0).unsqueeze(-1), y_TKH * 1.01, y_TKH)
 
@@ -172,7 +172,7 @@ def test_backend_errors_are_clear(checkpoint):
         backend(0, torch.zeros(3, 64), torch.zeros(3, 2, dtype=torch.long))
     assert backend(1, torch.zeros(0, 64), torch.zeros(0, 2, dtype=torch.long)).shape == (0, 2, 64)
 
-    def wrong_shape(layer, hidden_TH, top_k_index_TK):
+    def wrong_shape(layer, hidden_TH, top_k_index_TK, train_experts=True):
         return hidden_TH  # [T, H], not [T, K, H]
 
     with pytest.raises(MoeSwarmError, match=r"returned shape \(32, 64\) for layer 1; expected \(32, 2, 64\)"):
