@@ -9,10 +9,12 @@ Legend: T tokens, K experts per token, D model dim, N rows of one expert.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import itertools
 import logging
 import math
+import os
 import threading
 import time
 import uuid
@@ -196,15 +198,27 @@ class Dispatcher:
         self._loop = _new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="moeswarm-dispatch", daemon=True)
         self._thread.start()
+        self._pid, self._closed = os.getpid(), False
 
     def run(self, coro, timeout_s: float | None = None):
         """Run a coroutine on the dispatcher's loop from any thread; block for its result."""
+        if self._closed or os.getpid() != self._pid:
+            coro.close()
+            if self._closed:
+                raise RuntimeError("this SwarmClient is closed; make a new one")
+            raise RuntimeError(  # the loop thread and the DHT peer stayed in the parent: it would hang
+                "this SwarmClient was made before this process forked; make one in each process (after the fork)"
+            )
         future = asyncio.run_coroutine_threadsafe(coro, self._loop)
         bound = timeout_s if timeout_s is not None else self.config.timeout_s * (self.config.max_attempts + 1)
         try:
             return future.result(bound)
         except TimeoutError:
             future.cancel()  # do not leave the work running on the loop after the caller gave up
+            raise TimeoutError(f"no result within {bound:.3g} s (the dispatcher's bound for one call)") from None
+        except concurrent.futures.CancelledError:
+            if self._closed:
+                raise RuntimeError("the SwarmClient was closed during this call") from None
             raise
 
     async def forward(
@@ -362,10 +376,13 @@ class Dispatcher:
         async def close_all():
             await asyncio.gather(*(client.close() for client in self._clients.values()), return_exceptions=True)
 
+        self._closed = True  # before the channels close: calls they cancel say why
         if self._loop.is_running():
-            self.run(close_all(), timeout_s=5)
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=5)
+            try:
+                asyncio.run_coroutine_threadsafe(close_all(), self._loop).result(5)
+            finally:
+                self._loop.call_soon_threadsafe(self._loop.stop)
+                self._thread.join(timeout=5)
         self._loop.close()
 
 

@@ -32,7 +32,7 @@ class SwarmClient:
 
     def __init__(
         self,
-        initial_peers: list[str],
+        initial_peers: list[str] | str,
         *,
         model: str,
         swarm: str = "default",
@@ -41,12 +41,14 @@ class SwarmClient:
         tune_allocator: bool = True,
         dht: IsolatedDHT | None = None,
     ):
-        """dht: share one DHT peer between clients of several models (it stays open when this closes);
+        """initial_peers: multiaddrs of swarm peers (one may be given as a plain string).
+        dht: share one DHT peer between clients of several models (it stays open when this closes);
         by default the client starts its own from initial_peers."""
         if tune_allocator:
             keep_freed_memory()  # see protocol/malloc.py: ~1 ms per MiB of payload otherwise
         self._owns_dht = dht is None
-        self.dht = dht or IsolatedDHT(initial_peers)  # spawned, never forked from the user's process
+        peers = [initial_peers] if isinstance(initial_peers, str) else list(initial_peers)
+        self.dht = dht or IsolatedDHT(peers)  # spawned, never forked from the user's process
         self.directory = ExpertDirectory(self.dht, swarm, refresh_s=refresh_s)
         self.dispatcher = Dispatcher(self.directory, model, config)
         self.expert_wait_s = 0.0  # time callers spent waiting for expert round trips (for profiling)
@@ -67,6 +69,15 @@ class SwarmClient:
 
     def __enter__(self) -> "SwarmClient":
         return self
+
+    def __deepcopy__(self, memo) -> "SwarmClient":
+        return self  # a copy of a model (an EMA copy) shares the process's connection to the swarm
+
+    def __reduce__(self):
+        raise TypeError(
+            "a SwarmClient (a RemoteMoE's connection to the swarm) cannot be pickled; save the model's "
+            "state_dict() and build the model again where it is loaded"
+        )
 
     def __exit__(self, *exc) -> None:
         self.close()
@@ -130,7 +141,7 @@ class RemoteMoE(nn.Module):
         d_model: int,
         n_experts: int = 0,
         k: int = 0,
-        initial_peers: list[str] = (),
+        initial_peers: list[str] | str = (),
         swarm: str = "default",
         client: SwarmClient | None = None,
         config: DispatchConfig = DispatchConfig(),
@@ -156,9 +167,11 @@ class RemoteMoE(nn.Module):
         self.uids = expert_uids(model, layer, self.router)
         self.shared = make_shared(self.uids, self.router, d_model, *local_shared) if local_shared else nn.ModuleList()
         self._owns_client = client is None
-        self.client = client or SwarmClient(list(initial_peers), model=model, swarm=swarm, config=config)
+        self.client = client or SwarmClient(initial_peers, model=model, swarm=swarm, config=config)
         self.config = self.client.dispatcher.config
-        self.client.directory.track(self.uids[: len(self.uids) - len(self.shared)])
+        remote_uids = self.uids[: len(self.uids) - len(self.shared)]
+        self.client.directory.track(remote_uids)
+        self.client.directory.warn_if_missing(remote_uids)
         self.last_routing: Routing | None = None  # for load-balancing / z losses
         self._anchor = torch.empty(0, requires_grad=True)  # not a Parameter: nothing to optimise
 
@@ -171,8 +184,18 @@ class RemoteMoE(nn.Module):
         if x_TD.shape[0] == 0:
             return x * 0  # empty, and in the graph like a local layer's output
         n_remote_slots = routing.topk_ids_TK.shape[1] - len(self.shared)
-        ids_TK = routing.topk_ids_TK[:, :n_remote_slots]
-        sent_TK = routing.mask_TK[:, :n_remote_slots]
+        remote = self._remote_experts
+        if torch.compiler.is_compiling():  # torch.compile: network I/O on another thread stays out of the graph
+            remote = torch.compiler.disable(remote)  # (not a decorator: that imports torch._dynamo, ~1 s, for everyone)
+        y_TKD, served_TK = remote(x_TD, routing.topk_ids_TK[:, :n_remote_slots], routing.mask_TK[:, :n_remote_slots])
+        y_TKD = with_shared_outputs(y_TKD, self.shared, x_TD)
+        if served_TK is not None and len(self.shared):
+            served_TK = torch.cat([served_TK, torch.ones_like(routing.mask_TK[:, n_remote_slots:])], dim=1)
+        out_TD = combine(y_TKD, routing.weights_TK, served_TK)
+        return out_TD.to(x.dtype).reshape(x.shape)
+
+    def _remote_experts(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, sent_TK: torch.Tensor):
+        """(y_TKD, served_TK or None when every slot was served) of the routed slots, over the swarm."""
         all_sent = bool(sent_TK.all())  # False only where a capacity limit dropped slots
         train_experts = torch.is_grad_enabled() and self.trains_experts()
         result = self.client.dispatch(
@@ -183,18 +206,13 @@ class RemoteMoE(nn.Module):
         all_served = bool(served_TK.all())
         if not all_served:
             check_min_experts(result, ids_TK, self.uids, self.min_experts, sent_TK)
-        if torch.is_grad_enabled():
-            # The anchor requires grad, so backward reaches the remote experts even when neither the
-            # input nor anything before this layer requires grad (the experts' weights live on nodes).
-            anchor = self._anchor if train_experts else self._anchor.detach()
-            y_TKD = RemoteExperts.apply(x_TD, anchor, self.client.dispatcher, result, train_experts)
-        else:
-            y_TKD = result.y_TKD  # inference: no autograd node to build (decoding calls this per token)
-        y_TKD = with_shared_outputs(y_TKD, self.shared, x_TD)
-        if not all_served and len(self.shared):
-            served_TK = torch.cat([served_TK, torch.ones_like(routing.mask_TK[:, n_remote_slots:])], dim=1)
-        out_TD = combine(y_TKD, routing.weights_TK, None if all_served else served_TK)
-        return out_TD.to(x.dtype).reshape(x.shape)
+        if not torch.is_grad_enabled():
+            return result.y_TKD, None if all_served else served_TK  # inference: no autograd node (decoding calls this per token)
+        # The anchor requires grad, so backward reaches the remote experts even when neither the
+        # input nor anything before this layer requires grad (the experts' weights live on nodes).
+        anchor = self._anchor if train_experts else self._anchor.detach()
+        y_TKD = RemoteExperts.apply(x_TD, anchor, self.client.dispatcher, result, train_experts)
+        return y_TKD, None if all_served else served_TK
 
     def trains_experts(self) -> bool:
         """Whether a backward now updates the remote experts (see train_experts)."""

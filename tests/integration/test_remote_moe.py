@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import math
 import os
 import pathlib
+import pickle
 import signal
 import subprocess
 import sys
@@ -456,3 +458,49 @@ def test_autograd_corner_cases_behave_as_a_local_layer_or_fail_clearly(split_swa
 
     outputs = asyncio.run(concurrently())
     assert torch.is_grad_enabled() and not any(out.requires_grad for out in outputs)  # grad mode is the caller's again
+
+
+def test_client_misuse_fails_at_once_with_a_message(split_swarm, dht, caplog):
+    x = torch.randn(3, D)
+    remote = RemoteMoE(model="split", layer=0, d_model=D, n_experts=E + 1, k=2, initial_peers=dht.ready["maddrs"][0], swarm="split")
+    try:  # one peer as a plain string; the swarm lacks one of the layer's experts: said at once
+        assert f"1 of {E + 1} experts have no node in swarm 'split'" in caplog.text
+        with torch.no_grad():
+            remote(x)
+        pid = os.fork()
+        if pid == 0:  # the child: the loop thread and DHT peer stayed in the parent
+            code = 3
+            try:
+                remote.client.dispatcher.run(asyncio.sleep(0))
+            except RuntimeError as e:
+                code = 0 if "before this process forked" in str(e) else 4
+            finally:
+                os._exit(code)
+        for _ in range(200):
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            time.sleep(0.05)
+        else:
+            os.kill(pid, signal.SIGKILL)
+            pytest.fail("the forked child hung")
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        remote.close()
+    with pytest.raises(RuntimeError, match="this SwarmClient is closed"):
+        remote(x)
+
+
+def test_a_remote_moe_in_a_copied_or_compiled_model(split_swarm, dht, reap):
+    local, remote = make_pair("split", 2, dht.ready["maddrs"])
+    reap(remote)
+    model = torch.nn.Sequential(torch.nn.Linear(D, D), remote)
+    x = torch.randn(5, D)
+    with torch.no_grad():
+        expected = model(x)
+        ema = copy.deepcopy(model)  # an EMA copy: shares the swarm connection
+        assert ema[1].client is remote.client and torch.equal(ema(x), expected)
+        compiled = torch.compile(model, backend="eager")  # the dense parts compile; the dispatch runs outside the graph
+        assert torch.equal(compiled(x), expected)
+    with pytest.raises(TypeError, match="cannot be pickled; save the model's state_dict"):
+        pickle.dumps(model)
