@@ -21,6 +21,7 @@ from moeswarm.protocol import codec, expert_pb2, expert_pb2_grpc, wire
 from moeswarm.protocol.errors import BadRequest, NodeUnavailable, error_from_rpc, error_from_status
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
+DEFAULT_MAX_ROWS = 8192  # a node's default limit of rows per expert batch (node config max_rows)
 STREAM_MAX_BYTES = 256 << 10  # requests up to this payload use the stream
 _METHOD = "/moeswarm.ExpertService/"
 
@@ -28,8 +29,11 @@ _METHOD = "/moeswarm.ExpertService/"
 class ExpertClient:
     """Calls Forward/Backward/Info on one node. Raises our errors (protocol/errors.py) on failure."""
 
-    def __init__(self, endpoint: str, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
-        self.endpoint = endpoint
+    def __init__(self, endpoint: str, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, max_rows: int = DEFAULT_MAX_ROWS):
+        """Calls larger than max_message_bytes / 2 of tensor data, or with more than max_rows rows of
+        one expert, are sent as several requests, one after the other."""
+        self.endpoint, self.max_rows = endpoint, max_rows
+        self._max_payload = max_message_bytes // 2  # headroom for framing, and for a node's answer
         options = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
@@ -81,6 +85,23 @@ class ExpertClient:
     async def _call(
         self, model: str, inputs: dict, grad_outputs: dict | None, timeout_s: float, wire_dtype, *, keep_as: str = "",
         forward_ids: dict[str, str] | None = None, input_grads_only: frozenset[str] | set[str] = frozenset(),
+    ) -> dict[str, torch.Tensor]:
+        pieces = split_rows(inputs, self._max_payload // (2 if grad_outputs is not None else 1), self.max_rows, wire_dtype)
+        if pieces is None:
+            return await self._request(model, inputs, grad_outputs, timeout_s, wire_dtype, keep_as, forward_ids, input_grads_only)
+        # Several requests: what a node keeps is keyed by request, so none is kept (backward recomputes)
+        outputs: dict[str, list[torch.Tensor]] = {uid: [] for uid in inputs}
+        for piece in pieces:
+            part = {uid: inputs[uid][rows] for uid, rows in piece.items()}
+            grads = None if grad_outputs is None else {uid: grad_outputs[uid][rows] for uid, rows in piece.items()}
+            answer = await self._request(model, part, grads, timeout_s, wire_dtype, "", None, input_grads_only)
+            for uid, tensor in answer.items():
+                outputs[uid].append(tensor)
+        return {uid: parts[0] if len(parts) == 1 else torch.cat(parts) for uid, parts in outputs.items()}
+
+    async def _request(
+        self, model: str, inputs: dict, grad_outputs: dict | None, timeout_s: float, wire_dtype, keep_as: str,
+        forward_ids: dict[str, str] | None, input_grads_only: frozenset[str] | set[str],
     ) -> dict[str, torch.Tensor]:
         backward = grad_outputs is not None
         on_stream = not self._stream_busy and wire.payload_bytes(inputs.values(), wire_dtype) * (2 if backward else 1) <= STREAM_MAX_BYTES
@@ -153,6 +174,35 @@ class ExpertClient:
     async def close(self) -> None:
         self._drop_stream()
         await self._channel.close()
+
+
+def split_rows(
+    inputs: dict[str, torch.Tensor], max_bytes: int, max_rows: int, wire_dtype: torch.dtype | None = None
+) -> list[dict[str, slice]] | None:
+    """None if one request can carry `inputs`; else the rows of each request ({uid: slice}, in order):
+    each under max_bytes of tensor data (at least one row) and max_rows rows of one expert. Pure."""
+    row_bytes = {uid: max(1, x.shape[1] * (wire_dtype or x.dtype).itemsize) for uid, x in inputs.items()}
+    if all(x.shape[0] <= max_rows for x in inputs.values()) and sum(x.shape[0] * row_bytes[uid] for uid, x in inputs.items()) <= max_bytes:
+        return None
+    pieces, current, used = [], {}, 0
+    for uid, x in inputs.items():
+        start, rows = 0, x.shape[0]
+        while True:
+            take = min(rows - start, max_rows, (max_bytes - used) // row_bytes[uid])
+            if take <= 0 and current and start < rows:  # this request is full
+                pieces.append(current)
+                current, used = {}, 0
+                continue
+            take = max(take, min(1, rows - start))  # a row larger than max_bytes still goes, alone
+            current[uid] = slice(start, start + take)
+            used, start = used + take * row_bytes[uid], start + take
+            if start >= rows:
+                break
+            pieces.append(current)  # the rest of this expert goes in the next request
+            current, used = {}, 0
+    if current:
+        pieces.append(current)
+    return pieces
 
 
 _timeout = getattr(asyncio, "timeout", None)  # Python 3.11+: a deadline without a task

@@ -315,6 +315,26 @@ def test_hostile_inputs_get_clear_statuses_and_node_keeps_serving(node_factory):
             assert torch.equal(out, local_expert(uid)(good)), name
 
 
+def test_a_call_over_the_message_or_row_limit_goes_as_several_requests(node_factory):
+    node = node_factory(optimizer=dict(name="sgd", lr=0.1, update_every=1_000_000))
+    uids = ["itest.L0.E0", "itest.L1.E2"]
+    x = {uid: torch.randn(rows, D) for uid, rows in zip(uids, (700, 300))}  # 128 KiB of inputs
+    g = {uid: torch.randn_like(t) for uid, t in x.items()}
+
+    async def calls():
+        client = ExpertClient(node.ready["endpoint"], max_message_bytes=64 << 10, max_rows=256)
+        try:
+            return await client.forward(MODEL["name"], x, timeout_s=10), await client.backward(MODEL["name"], x, g, timeout_s=10)
+        finally:
+            await client.close()
+
+    out, grad_x = run(calls())
+    for uid in uids:
+        with torch.no_grad():  # (rows sit at other places in other batches: not bit-exact)
+            torch.testing.assert_close(out[uid], local_expert(uid)(x[uid]), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(grad_x[uid], expert_backward(local_expert(uid), x[uid], g[uid]), atol=1e-6, rtol=1e-5)
+
+
 def test_client_errors_map_to_our_exceptions(node_factory):
     node = node_factory(max_rows=8)
     endpoint = node.ready["endpoint"]

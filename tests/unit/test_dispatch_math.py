@@ -12,6 +12,7 @@ import torch
 from moeswarm.model.dispatcher import (
     DispatchConfig, DispatchResult, Dispatcher, _scatter_outputs, gather_rows, group_rows, pick_endpoint,
 )
+from moeswarm.model.expert_client import split_rows
 from moeswarm.model.experts import init_expert
 from moeswarm.model.local_moe import LocalMoE, combine
 from moeswarm.model.remote_moe import RemoteMoE, check_min_experts
@@ -434,3 +435,29 @@ def test_dispatcher_loops_skip_grpc_events_of_closed_loops_and_report_the_rest(c
         assert [str(r.exc_info[1]) for r in caplog.records] == ["Event loop is closed", "a bug"]
     finally:
         loop.close()
+
+
+def test_split_rows_keeps_each_request_under_its_limits_and_covers_every_row_once():
+    assert split_rows({"a": torch.zeros(100, 8)}, max_bytes=100 * 32, max_rows=100) is None  # fits: one request
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        rows = torch.randint(0, 60, (int(torch.randint(1, 5, (1,), generator=generator)),), generator=generator).tolist()
+        inputs = {f"m.L0.E{i}": torch.zeros(n, 4) for i, n in enumerate(rows)}  # 16 bytes a row
+        max_bytes, max_rows = int(torch.randint(8, 400, (1,), generator=generator)), int(torch.randint(1, 40, (1,), generator=generator))
+        pieces = split_rows(inputs, max_bytes, max_rows)
+        if pieces is None:
+            assert all(n <= max_rows for n in rows) and 16 * sum(rows) <= max_bytes
+            continue
+        for piece in pieces:
+            sizes = [r.stop - r.start for r in piece.values()]
+            assert all(n <= max_rows for n in sizes)
+            assert 16 * sum(sizes) <= max_bytes or sizes == [1] or sum(sizes) == 0  # a row over the budget goes alone
+        for uid, x in inputs.items():  # every row once, in order
+            spans = [piece[uid] for piece in pieces if uid in piece]
+            assert spans and spans[0].start == 0 and spans[-1].stop == x.shape[0]
+            assert all(a.stop == b.start for a, b in zip(spans, spans[1:]))
+
+
+def test_split_rows_of_a_huge_expert_batch_cuts_it_at_the_row_limit():
+    pieces = split_rows({"e": torch.zeros(20_000, 2)}, max_bytes=1 << 30, max_rows=8192)
+    assert pieces == [{"e": slice(0, 8192)}, {"e": slice(8192, 16384)}, {"e": slice(16384, 20_000)}]
