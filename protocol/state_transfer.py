@@ -22,12 +22,16 @@ from moeswarm.protocol.wire import TensorView
 FETCH_TIMEOUT_S = 120.0  # one expert's weights; a 336 MiB Mixtral expert at 10 MB/s takes 35 s
 CHUNK_BYTES = 4 << 20  # data bytes per chunk, unless either side's message limit asks for less
 CHUNK_HEADER_BYTES = 1024  # room for a chunk's other fields under a message limit
+# A caller that asks for smaller chunks gets these (unless the sender's own message limit is lower):
+# 1-byte chunks made the sender do a message's work per byte, 3M messages for the default 3 MiB expert.
+MIN_CHUNK_BYTES = 64 << 10
 
 
 def chunk_bytes_for(max_message_bytes: int, asked: int = 0) -> int:
-    """Data bytes per chunk: CHUNK_BYTES, less where the sender's limit or the caller's (`asked`) is lower."""
+    """Data bytes per chunk: CHUNK_BYTES, or what the caller asked for (`asked`, 0: no wish) but at
+    least MIN_CHUNK_BYTES; never more than the sender's message limit allows."""
     limit = min(CHUNK_BYTES, max_message_bytes - CHUNK_HEADER_BYTES)
-    return max(1, min(limit, asked) if asked > 0 else limit)
+    return min(limit, max(asked, MIN_CHUNK_BYTES)) if asked > 0 else limit
 
 
 def state_chunks(uid: str, version: int, tensors: dict[str, torch.Tensor], chunk_bytes: int = CHUNK_BYTES) -> Iterator[expert_pb2.StateChunk]:
@@ -100,8 +104,11 @@ async def fetch_state(
     a malformed stream is BadRequest."""
     import grpc
 
-    options = [("grpc.max_receive_message_length", max_message_bytes), ("grpc.max_send_message_length", max_message_bytes)]
-    request = expert_pb2.StateRequest(uid=uid, max_chunk_bytes=max_message_bytes - CHUNK_HEADER_BYTES)
+    # Senders send chunks of at least MIN_CHUNK_BYTES. This node's max_message_bytes guards what it
+    # serves; a chunk that size from a peer it chose to pull from is no risk.
+    message_bytes = max(max_message_bytes, MIN_CHUNK_BYTES + CHUNK_HEADER_BYTES)
+    options = [("grpc.max_receive_message_length", message_bytes), ("grpc.max_send_message_length", message_bytes)]
+    request = expert_pb2.StateRequest(uid=uid, max_chunk_bytes=message_bytes - CHUNK_HEADER_BYTES)
     assembler = StateAssembler(uid, expected)
     async with grpc.aio.insecure_channel(endpoint, options=options) as channel:
         call = channel.unary_stream(

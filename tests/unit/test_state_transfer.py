@@ -13,7 +13,9 @@ from moeswarm.protocol.records import ExpertRecord
 from moeswarm.protocol import expert_pb2
 from moeswarm.protocol.errors import BadRequest
 from moeswarm.protocol.spec import ModelSpec
-from moeswarm.protocol.state_transfer import CHUNK_BYTES, StateAssembler, chunk_bytes_for, state_chunks
+from moeswarm.protocol.state_transfer import (
+    CHUNK_BYTES, MIN_CHUNK_BYTES, StateAssembler, chunk_bytes_for, state_chunks,
+)
 
 UID = "m.L0.E1"
 
@@ -106,9 +108,15 @@ def test_non_finite_weights_are_refused():
 
 def test_chunk_size_respects_both_message_limits():
     assert chunk_bytes_for(64 << 20) == CHUNK_BYTES
-    assert chunk_bytes_for(64 << 20, asked=10_000) == 10_000
+    assert chunk_bytes_for(64 << 20, asked=100_000) == 100_000
     assert chunk_bytes_for(8192) == 8192 - 1024
     assert chunk_bytes_for(8192, asked=1 << 30) == 8192 - 1024
+
+
+def test_tiny_chunks_are_raised_to_the_minimum_within_the_senders_limit():
+    # 1-byte chunks: a message's work per byte for the sender, for minutes
+    assert chunk_bytes_for(64 << 20, asked=1) == chunk_bytes_for(64 << 20, asked=10_000) == MIN_CHUNK_BYTES
+    assert chunk_bytes_for(8192, asked=1) == 8192 - 1024  # the sender's own limit still wins
 
 
 def _registry(seed: int = 0) -> ExpertRegistry:
