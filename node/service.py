@@ -89,28 +89,42 @@ class ExpertServicer:
         finally:
             del self._streams[task]
 
-    async def ExportState(self, data: bytes, context) -> AsyncIterator[expert_pb2.StateChunk]:
-        """One hosted expert's weights, in chunks no larger than either side's message limit."""
+    async def ExportState(self, data: bytes, context) -> None:
+        """One hosted expert's weights, in chunks that fit both sides' message limits (at least
+        MIN_CHUNK_BYTES); a caller that goes away ends the call with at most a debug line."""
         try:
-            try:
-                request = expert_pb2.StateRequest.FromString(data)
-            except DecodeError as e:
-                raise BadRequest(f"request is not a valid StateRequest message ({e})") from e
-            check_hosted(request.uid, self._limits)
-            if self._export is None:
-                raise BadRequest("this node does not export expert state")
-            if self._exports >= MAX_EXPORTS:
-                raise Overloaded(f"already sending the state of {self._exports} experts; try again in a few seconds")
-        except Exception as e:
+            request = self._export_request(data)
+        except Exception as e:  # process boundary: a bug must not take the node down
             await context.abort(*_failure(e, ""))
         self._exports += 1
         try:
-            version, tensors = await self._export(request.uid)
-            chunk_bytes = chunk_bytes_for(self._max_message_bytes, request.max_chunk_bytes)
-            for chunk in state_chunks(request.uid, version, tensors, chunk_bytes):
-                yield chunk
+            await self._send_state(request.uid, request.max_chunk_bytes, context)
+        except grpc.aio.InternalError:  # a send failed: the caller cancelled, its deadline passed or its connection broke
+            logger.debug("ExportState of %s to %s ended: the caller went away", request.uid, context.peer())
+            # How grpc ends a call whose caller left (it logs that at debug); returning instead would
+            # send a status on the dead call and log its failure at ERROR with a traceback.
+            raise asyncio.CancelledError from None
         finally:
             self._exports -= 1
+
+    def _export_request(self, data: bytes) -> expert_pb2.StateRequest:
+        try:
+            request = expert_pb2.StateRequest.FromString(data)
+        except DecodeError as e:
+            raise BadRequest(f"request is not a valid StateRequest message ({e})") from e
+        check_hosted(request.uid, self._limits)
+        if self._export is None:
+            raise BadRequest("this node does not export expert state")
+        if self._exports >= MAX_EXPORTS:
+            raise Overloaded(f"already sending the state of {self._exports} experts; try again in a few seconds")
+        return request
+
+    async def _send_state(self, uid: str, asked_chunk_bytes: int, context) -> None:
+        """Send uid's weights; grpc.aio.InternalError if the caller went away."""
+        version, tensors = await self._export(uid)
+        for chunk in state_chunks(uid, version, tensors, chunk_bytes_for(self._max_message_bytes, asked_chunk_bytes)):
+            # Written here, not yielded to grpc: a failed send is ours to catch (see ExportState)
+            await context.write(chunk)
 
     def close_idle_streams(self) -> None:
         """Node shutdown: end streams that wait for their next request now (a stream mid-request

@@ -1,10 +1,12 @@
 """Replicas of one expert on real node processes: a new replica starts from the trained one's weights,
 an inference-only one follows it, trainable replicas average and then settle, a stranger's weights are refused,
-ExportState checks its input."""
+ExportState checks its input, and a caller that cancels costs it no error in its log."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from typing import AsyncIterator
 
 import grpc
 import torch
@@ -12,7 +14,7 @@ from conftest import MODEL
 from procs import probe, run, train_step, wait_for
 from moeswarm.model.directory import find_experts
 from moeswarm.model.experts import init_expert
-from moeswarm.protocol.state_transfer import fetch_state
+from moeswarm.protocol.state_transfer import MIN_CHUNK_BYTES, fetch_state
 from moeswarm.protocol import expert_pb2
 
 D, F = MODEL["d_model"], MODEL["d_ff"]
@@ -142,3 +144,77 @@ def test_export_state_checks_its_request_and_fits_the_callers_message_limit(node
     assert version == 0 and all(torch.equal(tensors[name], p) for name, p in expert.named_parameters())
     out, _ = run(probe(node.ready["endpoint"], MODEL["name"], UID, torch.ones(1, D)))  # and it still serves
     assert out.shape == (1, D)
+
+
+# A 2 MiB expert, and callers without BDP probing: their window stays at 64 KiB, so a node's sends to
+# one that does not read block after a few chunks (with it, grpc takes in ~20 MiB unread first).
+BIG_MODEL = dict(name="big", d_model=256, d_ff=1024, n_layers=1, n_experts=1)
+BIG_UID = "big.L0.E0"
+
+
+@contextlib.asynccontextmanager
+async def _not_reading_channels(endpoint: str) -> AsyncIterator[list[grpc.aio.Channel]]:
+    """Two channels, as two callers that stop reading would have."""
+    channels = [grpc.aio.insecure_channel(endpoint, options=[("grpc.http2.bdp_probe", 0)]) for _ in range(2)]
+    try:
+        yield channels
+    finally:
+        for channel in channels:
+            await channel.close()
+
+
+def _export_call(channel: grpc.aio.Channel, max_chunk_bytes: int) -> grpc.aio.UnaryStreamCall:
+    request = expert_pb2.StateRequest(uid=BIG_UID, max_chunk_bytes=max_chunk_bytes)
+    return channel.unary_stream("/moeswarm.ExpertService/ExportState")(request.SerializeToString(), timeout=60)
+
+
+async def _read_rest(call: grpc.aio.UnaryStreamCall) -> tuple[int, grpc.StatusCode, str]:
+    """(data bytes of the chunks still to come, the call's status code, its details)."""
+    received = 0
+    try:
+        while (raw := await call.read()) is not grpc.aio.EOF:
+            received += len(expert_pb2.StateChunk.FromString(raw).data)
+    except grpc.aio.AioRpcError as e:
+        return received, e.code(), e.details()
+    return received, grpc.StatusCode.OK, ""
+
+
+async def _take_both_slots(channels: list[grpc.aio.Channel]) -> list[tuple[grpc.aio.UnaryStreamCall, int]]:
+    """Two exports open at once, each past its first chunk (call, its bytes): no earlier call holds a slot."""
+    while True:
+        calls = [_export_call(channel, 0) for channel in channels]
+        try:
+            return [(call, len(expert_pb2.StateChunk.FromString(await call.read()).data)) for call in calls]
+        except grpc.aio.AioRpcError as e:
+            if e.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                raise
+            for call in calls:
+                call.cancel()
+            await asyncio.sleep(0.1)
+
+
+def _big_expert() -> tuple[torch.nn.Module, dict, int]:
+    """(BIG_UID's seed weights, its parameter specs, its bytes)."""
+    expert = init_expert(BIG_MODEL["d_model"], BIG_MODEL["d_ff"], seed=SEED, uid=BIG_UID)
+    expected = {name: (tuple(p.shape), p.dtype) for name, p in expert.named_parameters()}
+    return expert, expected, sum(p.numel() * p.element_size() for p in expert.parameters())
+
+
+def test_a_caller_that_cancels_an_export_puts_no_traceback_in_the_node_log(node_factory):
+    node = node_factory("exporter", swarm="cancel", model=BIG_MODEL, experts=[BIG_UID])
+    _, _, total_bytes = _big_expert()
+
+    async def scenario():
+        async with _not_reading_channels(node.ready["endpoint"]) as channels:
+            calls = [_export_call(channel, MIN_CHUNK_BYTES) for channel in channels]
+            for call in calls:
+                await call.read()
+            await asyncio.sleep(0.5)  # meanwhile the node's sends stop: no one reads
+            for call in calls:
+                call.cancel()  # mid-send
+            # Both calls ended on the node, and logged what they log, once both slots are free again.
+            return [(first, *await _read_rest(call)) for call, first in await _take_both_slots(channels)]
+
+    for first, received, code, _ in run(scenario()):
+        assert code == grpc.StatusCode.OK and first + received == total_bytes
+    assert "ExecuteBatchError" not in node.log and "Traceback" not in node.log
