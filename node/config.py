@@ -58,6 +58,9 @@ class NodeConfig:
     announce_ttl_s: float = 30.0  # DHT records expire after this; refreshed every third of it
     max_rows: int = 8192  # most rows one expert batch in a request may carry
     max_message_bytes: int = 64 << 20  # largest gRPC message accepted or sent
+    # ExportState (a peer pulls an expert's weights; 2 at once): a peer that takes no chunk for this
+    # long, or takes longer than this plus 1 s per MiB for all of them, loses the stream and its slot
+    export_chunk_timeout_s: float = 30.0
     batch_max_rows: int = 8192  # most rows merged into one expert matmul across requests
     wire_dtypes: tuple[str, ...] = ("float32", "bfloat16", "float16")  # dtypes accepted on the wire
     torch_threads: int = 1  # intra-op threads for expert compute (several nodes share a machine)
@@ -99,6 +102,7 @@ class NodeConfig:
         _require(
             4096 <= self.max_message_bytes <= 2**31 - 1, "max_message_bytes", self.max_message_bytes, "must be in [4096, 2^31-1]"
         )
+        _require(0 < self.export_chunk_timeout_s <= 3600, "export_chunk_timeout_s", self.export_chunk_timeout_s, "must be in (0, 3600] seconds")
         _require("float32" in self.wire_dtypes, "wire_dtypes", self.wire_dtypes, "must include float32")
         for dtype in self.wire_dtypes:
             _require(dtype in WIRE_DTYPES, "wire_dtypes", dtype, f"not one of {sorted(WIRE_DTYPES)}")

@@ -140,7 +140,7 @@ class ExpertNode:
         limits = Limits(config.model, frozenset(self.uids), config.max_rows, frozenset(config.wire_dtypes))
         self._servicer = ExpertServicer(
             self.batcher, limits, self.info, trainable=config.trainable, export=self._export_state,
-            max_message_bytes=config.max_message_bytes,
+            max_message_bytes=config.max_message_bytes, export_chunk_timeout_s=config.export_chunk_timeout_s,
         )
         self._server.add_generic_rpc_handlers([self._servicer.generic_handler()])
         self._health = health.aio.HealthServicer()

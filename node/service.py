@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import AsyncIterator, Awaitable, Callable
 
 import grpc
@@ -13,8 +14,8 @@ from google.protobuf.message import DecodeError
 from moeswarm.node.batcher import Batcher
 from moeswarm.node.validation import Limits, all_finite, check_hosted, validate_request
 from moeswarm.protocol import expert_pb2, wire
-from moeswarm.protocol.errors import BadRequest, MoeSwarmError, NotTrainable, Overloaded, status_of
-from moeswarm.protocol.state_transfer import chunk_bytes_for, state_chunks
+from moeswarm.protocol.errors import BadRequest, MoeSwarmError, NotTrainable, Overloaded, TooSlow, status_of
+from moeswarm.protocol.state_transfer import EXPORT_MIN_BYTES_PER_S, chunk_bytes_for, export_time_limit_s, state_chunks
 
 logger = logging.getLogger(__name__)
 SERVICE_NAME = "moeswarm.ExpertService"
@@ -30,12 +31,14 @@ class ExpertServicer:
 
     def __init__(
         self, batcher: Batcher, limits: Limits, info: Callable[[], expert_pb2.InfoResponse], *, trainable: bool = True,
-        export: ExportFn | None = None, max_message_bytes: int = 64 << 20,
+        export: ExportFn | None = None, max_message_bytes: int = 64 << 20, export_chunk_timeout_s: float = 30.0,
     ):
         """trainable=False: Backward is refused (PERMISSION_DENIED) and a training Forward keeps nothing.
-        export: an expert's current weights, for ExportState (None: the call is refused)."""
+        export: an expert's current weights, for ExportState (None: the call is refused), whose reader
+        must take each chunk within export_chunk_timeout_s (config.py)."""
         self._batcher, self._limits, self._info, self._trainable = batcher, limits, info, trainable
         self._export, self._max_message_bytes, self._exports = export, max_message_bytes, 0
+        self._chunk_timeout_s = export_chunk_timeout_s
         self._streams: dict[asyncio.Task, bool] = {}  # open Stream calls -> whether one is mid-request
         self._closing = False
 
@@ -91,14 +94,16 @@ class ExpertServicer:
 
     async def ExportState(self, data: bytes, context) -> None:
         """One hosted expert's weights, in chunks that fit both sides' message limits (at least
-        MIN_CHUNK_BYTES); a caller that goes away ends the call with at most a debug line."""
+        MIN_CHUNK_BYTES). A reader that takes no chunk for export_chunk_timeout_s, or is slower than
+        export_time_limit_s, gets DEADLINE_EXCEEDED and its slot is freed; a caller that goes away
+        ends the call with at most a debug line."""
         try:
             request = self._export_request(data)
         except Exception as e:  # process boundary: a bug must not take the node down
             await context.abort(*_failure(e, ""))
         self._exports += 1
         try:
-            await self._send_state(request.uid, request.max_chunk_bytes, context)
+            late = await self._send_state(request.uid, request.max_chunk_bytes, context)
         except grpc.aio.InternalError:  # a send failed: the caller cancelled, its deadline passed or its connection broke
             logger.debug("ExportState of %s to %s ended: the caller went away", request.uid, context.peer())
             # How grpc ends a call whose caller left (it logs that at debug); returning instead would
@@ -106,6 +111,11 @@ class ExpertServicer:
             raise asyncio.CancelledError from None
         finally:
             self._exports -= 1
+        if late is not None:
+            try:
+                await context.abort(*_failure(late, ""))
+            except grpc.aio.InternalError:  # the status waited behind unread chunks, and the caller left
+                raise asyncio.CancelledError from None
 
     def _export_request(self, data: bytes) -> expert_pb2.StateRequest:
         try:
@@ -119,12 +129,32 @@ class ExpertServicer:
             raise Overloaded(f"already sending the state of {self._exports} experts; try again in a few seconds")
         return request
 
-    async def _send_state(self, uid: str, asked_chunk_bytes: int, context) -> None:
-        """Send uid's weights; grpc.aio.InternalError if the caller went away."""
+    async def _send_state(self, uid: str, asked_chunk_bytes: int, context) -> TooSlow | None:
+        """Send uid's weights; None once the reader took every chunk, else the limit it missed. The
+        expert's copy lives as long as this call, not while a late reader's status waits."""
         version, tensors = await self._export(uid)
+        total_bytes = sum(tensor.numel() * tensor.element_size() for tensor in tensors.values())
+        limit_s = export_time_limit_s(total_bytes, self._chunk_timeout_s)
+        deadline = time.monotonic() + limit_s
+        # Headers now, not with the first chunk: a status must be able to follow a chunk that never left.
+        await context.send_initial_metadata(())
+        sent_bytes = 0
         for chunk in state_chunks(uid, version, tensors, chunk_bytes_for(self._max_message_bytes, asked_chunk_bytes)):
-            # Written here, not yielded to grpc: a failed send is ours to catch (see ExportState)
-            await context.write(chunk)
+            left_s = deadline - time.monotonic()
+            try:
+                await asyncio.wait_for(context.write(chunk), min(self._chunk_timeout_s, left_s))
+            except asyncio.TimeoutError:
+                if left_s > self._chunk_timeout_s:
+                    return TooSlow(
+                        f"{uid}: the reader took no chunk for {self._chunk_timeout_s:g} s (the node's export_chunk_timeout_s) "
+                        f"after {sent_bytes} of {total_bytes} bytes; read the stream as it arrives"
+                    )
+                return TooSlow(
+                    f"{uid}: {sent_bytes} of {total_bytes} bytes taken in {limit_s:.0f} s, the most the node allows for them "
+                    f"(export_chunk_timeout_s + {EXPORT_MIN_BYTES_PER_S >> 20} MiB/s); pull from a replica over a faster link"
+                )
+            sent_bytes += len(chunk.data)
+        return None
 
     def close_idle_streams(self) -> None:
         """Node shutdown: end streams that wait for their next request now (a stream mid-request

@@ -30,6 +30,10 @@ class Overloaded(MoeSwarmError):
     """The request is over a size limit or the node's queue is full; retry smaller or elsewhere."""
 
 
+class TooSlow(MoeSwarmError):
+    """The caller did not take what a node streams to it in time (ExportState); read as it arrives."""
+
+
 class NodeUnavailable(MoeSwarmError):
     """A node did not answer in time, or is shutting down."""
 
@@ -55,6 +59,7 @@ STATUS_OF_ERROR: dict[type[MoeSwarmError], str] = {
     Overloaded: "RESOURCE_EXHAUSTED",
     NotTrainable: "PERMISSION_DENIED",
     NodeUnavailable: "UNAVAILABLE",
+    TooSlow: "DEADLINE_EXCEEDED",
     AllReplicasFailed: "UNAVAILABLE",
 }
 ERROR_OF_STATUS: dict[str, type[MoeSwarmError]] = {

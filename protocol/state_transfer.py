@@ -25,6 +25,9 @@ CHUNK_HEADER_BYTES = 1024  # room for a chunk's other fields under a message lim
 # A caller that asks for smaller chunks gets these (unless the sender's own message limit is lower):
 # 1-byte chunks made the sender do a message's work per byte, 3M messages for the default 3 MiB expert.
 MIN_CHUNK_BYTES = 64 << 10
+# The slowest an export may go on average: past export_time_limit_s the sender ends it, so a reader
+# that takes a chunk now and then cannot hold one of the sender's few export slots for long.
+EXPORT_MIN_BYTES_PER_S = 1 << 20
 
 
 def chunk_bytes_for(max_message_bytes: int, asked: int = 0) -> int:
@@ -32,6 +35,12 @@ def chunk_bytes_for(max_message_bytes: int, asked: int = 0) -> int:
     least MIN_CHUNK_BYTES; never more than the sender's message limit allows."""
     limit = min(CHUNK_BYTES, max_message_bytes - CHUNK_HEADER_BYTES)
     return min(limit, max(asked, MIN_CHUNK_BYTES)) if asked > 0 else limit
+
+
+def export_time_limit_s(total_bytes: int, chunk_timeout_s: float) -> float:
+    """How long the sender lets an export of `total_bytes` run: the time a reader may take for one
+    chunk, plus the whole at EXPORT_MIN_BYTES_PER_S (a 350 MB expert: 30 + 334 s; it takes 35 s at 10 MB/s)."""
+    return chunk_timeout_s + total_bytes / EXPORT_MIN_BYTES_PER_S
 
 
 def state_chunks(uid: str, version: int, tensors: dict[str, torch.Tensor], chunk_bytes: int = CHUNK_BYTES) -> Iterator[expert_pb2.StateChunk]:

@@ -1,6 +1,6 @@
 """Replicas of one expert on real node processes: a new replica starts from the trained one's weights,
 an inference-only one follows it, trainable replicas average and then settle, a stranger's weights are refused,
-ExportState checks its input, and a caller that cancels costs it no error in its log."""
+ExportState checks its input, and callers that stop reading or cancel cost it neither its slots nor its log."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from conftest import MODEL
 from procs import probe, run, train_step, wait_for
 from moeswarm.model.directory import find_experts
 from moeswarm.model.experts import init_expert
+from moeswarm.protocol.errors import Overloaded
 from moeswarm.protocol.state_transfer import MIN_CHUNK_BYTES, fetch_state
 from moeswarm.protocol import expert_pb2
 
@@ -146,7 +147,7 @@ def test_export_state_checks_its_request_and_fits_the_callers_message_limit(node
     assert out.shape == (1, D)
 
 
-# A 2 MiB expert, and callers without BDP probing: their window stays at 64 KiB, so a node's sends to
+# A 3 MiB expert, and callers without BDP probing: their window stays at 64 KiB, so a node's sends to
 # one that does not read block after a few chunks (with it, grpc takes in ~20 MiB unread first).
 BIG_MODEL = dict(name="big", d_model=256, d_ff=1024, n_layers=1, n_experts=1)
 BIG_UID = "big.L0.E0"
@@ -168,15 +169,24 @@ def _export_call(channel: grpc.aio.Channel, max_chunk_bytes: int) -> grpc.aio.Un
     return channel.unary_stream("/moeswarm.ExpertService/ExportState")(request.SerializeToString(), timeout=60)
 
 
-async def _read_rest(call: grpc.aio.UnaryStreamCall) -> tuple[int, grpc.StatusCode, str]:
-    """(data bytes of the chunks still to come, the call's status code, its details)."""
+async def _read_rest(call: grpc.aio.UnaryStreamCall, pause_s: float = 0.0) -> tuple[int, grpc.StatusCode, str]:
+    """(data bytes of the chunks still to come, the call's status code, its details); pause_s before each read."""
     received = 0
     try:
-        while (raw := await call.read()) is not grpc.aio.EOF:
+        while await asyncio.sleep(pause_s) or (raw := await call.read()) is not grpc.aio.EOF:
             received += len(expert_pb2.StateChunk.FromString(raw).data)
     except grpc.aio.AioRpcError as e:
         return received, e.code(), e.details()
     return received, grpc.StatusCode.OK, ""
+
+
+async def _fetch_once_free(endpoint: str, expected: dict) -> dict[str, torch.Tensor]:
+    """fetch_state, asked again while both of the node's export slots are taken (bounded by run())."""
+    while True:
+        try:
+            return (await fetch_state(endpoint, BIG_UID, expected, max_message_bytes=64 << 20))[1]
+        except Overloaded:
+            await asyncio.sleep(0.1)
 
 
 async def _take_both_slots(channels: list[grpc.aio.Channel]) -> list[tuple[grpc.aio.UnaryStreamCall, int]]:
@@ -200,6 +210,42 @@ def _big_expert() -> tuple[torch.nn.Module, dict, int]:
     return expert, expected, sum(p.numel() * p.element_size() for p in expert.parameters())
 
 
+def test_callers_that_stop_reading_lose_their_export_slots_to_one_that_reads(node_factory):
+    node = node_factory("exporter", swarm="stall", model=BIG_MODEL, experts=[BIG_UID], export_chunk_timeout_s=1)
+    endpoint = node.ready["endpoint"]
+    expert, expected, total_bytes = _big_expert()
+
+    async def scenario():
+        async with _not_reading_channels(endpoint) as channels:
+            stalled = [_export_call(channel, max_chunk_bytes=1) for channel in channels]  # both slots
+            firsts = [expert_pb2.StateChunk.FromString(await call.read()) for call in stalled]
+            # Both stop reading but keep their calls open (deadline 60 s): the node ends their exports.
+            tensors = await _fetch_once_free(endpoint, expected)
+            return firsts, tensors, [await _read_rest(call) for call in stalled]
+
+    firsts, tensors, rests = run(scenario())
+    assert [len(chunk.data) for chunk in firsts] == [MIN_CHUNK_BYTES] * 2  # they asked for 1-byte chunks
+    assert all(torch.equal(tensors[name], p) for name, p in expert.named_parameters())
+    for received, code, details in rests:
+        assert code == grpc.StatusCode.DEADLINE_EXCEEDED and "took no chunk for 1 s" in details, (code, details)
+        assert MIN_CHUNK_BYTES + received < total_bytes
+    assert "Traceback" not in node.log
+
+
+def test_a_reader_slower_than_the_nodes_time_limit_loses_its_export(node_factory):
+    # A 3 MiB expert may take 2 s + 3 s (1 MiB/s) here; this reader takes a 64 KiB chunk every 0.5 s.
+    node = node_factory("exporter", swarm="slow", model=BIG_MODEL, experts=[BIG_UID], export_chunk_timeout_s=2)
+    _, _, total_bytes = _big_expert()
+
+    async def slow_read():
+        async with _not_reading_channels(node.ready["endpoint"]) as channels:
+            return await _read_rest(_export_call(channels[0], max_chunk_bytes=1), pause_s=0.5)
+
+    received, code, details = run(slow_read())
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED and "bytes taken in 5 s" in details, (code, details)
+    assert received < total_bytes
+
+
 def test_a_caller_that_cancels_an_export_puts_no_traceback_in_the_node_log(node_factory):
     node = node_factory("exporter", swarm="cancel", model=BIG_MODEL, experts=[BIG_UID])
     _, _, total_bytes = _big_expert()
@@ -211,7 +257,7 @@ def test_a_caller_that_cancels_an_export_puts_no_traceback_in_the_node_log(node_
                 await call.read()
             await asyncio.sleep(0.5)  # meanwhile the node's sends stop: no one reads
             for call in calls:
-                call.cancel()  # mid-send
+                call.cancel()  # mid-send, well within export_chunk_timeout_s (30 s)
             # Both calls ended on the node, and logged what they log, once both slots are free again.
             return [(first, *await _read_rest(call)) for call, first in await _take_both_slots(channels)]
 

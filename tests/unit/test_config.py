@@ -100,6 +100,7 @@ def test_wrong_type_is_named(data, key):
         (_node(announce_ttl_s=1), "announce_ttl_s"),
         (_node(max_rows=0), "max_rows=0"),
         (_node(max_message_bytes=100), "max_message_bytes=100"),
+        (_node(export_chunk_timeout_s=0), "export_chunk_timeout_s=0"),
         (_node(wire_dtypes=["bfloat16"]), "must include float32"),
         (_node(wire_dtypes=["float32", "float64"]), "float64"),
         (_node(swarm="Bad Swarm"), "swarm"),

@@ -16,6 +16,7 @@ from moeswarm.protocol.errors import (
     NotTrainable,
     Overloaded,
     StartupError,
+    TooSlow,
     error_from_rpc,
     status_of,
 )
@@ -32,6 +33,7 @@ PROTOCOL_DIR = pathlib.Path(codegen.__file__).resolve().parent
         (Overloaded("x"), grpc.StatusCode.RESOURCE_EXHAUSTED),
         (NotTrainable("x"), grpc.StatusCode.PERMISSION_DENIED),
         (NodeUnavailable("x"), grpc.StatusCode.UNAVAILABLE),
+        (TooSlow("x"), grpc.StatusCode.DEADLINE_EXCEEDED),
         (AllReplicasFailed("m.L0.E0", []), grpc.StatusCode.UNAVAILABLE),
         (StartupError("x"), grpc.StatusCode.INTERNAL),
         (MoeSwarmError("x"), grpc.StatusCode.INTERNAL),

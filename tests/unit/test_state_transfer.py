@@ -14,7 +14,7 @@ from moeswarm.protocol import expert_pb2
 from moeswarm.protocol.errors import BadRequest
 from moeswarm.protocol.spec import ModelSpec
 from moeswarm.protocol.state_transfer import (
-    CHUNK_BYTES, MIN_CHUNK_BYTES, StateAssembler, chunk_bytes_for, state_chunks,
+    CHUNK_BYTES, MIN_CHUNK_BYTES, StateAssembler, chunk_bytes_for, export_time_limit_s, state_chunks,
 )
 
 UID = "m.L0.E1"
@@ -117,6 +117,14 @@ def test_tiny_chunks_are_raised_to_the_minimum_within_the_senders_limit():
     # 1-byte chunks: a message's work per byte for the sender, for minutes
     assert chunk_bytes_for(64 << 20, asked=1) == chunk_bytes_for(64 << 20, asked=10_000) == MIN_CHUNK_BYTES
     assert chunk_bytes_for(8192, asked=1) == 8192 - 1024  # the sender's own limit still wins
+
+
+def test_an_export_may_take_long_enough_for_a_slow_honest_peer_and_no_longer():
+    chunk_timeout_s = 30.0
+    mixtral_bytes = 350_000_000
+    assert export_time_limit_s(mixtral_bytes, chunk_timeout_s) > mixtral_bytes / 10e6  # 10 MB/s: 35 s
+    assert export_time_limit_s(3 << 20, chunk_timeout_s) == chunk_timeout_s + 3  # the default expert: 3 MiB
+    assert export_time_limit_s(0, 1.0) == 1.0
 
 
 def _registry(seed: int = 0) -> ExpertRegistry:
