@@ -300,10 +300,16 @@ class IsolatedDHT:
         ready, _, _ = select.select([self._proc.stdout], [], [], timeout_s)
         line = self._proc.stdout.readline().decode().strip() if ready else ""
         if not line.startswith("ready "):
-            self._proc.kill()
-            self._proc.wait()
+            # A child that reported its failure is on its way out, removing its temporary directory:
+            # let it. One that said nothing in time may be stuck: kill it.
+            failed = line.startswith("failed ")
+            try:
+                self._proc.wait(DHT_STOP_TIMEOUT_S + 3 if failed else 0)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
             self._proc.stdin.close()
-            if line.startswith("failed "):
+            if failed:
                 raise NodeUnavailable(line[len("failed "):])
             raise NodeUnavailable(f"the client DHT peer did not start in time ({line or 'no answer'}); check --initial-peers")
         return line.split(" ", 1)[1]

@@ -154,6 +154,17 @@ def test_unreachable_initial_peers_fail_at_once_naming_why():
     assert child.wait(10) is not None
 
 
+def test_a_dht_peer_that_failed_to_start_leaves_no_temporary_folder(tmp_path, monkeypatch):
+    # The child says "failed", then removes its folder on the way out: it must be let exit by itself
+    # (code 1), not be killed as soon as it said so, which left the folder behind in 3 tries out of 4.
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # the child's tempfile folder
+    dht = IsolatedDHT(["garbage"], wait=False)
+    with pytest.raises(NodeUnavailable, match='failed to parse multiaddr "garbage"'):
+        dht.wait_ready()
+    assert dht._proc.returncode == 1
+    assert not [name for name in os.listdir(tmp_path) if name.startswith("moeswarm-dht-")]
+
+
 _CTRL_C_SCRIPT = """
 import sys, time
 from moeswarm.protocol.dht import IsolatedDHT, get_records
