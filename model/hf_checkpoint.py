@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from safetensors import safe_open
 
+from moeswarm.model.model_dir import open_safetensors
 from moeswarm.protocol.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 Layout = Literal["per_expert", "fused"]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _HEADER_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+_REDO = "download or copy the checkpoint again"  # what fixes a missing or truncated file
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -107,10 +108,14 @@ _QWEN_NAMES = tuple(f"model.layers.{{layer}}.mlp.experts.{{expert}}.{p}_proj.wei
 _MIXTRAL_NAMES = tuple(f"model.layers.{{layer}}.block_sparse_moe.experts.{{expert}}.{w}.weight" for w in ("w1", "w3", "w2"))
 
 
-def _require(config: dict[str, Any], *keys: str) -> Any:
+def _require(config: dict[str, Any], *keys: str) -> int:
+    """The first of `keys` config.json sets: a positive integer (sizes and counts), else ConfigError."""
     for key in keys:
-        if config.get(key) is not None:
-            return config[key]
+        value = config.get(key)
+        if value is not None:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"config.json {key}={value!r}: must be a positive integer")
+            return value
     raise ConfigError(f"config.json of this {config['model_type']} checkpoint lacks {' or '.join(map(repr, keys))}")
 
 
@@ -224,22 +229,30 @@ def parse_expert_spec(text: str, family: HFFamily) -> list[tuple[int, int]]:
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except FileNotFoundError as e:
         raise ConfigError(f"{path} not found; point at a Hugging Face checkpoint folder") from e
-    except json.JSONDecodeError as e:
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror or e}") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a JSON object, not {type(data).__name__}")
+    return data
 
 
 def _tensor_files(model_dir: Path) -> dict[str, str]:
     """Tensor name -> safetensors file name, from the shard index or the single model.safetensors."""
     index = model_dir / "model.safetensors.index.json"
     if index.exists():
-        return dict(_read_json(index)["weight_map"])
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ConfigError(f"{index} has no 'weight_map' object (tensor name -> file)")
+        return dict(weight_map)
     single = model_dir / "model.safetensors"
     if not single.exists():
         raise ConfigError(f"{model_dir} has neither model.safetensors nor model.safetensors.index.json")
-    with safe_open(single, framework="pt") as f:
+    with open_safetensors(single, _REDO) as f:
         return dict.fromkeys(f.keys(), single.name)
 
 
@@ -263,7 +276,7 @@ class CheckpointReader:
         self.family = family
         self._expert_re = self._expert_pattern()
         logger.info(
-            "checkpoint %s: %s, %s layout, %d experts x MoE layers %s",
+            "checkpoint %s: %s, %s layout, %s experts x MoE layers %s",
             self.model_dir, family.model_type, self.layout, family.num_experts, format_ranges(family.moe_layers),
         )
 
@@ -307,7 +320,7 @@ class CheckpointReader:
             raise ConfigError(f"tensor {name!r} is not in checkpoint {self.model_dir}")
         file = self._file_of[name]
         if file not in self._handles:
-            self._handles[file] = safe_open(self.model_dir / file, framework="pt")  # memory-mapped
+            self._handles[file] = open_safetensors(self.model_dir / file, _REDO)  # memory-mapped
         return self._handles[file]
 
     def _header_dtype(self, name: str) -> torch.dtype:

@@ -14,7 +14,9 @@ from torch import nn
 
 from moeswarm.model.lm_config import MoELMConfig
 from moeswarm.model.local_moe import LocalMoE
-from moeswarm.model.model_dir import expert_shapes, load_dense_weights, load_expert_weights, read_manifest, save_model_dir
+from moeswarm.model.model_dir import (
+    DENSE_FILE, MANIFEST, expert_shapes, load_dense_weights, load_expert_weights, read_manifest, save_model_dir,
+)
 from moeswarm.model.routing import make_gate
 from moeswarm.model.tokenizer import ByteTokenizer
 from moeswarm.model.transformer import MoETransformer, is_expert_param
@@ -137,8 +139,29 @@ def open_model(
 def _load_weights(model: MoETransformer, manifest) -> None:
     """The dense part and the experts this process computes, from the directory (strict: all present)."""
     state = load_dense_weights(manifest)
+    _check_dense(model, state, manifest)
     held = held_experts(model)
     for uid, weights in load_expert_weights(manifest, list(held)).items():
         state.update({f"{held[uid][0]}.{name}": tensor for name, tensor in weights.items()})
     model.load_state_dict(state, strict=True)
 
+
+def _check_dense(model: MoETransformer, state: dict[str, torch.Tensor], manifest) -> None:
+    """ConfigError, naming a tensor, where the dense file does not fit the manifest's config (an edited
+    manifest, or a dense file from another model): load_state_dict's error would list every tensor."""
+    expected = dense_state(model)
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    wrong = [name for name in expected if name in state and state[name].shape != expected[name].shape]
+    if not (missing or extra or wrong):
+        return
+    if wrong:
+        name = wrong[0]
+        problem = f"{name} has shape {list(state[name].shape)}, the config needs {list(expected[name].shape)}"
+    else:
+        problem = f"{missing[0]} is missing" if missing else f"it holds {extra[0]}, which the config has no place for"
+    count = len(missing) + len(extra) + len(wrong)
+    raise ConfigError(
+        f"{manifest.path / DENSE_FILE} does not fit the config in {manifest.path / MANIFEST}: {problem}"
+        f"{f' (and {count - 1} more tensors differ)' if count > 1 else ''}; was the manifest edited?"
+    )

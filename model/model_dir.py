@@ -94,6 +94,13 @@ def read_manifest(path: str | pathlib.Path) -> Manifest:
     try:
         data = json.loads((path / MANIFEST).read_text())
     except FileNotFoundError as e:
+        if (path / "config.json").exists():
+            raise ConfigError(
+                f"{path} is a Hugging Face checkpoint, not a moeswarm model directory ({MANIFEST} is missing): "
+                "nodes serve its experts (`moeswarm node --model`, `swarm up --model`), and Python runs it with "
+                "moeswarm.model.from_pretrained(DIR, initial_peers=[...]); `moeswarm generate` runs directories "
+                "written by `moeswarm model init`"
+            ) from e
         raise ConfigError(f"{path} is not a moeswarm model directory: {MANIFEST} is missing") from e
     except (OSError, ValueError) as e:
         raise ConfigError(f"cannot read {path / MANIFEST}: {e}") from e
@@ -105,15 +112,22 @@ def read_manifest(path: str | pathlib.Path) -> Manifest:
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{path / MANIFEST}: {e}") from e
     expert_files = data.get("experts")
-    if not isinstance(expert_files, dict) or set(expert_files) != set(config.spec().all_uids()):
-        raise ConfigError(f"{path / MANIFEST}: 'experts' must list exactly the UIDs of model {config.name!r}")
+    if not isinstance(expert_files, dict):
+        raise ConfigError(f"{path / MANIFEST}: 'experts' must map each expert UID to its file")
+    uids = set(config.spec().all_uids())
+    if set(expert_files) != uids:
+        missing, extra = sorted(uids - set(expert_files)), sorted(set(expert_files) - uids)
+        differ = f"no file for {missing[0]}" if missing else f"{extra[0]} is not an expert of this config"
+        raise ConfigError(
+            f"{path / MANIFEST}: 'experts' must list exactly the UIDs of model {config.name!r} ({differ}); "
+            "was its config (n_layers, routing) edited?"
+        )
     return Manifest(path, config, tokenizer, {str(k): str(v) for k, v in expert_files.items()})
 
 
 def load_expert_weights(manifest: Manifest, uids: list[str]) -> dict[str, dict[str, torch.Tensor]]:
-    """Read only these experts' tensors (memory-mapped files, one slice each); checks their shapes."""
-    from safetensors import safe_open
-
+    """Read only these experts' tensors (memory-mapped files, one slice each); checks their shapes.
+    ConfigError names the file for a missing, unreadable or truncated file, or a tensor not in it."""
     by_file: dict[str, list[str]] = {}
     for uid in uids:
         if uid not in manifest.expert_files:
@@ -122,16 +136,41 @@ def load_expert_weights(manifest: Manifest, uids: list[str]) -> dict[str, dict[s
     shapes = manifest.expert_shapes()
     weights: dict[str, dict[str, torch.Tensor]] = {}
     for file_name, file_uids in by_file.items():
-        with safe_open(str(manifest.path / file_name), framework="pt") as f:
+        with open_safetensors(manifest.path / file_name) as f:
+            present = set(f.keys())
             for uid in file_uids:
+                absent = [f"{uid}.{name}" for name in EXPERT_PARAMS if f"{uid}.{name}" not in present]
+                if absent:
+                    raise ConfigError(
+                        f"{manifest.path / file_name} holds no tensor {absent[0]}, though {MANIFEST} puts expert "
+                        f"{uid} in this file; write the directory again"
+                    )
                 weights[uid] = {name: f.get_tensor(f"{uid}.{name}") for name in EXPERT_PARAMS}
                 for name, tensor in weights[uid].items():
                     if tuple(tensor.shape) != shapes[name]:
-                        raise ConfigError(f"{file_name}: {uid}.{name} has shape {list(tensor.shape)}, expected {list(shapes[name])}")
+                        raise ConfigError(
+                            f"{manifest.path / file_name}: {uid}.{name} has shape {list(tensor.shape)}, "
+                            f"expected {list(shapes[name])}"
+                        )
     return weights
 
 
 def load_dense_weights(manifest: Manifest) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+    """Every dense tensor; ConfigError names the file if it is missing, unreadable or truncated."""
+    with open_safetensors(manifest.path / DENSE_FILE) as f:
+        return {name: f.get_tensor(name) for name in f.keys()}
 
-    return load_file(str(manifest.path / DENSE_FILE))
+
+def open_safetensors(path: pathlib.Path, redo: str = "copy or write the directory again"):
+    """safe_open(path) (memory-mapped), with a ConfigError naming the file instead of safetensors' or
+    the OS's error: a file left out of a copy, or cut short by one. `redo`: what fixes that."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(str(path), framework="pt")
+    except FileNotFoundError as e:
+        raise ConfigError(f"{path} is missing; {redo}") from e
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror or e}") from e
+    except SafetensorError as e:
+        raise ConfigError(f"{path} is not a complete safetensors file ({e}); {redo}") from e

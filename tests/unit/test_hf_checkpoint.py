@@ -215,3 +215,19 @@ def test_reader_errors_say_what_is_missing(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "mixtral"}))
     with pytest.raises(ConfigError, match="neither model.safetensors nor model.safetensors.index.json"):
         CheckpointReader(tmp_path)
+
+
+@pytest.mark.parametrize("value", ["eight", 0, 2.5, True])
+def test_detect_family_rejects_counts_that_are_not_positive_integers(value):
+    config = {"model_type": "mixtral", "hidden_size": 8, "num_hidden_layers": 1, "intermediate_size": 4,
+              "num_experts_per_tok": 1, "num_local_experts": value}
+    with pytest.raises(ConfigError, match=f"config.json num_local_experts={value!r}: must be a positive integer"):
+        detect_family(config)
+
+
+def test_a_truncated_safetensors_file_is_a_config_error_naming_it(saved, tmp_path):
+    source, _ = saved("mixtral")
+    (tmp_path / "config.json").write_bytes((source / "config.json").read_bytes())
+    (tmp_path / "model.safetensors").write_bytes((source / "model.safetensors").read_bytes()[:100_000])
+    with pytest.raises(ConfigError, match="model.safetensors is not a complete safetensors file"):
+        CheckpointReader(tmp_path)

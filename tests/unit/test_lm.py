@@ -144,6 +144,53 @@ def _fresh(path):
     return path
 
 
+def _truncate(file):
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+
+
+def _edit_manifest(path, edit):
+    data = json.loads((path / MANIFEST).read_text())
+    edit(data)
+    (path / MANIFEST).write_text(json.dumps(data))
+
+
+def _drop_last_layer(data):
+    data["config"]["n_layers"] -= 1
+    data["experts"] = {uid: file for uid, file in data["experts"].items() if ".L2." not in uid}
+
+
+DAMAGES = {  # what was done to a model directory -> what the error must say
+    "expert file missing": (lambda p: (p / "experts-L001.safetensors").unlink(), r"experts-L001.safetensors is missing"),
+    "expert file truncated": (lambda p: _truncate(p / "experts-L001.safetensors"),
+                              r"experts-L001.safetensors is not a complete safetensors file"),
+    "dense file missing": (lambda p: (p / "dense.safetensors").unlink(), r"dense.safetensors is missing"),
+    "dense file truncated": (lambda p: _truncate(p / "dense.safetensors"), r"dense.safetensors is not a complete safetensors"),
+    "expert mapped to another file": (
+        lambda p: _edit_manifest(p, lambda d: d["experts"].update({"tiny-moe.L1.E0": "experts-L002.safetensors"})),
+        r"experts-L002.safetensors holds no tensor tiny-moe.L1.E0.w1.weight",
+    ),
+    "n_layers edited": (lambda p: _edit_manifest(p, _drop_last_layer), r"dense.safetensors does not fit the config .*blocks.2"),
+    "n_layers edited alone": (lambda p: _edit_manifest(p, lambda d: d["config"].update(n_layers=2)),
+                              r"'experts' must list exactly .*tiny-moe.L2.E0 is not an expert"),
+    "d_model edited": (lambda p: _edit_manifest(p, lambda d: d["config"].update(d_model=64)),
+                       r"dense.safetensors does not fit the config .* has shape \[258, 32\], the config needs \[258, 64\]"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_a_damaged_model_directory_is_a_config_error_naming_the_file(tmp_path, damage):
+    do, message = DAMAGES[damage]
+    do(_fresh(tmp_path))
+    with pytest.raises(ConfigError, match=message):
+        open_model(tmp_path)
+
+
+def test_a_hugging_face_checkpoint_is_named_as_such(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match="is a Hugging Face checkpoint.*moeswarm.model.from_pretrained"):
+        read_manifest(tmp_path)
+
+
 def test_config_validation_names_the_key():
     with pytest.raises(ConfigError, match="n_heads"):
         small(n_heads=5)
