@@ -25,21 +25,32 @@ def load_yaml(path: str | pathlib.Path) -> dict[str, Any]:
     return data
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `--set a.b=value` overrides (value parsed as YAML) to a nested dict, returning a copy."""
+def apply_overrides(data: dict[str, Any], overrides: list[str], flag: str = "--set") -> dict[str, Any]:
+    """Apply `--set a.b=value` overrides (value parsed as YAML) to a nested dict, returning a copy.
+    `flag`: the option the overrides came from, for error messages."""
     data = _deep_copy(data)
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set port=50051")
+            raise ConfigError(f"{flag} {item!r}: expected key=value, e.g. {flag} port=50051")
         *parents, leaf = key.split(".")
         target = data
         for part in parents:
             target = target.setdefault(part, {})
             if not isinstance(target, dict):
-                raise ConfigError(f"--set {key}: {part} is not a section")
-        target[leaf] = yaml.safe_load(raw)
+                raise ConfigError(f"{flag} {key}: {part} is not a section")
+        target[leaf] = _parse_value(raw, flag, item)
     return data
+
+
+def _parse_value(raw: str, flag: str, item: str) -> Any:
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or type(e).__name__
+        raise ConfigError(
+            f"{flag} {item!r}: {raw!r} is not valid YAML ({problem}); write a list as [a, b], or quote a string"
+        ) from e
 
 
 def _deep_copy(data: Any) -> Any:

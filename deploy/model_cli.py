@@ -4,6 +4,7 @@ model whose experts run on a swarm)."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import pathlib
 import sys
 import time
@@ -37,17 +38,18 @@ def config_from_args(name: str, size: str, routing: str, overrides: list[str]):
 
 
 def model_init(args) -> int:
+    path = pathlib.Path(args.dir)
+    check_init_target(path, args.force)  # first: before torch loads (about 1 s)
     import torch
 
     from moeswarm.model.lm import build_local_model, save_model
-    from moeswarm.model.model_dir import MANIFEST
 
-    path = pathlib.Path(args.dir)
-    if (path / MANIFEST).exists() and not args.force:
-        raise ConfigError(f"{path} already holds a model; pass --force to overwrite it")
     config = config_from_args(args.name, args.size, args.routing, args.set)
     model = build_local_model(config)
-    save_model(model, path)
+    try:
+        save_model(model, path)
+    except OSError as e:
+        raise ConfigError(f"cannot write the model directory {path}: {e.strerror or e}") from e
     expert_params = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n or ".shared." in n)
     dense_params = sum(p.numel() for p in model.parameters()) - expert_params
     print(f"wrote {path}: model {config.name!r}, {config.n_layers} layers, MoE layers {list(config.moe_layers())}", flush=True)
@@ -58,9 +60,63 @@ def model_init(args) -> int:
     return 0
 
 
-def run_generate(args) -> int:
+def check_init_target(path: pathlib.Path, force: bool) -> None:
+    """ConfigError unless `model init` may write to `path`: a new or empty folder, or with --force one
+    that holds a model (or anything else). A checkpoint folder taken by mistake would otherwise serve
+    the new random model from then on."""
+    from moeswarm.model.model_dir import MANIFEST
+
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{path} exists and is not a folder; give a new or empty folder")
+    if force or not path.exists():
+        return
+    if (path / MANIFEST).exists():
+        raise ConfigError(f"{path} already holds a model; pass --force to overwrite it")
+    try:
+        found = sorted(entry.name for entry in path.iterdir())
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror or e}") from e
+    if found:
+        what = "a Hugging Face checkpoint" if "config.json" in found else ", ".join(found[:3]) + (", ..." if found[3:] else "")
+        raise ConfigError(
+            f"{path} is not empty and holds no moeswarm model (it holds {what}); give a new or empty folder, "
+            "or pass --force to write into it anyway"
+        )
+
+
+def check_generate_flags(args) -> None:
+    """ConfigError naming the flag, for `generate` flags out of range (before anything starts)."""
     if not args.local and not args.initial_peers:
         raise ConfigError("--initial-peers is required (or --local to run every expert in this process)")
+    if args.threads < 1:
+        raise ConfigError(f"--threads {args.threads}: must be at least 1")
+    if not 0 < args.timeout < math.inf:
+        raise ConfigError(f"--timeout {args.timeout}: must be a positive number of seconds")
+    if args.max_new_tokens < 0:
+        raise ConfigError(f"--max-new-tokens {args.max_new_tokens}: must be at least 0")
+    if not 0 <= args.temperature < math.inf:
+        raise ConfigError(f"--temperature {args.temperature}: must be a number >= 0 (0: greedy)")
+    if not 0 < args.top_p <= 1:
+        raise ConfigError(f"--top-p {args.top_p}: must be in (0, 1]")
+
+
+def check_length(prompt_tokens: int, max_new_tokens: int, max_seq_len: int) -> None:
+    """ConfigError where the prompt plus --max-new-tokens do not fit the model's max_seq_len."""
+    if prompt_tokens + max_new_tokens <= max_seq_len:
+        return
+    if prompt_tokens >= max_seq_len:
+        raise ConfigError(
+            f"--prompt is {prompt_tokens} tokens (one per UTF-8 byte, plus one), and this model takes at most "
+            f"{max_seq_len} (max_seq_len: prompt and new tokens together); shorten the prompt"
+        )
+    raise ConfigError(
+        f"--max-new-tokens {max_new_tokens}: the {prompt_tokens}-token prompt leaves room for at most "
+        f"{max_seq_len - prompt_tokens} (the model's max_seq_len is {max_seq_len})"
+    )
+
+
+def run_generate(args) -> int:
+    check_generate_flags(args)
     started = time.monotonic()
     dht = None
     if not args.local:  # first: the client DHT peer starts (imports, joins) while we import torch
@@ -80,20 +136,20 @@ def _generate(args, dht, started: float) -> int:
     from moeswarm.model.dispatcher import DispatchConfig
     from moeswarm.model.generation import SamplingConfig, generate
     from moeswarm.model.lm import open_model
+    from moeswarm.model.model_dir import read_manifest
 
     torch.set_num_threads(args.threads)
     dispatch = DispatchConfig(timeout_s=args.timeout, wire_dtype=args.wire_dtype)
+    manifest = read_manifest(args.model)  # before waiting for the swarm: the prompt must fit the model
+    check_length(len(manifest.tokenizer.encode(args.prompt)), args.max_new_tokens, manifest.config.max_seq_len)
     peers = None if args.local else args.initial_peers
     with open_model(args.model, initial_peers=peers, swarm=args.swarm, dispatch=dispatch, dht=dht) as lm:
         tokenizer = lm.tokenizer
         prompt = torch.tensor([tokenizer.encode(args.prompt)])
-        try:
-            sampling = SamplingConfig(
-                max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                eos_id=tokenizer.eos_id,
-            )
-        except ValueError as e:
-            raise ConfigError(str(e)) from e
+        sampling = SamplingConfig(
+            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+            eos_id=tokenizer.eos_id,
+        )
         print(f"[loaded in {time.monotonic() - started:.1f} s]", file=sys.stderr, flush=True)
         decoder = tokenizer.stream_decoder()
         sys.stdout.write(args.prompt)

@@ -9,7 +9,6 @@ import pathlib
 import signal
 import threading
 
-from moeswarm.node.checkpoint import hold_lock, write_atomic
 from moeswarm.protocol.dht import describe_dht_exit, start_dht, stop_dht
 from moeswarm.protocol.errors import ConfigError
 
@@ -19,16 +18,15 @@ def run_dht(
     announce_host: str | None = None, identity_path: str | None = None,
 ) -> int:
     check_addresses(host, port, announce_host)
+    from moeswarm.node.checkpoint import write_atomic  # after the checks: it imports torch (about 1 s)
+
     stop = threading.Event()
     parent_pid = os.getppid()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     lock = None  # two peers under one key would fight over one peer id: hold its lock while running
     if identity_path is not None:
-        lock = hold_lock(
-            pathlib.Path(f"{identity_path}.lock"),
-            lambda pid: f"--identity {identity_path} is in use by another DHT peer (pid {pid}); give each peer its own key file",
-        )
+        lock = _lock_identity(identity_path)
     dht = start_dht(initial_peers=initial_peers, host=host, port=port, announce_host=announce_host, identity_path=identity_path)
     try:
         maddrs = [str(maddr) for maddr in dht.get_visible_maddrs()]
@@ -49,8 +47,26 @@ def run_dht(
     return 0
 
 
+def _lock_identity(identity_path: str):
+    """Hold `FILE.lock` beside the key file while running; ConfigError where it cannot be made."""
+    from moeswarm.node.checkpoint import hold_lock
+
+    try:
+        return hold_lock(
+            pathlib.Path(f"{identity_path}.lock"),
+            lambda pid: f"--identity {identity_path} is in use by another DHT peer (pid {pid}); give each peer its own key file",
+        )
+    except OSError as e:
+        raise ConfigError(
+            f"--identity {identity_path}: cannot create {identity_path}.lock beside it ({e.strerror}); "
+            "give a key file path in a folder that exists and that you may write to"
+        ) from e
+
+
 def check_addresses(host: str, port: int, announce_host: str | None) -> None:
     """ConfigError for flags the DHT peer could not start with, or would announce wrongly with."""
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"--port {port}: must be in [0, 65535] (0: any free port)")
     try:
         bind = ipaddress.ip_address(host)
         public = ipaddress.ip_address(announce_host) if announce_host is not None else None

@@ -1,6 +1,7 @@
 """deploy/configfile.py + node/config.py: YAML -> frozen NodeConfig; every bad key or value names the key."""
 
 import dataclasses
+import re
 import pathlib
 
 import pytest
@@ -171,6 +172,12 @@ def test_overrides_reject_items_without_key_and_value(item, message):
         apply_overrides(_node(), [item])
 
 
+@pytest.mark.parametrize("item", ["port=[1", "device={a", "swarm='a"])
+def test_override_with_invalid_yaml_names_the_flag_and_item(item):
+    with pytest.raises(ConfigError, match=rf"--node-set {re.escape(repr(item))}: .* is not valid YAML"):
+        apply_overrides(_node(), [item], flag="--node-set")
+
+
 def test_override_below_a_scalar_is_rejected():
     with pytest.raises(ConfigError, match="port is not a section"):
         apply_overrides(_node(port=1), ["port.x=1"])
@@ -262,6 +269,8 @@ def test_addresses_are_written_for_ipv4_and_ipv6():
         ("0.0.0.0", 0, "203.0.113.7", "fixed --port"),
         ("0.0.0.0", 4000, "0.0.0.0", "a specific IP"),
         ("localhost", 4000, None, "'localhost' does not appear to be an IPv4 or IPv6 address"),
+        ("127.0.0.1", -1, None, r"--port -1: must be in \[0, 65535\]"),
+        ("127.0.0.1", 65536, None, r"--port 65536: must be in \[0, 65535\]"),
     ],
 )
 def test_dht_peer_addresses_are_checked_before_it_starts(host, port, announce_host, message):
