@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 
+from moeswarm.deploy.model_cli import SIZE_PRESETS
 from moeswarm.protocol.errors import ConfigError, MoeSwarmError, StartupError
 
 
@@ -16,9 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     import_dht_only()  # before anything imports hivemind: our processes need only its DHT
     parser = _parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(args.log_level)
     try:
         return args.func(args)
     except ConfigError as e:
@@ -29,6 +28,15 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def configure_logging(level_name: str) -> None:
+    """Our loggers at `level_name`; other libraries' only from WARNING on (torch logs INFO at exit,
+    e.g. its FakeTensor cache stats after a Ctrl-C, which users need not see)."""
+    level = getattr(logging, level_name.upper())
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(max(level, logging.WARNING))
+    logging.getLogger("moeswarm").setLevel(level)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -49,12 +57,13 @@ def _parser() -> argparse.ArgumentParser:
     node.set_defaults(func=_cmd_node)
 
     dht = commands.add_parser("dht", help="run a bare DHT peer for others to join (a bootstrap peer)")
-    dht.add_argument("--host", default="127.0.0.1", help="IP to listen on (0.0.0.0: every interface)")
-    dht.add_argument("--port", type=int, default=0)
+    dht.add_argument("--host", default="127.0.0.1", help="IP to listen on; 0.0.0.0: every interface (default: %(default)s)")
+    dht.add_argument("--port", type=int, default=0, help="TCP port to listen on; 0: any free port (default: 0)")
     dht.add_argument("--announce-host", metavar="IP", help="the IP others reach this peer at, if not --host (NAT, cloud VM); needs --port")
     dht.add_argument("--identity", metavar="FILE",
                      help="its libp2p key (made if missing): with a fixed --port, a restart keeps the multiaddr others were given")
-    dht.add_argument("--initial-peers", nargs="+", default=[], metavar="MADDR")
+    dht.add_argument("--initial-peers", nargs="+", default=[], metavar="MADDR",
+                     help="multiaddrs of DHT peers to join (default: none, start a new swarm)")
     dht.add_argument("--ready-file", help="write the multiaddrs as JSON here when ready")
     dht.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
     dht.set_defaults(func=_cmd_dht)
@@ -62,11 +71,11 @@ def _parser() -> argparse.ArgumentParser:
     swarm = commands.add_parser("swarm", help="a local swarm on 127.0.0.1")
     swarm_commands = swarm.add_subparsers(required=True, metavar="ACTION")
     up = swarm_commands.add_parser("up", help="start a DHT peer and N nodes hosting a small model; Ctrl-C stops all")
-    up.add_argument("--nodes", type=int, default=4)
-    up.add_argument("--replicas", type=int, default=2, help="nodes hosting each expert")
+    up.add_argument("--nodes", type=int, default=4, help="node processes to start (default: %(default)s)")
+    up.add_argument("--replicas", type=int, default=2, help="nodes hosting each expert (default: %(default)s)")
     up.add_argument("--placement", default="spread", choices=["spread", "by-layer"],
                     help="spread: a layer's experts over every node (big batches); by-layer: on as few nodes as "
-                         "possible (decoding: about one RPC per layer)")
+                         "possible (decoding: about one RPC per layer) (default: %(default)s)")
     bare = up.add_argument_group("experts only (no language model): give any of these instead of --model")
     bare.add_argument("--layers", type=int, help="MoE layers (default 2)")
     bare.add_argument("--experts", type=int, help="experts per layer (default 8)")
@@ -74,7 +83,8 @@ def _parser() -> argparse.ArgumentParser:
     bare.add_argument("--d-ff", type=int, help="default 1024")
     up.add_argument("--model-name", help="model name in the swarm (default: tiny-moe, or a checkpoint's folder name)")
     up.add_argument("--model", metavar="DIR", help="serve the experts of this model directory (`moeswarm model init`) or Hugging Face checkpoint; default: a fresh small model")
-    up.add_argument("--swarm", default="default")
+    up.add_argument("--swarm", default="default",
+                    help="swarm name, part of every DHT key: differently named swarms can share DHT peers (default: %(default)s)")
     up.add_argument("--node-set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a key of every node's config, e.g. device=cuda or optimizer.lr=1e-4")
     up.add_argument("--no-pin-cpus", action="store_true",
@@ -87,35 +97,54 @@ def _parser() -> argparse.ArgumentParser:
     model = commands.add_parser("model", help="model directories: create one")
     model_commands = model.add_subparsers(required=True, metavar="ACTION")
     init = model_commands.add_parser("init", help="write a freshly initialised MoE language model directory")
-    init.add_argument("dir")
-    init.add_argument("--name", default="tiny-moe", help="model name (part of every expert UID)")
-    init.add_argument("--size", default="tiny", choices=["tiny", "small"])
-    init.add_argument("--routing", default="topk", choices=["topk", "switch", "shared", "fine-grained", "soft", "hierarchical"])
+    init.add_argument("dir", help="folder to write (made if missing; must be empty or hold a model, see --force)")
+    init.add_argument("--name", default="tiny-moe", help="model name, part of every expert UID (default: %(default)s)")
+    init.add_argument("--size", default="tiny", choices=list(SIZE_PRESETS), help=f"{_sizes()} (default: %(default)s)")
+    init.add_argument("--routing", default="topk", choices=["topk", "switch", "shared", "fine-grained", "soft", "hierarchical"],
+                      help="topk: 8 experts, top-2 (Mixtral); switch: top-1 with a capacity; shared: topk plus one "
+                           "always-on expert; fine-grained: 32 quarter-width experts, top-6, 2 shared; soft: 4 experts, "
+                           "dense gating; hierarchical: 16 experts in 4 groups (default: %(default)s)")
     init.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. routing.k=1")
-    init.add_argument("--force", action="store_true", help="overwrite an existing model directory")
+    init.add_argument("--force", action="store_true",
+                      help="write even into a folder that holds a model (overwritten) or other files")
     init.set_defaults(func=_cmd_model_init)
 
     gen = commands.add_parser("generate", help="generate text with a model whose experts run on the swarm")
-    gen.add_argument("--initial-peers", nargs="+", metavar="MADDR")
-    gen.add_argument("--model", required=True, metavar="DIR", help="model directory (the client reads its dense part)")
-    gen.add_argument("--prompt", required=True)
-    gen.add_argument("--max-new-tokens", type=int, default=64)
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--seed", type=int, default=None)
-    gen.add_argument("--swarm", default="default")
-    gen.add_argument("--timeout", type=float, default=5.0, help="deadline of one expert call, seconds")
-    gen.add_argument("--wire-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    gen.add_argument("--threads", type=int, default=1, help="torch threads for the dense part")
+    gen.add_argument("--initial-peers", nargs="+", metavar="MADDR",
+                     help="multiaddrs of swarm DHT peers, as `swarm up` prints them (required unless --local)")
+    gen.add_argument("--model", required=True, metavar="DIR", help="moeswarm model directory (`moeswarm model init`); the client reads its dense part")
+    gen.add_argument("--prompt", required=True, help="text to continue (one token per UTF-8 byte)")
+    gen.add_argument("--max-new-tokens", type=int, default=64,
+                     help="tokens to generate at most; prompt and new tokens must fit the model's max_seq_len "
+                          "(default: %(default)s)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0: greedy (default: %(default)s)")
+    gen.add_argument("--top-p", type=float, default=1.0,
+                     help="nucleus sampling: sample from the most likely tokens holding this much probability, "
+                          "in (0, 1] (default: %(default)s)")
+    gen.add_argument("--seed", type=int, default=None, help="sampling seed (default: a different sample each run)")
+    gen.add_argument("--swarm", default="default", help="swarm name, as given to `swarm up` (default: %(default)s)")
+    gen.add_argument("--timeout", type=float, default=5.0, help="deadline of one expert call, seconds (default: %(default)s)")
+    gen.add_argument("--wire-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                     help="dtype of activations sent to experts; 16-bit halves the bytes (default: %(default)s)")
+    gen.add_argument("--threads", type=int, default=1, help="torch threads for the dense part (default: %(default)s)")
     gen.add_argument("--local", action="store_true", help="run every expert in this process (no swarm)")
     gen.set_defaults(func=_cmd_generate)
 
     status = commands.add_parser("status", help="experts, replicas, endpoints and load, read from the DHT")
-    status.add_argument("--initial-peers", nargs="+", required=True, metavar="MADDR")
-    status.add_argument("--swarm", default="default")
+    status.add_argument("--initial-peers", nargs="+", required=True, metavar="MADDR",
+                        help="multiaddrs of swarm DHT peers, as `swarm up` prints them")
+    status.add_argument("--swarm", default="default", help="swarm name, as given to `swarm up` (default: %(default)s)")
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
     status.set_defaults(func=_cmd_status)
     return parser
+
+
+def _sizes() -> str:
+    """--size help: what each preset is."""
+    return "; ".join(
+        f"{name}: {p['n_layers']} layers, d_model {p['d_model']}, expert d_ff {p['d_ff']}, max_seq_len {p['max_seq_len']}"
+        for name, p in SIZE_PRESETS.items()
+    )
 
 
 def _cmd_node(args) -> int:
