@@ -85,34 +85,38 @@ def generate(
     cache = KVCache.empty(model.config, B, total) if use_cache else None
     clients = {id(m.client): m.client for m in model.modules() if hasattr(m, "client") and hasattr(m.client, "expert_wait_s")}
     wait_before = sum(c.expert_wait_s for c in clients.values())
-    model.eval()
-    tokens: list[list[int]] = [[] for _ in range(B)]
-    finished = torch.zeros(B, dtype=torch.bool)
-    sequence_BT, step_input_BT = prompt_BT, prompt_BT
-    started = time.perf_counter()
-    prefill_s, prefill_wait_s, steps = 0.0, 0.0, 0
-    for i in range(sampling.max_new_tokens):
-        logits_BTV = model(step_input_BT if use_cache else sequence_BT, cache)
-        if i == 0:
-            prefill_s = time.perf_counter() - started
-            prefill_wait_s = sum(c.expert_wait_s for c in clients.values()) - wait_before
-        else:
-            steps += 1
-        next_B = pick_next(logits_BTV[:, -1], sampling, generator)
-        if sampling.eos_id is not None:
-            next_B = next_B.masked_fill(finished, sampling.eos_id)
-        new = next_B.tolist()
-        for b in range(B):
-            if not finished[b]:
-                tokens[b].append(new[b])
-        if on_tokens is not None:
-            on_tokens([t if not f else -1 for t, f in zip(new, finished.tolist())])
-        if sampling.eos_id is not None:
-            finished |= next_B == sampling.eos_id
-            if bool(finished.all()):
-                break
-        step_input_BT = next_B[:, None]
-        sequence_BT = torch.cat([sequence_BT, step_input_BT], dim=1)
-    total_s = time.perf_counter() - started
-    wait_s = sum(c.expert_wait_s for c in clients.values()) - wait_before
-    return GenerationResult(tokens, prefill_s, total_s - prefill_s, steps, wait_s, prefill_wait_s)
+    was_training = model.training
+    model.eval()  # the caller's mode comes back after (a sample taken mid-training)
+    try:
+        tokens: list[list[int]] = [[] for _ in range(B)]
+        finished = torch.zeros(B, dtype=torch.bool)
+        sequence_BT, step_input_BT = prompt_BT, prompt_BT
+        started = time.perf_counter()
+        prefill_s, prefill_wait_s, steps = 0.0, 0.0, 0
+        for i in range(sampling.max_new_tokens):
+            logits_BTV = model(step_input_BT if use_cache else sequence_BT, cache)
+            if i == 0:
+                prefill_s = time.perf_counter() - started
+                prefill_wait_s = sum(c.expert_wait_s for c in clients.values()) - wait_before
+            else:
+                steps += 1
+            next_B = pick_next(logits_BTV[:, -1], sampling, generator)
+            if sampling.eos_id is not None:
+                next_B = next_B.masked_fill(finished, sampling.eos_id)
+            new = next_B.tolist()
+            for b in range(B):
+                if not finished[b]:
+                    tokens[b].append(new[b])
+            if on_tokens is not None:
+                on_tokens([t if not f else -1 for t, f in zip(new, finished.tolist())])
+            if sampling.eos_id is not None:
+                finished |= next_B == sampling.eos_id
+                if bool(finished.all()):
+                    break
+            step_input_BT = next_B[:, None]
+            sequence_BT = torch.cat([sequence_BT, step_input_BT], dim=1)
+        total_s = time.perf_counter() - started
+        wait_s = sum(c.expert_wait_s for c in clients.values()) - wait_before
+        return GenerationResult(tokens, prefill_s, total_s - prefill_s, steps, wait_s, prefill_wait_s)
+    finally:
+        model.train(was_training)

@@ -53,7 +53,7 @@ class SwarmExpertBackend:
 def from_pretrained(
     model_dir: str | pathlib.Path,
     *,
-    initial_peers: list[str],
+    initial_peers: list[str] | str,
     name: str | None = None,
     swarm: str = "default",
     dispatch: DispatchConfig | None = None,
@@ -75,7 +75,7 @@ def from_pretrained(
     spec = swarm_spec(family, name or default_model_name(model_dir))
     wire = WIRE_NAME_OF.get(dtype or family.dtype, "float32")
     config = dispatch or DispatchConfig(wire_dtype=wire)
-    client = SwarmClient(list(initial_peers), model=spec.name, swarm=swarm, config=config, dht=dht)
+    client = SwarmClient(initial_peers, model=spec.name, swarm=swarm, config=config, dht=dht)
     try:
         model = load_remote_model(model_dir, SwarmExpertBackend(client, spec), dtype=dtype)
     except BaseException:

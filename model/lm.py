@@ -108,7 +108,7 @@ class LoadedModel:
 
 
 def open_model(
-    path: str | pathlib.Path, *, initial_peers: list[str] | None = None, swarm: str = "default", dispatch=None,
+    path: str | pathlib.Path, *, initial_peers: list[str] | str | None = None, swarm: str = "default", dispatch=None,
     dht=None,
 ) -> LoadedModel:
     """Load a model directory. With initial_peers the experts run on the swarm and only the dense part
@@ -123,7 +123,7 @@ def open_model(
         from moeswarm.model.dispatcher import DispatchConfig
         from moeswarm.model.remote_moe import SwarmClient
 
-        client = SwarmClient(list(initial_peers or ()), model=config.name, swarm=swarm, config=dispatch or DispatchConfig(), dht=dht)
+        client = SwarmClient(initial_peers or (), model=config.name, swarm=swarm, config=dispatch or DispatchConfig(), dht=dht)
     try:
         if client is not None:
             model = build_remote_model(config, client)

@@ -65,6 +65,14 @@ def test_greedy_generation_with_cache_equals_without(mode):
     assert cached.steps == 11
 
 
+def test_generation_leaves_the_model_in_the_mode_it_found():
+    model = build_local_model(small())
+    for training in (True, False):
+        model.train(training)
+        generate(model, ids(1, 4), SamplingConfig(max_new_tokens=2))  # a sample taken mid-training
+        assert model.training == training and all(m.training == training for m in model.modules())
+
+
 def test_generation_stops_at_eos_per_sequence():
     model = build_local_model(small())
     prompt = ids(2, 4)
