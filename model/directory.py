@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import math
@@ -11,16 +12,59 @@ import time
 from moeswarm.protocol.dht import DHT_TIMEOUT_S, get_records
 from moeswarm.protocol.errors import MoeSwarmError
 from moeswarm.protocol.records import ExpertRecord, NodeRecord, expert_key, nodes_key, parse_entries
+from moeswarm.protocol.spec import MAX_EXPERTS_PER_MODEL, ModelSpec
 
 
 logger = logging.getLogger(__name__)
 FAILURE_LOG_S = 60.0  # a failing refresh is logged at most this often
+# Experts a swarm view reads (and `moeswarm status` lists) at most: two models of the largest size a
+# spec allows. Any peer can announce a model, so a view of everything announced has no bound; about
+# 1,000 lookups take 1 s on loopback.
+MAX_VIEW_EXPERTS = 2 * MAX_EXPERTS_PER_MODEL
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInView:
+    """One model name as the swarm's node records announce it."""
+
+    name: str
+    spec: ModelSpec | None  # the spec most of its nodes announce; None where none parses (newer peers)
+    uids: frozenset[str]  # the experts its nodes announce
+    nodes: int  # how many node records announce it
+
+    @property
+    def size(self) -> int:
+        """Experts a view of this model looks up or lists."""
+        return max(len(self.uids), self.spec.expert_count() if self.spec is not None else 0)
 
 
 @dataclasses.dataclass(frozen=True)
 class SwarmView:
     nodes: dict[str, NodeRecord]  # peer_id -> record
     experts: dict[str, list[ExpertRecord]]  # uid -> one record per hosting node
+    skipped: dict[str, int] = dataclasses.field(default_factory=dict)  # model -> its experts, not read (over MAX_VIEW_EXPERTS)
+
+
+def models_in_view(nodes: dict[str, NodeRecord], max_experts: int = MAX_VIEW_EXPERTS) -> tuple[list[ModelInView], list[ModelInView]]:
+    """(models to read, models left out) so that those read hold at most max_experts experts in all.
+    Models that more nodes announce come first (a forged record is one node), then smaller ones. Pure."""
+    specs: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    uids: dict[str, set[str]] = collections.defaultdict(set)
+    for record in nodes.values():
+        name = str(record.model.get("name"))
+        specs[name][ModelSpec.from_record(record.model)] += 1
+        uids[name].update(record.uids)
+    models = []
+    for name, counts in specs.items():
+        parsed = [(count, spec) for spec, count in counts.items() if spec is not None]
+        spec = max(parsed, key=lambda pair: pair[0])[1] if parsed else None  # ties: the first seen
+        models.append(ModelInView(name, spec, frozenset(uids[name]), sum(counts.values())))
+    read, skipped, total = [], [], 0
+    for model in sorted(models, key=lambda model: (-model.nodes, model.size, model.name)):
+        fits = total + model.size <= max_experts
+        (read if fits else skipped).append(model)
+        total += model.size if fits else 0
+    return read, skipped
 
 
 def find_experts(dht, swarm: str, uids: list[str]) -> dict[str, list[ExpertRecord]]:
@@ -30,11 +74,19 @@ def find_experts(dht, swarm: str, uids: list[str]) -> dict[str, list[ExpertRecor
 
 
 def read_swarm(dht, swarm: str) -> SwarmView:
-    """Every node in the swarm and every expert they announce."""
+    """Every node in the swarm and the experts they announce, up to MAX_VIEW_EXPERTS (see models_in_view)."""
     found = get_records(dht, [nodes_key(swarm)])
     nodes = {record.peer_id: record for record in parse_entries(found.get(nodes_key(swarm)), NodeRecord).values()}
-    uids = sorted({uid for record in nodes.values() for uid in record.uids})
-    return SwarmView(nodes=nodes, experts=find_experts(dht, swarm, uids) if uids else {})
+    read, skipped = models_in_view(nodes)
+    if skipped:
+        logger.warning(
+            "reading %d models of swarm %r, not %d more (over %d experts in all): %s",
+            len(read), swarm, len(skipped), MAX_VIEW_EXPERTS, ", ".join(model.name for model in skipped[:5]),
+        )
+    uids = sorted(uid for model in read for uid in model.uids)
+    return SwarmView(
+        nodes=nodes, experts=find_experts(dht, swarm, uids) if uids else {}, skipped={model.name: model.size for model in skipped}
+    )
 
 
 class ExpertDirectory:

@@ -35,6 +35,12 @@ logger = logging.getLogger(__name__)
 DHT_TIMEOUT_S = 10.0  # bound on one lookup
 DHT_START_TIMEOUT_S = 60.0
 DHT_STOP_TIMEOUT_S = 1.0  # keeps a node's whole shutdown under 5 s even when p2pd died first
+# Bytes of keys per lookup request. hivemind's DHT process reads a request from its pipe as soon as
+# some of it arrived, without blocking; multiprocessing writes a message over 16 KiB in two parts,
+# and a read between them broke the pipe and the DHT process with it (seen from about 2,000 keys,
+# or sooner). Longer key lists are looked up in several requests of at most this size.
+MAX_LOOKUP_KEY_BYTES = 8 << 10
+_KEY_OVERHEAD_BYTES = 8  # what pickling adds per key, at most
 
 
 def import_dht_only() -> None:
@@ -247,11 +253,33 @@ async def _get_many(dht, node, keys: list[str]) -> dict:
     return {key: (value.value if value is not None else None) for key, value in found.items()}
 
 
+def lookup_batches(keys: list[str]) -> list[list[str]]:
+    """`keys` in order, split into requests of at most MAX_LOOKUP_KEY_BYTES (at least one key each)."""
+    batches: list[list[str]] = []
+    size = MAX_LOOKUP_KEY_BYTES
+    for key in keys:
+        key_bytes = len(key.encode()) + _KEY_OVERHEAD_BYTES
+        if size + key_bytes > MAX_LOOKUP_KEY_BYTES:
+            batches.append([])
+            size = 0
+        batches[-1].append(key)
+        size += key_bytes
+    return batches
+
+
 def get_records(dht, keys: list[str], timeout_s: float = DHT_TIMEOUT_S) -> dict:
-    """Latest values of `keys` (None where absent) from a hivemind.DHT or an IsolatedDHT.
+    """Latest values of `keys` (None where absent) from a hivemind.DHT or an IsolatedDHT, in one
+    request per lookup_batches() batch, each bounded by timeout_s.
     Raises NodeUnavailable if the DHT does not answer in time."""
     if isinstance(dht, IsolatedDHT):
         return dht.get_records(keys, timeout_s)
+    found: dict = {}
+    for batch in lookup_batches(keys):
+        found.update(_get_batch(dht, batch, timeout_s))
+    return found
+
+
+def _get_batch(dht, keys: list[str], timeout_s: float) -> dict:
     if not dht.is_alive():  # it would only time out: say why at once
         raise NodeUnavailable(f"the DHT process {describe_dht_exit(dht.exitcode)}; restart this process to reach the swarm again")
     future = dht.run_coroutine(functools.partial(_get_many, keys=keys), return_future=True)
@@ -320,7 +348,7 @@ class IsolatedDHT:
             request_id = next(self._ids)
             try:
                 self._conn.send((request_id, keys, timeout_s))
-                deadline = time.monotonic() + timeout_s + 1.0
+                deadline = time.monotonic() + timeout_s * len(lookup_batches(keys)) + 1.0  # the child's bound
                 while self._conn.poll(max(0.0, deadline - time.monotonic())):
                     reply_id, ok, value = self._conn.recv()
                     if reply_id == request_id:

@@ -16,12 +16,14 @@ import re
 from typing import Any, TypeVar
 
 from moeswarm.protocol.codec import WIRE_DTYPES
+from moeswarm.protocol.errors import BadRequest
+from moeswarm.protocol.spec import MAX_EXPERTS_PER_MODEL, ModelSpec, parse_uid
 
 logger = logging.getLogger(__name__)
 
 _SWARM_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")  # fullmatch: "$" would allow a trailing "\n"
 _ENDPOINT_RE = re.compile(r"[A-Za-z0-9.\-\[\]:]{1,253}:\d{1,5}")
-MAX_UIDS_PER_NODE = 100_000
+MAX_UIDS_PER_NODE = MAX_EXPERTS_PER_MODEL  # a node serves experts of one model
 
 
 def dht_validators(private_key=None) -> list:
@@ -119,13 +121,30 @@ class NodeRecord(_Record):
     """One node's entry in the swarm's node list."""
 
     model: dict[str, Any]  # ModelSpec fields
-    uids: tuple[str, ...]
+    uids: tuple[str, ...]  # experts of that model, each once
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not isinstance(self.model, dict):
             raise ValueError(f"model must be a dictionary, got {type(self.model).__name__}")
-        object.__setattr__(self, "uids", _strings(self, "uids", max_items=MAX_UIDS_PER_NODE))
+        uids = _strings(self, "uids", max_items=MAX_UIDS_PER_NODE)
+        _check_experts_of(uids, self.model)
+        object.__setattr__(self, "uids", uids)
+
+
+def _check_experts_of(uids: tuple[str, ...], model: dict[str, Any]) -> None:
+    """Every UID is well formed, named once, and an expert of the announced model (of its spec, where
+    that parses: a newer peer's spec with fields we do not know cannot be checked further)."""
+    if len(set(uids)) != len(uids):
+        raise ValueError("uids must not repeat an expert")
+    spec = ModelSpec.from_record(model)
+    for uid in uids:
+        try:
+            parsed = parse_uid(uid)
+        except BadRequest as e:
+            raise ValueError(f"uids: {e}") from None
+        if parsed.model != model.get("name") or (spec is not None and not spec.has_expert(parsed.layer, parsed.expert)):
+            raise ValueError(f"uids: {uid!r} is not an expert of the announced model {str(model.get('name'))[:64]!r}")
 
 
 def _required(field: dataclasses.Field) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import re
 
@@ -13,6 +14,12 @@ _MODEL_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")  # used with fullmatch:
 _UID_RE = re.compile(r"(?P<model>[a-z0-9][a-z0-9_-]{0,63})\.L(?P<layer>0|[1-9]\d{0,4})\.E(?P<expert>0|[1-9]\d{0,5})")
 MAX_UID_CHARS = 96
 EXPERT_KINDS = ("swiglu", "gpt_oss")
+# Bounds on a spec, whether from a config or from a peer's record: a reader lists a model's experts
+# (`moeswarm status`), so an announced spec must not make it list 10^12. Real models fit with room:
+# DeepSeek-V3 has 58 MoE layers x 256 experts (14,848), Qwen3-235B 94 x 128 (12,032).
+MAX_WIDTH = 1 << 20  # d_model and d_ff
+MAX_LAYERS = 1 << 12  # n_layers
+MAX_EXPERTS_PER_MODEL = 1 << 16  # MoE layers x experts per layer
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -30,19 +37,31 @@ class ModelSpec:
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _MODEL_NAME_RE.fullmatch(self.name):
             raise ConfigError(f"model.name={self.name!r}: use 1-64 chars of [a-z0-9_-], starting with a letter or digit")
-        for key in ("d_model", "d_ff", "n_layers", "n_experts"):
+        for key, most in (("d_model", MAX_WIDTH), ("d_ff", MAX_WIDTH), ("n_layers", MAX_LAYERS), ("n_experts", MAX_EXPERTS_PER_MODEL)):
             value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 1 << 20:
-                raise ConfigError(f"model.{key}={value!r}: must be an integer in [1, 1048576]")
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= most:
+                raise ConfigError(f"model.{key}={value!r}: must be an integer in [1, {most}]")
         if self.expert_kind not in EXPERT_KINDS:
             raise ConfigError(f"model.expert_kind={self.expert_kind!r}: one of {', '.join(EXPERT_KINDS)}")
         if self.moe_layers is not None:
-            layers = tuple(self.moe_layers)
-            if not layers or list(layers) != sorted(set(layers)) or not all(0 <= i < self.n_layers for i in layers):
-                raise ConfigError(
-                    f"model.moe_layers={self.moe_layers!r}: must be a non-empty increasing list of layers below n_layers={self.n_layers}"
-                )
-            object.__setattr__(self, "moe_layers", layers)
+            self._check_moe_layers()
+        if self.expert_count() > MAX_EXPERTS_PER_MODEL:
+            raise ConfigError(
+                f"model: {len(self.layers_with_experts())} MoE layers x n_experts={self.n_experts} is "
+                f"{self.expert_count()} experts, over the limit of {MAX_EXPERTS_PER_MODEL} per model"
+            )
+
+    def _check_moe_layers(self) -> None:
+        layers = self.moe_layers
+        valid = isinstance(layers, (list, tuple)) and 0 < len(layers) <= self.n_layers  # length first: it may come from a peer
+        if valid:
+            layers = tuple(layers)
+            valid = all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.n_layers for i in layers)
+        if not valid or list(layers) != sorted(set(layers)):
+            raise ConfigError(
+                f"model.moe_layers={str(self.moe_layers)[:80]}: must be a non-empty increasing list of layers below n_layers={self.n_layers}"
+            )
+        object.__setattr__(self, "moe_layers", layers)
 
     def to_config(self) -> dict:
         """The spec as a YAML/JSON-ready `model:` mapping (lists, no null keys) for node configs."""
@@ -50,7 +69,8 @@ class ModelSpec:
 
     @classmethod
     def from_record(cls, model: dict) -> "ModelSpec | None":
-        """The spec a node announces in its NodeRecord, or None if it does not parse (newer or broken peer)."""
+        """The spec a node announces in its NodeRecord, or None if it does not parse (newer or broken
+        peer) or is over the bounds above (a forged record must not make a reader list its experts)."""
         try:
             return cls(**model)
         except (TypeError, ValueError):
@@ -58,6 +78,19 @@ class ModelSpec:
 
     def layers_with_experts(self) -> tuple[int, ...]:
         return tuple(range(self.n_layers)) if self.moe_layers is None else self.moe_layers
+
+    def expert_count(self) -> int:
+        """How many experts the model has (at most MAX_EXPERTS_PER_MODEL)."""
+        return (self.n_layers if self.moe_layers is None else len(self.moe_layers)) * self.n_experts
+
+    def has_expert(self, layer: int, expert: int) -> bool:
+        """Whether (layer, expert) is an expert of this model; O(log layers), for checking many UIDs."""
+        if not 0 <= expert < self.n_experts:
+            return False
+        if self.moe_layers is None:
+            return 0 <= layer < self.n_layers
+        i = bisect.bisect_left(self.moe_layers, layer)
+        return i < len(self.moe_layers) and self.moe_layers[i] == layer
 
     def uid(self, layer: int, expert: int) -> str:
         return format_uid(self.name, layer, expert)
@@ -106,6 +139,6 @@ def check_uid_in_spec(uid: str, spec: ModelSpec) -> ExpertUID:
             f"expert {uid!r} is outside model {spec.name!r} "
             f"({spec.n_layers} layers x {spec.n_experts} experts, numbered from 0)"
         )
-    if parsed.layer not in spec.layers_with_experts():
+    if not spec.has_expert(parsed.layer, parsed.expert):
         raise ConfigError(f"expert {uid!r}: layer {parsed.layer} of model {spec.name!r} has no experts (MoE layers: {list(spec.layers_with_experts())})")
     return parsed

@@ -1,10 +1,17 @@
-"""An attacker DHT peer for test_node_lifecycle, run as its own interpreter (never forked from the
+"""An attacker DHT peer for the integration tests, run as its own interpreter (never forked from the
 test process, which holds gRPC threads by then: see IsolatedDHT).
 
     python forge_records.py '{"maddrs": [...], "key": K, "victim_subkey": HEX, "forged": {...}, "garbage": {...}}'
 
 Joins the swarm with a fresh RSA key, tries to overwrite the victim's subkey with `forged`, stores
 `garbage` under its own subkey, and prints {"overwrite_accepted": bool, "own_accepted": bool, "own_subkey": HEX}.
+
+    python forge_records.py '{"maddrs": [...], "key": K, "signed": [{...}, ...], "ttl_s": 60}'
+
+Stores each value of `signed` under its own subkey, each with a fresh RSA key (so as many signers as
+values), and prints {"accepted": [bool, ...], "subkeys": [HEX, ...]}. A value's "uids" may be
+{"model": M, "count": N}: the UIDs M.L0.E0 ... are made inside the DHT process, since a large
+request to it can break hivemind's pipe (see protocol/dht.py MAX_LOOKUP_KEY_BYTES).
 """
 
 from __future__ import annotations
@@ -20,22 +27,40 @@ from moeswarm.protocol.dht import start_dht, stop_dht
 from moeswarm.protocol.records import dht_subkey
 
 
-async def _store(dht, node, key, value, subkey):
-    return await node.store(key, value, get_dht_time() + 30, subkey=subkey)
+async def _store(dht, node, key, value, subkey, ttl_s=30.0):
+    uids = value.get("uids") if isinstance(value, dict) else None
+    if isinstance(uids, dict):
+        value = dict(value, uids=[f"{uids['model']}.L0.E{i}" for i in range(uids["count"])])
+    return await node.store(key, value, get_dht_time() + ttl_s, subkey=subkey)
 
 
-def main(args: dict) -> dict:
+def overwrite(args: dict) -> dict:
     private_key = RSAPrivateKey()
     dht = start_dht(initial_peers=args["maddrs"], private_key=private_key)
     try:
         store = functools.partial(_store, key=args["key"])
-        overwrite = dht.run_coroutine(functools.partial(store, value=args["forged"], subkey=bytes.fromhex(args["victim_subkey"])))
+        taken = dht.run_coroutine(functools.partial(store, value=args["forged"], subkey=bytes.fromhex(args["victim_subkey"])))
         own_subkey = dht_subkey(private_key)
         own = dht.run_coroutine(functools.partial(store, value=args["garbage"], subkey=own_subkey))
-        return {"overwrite_accepted": bool(overwrite), "own_accepted": bool(own), "own_subkey": own_subkey.hex()}
+        return {"overwrite_accepted": bool(taken), "own_accepted": bool(own), "own_subkey": own_subkey.hex()}
     finally:
         stop_dht(dht)
 
 
+def sign_each(args: dict) -> dict:
+    accepted, subkeys = [], []
+    for value in args["signed"]:
+        private_key = RSAPrivateKey()
+        dht = start_dht(initial_peers=args["maddrs"], private_key=private_key)
+        try:
+            store = functools.partial(_store, key=args["key"], value=value, subkey=dht_subkey(private_key), ttl_s=args.get("ttl_s", 30.0))
+            accepted.append(bool(dht.run_coroutine(store)))
+            subkeys.append(dht_subkey(private_key).hex())
+        finally:
+            stop_dht(dht)
+    return {"accepted": accepted, "subkeys": subkeys}
+
+
 if __name__ == "__main__":
-    print(json.dumps(main(json.loads(sys.argv[1]))), flush=True)
+    request = json.loads(sys.argv[1])
+    print(json.dumps(sign_each(request) if "signed" in request else overwrite(request)), flush=True)

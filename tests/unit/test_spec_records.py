@@ -12,6 +12,7 @@ from hivemind.utils.timed_storage import ValueWithExpiration
 
 from moeswarm.protocol.errors import BadRequest, ConfigError
 from moeswarm.protocol.records import (
+    MAX_UIDS_PER_NODE,
     ExpertRecord,
     NodeRecord,
     check_swarm_name,
@@ -21,7 +22,7 @@ from moeswarm.protocol.records import (
     nodes_key,
     parse_entries,
 )
-from moeswarm.protocol.spec import ExpertUID, ModelSpec, check_uid_in_spec, format_uid, parse_uid
+from moeswarm.protocol.spec import MAX_EXPERTS_PER_MODEL, ExpertUID, ModelSpec, check_uid_in_spec, format_uid, parse_uid
 
 SPEC_FIELDS = dict(name="tiny-moe", d_model=8, d_ff=16, n_layers=2, n_experts=4)
 SPEC = ModelSpec(**SPEC_FIELDS)
@@ -41,6 +42,33 @@ def test_model_spec_rejects_bad_name(name):
 def test_model_spec_rejects_bad_dimension(key, value):
     with pytest.raises(ConfigError, match=f"model.{key}="):
         ModelSpec(**{**SPEC_FIELDS, key: value})
+
+
+def test_model_spec_bounds_the_number_of_experts_and_real_models_fit():
+    deepseek_v3 = ModelSpec(name="deepseek-v3", d_model=7168, d_ff=2048, n_layers=61, n_experts=256, moe_layers=tuple(range(3, 61)))
+    assert deepseek_v3.expert_count() == 58 * 256 == len(deepseek_v3.all_uids())
+    assert ModelSpec(**{**SPEC_FIELDS, "n_layers": 256, "n_experts": 256}).expert_count() == MAX_EXPERTS_PER_MODEL
+    with pytest.raises(ConfigError, match="1048576 experts, over the limit of 65536 per model"):
+        ModelSpec(**{**SPEC_FIELDS, "n_layers": 1024, "n_experts": 1024})
+    # moe_layers counts, not n_layers: 4 MoE layers of 16384 experts fit in a 4096-layer model
+    assert ModelSpec(**{**SPEC_FIELDS, "n_layers": 4096, "n_experts": 1 << 14, "moe_layers": [0, 1, 2, 3]}).expert_count() == 1 << 16
+    with pytest.raises(ConfigError, match="model.moe_layers="):  # refused by its length, before it is sorted
+        ModelSpec(**{**SPEC_FIELDS, "moe_layers": list(range(10**6))})
+
+
+def test_a_forged_spec_in_a_record_does_not_parse():
+    # what an attacker announced to make `moeswarm status` list 10^12 experts
+    huge = dict(name="tiny", d_model=1, d_ff=1, n_layers=1 << 20, n_experts=1 << 20)
+    assert ModelSpec.from_record(huge) is None
+    assert ModelSpec.from_record({**huge, "n_layers": 1024, "n_experts": 1024}) is None
+    assert ModelSpec.from_record({**SPEC_FIELDS, "moe_layers": ["0"]}) is None
+    assert ModelSpec.from_record(SPEC_FIELDS) == SPEC
+
+
+def test_has_expert_agrees_with_the_spec_s_uids():
+    spec = ModelSpec(**{**SPEC_FIELDS, "n_layers": 5, "moe_layers": (1, 3)})
+    experts = {(layer, expert) for layer in range(-1, 7) for expert in range(-1, 6) if spec.has_expert(layer, expert)}
+    assert {(parse_uid(uid).layer, parse_uid(uid).expert) for uid in spec.all_uids()} == experts
 
 
 def test_all_uids_lists_every_layer_and_expert_once():
@@ -148,6 +176,31 @@ def test_records_ignore_unknown_fields_from_newer_peers():
     assert record.version == 4 and not hasattr(record, "gpu")
     node = NodeRecord.model_validate({**LOAD, "model": SPEC_FIELDS, "uids": ["tiny-moe.L0.E0"], "extra": 1})
     assert node.uids == ("tiny-moe.L0.E0",)
+
+
+@pytest.mark.parametrize(
+    "uids, message",
+    [
+        (["tiny-moe.L0.E0", "not a uid"], "malformed expert uid 'not a uid'"),
+        (["tiny-moe.L0.E00"], "malformed expert uid"),
+        (["other.L0.E0"], "'other.L0.E0' is not an expert of the announced model 'tiny-moe'"),
+        (["tiny-moe.L2.E0"], "is not an expert"),  # the spec has 2 layers
+        (["tiny-moe.L0.E4"], "is not an expert"),  # and 4 experts per layer
+        (["tiny-moe.L0.E1", "tiny-moe.L0.E1"], "must not repeat"),
+        ([f"tiny-moe.L0.E{i}" for i in range(MAX_UIDS_PER_NODE + 1)], f"at most {MAX_UIDS_PER_NODE} strings"),
+    ],
+)
+def test_node_record_announces_only_experts_of_its_model(uids, message):
+    with pytest.raises(ValueError, match=message):
+        NodeRecord.model_validate({**LOAD, "model": SPEC_FIELDS, "uids": uids})
+
+
+def test_node_record_of_a_spec_we_cannot_parse_is_checked_by_name():
+    newer = {**SPEC_FIELDS, "router": "something new"}  # a newer peer's spec field
+    assert NodeRecord.model_validate({**LOAD, "model": newer, "uids": ["tiny-moe.L7.E9"]}).uids == ("tiny-moe.L7.E9",)
+    with pytest.raises(ValueError, match="not an expert of the announced model"):
+        NodeRecord.model_validate({**LOAD, "model": newer, "uids": ["zz.L0.E0"]})
+    assert MAX_UIDS_PER_NODE == MAX_EXPERTS_PER_MODEL
 
 
 def test_record_round_trips_through_model_dump():

@@ -1,8 +1,12 @@
-"""deploy/status.py: the operator's table names the experts of a model that no node announces."""
+"""deploy/status.py: the operator's table names the experts of a model that no node announces, and
+lists a bounded number of experts whatever peers announce."""
+
+import dataclasses
 
 from moeswarm.deploy.status import format_expert_table, missing_experts, view_as_json
-from moeswarm.model.directory import SwarmView
+from moeswarm.model.directory import MAX_VIEW_EXPERTS, SwarmView, models_in_view
 from moeswarm.protocol.records import ExpertRecord, NodeRecord
+from moeswarm.protocol.spec import MAX_EXPERTS_PER_MODEL
 
 SPEC = dict(name="m", d_model=8, d_ff=16, n_layers=2, n_experts=2, moe_layers=[1])
 
@@ -30,3 +34,30 @@ def test_table_marks_inference_only_replicas():
     view = SwarmView(nodes={}, experts={"m.L1.E0": [ExpertRecord(**load, version=3, trainable=False)]})
     assert "127.0.0.1:5000 (0, 0, v3, inference only)" in format_expert_table(view)
     assert view_as_json(view)["experts"]["m.L1.E0"][0]["trainable"] is False
+
+
+def _node(peer: str, model: dict, uids: list[str]) -> NodeRecord:
+    return NodeRecord(peer_id=peer, endpoint="127.0.0.1:5000", queue_depth=0, rows_per_s=0.0, model=model, uids=uids)
+
+
+def test_a_forged_spec_over_the_bounds_is_not_listed():
+    # a spec the old bounds let through: status listed its 1,048,576 experts as missing
+    forged = _node("evil", dict(name="huge", d_model=1, d_ff=1, n_layers=1024, n_experts=1024), [])
+    view = _view(["m.L1.E0"])
+    view = SwarmView(nodes={**view.nodes, "evil": forged}, experts=view.experts)
+    assert missing_experts(view) == {"m": ["m.L1.E1"]}
+
+
+def test_status_lists_a_bounded_number_of_experts_and_names_the_models_it_left_out():
+    big = dict(d_model=1, d_ff=1, n_layers=256, n_experts=256)  # MAX_EXPERTS_PER_MODEL experts each
+    nodes = {f"evil{i}": _node(f"evil{i}", dict(big, name=f"big{i}"), []) for i in range(4)}
+    honest = _view(["m.L1.E0"]).nodes["p1"]
+    nodes.update({"p1": honest, "p2": dataclasses.replace(honest, peer_id="p2")})  # announced by two nodes: read first
+    read, skipped = models_in_view(nodes)
+    assert [model.name for model in read] == ["m", "big0"] and [model.name for model in skipped] == ["big1", "big2", "big3"]
+    assert sum(model.size for model in read) <= MAX_VIEW_EXPERTS
+    view = SwarmView(nodes=nodes, experts={}, skipped={model.name: model.size for model in skipped})
+    missing = missing_experts(view)
+    assert sorted(missing) == ["big0", "m"] and sum(map(len, missing.values())) <= MAX_VIEW_EXPERTS
+    assert f"model big1: not read ({MAX_EXPERTS_PER_MODEL} experts; status reads at most {MAX_VIEW_EXPERTS}" in format_expert_table(view)
+    assert view_as_json(view)["skipped"] == {"big1": MAX_EXPERTS_PER_MODEL, "big2": MAX_EXPERTS_PER_MODEL, "big3": MAX_EXPERTS_PER_MODEL}

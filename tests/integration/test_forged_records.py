@@ -1,0 +1,59 @@
+"""What a peer can do with records it signs itself, against real processes: it must not break
+`moeswarm status` (defect: unbounded specs and UID lists)."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+
+from procs import wait_for
+from moeswarm.protocol.dht import get_records
+from moeswarm.protocol.records import nodes_key
+
+LOAD = dict(endpoint="127.0.0.1:1", queue_depth=0, rows_per_s=0.0)
+
+
+def forge(dht_peer, key: str, values: list[dict], ttl_s: float = 120.0) -> list[bytes]:
+    """Store each value under its own fresh signing key (tests/integration/forge_records.py); returns their subkeys."""
+    request = dict(maddrs=dht_peer.ready["maddrs"], key=key, signed=values, ttl_s=ttl_s)
+    done = subprocess.run(
+        [sys.executable, str(pathlib.Path(__file__).with_name("forge_records.py")), json.dumps(request)],
+        capture_output=True, text=True, timeout=180,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["accepted"] == [True] * len(values)  # signed by their own keys: every DHT peer takes them
+    return [bytes.fromhex(subkey) for subkey in result["subkeys"]]
+
+
+def status_json(dht_peer, swarm: str) -> dict:
+    done = subprocess.run(
+        [sys.executable, "-m", "moeswarm.deploy.cli", "status", "--initial-peers", *dht_peer.ready["maddrs"], "--swarm", swarm, "--json"],
+        capture_output=True, text=True, timeout=150,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout)
+
+
+def test_status_stays_bounded_whatever_node_records_peers_sign(node_factory, client_dht, dht_peer):
+    swarm = "status-forgery"
+    node = node_factory("honest", experts=["itest.L0.E0", "itest.L0.E1"], swarm=swarm)
+    forged = [
+        # a spec the old bounds let through: status listed its 1,048,576 experts as missing
+        dict(LOAD, peer_id="huge", model=dict(name="huge", d_model=1, d_ff=1, n_layers=1024, n_experts=1024), uids=[]),
+        # 100,000 UIDs: status looked each one up and timed out
+        dict(LOAD, peer_id="many", model=dict(name="zz", d_model=1, d_ff=1, n_layers=1, n_experts=100_000), uids=dict(model="zz", count=100_000)),
+        dict(LOAD, peer_id="malformed", model=dict(name="itest", d_model=32, d_ff=64, n_layers=2, n_experts=4), uids=["itest.L0.E0", "../x"]),
+        # within the bounds: read, in lookups small enough for hivemind's pipe (3,000 keys in one broke it)
+        dict(LOAD, peer_id="wide", model=dict(name="wide", d_model=1, d_ff=1, n_layers=1, n_experts=3000), uids=dict(model="wide", count=3000)),
+    ]
+    forge(dht_peer, nodes_key(swarm), forged)
+    wait_for(lambda: len(get_records(client_dht, [nodes_key(swarm)])[nodes_key(swarm)] or {}) == 1 + len(forged), what="every node record")
+    view = status_json(dht_peer, swarm)
+    assert view["nodes"][node.ready["peer_id"]]["endpoint"] == node.ready["endpoint"]
+    assert sorted(record["model"]["name"] for record in view["nodes"].values()) == ["huge", "itest", "wide"]
+    assert sorted(view["missing"]) == ["itest", "wide"] and len(view["missing"]["itest"]) == 8 - 2
+    assert len(view["missing"]["wide"]) == 3000 and view["skipped"] == {}
+    assert {uid for uid, replicas in view["experts"].items() if replicas} == {"itest.L0.E0", "itest.L0.E1"}
