@@ -27,8 +27,10 @@ logger = logging.getLogger(__name__)
 
 EXPERTS_DIR = "experts"  # one checkpoint per expert: experts/{uid}.pt
 CHECKPOINT_NAME = "experts.pt"  # every expert in one file, as older nodes wrote it: read, never written
-IDENTITY_NAME = "identity.key"
-P2P_IDENTITY_NAME = "p2p_identity.key"  # libp2p key: the node keeps its DHT peer id across restarts
+# The node's RSA key in libp2p's format: p2pd's identity (so its DHT peer id derives from it) and the
+# key that signs its DHT entries (readers take an entry's peer id from its signer: protocol/records.py).
+P2P_IDENTITY_NAME = "p2p_identity.key"
+OLD_IDENTITY_NAME = "identity.key"  # the separate signing key of earlier versions: no longer read
 LOCK_NAME = "lock"
 
 
@@ -151,19 +153,50 @@ def _load_failure(error: Exception) -> str:
 
 
 def load_or_create_identity(state_dir: pathlib.Path | None):
-    """The node's RSA key: kept in state_dir so a restarted node rewrites its own DHT entries."""
+    """The node's RSA key (see P2P_IDENTITY_NAME): kept in state_dir so a restarted node keeps its
+    peer id and rewrites its own DHT entries; without a state_dir, a fresh one each start."""
     from hivemind.utils.crypto import RSAPrivateKey
 
     if state_dir is None:
         return RSAPrivateKey()
-    path = state_dir / IDENTITY_NAME
+    if (state_dir / OLD_IDENTITY_NAME).exists():
+        logger.info("%s is no longer used (the node signs its DHT entries with its libp2p key): it can be deleted", state_dir / OLD_IDENTITY_NAME)
+    path = state_dir / P2P_IDENTITY_NAME
     if path.exists():
-        key = RSAPrivateKey.__new__(RSAPrivateKey)
-        key.__setstate__({"_private_key": path.read_bytes()})  # DER, as RSAPrivateKey pickles it
-        return key
+        return read_identity(path)
     key = RSAPrivateKey()
-    write_atomic(path, lambda file: file.write(key.to_bytes()))
-    os.chmod(path, 0o600)
+    write_identity(key, path)
+    return key
+
+
+def write_identity(key, path: pathlib.Path) -> pathlib.Path:
+    """Write an RSA key as libp2p's PrivateKey protobuf (what p2pd reads with -id; owner-only)."""
+    from hivemind.proto import crypto_pb2
+
+    data = crypto_pb2.PrivateKey(key_type=crypto_pb2.RSA, data=key.to_bytes()).SerializeToString()
+    write_atomic(path, lambda file: file.write(data))  # mkstemp: mode 0o600
+    return path
+
+
+def read_identity(path: pathlib.Path):
+    """The RSA key of a libp2p key file; ConfigError if it holds anything else."""
+    from google.protobuf.message import DecodeError
+    from hivemind.proto import crypto_pb2
+    from hivemind.utils.crypto import RSAPrivateKey
+
+    remedy = "move it away to make a new one (the node's peer id changes)"
+    try:
+        message = crypto_pb2.PrivateKey.FromString(path.read_bytes())
+    except DecodeError as e:
+        raise ConfigError(f"{path} is not a libp2p key ({e}); {remedy}") from e
+    if message.key_type != crypto_pb2.RSA:
+        kind = crypto_pb2.KeyType.Name(message.key_type)
+        raise ConfigError(f"{path} holds a {kind} key, but a node signs its DHT entries with its libp2p key, which must be RSA; {remedy}")
+    key = RSAPrivateKey.__new__(RSAPrivateKey)
+    try:
+        key.__setstate__({"_private_key": message.data})  # DER, as RSAPrivateKey pickles it
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{path} holds a damaged RSA key ({e}); {remedy}") from e
     return key
 
 

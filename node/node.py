@@ -8,6 +8,7 @@ import gc
 import logging
 import pathlib
 import secrets
+import tempfile
 import time
 
 import grpc
@@ -18,7 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from moeswarm.node.announcer import Announcer
 from moeswarm.node.batcher import Batcher
 from moeswarm.node.checkpoint import (
-    EXPERTS_DIR, P2P_IDENTITY_NAME, Checkpointer, iter_checkpoints, load_or_create_identity, lock_state_dir, remove_unfinished_writes,
+    EXPERTS_DIR, P2P_IDENTITY_NAME, Checkpointer, iter_checkpoints, load_or_create_identity, lock_state_dir, remove_unfinished_writes, write_identity,
 )
 from moeswarm.node.config import NodeConfig
 from moeswarm.node.model_source import check_swarm_agrees, load_expert_modules
@@ -29,7 +30,7 @@ from moeswarm.node.validation import Limits
 from moeswarm.protocol import expert_pb2
 from moeswarm.protocol.errors import ConfigError, StartupError
 from moeswarm.protocol.dht import describe_dht_exit, dht_start_failure, grpc_endpoint, start_dht, stop_dht, wait_dht_ready
-from moeswarm.protocol.records import ExpertRecord, NodeRecord, dht_subkey
+from moeswarm.protocol.records import ExpertRecord, NodeRecord, dht_subkey, signer_peer_id
 
 logger = logging.getLogger(__name__)
 SHUTDOWN_GRACE_S = 2.0
@@ -64,6 +65,7 @@ class ExpertNode:
         self._tasks: list[asyncio.Task] = []
         self._restored: set[str] = set()  # experts a checkpoint restored
         self._lock = None  # the open lock file of state_dir, held while the node runs
+        self._identity_dir: tempfile.TemporaryDirectory | None = None  # without a state_dir: the key file p2pd reads
         self._serving = False  # set once start() completed; a node that failed to start writes nothing
         self._loop: asyncio.AbstractEventLoop | None = None  # the serving loop, set by start()
         self._process_id = secrets.token_hex(6)  # with an expert's revision, names the weights it holds (ExpertRecord.state)
@@ -80,10 +82,10 @@ class ExpertNode:
         if self.state_dir is not None:
             remove_unfinished_writes(self.state_dir)
         identity = load_or_create_identity(self.state_dir)
-        self.dht = start_dht(
+        identity_path = self._identity_file(identity)
+        self.dht = start_dht(  # one key for p2pd and for signing: readers take a record's peer id from its signer
             initial_peers=config.initial_peers, host=config.host, port=config.dht_port, private_key=identity,
-            await_ready=False, announce_host=config.announce_host,
-            identity_path=str(self.state_dir / P2P_IDENTITY_NAME) if self.state_dir is not None else None,
+            await_ready=False, announce_host=config.announce_host, identity_path=str(identity_path),
         )
         modules = load_expert_modules(config.model_dir, config.model, self.uids, self.device) if config.model_dir else None
         self.registry = ExpertRegistry(
@@ -103,7 +105,13 @@ class ExpertNode:
             await asyncio.to_thread(wait_dht_ready, self.dht)
         except Exception as e:  # hivemind's P2PDaemonError & co: say what to check, without a traceback
             raise StartupError(dht_start_failure(e, config.initial_peers)) from e
+        self._forget_identity_file()
         self.peer_id = str(self.dht.peer_id)
+        if self.peer_id != (signer := signer_peer_id(dht_subkey(identity))):  # readers would know its records by another id
+            raise StartupError(
+                f"p2pd did not take {identity_path} as its identity (peer id {self.peer_id}, the key's is {signer}); "
+                "move the file away to make a new one"
+            )
         if config.initial_peers:
             await asyncio.to_thread(check_swarm_agrees, self.dht, config.swarm, config.model, self.peer_id)
         self.replicas = ReplicaSync(
@@ -128,6 +136,19 @@ class ExpertNode:
         gc.collect()
         gc.freeze()
         logger.info("serving %d experts of %s on %s", len(self.uids), config.model.name, self.endpoint)
+
+    def _identity_file(self, identity) -> pathlib.Path:
+        """The key file p2pd takes its identity from: state_dir's, or a private temporary one."""
+        if self.state_dir is not None:
+            return self.state_dir / P2P_IDENTITY_NAME
+        self._identity_dir = tempfile.TemporaryDirectory(prefix="moeswarm-identity-")
+        return write_identity(identity, pathlib.Path(self._identity_dir.name) / P2P_IDENTITY_NAME)
+
+    def _forget_identity_file(self) -> None:
+        """p2pd has read it: a temporary key file goes."""
+        if self._identity_dir is not None:
+            self._identity_dir.cleanup()
+            self._identity_dir = None
 
     async def _start_server(self) -> None:
         config = self.config
@@ -282,5 +303,6 @@ class ExpertNode:
             self._executor.shutdown(wait=True)
             if self.dht is not None:
                 stop_dht(self.dht)
+            self._forget_identity_file()
             if self._lock is not None:
                 self._lock.close()

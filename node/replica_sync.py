@@ -57,7 +57,9 @@ PROGRESS_S = 5.0  # a start that takes weights from replicas logs its progress t
 
 def _leader(peers: list[ExpertRecord]) -> ExpertRecord:
     """The trainable replica every other settles on: the one with the lowest peer id (this node's own
-    id compared by the caller)."""
+    id compared by the caller). Peer ids are the records' signers' (protocol/records.py parse_entries):
+    a peer cannot claim another's, nor pick one such as "!"; it can only try keys until one derives a
+    low id, and as leader it still hands out weights that _apply checks like any replica's."""
     return min(peers, key=lambda record: record.peer_id)
 
 
@@ -83,7 +85,8 @@ class ReplicaSync:
         self._logged: dict[tuple, float] = {}  # what failed -> when it was last logged
 
     async def replicas(self, uids: list[str]) -> dict[str, list[ExpertRecord]]:
-        """uid -> the other nodes' announced replicas of it."""
+        """uid -> the other nodes' announced replicas of it. A record's peer id is its signer's, so no
+        peer's record passes for this node's own and is skipped, nor this node's for another's."""
         found = await asyncio.to_thread(find_experts, self._dht, self._swarm, uids)
         return {uid: [r for r in records if r.peer_id != self._peer_id] for uid, records in found.items()}
 

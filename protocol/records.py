@@ -5,11 +5,15 @@ Keys (see shared/DESIGN.md):
   moeswarm:{swarm}:nodes         subkey per node         -> NodeRecord (lets `status` list a swarm)
 Subkeys are the writer's RSA public-key marker, so hivemind's RSASignatureValidator lets a peer
 write only its own entry; signatures are checked by every DHT peer on store and on read.
+A node signs with its libp2p key, so the peer id a reader gives an entry is the one that key
+derives (signer_peer_id), whatever the entry claims: no peer can speak under another's peer id.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import logging
 import math
 import re
@@ -23,6 +27,7 @@ logger = logging.getLogger(__name__)
 
 _SWARM_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")  # fullmatch: "$" would allow a trailing "\n"
 _ENDPOINT_RE = re.compile(r"[A-Za-z0-9.\-\[\]:]{1,253}:\d{1,5}")
+_OWNER_RE = re.compile(rb"\[owner:([^\]]+)\]")  # RSASignatureValidator's marker, the whole subkey (fullmatch)
 MAX_UIDS_PER_NODE = MAX_EXPERTS_PER_MODEL  # a node serves experts of one model
 
 
@@ -39,6 +44,40 @@ def dht_subkey(private_key) -> bytes:
     from hivemind.dht.crypto import RSASignatureValidator
 
     return RSASignatureValidator(private_key).local_public_key
+
+
+@functools.lru_cache(maxsize=4096)
+def signer_peer_id(subkey: bytes) -> str | None:
+    """The libp2p peer id of the RSA key an entry under `subkey` is signed with (the DHT checked the
+    signature against the key in the marker), or None where the subkey is not exactly one owner
+    marker: such an entry is signed by no one, and anyone may overwrite it."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    match = _OWNER_RE.fullmatch(subkey) if isinstance(subkey, bytes) else None
+    if match is None:
+        return None
+    try:
+        public_key = serialization.load_ssh_public_key(match[1])
+    except (ValueError, UnsupportedAlgorithm):
+        return None
+    if not isinstance(public_key, rsa.RSAPublicKey):
+        return None
+    return _libp2p_peer_id(public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo))
+
+
+def _libp2p_peer_id(rsa_public_der: bytes) -> str:
+    """libp2p's peer id of an RSA public key (DER SubjectPublicKeyInfo): base58 of the sha2-256
+    multihash of the key's protobuf (crypto.proto PublicKey{key_type: RSA = 0, data}), as p2pd derives it."""
+    import base58
+
+    length, varint = len(rsa_public_der), b""
+    while length >= 0x80:
+        varint += bytes([length & 0x7F | 0x80])
+        length >>= 7
+    encoded = b"\x08\x00\x12" + varint + bytes([length]) + rsa_public_der
+    return base58.b58encode(b"\x12\x20" + hashlib.sha256(encoded).digest()).decode()
 
 
 def expert_key(swarm: str, uid: str) -> str:
@@ -175,13 +214,26 @@ RecordT = TypeVar("RecordT", bound=_Record)
 
 
 def parse_entries(value: Any, record_type: type[RecordT]) -> dict[bytes, RecordT]:
-    """Parse a DHT dictionary value {subkey: ValueWithExpiration} into records; drop invalid ones."""
+    """Parse a DHT dictionary value {subkey: ValueWithExpiration} into records, one per signer; drop
+    invalid ones and those under a subkey no one signs. A record's peer_id is its signer's
+    (signer_peer_id): what a record claims is replaced, so a peer can neither pose as another
+    (to replace its entry in `status`, lead its replicas' averaging or be skipped as itself) nor
+    pick an id of its choice. A node's own entries claim exactly its signer's id."""
     if not isinstance(value, dict):
         return {}
     records = {}
     for subkey, entry in value.items():
+        signer = signer_peer_id(subkey)
+        if signer is None:
+            logger.debug("dropping %s under subkey %.40r: not signed by an owner key", record_type.__name__, subkey)
+            continue
         try:
-            records[subkey] = record_type.model_validate(getattr(entry, "value", None))
+            record = record_type.model_validate(getattr(entry, "value", None))
         except (ValueError, TypeError) as e:
-            logger.debug("dropping invalid %s under subkey %.40r: %s", record_type.__name__, subkey, e)
+            logger.debug("dropping invalid %s of %s: %s", record_type.__name__, signer, e)
+            continue
+        if record.peer_id != signer:
+            logger.debug("%s of %s claims peer id %.64r: read as its signer's", record_type.__name__, signer, record.peer_id)
+            record = dataclasses.replace(record, peer_id=signer)
+        records[subkey] = record
     return records

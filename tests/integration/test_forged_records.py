@@ -1,5 +1,5 @@
 """What a peer can do with records it signs itself, against real processes: it must not break
-`moeswarm status` (defect: unbounded specs and UID lists)."""
+`moeswarm status` (unbounded specs and UID lists), nor speak under another node's peer id."""
 
 from __future__ import annotations
 
@@ -8,9 +8,11 @@ import pathlib
 import subprocess
 import sys
 
+from conftest import MODEL
 from procs import wait_for
+from moeswarm.model.directory import find_experts
 from moeswarm.protocol.dht import get_records
-from moeswarm.protocol.records import nodes_key
+from moeswarm.protocol.records import expert_key, nodes_key, signer_peer_id
 
 LOAD = dict(endpoint="127.0.0.1:1", queue_depth=0, rows_per_s=0.0)
 
@@ -57,3 +59,26 @@ def test_status_stays_bounded_whatever_node_records_peers_sign(node_factory, cli
     assert sorted(view["missing"]) == ["itest", "wide"] and len(view["missing"]["itest"]) == 8 - 2
     assert len(view["missing"]["wide"]) == 3000 and view["skipped"] == {}
     assert {uid for uid, replicas in view["experts"].items() if replicas} == {"itest.L0.E0", "itest.L0.E1"}
+
+
+def test_a_peer_cannot_speak_under_another_node_s_peer_id(node_factory, client_dht, dht_peer):
+    swarm, uid = "spoof", "itest.L0.E0"
+    node = node_factory("real", experts=[uid], swarm=swarm)
+    peer_id = node.ready["peer_id"]
+    # the node signs with its libp2p key: the peer id its entries derive is the one the DHT knows it by
+    (subkey,) = wait_for(lambda: get_records(client_dht, [expert_key(swarm, uid)])[expert_key(swarm, uid)])
+    assert signer_peer_id(subkey) == peer_id
+    # another key claims the node's peer id for its node entry (it replaced the node's in `status`),
+    # and for expert entries the node's own (skipped as itself) and "!" (the averaging leader)
+    (spoof,) = forge(dht_peer, nodes_key(swarm), [dict(LOAD, peer_id=peer_id, model=MODEL, uids=[uid])])
+    replica = dict(LOAD, version=10**6, trainable=True, state="forged")
+    as_itself, as_leader = forge(dht_peer, expert_key(swarm, uid), [dict(replica, peer_id=peer_id), dict(replica, peer_id="!")])
+    wait_for(lambda: len(get_records(client_dht, [nodes_key(swarm)])[nodes_key(swarm)] or {}) == 2, what="both node records")
+    view = status_json(dht_peer, swarm)
+    assert {peer: record["endpoint"] for peer, record in view["nodes"].items()} == {
+        peer_id: node.ready["endpoint"], signer_peer_id(spoof): LOAD["endpoint"]
+    }
+    found = wait_for(lambda: (found := find_experts(client_dht, swarm, [uid])[uid]) and len(found) == 3 and found, what="three replicas")
+    assert {record.peer_id: record.endpoint for record in found} == {
+        peer_id: node.ready["endpoint"], signer_peer_id(as_itself): LOAD["endpoint"], signer_peer_id(as_leader): LOAD["endpoint"]
+    }

@@ -11,7 +11,7 @@ import torch
 from moeswarm.node.checkpoint import (
     CHECKPOINT_NAME,
     Checkpointer,
-    IDENTITY_NAME,
+    P2P_IDENTITY_NAME,
     expert_checkpoint_path,
     load_checkpoint,
     iter_checkpoints,
@@ -24,6 +24,7 @@ from moeswarm.node.checkpoint import (
 from moeswarm.node.config import OptimizerConfig
 from moeswarm.node.registry import ExpertRegistry
 from moeswarm.protocol.errors import ConfigError
+from moeswarm.protocol.records import dht_subkey, signer_peer_id
 from moeswarm.protocol.spec import ModelSpec
 
 
@@ -126,13 +127,40 @@ def test_truncated_checkpoint_raises(tmp_path):
 
 def test_identity_is_created_once_and_reloaded(tmp_path):
     first = load_or_create_identity(tmp_path)
-    key_file = tmp_path / IDENTITY_NAME
+    key_file = tmp_path / P2P_IDENTITY_NAME
     assert key_file.exists()
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
     second = load_or_create_identity(tmp_path)
     assert second.get_public_key().to_bytes() == first.get_public_key().to_bytes()
     # The reloaded key signs, and the original's public key verifies it.
     assert first.get_public_key().verify(b"record", second.sign(b"record"))
+
+
+def test_the_signing_key_is_the_libp2p_identity(tmp_path):
+    """p2pd reads the same file, so the node's peer id is the one readers derive from its records' signer."""
+    from hivemind.p2p.p2p_daemon_bindings.datastructures import PeerID
+
+    key = load_or_create_identity(tmp_path)
+    assert str(PeerID.from_identity((tmp_path / P2P_IDENTITY_NAME).read_bytes())) == signer_peer_id(dht_subkey(key))
+    # and a key file hivemind wrote (a node of an earlier version) is read as it is
+    from hivemind.p2p import P2P
+
+    hivemind_made = tmp_path / "hivemind"
+    hivemind_made.mkdir()
+    P2P.generate_identity(str(hivemind_made / P2P_IDENTITY_NAME))
+    again = load_or_create_identity(hivemind_made)
+    assert str(PeerID.from_identity((hivemind_made / P2P_IDENTITY_NAME).read_bytes())) == signer_peer_id(dht_subkey(again))
+
+
+def test_an_identity_that_is_not_an_rsa_libp2p_key_is_a_config_error(tmp_path):
+    from hivemind.proto import crypto_pb2
+
+    (tmp_path / P2P_IDENTITY_NAME).write_bytes(crypto_pb2.PrivateKey(key_type=crypto_pb2.Ed25519, data=b"k" * 64).SerializeToString())
+    with pytest.raises(ConfigError, match="holds a Ed25519 key, but a node signs its DHT entries with its libp2p key, which must be RSA"):
+        load_or_create_identity(tmp_path)
+    (tmp_path / P2P_IDENTITY_NAME).write_bytes(b"\xff\xff not protobuf")
+    with pytest.raises(ConfigError, match="is not a libp2p key"):
+        load_or_create_identity(tmp_path)
 
 
 def test_identity_without_state_dir_is_fresh_each_time():

@@ -8,12 +8,13 @@ import time
 import types
 
 import pytest
+from hivemind.utils.crypto import RSAPrivateKey
 
 from moeswarm.model import directory as directory_module
 from moeswarm.model.directory import ExpertDirectory
 from moeswarm.protocol.dht import EXIT_P2PD_LOST, IsolatedDHT, get_records
 from moeswarm.protocol.errors import NodeUnavailable
-from moeswarm.protocol.records import ExpertRecord, expert_key
+from moeswarm.protocol.records import ExpertRecord, dht_subkey, expert_key
 
 
 class StandInDHT(IsolatedDHT):
@@ -43,7 +44,8 @@ def wait_for_lookups(dht: StandInDHT, n: int) -> None:
 def test_a_failing_refresh_keeps_the_view_and_is_logged_once_a_minute(caplog):
     uid = "m.L0.E0"
     record = ExpertRecord(peer_id="p", endpoint="127.0.0.1:1", queue_depth=0, rows_per_s=0.0, version=0, wire_dtypes=("float32",))
-    dht = StandInDHT({expert_key("default", uid): {b"p": types.SimpleNamespace(value=record.model_dump())}})  # as hivemind returns it
+    subkey = dht_subkey(RSAPrivateKey())  # readers take only signed entries
+    dht = StandInDHT({expert_key("default", uid): {subkey: types.SimpleNamespace(value=record.model_dump())}})  # as hivemind returns it
     directory = ExpertDirectory(dht, "default", refresh_s=0.002)
     try:
         directory.track([uid])

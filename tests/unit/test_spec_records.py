@@ -21,6 +21,7 @@ from moeswarm.protocol.records import (
     expert_key,
     nodes_key,
     parse_entries,
+    signer_peer_id,
 )
 from moeswarm.protocol.spec import MAX_EXPERTS_PER_MODEL, ExpertUID, ModelSpec, check_uid_in_spec, format_uid, parse_uid
 
@@ -258,18 +259,42 @@ def test_records_are_frozen_and_keep_their_types():
         NodeRecord.model_validate({**LOAD, "model": [1], "uids": []})
 
 
-def test_parse_entries_drops_invalid_and_keeps_valid():
+def test_parse_entries_drops_invalid_and_keeps_valid(owner_key, other_key, third_key):
     good = {**LOAD, "version": 1}
     value = {
-        b"good": ValueWithExpiration(good, 123.0),
-        b"bad-endpoint": ValueWithExpiration({**good, "endpoint": "nowhere"}, 123.0),
-        b"not-a-dict": ValueWithExpiration([1, 2, 3], 123.0),
-        b"missing": ValueWithExpiration({"peer_id": "x"}, 123.0),
+        dht_subkey(owner_key): ValueWithExpiration(good, 123.0),
+        dht_subkey(other_key): ValueWithExpiration({**good, "endpoint": "nowhere"}, 123.0),
+        dht_subkey(third_key): ValueWithExpiration([1, 2, 3], 123.0),
+        b"unsigned": ValueWithExpiration(good, 123.0),  # no owner marker: anyone may write it
+        dht_subkey(owner_key) + b"x": ValueWithExpiration(good, 123.0),  # a marker, but not the whole subkey
         b"no-value-attr": good,
     }
     records = parse_entries(value, ExpertRecord)
-    assert list(records) == [b"good"]
-    assert records[b"good"] == ExpertRecord(**good)
+    assert list(records) == [dht_subkey(owner_key)]
+    assert records[dht_subkey(owner_key)] == ExpertRecord(**{**good, "peer_id": signer_peer_id(dht_subkey(owner_key))})
+
+
+def test_a_record_s_peer_id_is_its_signer_s_whatever_it_claims(owner_key, other_key):
+    owner, other = signer_peer_id(dht_subkey(owner_key)), signer_peer_id(dht_subkey(other_key))
+    value = {
+        dht_subkey(owner_key): ValueWithExpiration({**LOAD, "peer_id": owner, "version": 1}, 123.0),
+        # another key claims the owner's peer id (to replace it in `status`), or a low one (to lead averaging)
+        dht_subkey(other_key): ValueWithExpiration({**LOAD, "peer_id": owner, "version": 9}, 123.0),
+    }
+    records = parse_entries(value, ExpertRecord)
+    assert {record.peer_id: record.version for record in records.values()} == {owner: 1, other: 9}
+    claims_low = parse_entries({dht_subkey(other_key): ValueWithExpiration({**LOAD, "peer_id": "!", "version": 9}, 123.0)}, ExpertRecord)
+    assert [record.peer_id for record in claims_low.values()] == [other]
+
+
+def test_signer_peer_id_is_the_libp2p_peer_id_of_the_key(owner_key):
+    from hivemind.p2p.p2p_daemon_bindings.datastructures import PeerID
+    from hivemind.proto import crypto_pb2
+
+    identity = crypto_pb2.PrivateKey(key_type=crypto_pb2.RSA, data=owner_key.to_bytes()).SerializeToString()
+    assert signer_peer_id(dht_subkey(owner_key)) == str(PeerID.from_identity(identity))  # what p2pd calls the peer
+    for subkey in (b"[owner:ssh-rsa AAAA]", b"[owner:]", b"plain", "[owner:ssh-rsa x]", dht_subkey(owner_key)[:-1]):
+        assert signer_peer_id(subkey) is None
 
 
 @pytest.mark.parametrize("value", [None, [1], "text", ValueWithExpiration({**LOAD, "version": 1}, 1.0)])
@@ -287,6 +312,11 @@ def owner_key():
 
 @pytest.fixture(scope="module")
 def other_key():
+    return RSAPrivateKey()
+
+
+@pytest.fixture(scope="module")
+def third_key():
     return RSAPrivateKey()
 
 
