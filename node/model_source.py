@@ -3,6 +3,7 @@ Hugging Face checkpoint (config.json + safetensors). Only the hosted experts' te
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import pathlib
 import time
@@ -10,11 +11,15 @@ import time
 import torch
 from torch import nn
 
-from moeswarm.protocol.errors import ConfigError
+from moeswarm.protocol import expert_pb2
+from moeswarm.protocol.errors import ConfigError, MoeSwarmError
+from moeswarm.protocol.records import NodeRecord
 from moeswarm.protocol.spec import ModelSpec, parse_uid
 
 logger = logging.getLogger(__name__)
 PROGRESS_EVERY_S = 5.0
+SPEC_CHECK_TIMEOUT_S = 5.0  # one Info call to a node whose record disagrees with this node's spec
+MAX_SPEC_CHECKS = 16  # disagreeing node records checked at start (any peer can sign some): bounds the calls
 
 
 def is_hf_checkpoint(model_dir: str | pathlib.Path) -> bool:
@@ -129,20 +134,66 @@ def uids_from_text(text: str, spec: ModelSpec) -> list[str]:
     return [spec.uid(layer, expert) for layer, expert in parse_expert_spec(text, _ExpertLayout(spec))]
 
 
-def check_swarm_agrees(dht, swarm: str, spec: ModelSpec, own_peer_id: str) -> None:
-    """Refuse to join a swarm whose nodes already serve a model of the same name with other shapes
-    (a client would otherwise get mismatched experts from different replicas)."""
+async def check_swarm_agrees(dht, swarm: str, spec: ModelSpec, own_peer_id: str) -> None:
+    """Refuse to join a swarm where a node serves a model of the same name with other shapes (a client
+    would otherwise get mismatched experts from different replicas): an operator's config mistake.
+    Any peer can sign a node record saying so, so a record counts only once the node it names
+    confirms it over Info at the endpoint it announced; one that does not is logged and ignored."""
     from moeswarm.protocol.dht import get_records
-    from moeswarm.protocol.records import NodeRecord, nodes_key, parse_entries
+    from moeswarm.protocol.records import nodes_key, parse_entries
 
-    found = get_records(dht, [nodes_key(swarm)]).get(nodes_key(swarm))
+    found = (await asyncio.to_thread(get_records, dht, [nodes_key(swarm)])).get(nodes_key(swarm))
+    disagreeing = []
     for record in parse_entries(found, NodeRecord).values():
         if record.peer_id == own_peer_id or record.model.get("name") != spec.name:
             continue
         theirs = ModelSpec.from_record(record.model)
         if theirs is not None and theirs != spec:  # an unparsable spec is not ours to judge
-            raise ConfigError(
-                f"swarm {swarm!r} already serves model {spec.name!r} as {theirs} (node {record.endpoint}); "
-                f"this node's experts are {spec}. Use another model name or the same checkpoint "
-                f"(a stopped node's records expire after its announce_ttl_s)."
+            disagreeing.append((record, theirs))
+    if len(disagreeing) > MAX_SPEC_CHECKS:
+        logger.warning("%d node records disagree with model %r; checking %d of them", len(disagreeing), spec.name, MAX_SPEC_CHECKS)
+    checked = disagreeing[:MAX_SPEC_CHECKS]
+    doubts = await asyncio.gather(*(_doubt(record, theirs) for record, theirs in checked))
+    for (record, theirs), doubt in zip(checked, doubts):
+        if doubt is not None:
+            logger.warning(
+                "ignoring the node record of %s (%s), which says swarm %r serves model %r as %s: %s (the node is down, or a peer is "
+                "signing false records): joining anyway", record.peer_id, record.endpoint, swarm, spec.name, theirs, doubt,
             )
+    for (record, theirs), doubt in zip(checked, doubts):
+        if doubt is None:
+            raise ConfigError(
+                f"swarm {swarm!r} already serves model {spec.name!r} as {theirs} (node {record.endpoint}, confirmed over Info); "
+                f"this node's experts are {spec}. Use another model name or the same checkpoint."
+            )
+
+
+async def _doubt(record: NodeRecord, theirs: ModelSpec) -> str | None:
+    """None if the node at record.endpoint confirms it serves `theirs` as record.peer_id; else why not."""
+    from moeswarm.model.expert_client import ExpertClient
+
+    client = ExpertClient(record.endpoint)
+    try:
+        info = await client.info(timeout_s=SPEC_CHECK_TIMEOUT_S)
+    except MoeSwarmError as e:
+        return f"its endpoint did not answer Info ({e})"
+    finally:
+        await client.close()
+    return spec_doubt(info, record.peer_id, theirs)
+
+
+def spec_doubt(info: expert_pb2.InfoResponse, peer_id: str, theirs: ModelSpec) -> str | None:
+    """Why an Info answer does not confirm a node record (peer_id: its signer's) announcing `theirs`,
+    or None if it does. Info names the peer and the model's dimensions (not moe_layers or
+    expert_kind): the record itself, signed by the peer that answers, says the rest. Pure."""
+    if info.peer_id != peer_id:
+        return f"its endpoint answers as peer {info.peer_id[:64]!r}"
+    model = info.model
+    if (model.name, model.d_model, model.d_ff, model.n_layers, model.n_experts) != (
+        theirs.name, theirs.d_model, theirs.d_ff, theirs.n_layers, theirs.n_experts
+    ):
+        return (
+            f"its endpoint serves {model.name[:64]!r} with d_model={model.d_model}, d_ff={model.d_ff}, "
+            f"n_layers={model.n_layers}, n_experts={model.n_experts}"
+        )
+    return None

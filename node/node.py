@@ -113,7 +113,7 @@ class ExpertNode:
                 "move the file away to make a new one"
             )
         if config.initial_peers:
-            await asyncio.to_thread(check_swarm_agrees, self.dht, config.swarm, config.model, self.peer_id)
+            await check_swarm_agrees(self.dht, config.swarm, config.model, self.peer_id)
         self.replicas = ReplicaSync(
             dht=self.dht, swarm=config.swarm, peer_id=self.peer_id, registry=self.registry, batcher=self.batcher,
             max_message_bytes=config.max_message_bytes,

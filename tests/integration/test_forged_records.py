@@ -1,5 +1,6 @@
 """What a peer can do with records it signs itself, against real processes: it must not break
-`moeswarm status` (unbounded specs and UID lists), nor speak under another node's peer id."""
+`moeswarm status` (unbounded specs and UID lists), speak under another node's peer id, or keep new
+nodes out of the swarm by announcing other shapes for their model."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
 from conftest import MODEL
 from procs import wait_for
 from moeswarm.model.directory import find_experts
@@ -82,3 +84,23 @@ def test_a_peer_cannot_speak_under_another_node_s_peer_id(node_factory, client_d
     assert {record.peer_id: record.endpoint for record in found} == {
         peer_id: node.ready["endpoint"], signer_peer_id(as_itself): LOAD["endpoint"], signer_peer_id(as_leader): LOAD["endpoint"]
     }
+
+
+def test_a_record_no_node_confirms_cannot_keep_a_node_out(node_factory, client_dht, dht_peer):
+    swarm, uid = "gate", "itest.L0.E0"
+    real = node_factory("real", experts=[uid], swarm=swarm)
+    other_shapes = dict(MODEL, d_ff=128)
+    # the same model name with other shapes: at an endpoint where no node answers, and at the real
+    # node's endpoint, which answers Info as itself and with the shapes it really serves
+    forged = [dict(LOAD, peer_id="x", model=other_shapes, uids=[uid]), dict(LOAD, peer_id="x", endpoint=real.ready["endpoint"], model=other_shapes, uids=[uid])]
+    forge(dht_peer, nodes_key(swarm), forged)
+    wait_for(lambda: len(get_records(client_dht, [nodes_key(swarm)])[nodes_key(swarm)] or {}) == 3, what="every node record")
+    joining = node_factory("joining", experts=[uid], swarm=swarm)  # before: it exited with code 2
+    assert joining.log.count("ignoring the node record of") == 2, joining.log[-3000:]
+    assert "its endpoint did not answer Info" in joining.log and f"its endpoint answers as peer '{real.ready['peer_id']}'" in joining.log
+
+
+def test_a_node_serving_other_shapes_still_keeps_a_misconfigured_node_out(node_factory):
+    node_factory("real", experts=["itest.L0.E0"], swarm="mistake")
+    with pytest.raises(RuntimeError, match=r"exited with 2 before ready(.|\n)*already serves model 'itest' as .*d_ff=64.*confirmed over Info"):
+        node_factory("misconfigured", experts=["itest.L0.E0"], swarm="mistake", model=dict(MODEL, d_ff=128))

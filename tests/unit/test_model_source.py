@@ -50,3 +50,22 @@ def test_a_directory_of_another_shape_is_refused(model_dir):
     other = type(spec)(**{**vars(spec), "d_ff": spec.d_ff * 2})
     with pytest.raises(ConfigError, match="holds experts of shape"):
         model_source.load_expert_modules(str(model_dir), other, (spec.all_uids()[0],))
+
+
+def test_only_the_named_peer_serving_the_announced_shapes_confirms_a_disagreeing_record():
+    from moeswarm.protocol import expert_pb2
+    from moeswarm.protocol.spec import ModelSpec
+
+    theirs = ModelSpec(name="m", d_model=16, d_ff=96, n_layers=2, n_experts=4, moe_layers=(1,))
+
+    def info(peer_id: str = "QmReal", **dims) -> expert_pb2.InfoResponse:
+        model = dict(name="m", d_model=16, d_ff=96, n_layers=2, n_experts=4) | dims
+        return expert_pb2.InfoResponse(peer_id=peer_id, model=expert_pb2.ModelSpecMsg(**model))
+
+    assert model_source.spec_doubt(info(), "QmReal", theirs) is None  # an operator's mistake: refuse
+    # a record pointing at another node's endpoint (that node answers as itself) ...
+    assert model_source.spec_doubt(info("QmOther"), "QmReal", theirs) == "its endpoint answers as peer 'QmOther'"
+    # ... or at a node that serves other shapes than the record says
+    assert model_source.spec_doubt(info(d_ff=64), "QmReal", theirs) == (
+        "its endpoint serves 'm' with d_model=16, d_ff=64, n_layers=2, n_experts=4"
+    )
