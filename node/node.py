@@ -19,7 +19,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from moeswarm.node.announcer import Announcer
 from moeswarm.node.batcher import Batcher
 from moeswarm.node.checkpoint import (
-    EXPERTS_DIR, P2P_IDENTITY_NAME, Checkpointer, iter_checkpoints, load_or_create_identity, lock_state_dir, remove_unfinished_writes, write_identity,
+    EXPERTS_DIR, P2P_IDENTITY_NAME, Checkpointer, iter_checkpoints, load_or_create_identity, lock_state_dir,
+    remove_unfinished_writes, write_identity,
 )
 from moeswarm.node.config import NodeConfig
 from moeswarm.node.model_source import check_swarm_agrees, load_expert_modules
