@@ -35,10 +35,9 @@ logger = logging.getLogger(__name__)
 DHT_TIMEOUT_S = 10.0  # bound on one lookup
 DHT_START_TIMEOUT_S = 60.0
 DHT_STOP_TIMEOUT_S = 1.0  # keeps a node's whole shutdown under 5 s even when p2pd died first
-# Bytes of keys per lookup request. hivemind's DHT process reads a request from its pipe as soon as
-# some of it arrived, without blocking; multiprocessing writes a message over 16 KiB in two parts,
-# and a read between them broke the pipe and the DHT process with it (seen from about 2,000 keys,
-# or sooner). Longer key lists are looked up in several requests of at most this size.
+# Bytes of keys per lookup request: longer key lists are looked up in several requests, each with
+# its own timeout. (They were first split because a request over 16 KiB killed the DHT process; its
+# cause, a non-blocking read, is fixed by _WholeMessagePipe, which stores of many records need too.)
 MAX_LOOKUP_KEY_BYTES = 8 << 10
 _KEY_OVERHEAD_BYTES = 8  # what pickling adds per key, at most
 
@@ -66,6 +65,27 @@ def import_dht_only() -> None:
 
     package.__getattr__ = __getattr__
     sys.modules["hivemind"] = package
+
+
+class _WholeMessagePipe:
+    """The DHT process's end of hivemind's request pipe, read in blocking mode. hivemind watches the
+    pipe with uvloop's add_reader, which makes the descriptor non-blocking; a request over 16 KiB
+    (multiprocessing sends it in two writes) was then read half-way, and the unpickling error killed
+    the DHT process: a node hosting more than ~100 experts lost its DHT at its first announce."""
+
+    def __init__(self, connection):
+        self._connection = connection
+
+    def __getattr__(self, name: str):
+        return getattr(self._connection, name)
+
+    def recv(self):
+        fd = self._connection.fileno()
+        os.set_blocking(fd, True)  # the rest of a message arrives at once: its writer is mid-send
+        try:
+            return self._connection.recv()
+        finally:
+            os.set_blocking(fd, False)  # as libuv set it
 
 
 def start_dht(
@@ -108,6 +128,7 @@ def start_dht(
                 target=_watch_parent_and_p2pd, args=(parent_pid, self._stopping, self._ready.done), name="dht-watch", daemon=True
             )
             watch.start()
+            self._inner_pipe = _WholeMessagePipe(self._inner_pipe)
             super().run()
 
         async def _shutdown(self) -> None:  # in the DHT process, asked to stop: p2pd going away is expected

@@ -34,6 +34,16 @@ def test_client_finds_every_expert_through_the_dht(node_factory, client_dht):
     assert {r.peer_id for r in found["itest.L0.E1"]} == {a.ready["peer_id"], b.ready["peer_id"]}
 
 
+def test_a_node_hosting_hundreds_of_experts_announces_them_all(node_factory, client_dht):
+    # One announce of 512 records is a request over 16 KiB to the DHT process: before, it read it
+    # half-way and died, so a node hosting a whole big model lost its DHT at start.
+    model = dict(name="many", d_model=8, d_ff=8, n_layers=16, n_experts=32)
+    node = node_factory("many", model=model, swarm="many")
+    uids = [f"many.L{layer}.E{expert}" for layer in range(16) for expert in range(32)]
+    found = find_experts(client_dht, "many", uids)
+    assert all(len(found[uid]) == 1 for uid in uids) and node.popen.poll() is None
+
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
