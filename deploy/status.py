@@ -6,17 +6,35 @@ import json
 
 from moeswarm.model.directory import MAX_VIEW_EXPERTS, SwarmView, models_in_view, read_swarm
 from moeswarm.protocol.dht import start_dht, stop_dht
-from moeswarm.protocol.spec import uid_sort_key
+from moeswarm.protocol.spec import parse_uid, uid_sort_key
 
 
 def missing_experts(view: SwarmView) -> dict[str, list[str]]:
     """model name -> experts of that model (per the spec most of its nodes announce) that no node
-    announces. Lists at most MAX_VIEW_EXPERTS in all (models_in_view picks the models). Pure."""
-    read, _ = models_in_view(view.nodes)
+    announces, except those of unserved_indices. Lists at most MAX_VIEW_EXPERTS in all
+    (models_in_view picks the models). Pure."""
+    unserved = unserved_indices(view)
     missing = {
-        model.name: [uid for uid in model.spec.all_uids() if not view.experts.get(uid)] for model in read if model.spec is not None
+        model.name: [uid for uid in model.spec.all_uids() if not view.experts.get(uid) and parse_uid(uid).expert not in unserved.get(model.name, ())]
+        for model in models_in_view(view.nodes)[0] if model.spec is not None
     }
     return {name: uids for name, uids in missing.items() if uids}
+
+
+def unserved_indices(view: SwarmView) -> dict[str, list[int]]:
+    """model name -> expert indices that no node serves in any of its (two or more) MoE layers, while
+    others are served. A
+    model's shared experts count in its spec, and its clients may compute them (model directories
+    do by default): such an index is not a gap, so it is named apart from missing_experts. Pure."""
+    unserved = {}
+    for model in models_in_view(view.nodes)[0]:
+        layers = model.spec.layers_with_experts() if model.spec is not None else []
+        if len(layers) < 2:
+            continue
+        indices = [e for e in range(model.spec.n_experts) if not any(view.experts.get(model.spec.uid(layer, e)) for layer in layers)]
+        if indices and len(indices) < model.spec.n_experts:  # a model no node serves at all is just missing
+            unserved[model.name] = indices
+    return unserved
 
 
 def format_expert_table(view: SwarmView) -> str:
@@ -24,6 +42,11 @@ def format_expert_table(view: SwarmView) -> str:
     for name, uids in sorted(missing_experts(view).items()):
         shown = ", ".join(sorted(uids, key=uid_sort_key)[:6]) + (", ..." if len(uids) > 6 else "")
         lines.append(f"model {name}: {len(uids)} experts have no replica: {shown}")
+    for name, indices in sorted(unserved_indices(view).items()):
+        lines.append(
+            f"model {name}: experts {', '.join(f'E{e}' for e in indices)} are on no node in any layer "
+            "(as expected for shared experts that clients compute)"
+        )
     for name, size in sorted(view.skipped.items()):
         lines.append(f"model {name}: not read ({size} experts; status reads at most {MAX_VIEW_EXPERTS}, models with more nodes first)")
     lines.append(f"{'expert':<24} {'replicas':>8}  endpoints (queue rows, rows/s, version[, inference only: refuses gradients])")
@@ -41,6 +64,7 @@ def view_as_json(view: SwarmView) -> dict:
         "nodes": {peer: record.model_dump() for peer, record in view.nodes.items()},
         "experts": {uid: [r.model_dump() for r in records] for uid, records in view.experts.items()},
         "missing": missing_experts(view),
+        "unserved_in_every_layer": unserved_indices(view),  # model -> expert indices (shared experts clients compute)
         "skipped": view.skipped,  # model -> experts not read (over MAX_VIEW_EXPERTS)
     }
 

@@ -61,3 +61,15 @@ def test_status_lists_a_bounded_number_of_experts_and_names_the_models_it_left_o
     assert sorted(missing) == ["big0", "m"] and sum(map(len, missing.values())) <= MAX_VIEW_EXPERTS
     assert f"model big1: not read ({MAX_EXPERTS_PER_MODEL} experts; status reads at most {MAX_VIEW_EXPERTS}" in format_expert_table(view)
     assert view_as_json(view)["skipped"] == {"big1": MAX_EXPERTS_PER_MODEL, "big2": MAX_EXPERTS_PER_MODEL, "big3": MAX_EXPERTS_PER_MODEL}
+
+
+def test_an_expert_index_on_no_node_in_any_layer_is_named_apart_as_shared_experts_clients_compute():
+    # a model directory with 2 shared experts computed on clients: its spec counts them (E2, E3)
+    spec = dict(name="s", d_model=8, d_ff=16, n_layers=2, n_experts=4)
+    hosted = ["s.L0.E0", "s.L0.E1", "s.L1.E0"]
+    load = dict(peer_id="p1", endpoint="127.0.0.1:5000", queue_depth=0, rows_per_s=0.0)
+    view = SwarmView(nodes={"p1": NodeRecord(**load, model=spec, uids=hosted)}, experts={uid: [ExpertRecord(**load, version=0)] for uid in hosted})
+    assert missing_experts(view) == {"s": ["s.L1.E1"]}  # a real gap
+    assert view_as_json(view)["unserved_in_every_layer"] == {"s": [2, 3]}
+    table = format_expert_table(view)
+    assert "model s: 1 experts have no replica: s.L1.E1" in table and "model s: experts E2, E3 are on no node in any layer" in table
