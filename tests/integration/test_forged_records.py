@@ -58,7 +58,8 @@ def test_status_stays_bounded_whatever_node_records_peers_sign(node_factory, cli
     view = status_json(dht_peer, swarm)
     assert view["nodes"][node.ready["peer_id"]]["endpoint"] == node.ready["endpoint"]
     assert sorted(record["model"]["name"] for record in view["nodes"].values()) == ["huge", "itest", "wide"]
-    assert sorted(view["missing"]) == ["itest", "wide"] and len(view["missing"]["itest"]) == 8 - 2
+    assert sorted(view["missing"]) == ["itest", "wide"] and view["missing"]["itest"] == ["itest.L1.E0", "itest.L1.E1"]
+    assert view["unserved_in_every_layer"] == {"itest": [2, 3]}
     assert len(view["missing"]["wide"]) == 3000 and view["skipped"] == {}
     assert {uid for uid, replicas in view["experts"].items() if replicas} == {"itest.L0.E0", "itest.L0.E1"}
 

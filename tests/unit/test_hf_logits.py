@@ -4,6 +4,7 @@ logits and tokens as the plain transformers model, and never reads or holds rout
 from __future__ import annotations
 
 import pytest
+import safetensors
 import torch
 
 pytest.importorskip("transformers")
@@ -11,7 +12,6 @@ pytest.importorskip("transformers")
 from hf_tiny import FAMILIES, one_torch_thread, save_tiny  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from moeswarm.model import hf_checkpoint  # noqa: E402
 from moeswarm.model.hf_checkpoint import CheckpointReader  # noqa: E402
 from moeswarm.model.hf_remote import LocalExpertBackend, load_remote_model  # noqa: E402
 from moeswarm.protocol.errors import ConfigError, MoeSwarmError  # noqa: E402
@@ -125,7 +125,7 @@ def test_negative_control_one_scaled_expert_changes_logits(checkpoint, reference
 def test_client_neither_reads_nor_holds_expert_weights(checkpoint, family, monkeypatch):
     directory = checkpoint(family, torch.bfloat16)
     read: list[str] = []
-    real_open = hf_checkpoint.safe_open
+    real_open = safetensors.safe_open  # what model_dir.open_safetensors opens files with
 
     class CountingHandle:  # records every tensor whose header or data is touched
         def __init__(self, *args, **kwargs):
@@ -148,7 +148,7 @@ def test_client_neither_reads_nor_holds_expert_weights(checkpoint, family, monke
             read.append(name)
             return self._handle.get_slice(name)
 
-    monkeypatch.setattr(hf_checkpoint, "safe_open", CountingHandle)
+    monkeypatch.setattr(safetensors, "safe_open", CountingHandle)
     remote = load_remote_model(directory, backend=lambda *args: pytest.fail("no forward here"))
     reader = CheckpointReader(directory)
     assert read and not [n for n in read if reader.is_expert_tensor(n)]
