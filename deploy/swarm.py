@@ -20,6 +20,7 @@ import yaml
 
 from moeswarm.coordinator.placement import place_experts
 from moeswarm.deploy.configfile import apply_overrides, build
+from moeswarm.deploy.run_node import exit_code_when_stopped
 from moeswarm.node.affinity import available_cpus, format_cpus
 from moeswarm.node.config import NodeConfig
 from moeswarm.node.model_source import is_hf_checkpoint, spec_of
@@ -96,15 +97,21 @@ def check_node_overrides(plan: SwarmPlan) -> None:
     build(NodeConfig, node_configs(plan, [], pathlib.Path("unused"))[0])
 
 
+class StartInterrupted(Exception):
+    """The stop event was set while LocalSwarm was starting (the message: what was starting)."""
+
+
 class LocalSwarm:
     """Owns the bootstrap DHT peer and the node processes, each in its own session (so a terminal's
-    Ctrl-C reaches only the launcher). Use as a context manager; stop() leaves no process behind."""
+    Ctrl-C reaches only the launcher). Use as a context manager; stop() leaves no process behind.
+    Setting `stop` while it starts stops what it started and raises StartInterrupted."""
 
-    def __init__(self, plan: SwarmPlan):
+    def __init__(self, plan: SwarmPlan, *, stop: threading.Event | None = None):
         self.plan = plan
         self.procs: list[subprocess.Popen] = []  # [dht, node0, node1, ...]
         self.ready: list[dict] = []  # what each node reported: endpoint, maddrs, peer_id, uids
         self.initial_peers: list[str] = []
+        self._stop = stop or threading.Event()
         self._tmp = None if plan.run_dir else tempfile.TemporaryDirectory(prefix="moeswarm-swarm-")
         self.run_dir = pathlib.Path(plan.run_dir or self._tmp.name)
 
@@ -186,7 +193,8 @@ class LocalSwarm:
                 return json.loads(ready_file.read_text())
             if proc.poll() is not None:
                 raise StartupError(f"{work_dir.name} exited with code {proc.returncode}; see {work_dir / 'log.txt'}")
-            time.sleep(0.05)
+            if self._stop.wait(0.05):
+                raise StartInterrupted(work_dir.name)
         raise StartupError(f"{work_dir.name} not ready after {START_TIMEOUT_S:.0f} s; see {work_dir / 'log.txt'}")
 
     def stop(self) -> None:
@@ -363,7 +371,8 @@ def plan_from_args(args, scratch: pathlib.Path) -> SwarmPlan:
 
 
 def swarm_up(args) -> int:
-    """CLI body of `moeswarm swarm up`: start, print where to connect, wait for Ctrl-C or SIGTERM."""
+    """CLI body of `moeswarm swarm up`: start, print where to connect, wait for Ctrl-C or SIGTERM.
+    Returns 0 once stopped; 130 if a Ctrl-C came before the swarm was up (0 for a SIGTERM)."""
     with tempfile.TemporaryDirectory(prefix="moeswarm-model-") as scratch:
         return _run_swarm(plan_from_args(args, pathlib.Path(scratch)))
 
@@ -371,25 +380,40 @@ def swarm_up(args) -> int:
 def _run_swarm(plan: SwarmPlan) -> int:
     spec = plan.model
     stop = threading.Event()
+    signals: list[int] = []
+
+    def on_signal(signum: int, _frame) -> None:
+        signals.append(signum)
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, on_signal)
     n_uids = len(plan.uids or spec.all_uids())
     source = f"from {plan.model_dir}" if plan.model_dir else f"seed {plan.seed}"
     print(f"starting {plan.nodes} nodes: {n_uids} experts of {spec.name} ({source}), {plan.replicas} replicas each", flush=True)
     started = time.monotonic()
-    with LocalSwarm(plan) as swarm:
-        print(f"swarm up in {time.monotonic() - started:.1f} s", flush=True)
-        print(format_placement(swarm.ready), flush=True)
-        print(describe_pinning(plan), flush=True)
-        peer = swarm.initial_peers[0]
-        print(f"\ninitial peers: {peer}", flush=True)
-        print(f"try:  moeswarm status --initial-peers {peer}", flush=True)
-        if plan.model_dir and is_hf_checkpoint(plan.model_dir):
-            print(f"      python: moeswarm.model.from_pretrained({plan.model_dir!r}, name={spec.name!r}, initial_peers=[{peer!r}])")
-        elif plan.model_dir:
-            print(f'      moeswarm generate --initial-peers {peer} --model {plan.model_dir} --prompt "def "', flush=True)
-        print("Ctrl-C stops the swarm", flush=True)
-        watch_until_signal(swarm, stop)
-        print("stopping the swarm...", flush=True)
+    try:
+        with LocalSwarm(plan, stop=stop) as swarm:
+            _print_started(plan, swarm, time.monotonic() - started)
+            watch_until_signal(swarm, stop)
+            print("stopping the swarm...", flush=True)
+    except StartInterrupted as e:
+        print(f"stopped while {e} was starting", flush=True)
+        return exit_code_when_stopped(signals)
     print("stopped", flush=True)
     return 0
+
+
+def _print_started(plan: SwarmPlan, swarm: LocalSwarm, took_s: float) -> None:
+    spec = plan.model
+    print(f"swarm up in {took_s:.1f} s", flush=True)
+    print(format_placement(swarm.ready), flush=True)
+    print(describe_pinning(plan), flush=True)
+    peer = swarm.initial_peers[0]
+    print(f"\ninitial peers: {peer}", flush=True)
+    print(f"try:  moeswarm status --initial-peers {peer}", flush=True)
+    if plan.model_dir and is_hf_checkpoint(plan.model_dir):
+        print(f"      python: moeswarm.model.from_pretrained({plan.model_dir!r}, name={spec.name!r}, initial_peers=[{peer!r}])")
+    elif plan.model_dir:
+        print(f'      moeswarm generate --initial-peers {peer} --model {plan.model_dir} --prompt "def "', flush=True)
+    print("Ctrl-C stops the swarm", flush=True)

@@ -114,6 +114,19 @@ def alive(pids: set[int]) -> set[int]:
     return living
 
 
+def processes_mentioning(text: str) -> set[int]:
+    """Live pids whose command line contains `text` (a run dir: the processes of one swarm, forked
+    DHT children and p2pd daemons included, wherever they were reparented)."""
+    found = set()
+    for entry in pathlib.Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and text.encode() in (entry / "cmdline").read_bytes():
+                found.add(int(entry.name))
+        except OSError:  # gone meanwhile
+            continue
+    return alive(found)
+
+
 def run(coro, timeout_s: float = 30.0):
     """Run one client coroutine with a bound, so a hang fails the test instead of freezing it."""
     return asyncio.run(asyncio.wait_for(coro, timeout_s))

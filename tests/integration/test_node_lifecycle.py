@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 from conftest import MODEL, node_config
-from procs import alive, probe, process_tree, run, spawn, start_dht_peer, start_node, train_step, wait_for
+from procs import Proc, alive, probe, process_tree, run, spawn, start_dht_peer, start_node, train_step, wait_for
 from moeswarm.model.directory import find_experts
 from moeswarm.protocol.dht import IsolatedDHT, get_records
 from moeswarm.protocol.records import expert_key
@@ -337,4 +337,28 @@ def test_ctrl_c_in_the_nodes_terminal_stops_it_cleanly(tmp_path, request):
     assert node.popen.wait(15) == 0
     assert "did not shut down" not in node.log and "did not stop" not in node.log and "p2pd daemon" not in node.log, node.log
     assert list(state.rglob("*.pt"))  # the last checkpoint was written
+    wait_for(lambda: not alive(tree), timeout_s=10, what=f"the node's processes ({alive(tree)}) exiting")
+
+
+def test_ctrl_c_while_the_node_starts_stops_it_there_with_code_130(tmp_path):
+    # A bootstrap peer that accepts connections and never answers holds the node's DHT join for
+    # seconds (about 5 here): the signal comes while the node is starting, not after.
+    work = tmp_path / "node"
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        peer = f"/ip4/127.0.0.1/tcp/{silent.getsockname()[1]}/p2p/12D3KooWNZWax6D2aQHtMZQTu2Arp8Qg34WQY9hUK5xysewWAND7"
+        work.mkdir()
+        (work / "node.yaml").write_text(yaml.safe_dump(node_config([peer], state_dir=str(tmp_path / "state")), sort_keys=False))
+        popen = spawn(work, "node", "--config", str(work / "node.yaml"))
+        try:
+            wait_for(lambda: "from seed 7" in (work / "log.txt").read_text() or popen.poll() is not None, timeout_s=60, what="the start")
+            tree = process_tree(popen.pid)  # the node, its DHT child and p2pd
+            os.killpg(popen.pid, signal.SIGINT)
+            assert popen.wait(30) == 130, (work / "log.txt").read_text()
+        finally:
+            Proc(popen, work, {}).kill()
+    log = (work / "log.txt").read_text()
+    assert "stopped while starting" in log and "moeswarm node ready" not in log and "Traceback" not in log, log
+    assert not (work / "ready.json").exists()
     wait_for(lambda: not alive(tree), timeout_s=10, what=f"the node's processes ({alive(tree)}) exiting")

@@ -11,9 +11,10 @@ import subprocess
 import sys
 import time
 
-from procs import alive, process_tree, read_until
+from procs import alive, process_tree, processes_mentioning, read_until, wait_for
 
 READY_LINE = "Ctrl-C stops the swarm"
+TINY = ("--layers", "1", "--experts", "2", "--d-model", "16", "--d-ff", "32")
 
 
 @contextlib.contextmanager
@@ -125,6 +126,18 @@ def test_swarm_up_starts_its_bootstrap_dht_peer_again_at_the_printed_address(tmp
             time.sleep(1)
         assert set(status_json(peer)["experts"]) == {"tiny-moe.L0.E0", "tiny-moe.L0.E1"}
         ctrl_c_leaves_nothing_behind(swarm)
+
+
+def test_ctrl_c_while_the_swarm_starts_stops_what_it_started(tmp_path):
+    run_dir = tmp_path / "run"
+    with swarm_up(tmp_path, "--nodes", "2", "--replicas", "1", *TINY) as (swarm, output):
+        wait_for(lambda: (run_dir / "node0" / "log.txt").exists() or swarm.poll() is not None, timeout_s=60, what="node0's spawn")
+        os.killpg(swarm.pid, signal.SIGINT)  # the DHT peer is up, the nodes were just spawned: they take seconds to be ready
+        assert swarm.wait(30) == 130, output.read_text()
+        text = output.read_text()
+        assert "stopped while node0 was starting" in text and "swarm up in" not in text, text
+        assert "Traceback" not in text, text
+        wait_for(lambda: not processes_mentioning(str(run_dir)), timeout_s=10, what="every process of the swarm exiting")
 
 
 def test_swarm_up_rejects_more_replicas_than_nodes():
