@@ -8,6 +8,8 @@ import json
 import logging
 import os
 import pathlib
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -112,12 +114,15 @@ class LocalSwarm:
         self.ready: list[dict] = []  # what each node reported: endpoint, maddrs, peer_id, uids
         self.initial_peers: list[str] = []
         self._stop = stop or threading.Event()
-        self._tmp = None if plan.run_dir else tempfile.TemporaryDirectory(prefix="moeswarm-swarm-")
-        self.run_dir = pathlib.Path(plan.run_dir or self._tmp.name)
+        self._tmp_dir = None if plan.run_dir else pathlib.Path(tempfile.mkdtemp(prefix="moeswarm-swarm-"))  # removed by stop()
+        self.run_dir = pathlib.Path(plan.run_dir or self._tmp_dir)
 
     def __enter__(self) -> "LocalSwarm":
         try:
             self.start()
+        except StartupError:
+            self.stop(keep_run_dir=True)  # the error points at a log in it
+            raise
         except BaseException:
             self.stop()
             raise
@@ -192,13 +197,22 @@ class LocalSwarm:
             if ready_file.exists():
                 return json.loads(ready_file.read_text())
             if proc.poll() is not None:
-                raise StartupError(f"{work_dir.name} exited with code {proc.returncode}; see {work_dir / 'log.txt'}")
+                raise StartupError(f"{work_dir.name} exited with code {proc.returncode}{self._why(work_dir)}")
             if self._stop.wait(0.05):
                 raise StartInterrupted(work_dir.name)
-        raise StartupError(f"{work_dir.name} not ready after {START_TIMEOUT_S:.0f} s; see {work_dir / 'log.txt'}")
+        raise StartupError(f"{work_dir.name} not ready after {START_TIMEOUT_S:.0f} s{self._why(work_dir)}")
 
-    def stop(self) -> None:
-        """SIGTERM every process (nodes first), SIGKILL what is left after the grace period."""
+    def _why(self, work_dir: pathlib.Path) -> str:
+        """': <the log's last error line> (log: PATH)' for a start that failed: the launcher's
+        error alone says what went wrong. A temp run dir is kept for that log."""
+        log = work_dir / "log.txt"
+        reason = last_error_line(log)
+        kept = ", kept" if self._tmp_dir is not None else ""
+        return f": {reason} (log: {log}{kept})" if reason else f" (log: {log}{kept})"
+
+    def stop(self, *, keep_run_dir: bool = False) -> None:
+        """SIGTERM every process (nodes first), SIGKILL what is left after the grace period; then
+        remove the temp run dir unless keep_run_dir."""
         for proc in self.procs[::-1]:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -209,9 +223,9 @@ class LocalSwarm:
             except subprocess.TimeoutExpired:
                 logger.warning("pid %d did not stop in %.0f s; killing it", proc.pid, STOP_TIMEOUT_S)
             _kill_group(proc)
-        if self._tmp is not None:
-            self._tmp.cleanup()
-            self._tmp = None
+        if self._tmp_dir is not None and not keep_run_dir:
+            shutil.rmtree(self._tmp_dir, ignore_errors=True)
+        self._tmp_dir = None
 
 
 def _read_ready(work_dir: pathlib.Path) -> dict | None:
@@ -219,6 +233,25 @@ def _read_ready(work_dir: pathlib.Path) -> dict | None:
         return json.loads((work_dir / "ready.json").read_text())
     except (OSError, ValueError):  # not written yet (it is written atomically: never half)
         return None
+
+
+# A line that says why a child stopped: our CLI's one-line error, an exception (a traceback's last
+# line), or a logged error; hivemind's own log lines look like "Nov 23 20:25:28.986 [ERROR] ...".
+_ERROR_LINE = re.compile(r"^moeswarm\b.*|^[\w.]+(Error|Exception|Interrupt)\b.*|.*(\bERROR\b|\bCRITICAL\b|\[ERROR\]).*")
+LOG_TAIL_BYTES = 16384
+
+
+def last_error_line(log: pathlib.Path) -> str | None:
+    """The last line of the log's tail that says why its process stopped (else its last line),
+    without our CLI's "moeswarm: " prefix; None for a missing or empty log."""
+    try:
+        with open(log, "rb") as file:
+            file.seek(max(0, file.seek(0, os.SEEK_END) - LOG_TAIL_BYTES))
+            lines = [line.strip() for line in file.read().decode(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return None
+    line = next((line for line in reversed(lines) if _ERROR_LINE.match(line)), lines[-1] if lines else None)
+    return line.removeprefix("moeswarm: ") if line else None
 
 
 def _node_args(node_dir: pathlib.Path) -> list[str]:

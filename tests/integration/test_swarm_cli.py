@@ -140,6 +140,20 @@ def test_ctrl_c_while_the_swarm_starts_stops_what_it_started(tmp_path):
         wait_for(lambda: not processes_mentioning(str(run_dir)), timeout_s=10, what="every process of the swarm exiting")
 
 
+def test_a_node_that_fails_to_start_is_explained_and_its_log_kept(tmp_path):
+    # Without --run-dir the nodes run in a temp dir; the one whose node failed is kept for its log.
+    missing_cpu = max(os.sched_getaffinity(0)) + 1
+    cmd = [sys.executable, "-m", "moeswarm.deploy.cli", "swarm", "up", "--nodes", "1", "--replicas", "1", *TINY,
+           "--node-set", f"cpus=[{missing_cpu}]"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert result.returncode == 1
+    error = result.stderr.strip()
+    assert error.startswith("moeswarm: node0 exited with code 2: config error: ") and f"CPU [{missing_cpu}] is not available" in error, error
+    log = pathlib.Path(error.split("(log: ")[1].split(",")[0])
+    assert log.is_relative_to(tmp_path) and "is not available" in log.read_text(), error
+    assert len(error.splitlines()) == 1 and "Traceback" not in result.stderr
+
+
 def test_swarm_up_rejects_more_replicas_than_nodes():
     cmd = [sys.executable, "-m", "moeswarm.deploy.cli", "swarm", "up", "--nodes", "2", "--replicas", "3"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=60)

@@ -7,7 +7,7 @@ import pytest
 
 from moeswarm.deploy import swarm as swarm_module
 from moeswarm.deploy.configfile import build
-from moeswarm.deploy.swarm import SwarmPlan, check_node_overrides, describe_pinning, node_configs, node_cpus
+from moeswarm.deploy.swarm import SwarmPlan, check_node_overrides, describe_pinning, last_error_line, node_configs, node_cpus
 from moeswarm.node.affinity import available_cpus, format_cpus, pin_process
 from moeswarm.node.config import NodeConfig
 from moeswarm.protocol.errors import ConfigError
@@ -89,3 +89,18 @@ def test_pinning_to_a_missing_cpu_is_refused_before_changing_anything():
     with pytest.raises(ConfigError, match=rf"CPU \[{max(before) + 1}\] is not available to this process \(available: "):
         pin_process([before[0], max(before) + 1])
     assert available_cpus() == before
+
+
+def test_the_error_line_of_a_child_log_is_found(tmp_path):
+    log = tmp_path / "log.txt"
+    log.write_text(
+        "2026-11-23 20:25:28,900 INFO moeswarm.node.node: no checkpoint\nTraceback (most recent call last):\n"
+        '  File "x.py", line 1, in <module>\n    raise ValueError\nsafetensors.SafetensorError: invalid header length\n'
+        "Nov 23 20:25:29.001 [INFO] shutting down\n"
+    )
+    assert last_error_line(log) == "safetensors.SafetensorError: invalid header length"
+    log.write_text("starting\nmoeswarm: config error: device='cuda': no CUDA device\n")
+    assert last_error_line(log) == "config error: device='cuda': no CUDA device"
+    log.write_text("no error said\nKilled\n")
+    assert last_error_line(log) == "Killed"
+    assert last_error_line(tmp_path / "missing.txt") is None
