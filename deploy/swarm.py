@@ -395,12 +395,25 @@ def plan_from_args(args, scratch: pathlib.Path) -> SwarmPlan:
         model_dir = pathlib.Path(args.model) if args.model else default_model_dir(args.model_name or "tiny-moe", run_dir or scratch)
         config = read_manifest(model_dir).config
         plan = SwarmPlan(model=config.spec(), seed=config.seed, model_dir=str(model_dir), uids=tuple(config.remote_uids()), **common)
-    try:  # fail fast on a bad nodes/replicas pair
-        place_experts(list(plan.uids or plan.model.all_uids()), plan.nodes, plan.replicas, layout=plan.placement)
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
+    check_placement(plan)
     check_node_overrides(plan)
     return plan
+
+
+def check_placement(plan: SwarmPlan) -> None:
+    """ConfigError, before any process starts, for nodes and replicas that cannot share out the
+    experts: more replicas than nodes, or a node that would host no expert (it could not start)."""
+    uids = list(plan.uids or plan.model.all_uids())
+    try:
+        place_experts(uids, plan.nodes, plan.replicas, layout=plan.placement)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    slots = len(uids) * plan.replicas  # every node needs one
+    if plan.nodes > slots:
+        raise ConfigError(
+            f"--nodes {plan.nodes} > {len(uids)} experts x --replicas {plan.replicas}: {plan.nodes - slots} node(s) "
+            f"would host no expert; give at most {slots} nodes, or more replicas"
+        )
 
 
 def swarm_up(args) -> int:

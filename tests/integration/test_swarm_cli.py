@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from procs import alive, process_tree, processes_mentioning, read_until, wait_for
 
 READY_LINE = "Ctrl-C stops the swarm"
@@ -152,6 +153,21 @@ def test_a_node_that_fails_to_start_is_explained_and_its_log_kept(tmp_path):
     log = pathlib.Path(error.split("(log: ")[1].split(",")[0])
     assert log.is_relative_to(tmp_path) and "is not available" in log.read_text(), error
     assert len(error.splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (("--nodes", "3", "--replicas", "1", *TINY), "--nodes 3 > 2 experts x --replicas 1: 1 node(s) would host no expert"),
+    ],
+)
+def test_swarm_up_refuses_a_bad_plan_in_one_line(tmp_path, args, message):
+    file = tmp_path / "a-file"
+    file.write_text("")
+    cmd = [sys.executable, "-m", "moeswarm.deploy.cli", "swarm", "up", *(arg.format(file=file) for arg in args)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert message.format(file=file) in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
 def test_swarm_up_rejects_more_replicas_than_nodes():

@@ -6,8 +6,9 @@ import pathlib
 import pytest
 
 from moeswarm.deploy import swarm as swarm_module
+from moeswarm.deploy.cli import _parser
 from moeswarm.deploy.configfile import build
-from moeswarm.deploy.swarm import SwarmPlan, check_node_overrides, describe_pinning, last_error_line, node_configs, node_cpus
+from moeswarm.deploy.swarm import SwarmPlan, check_node_overrides, describe_pinning, last_error_line, node_configs, node_cpus, plan_from_args
 from moeswarm.node.affinity import available_cpus, format_cpus, pin_process
 from moeswarm.node.config import NodeConfig
 from moeswarm.protocol.errors import ConfigError
@@ -89,6 +90,18 @@ def test_pinning_to_a_missing_cpu_is_refused_before_changing_anything():
     with pytest.raises(ConfigError, match=rf"CPU \[{max(before) + 1}\] is not available to this process \(available: "):
         pin_process([before[0], max(before) + 1])
     assert available_cpus() == before
+
+
+def _plan_from_cli(scratch: pathlib.Path, *args: str) -> SwarmPlan:
+    return plan_from_args(_parser().parse_args(["swarm", "up", *args]), scratch)
+
+
+@pytest.mark.parametrize("placement", ["spread", "by-layer"])
+def test_more_nodes_than_expert_replicas_are_refused_up_front(tmp_path, placement):
+    tiny = ["--layers", "1", "--experts", "2", "--d-model", "16", "--d-ff", "32", "--placement", placement]
+    with pytest.raises(ConfigError, match=r"^--nodes 3 > 2 experts x --replicas 1: 1 node\(s\) would host no expert; give at most 2 nodes"):
+        _plan_from_cli(tmp_path, "--nodes", "3", "--replicas", "1", *tiny)
+    assert _plan_from_cli(tmp_path, "--nodes", "3", "--replicas", "2", *tiny).nodes == 3  # 4 replica slots: each node gets one
 
 
 def test_the_error_line_of_a_child_log_is_found(tmp_path):
