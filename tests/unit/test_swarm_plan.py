@@ -7,7 +7,8 @@ import pytest
 
 from moeswarm.deploy import swarm as swarm_module
 from moeswarm.deploy.cli import _parser
-from moeswarm.deploy.configfile import build
+from moeswarm.deploy.configfile import build, load_yaml
+from moeswarm.deploy.model_cli import config_from_args
 from moeswarm.deploy.swarm import SwarmPlan, check_node_overrides, describe_pinning, last_error_line, node_configs, node_cpus, plan_from_args
 from moeswarm.node.affinity import available_cpus, format_cpus, pin_process
 from moeswarm.node.config import NodeConfig
@@ -102,6 +103,16 @@ def test_more_nodes_than_expert_replicas_are_refused_up_front(tmp_path, placemen
     with pytest.raises(ConfigError, match=r"^--nodes 3 > 2 experts x --replicas 1: 1 node\(s\) would host no expert; give at most 2 nodes"):
         _plan_from_cli(tmp_path, "--nodes", "3", "--replicas", "1", *tiny)
     assert _plan_from_cli(tmp_path, "--nodes", "3", "--replicas", "2", *tiny).nodes == 3  # 4 replica slots: each node gets one
+
+
+def test_the_example_node_config_serves_the_model_of_a_default_swarm_up():
+    # `moeswarm node --config deploy/node.example.yaml --initial-peers <default swarm>` must be let in:
+    # a node whose model differs from the swarm's in any field is refused (node/model_source.py).
+    example = build(NodeConfig, load_yaml(pathlib.Path(swarm_module.__file__).parent / "node.example.yaml"))
+    default = config_from_args("tiny-moe", "small", "topk", [])  # what default_model_dir writes
+    assert example.model == default.spec()
+    assert example.seed == default.seed and example.swarm == "default"  # no model_dir: the same expert weights
+    assert set(example.hosted_uids()) <= set(default.remote_uids())
 
 
 def test_the_error_line_of_a_child_log_is_found(tmp_path):
