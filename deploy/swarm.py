@@ -393,8 +393,9 @@ def plan_from_args(args, scratch: pathlib.Path) -> SwarmPlan:
         from moeswarm.model.model_dir import read_manifest
 
         model_dir = pathlib.Path(args.model) if args.model else default_model_dir(args.model_name or "tiny-moe", run_dir or scratch)
+        spec = spec_of(model_dir, args.model_name)  # a --model-name it does not hold is refused, as by `node --name`
         config = read_manifest(model_dir).config
-        plan = SwarmPlan(model=config.spec(), seed=config.seed, model_dir=str(model_dir), uids=tuple(config.remote_uids()), **common)
+        plan = SwarmPlan(model=spec, seed=config.seed, model_dir=str(model_dir), uids=tuple(config.remote_uids()), **common)
     check_placement(plan)
     check_node_overrides(plan)
     return plan

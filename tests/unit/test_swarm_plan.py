@@ -105,6 +105,16 @@ def test_more_nodes_than_expert_replicas_are_refused_up_front(tmp_path, placemen
     assert _plan_from_cli(tmp_path, "--nodes", "3", "--replicas", "2", *tiny).nodes == 3  # 4 replica slots: each node gets one
 
 
+def test_a_model_name_the_model_directory_does_not_hold_is_refused(tmp_path):
+    from moeswarm.model.lm import build_local_model, save_model
+
+    save_model(build_local_model(config_from_args("dirmodel", "tiny", "topk", ["d_model=16", "n_heads=2", "n_layers=1", "d_ff=16"])), tmp_path / "m")
+    with pytest.raises(ConfigError, match="holds model 'dirmodel', not 'other'"):
+        _plan_from_cli(tmp_path, "--model", str(tmp_path / "m"), "--model-name", "other", "--nodes", "1", "--replicas", "1")
+    plan = _plan_from_cli(tmp_path, "--model", str(tmp_path / "m"), "--model-name", "dirmodel", "--nodes", "1", "--replicas", "1")
+    assert plan.model.name == "dirmodel"
+
+
 def test_the_example_node_config_serves_the_model_of_a_default_swarm_up():
     # `moeswarm node --config deploy/node.example.yaml --initial-peers <default swarm>` must be let in:
     # a node whose model differs from the swarm's in any field is refused (node/model_source.py).
