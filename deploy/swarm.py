@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -24,12 +25,14 @@ from moeswarm.coordinator.placement import place_experts
 from moeswarm.deploy.configfile import apply_overrides, build
 from moeswarm.deploy.run_node import exit_code_when_stopped
 from moeswarm.node.affinity import available_cpus, format_cpus
+from moeswarm.node.checkpoint import hold_lock
 from moeswarm.node.config import NodeConfig
 from moeswarm.node.model_source import is_hf_checkpoint, spec_of
 from moeswarm.protocol.errors import ConfigError, StartupError
 from moeswarm.protocol.spec import ModelSpec, uid_sort_key
 
 logger = logging.getLogger(__name__)
+RUN_DIR_LOCK = "swarm.lock"  # in --run-dir: held by the swarm up using it
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 8.0
 RESTART_LIMIT = 3  # restarts of one node within RESTART_WINDOW_S before swarm up leaves it down
@@ -417,10 +420,27 @@ def check_placement(plan: SwarmPlan) -> None:
         )
 
 
+def lock_run_dir(run_dir: pathlib.Path):
+    """Make --run-dir if missing and lock it while this process lives (returns the open lock file):
+    a second swarm up on it would start a DHT peer on the same key and overwrite the first one's
+    ready files and logs. ConfigError, before anything in it is touched, if it is taken or not a folder."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--run-dir {run_dir} is a file, not a folder")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return hold_lock(
+            run_dir / RUN_DIR_LOCK,
+            lambda pid: f"--run-dir {run_dir} is in use by another swarm up (pid {pid}); stop it first, or give another --run-dir",
+        )
+    except OSError as e:
+        raise ConfigError(f"--run-dir {run_dir}: {e.strerror or e}") from e
+
+
 def swarm_up(args) -> int:
     """CLI body of `moeswarm swarm up`: start, print where to connect, wait for Ctrl-C or SIGTERM.
     Returns 0 once stopped; 130 if a Ctrl-C came before the swarm was up (0 for a SIGTERM)."""
-    with tempfile.TemporaryDirectory(prefix="moeswarm-model-") as scratch:
+    lock = lock_run_dir(pathlib.Path(args.run_dir)) if args.run_dir else contextlib.nullcontext()
+    with lock, tempfile.TemporaryDirectory(prefix="moeswarm-model-") as scratch:
         return _run_swarm(plan_from_args(args, pathlib.Path(scratch)))
 
 

@@ -83,7 +83,19 @@ def test_swarm_up_status_and_ctrl_c(tmp_path):
         assert table.returncode == 0, table.stderr
         rows = [line.split() for line in table.stdout.splitlines() if line.startswith("tiny-moe.")]
         assert sorted(row[0] for row in rows) == sorted(uids) and all(row[1] == "2" for row in rows), table.stdout
+        a_second_swarm_up_on_its_run_dir_is_refused(tmp_path / "run", swarm.pid)
         ctrl_c_leaves_nothing_behind(swarm)
+
+
+def a_second_swarm_up_on_its_run_dir_is_refused(run_dir: pathlib.Path, holder_pid: int) -> None:
+    """...before it touches anything there: the first swarm's ready files and logs stay as they were."""
+    before = {path: path.read_bytes() for path in run_dir.rglob("*") if path.name in ("ready.json", "log.txt")}
+    cmd = [sys.executable, "-m", "moeswarm.deploy.cli", "swarm", "up", *TINY, "--nodes", "1", "--replicas", "1", "--run-dir", str(run_dir)]
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert second.returncode == 2, second.stderr
+    assert f"--run-dir {run_dir} is in use by another swarm up (pid {holder_pid})" in second.stderr
+    assert len(second.stderr.strip().splitlines()) == 1, second.stderr
+    assert {path: path.read_bytes() for path in before} == before
 
 
 def _child_pid(launcher_pid: int, argument: str) -> int:
@@ -159,6 +171,7 @@ def test_a_node_that_fails_to_start_is_explained_and_its_log_kept(tmp_path):
     "args,message",
     [
         (("--nodes", "3", "--replicas", "1", *TINY), "--nodes 3 > 2 experts x --replicas 1: 1 node(s) would host no expert"),
+        (("--nodes", "1", "--replicas", "1", *TINY, "--run-dir", "{file}"), "--run-dir {file} is a file, not a folder"),
     ],
 )
 def test_swarm_up_refuses_a_bad_plan_in_one_line(tmp_path, args, message):
