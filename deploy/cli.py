@@ -91,7 +91,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="leave node threads to the OS scheduler (default: each node gets its own CPUs when there are enough)")
     up.add_argument("--no-restart", action="store_true",
                     help="leave a node or the bootstrap DHT peer that exits down (default: start it again, at most 3 times in 10 min)")
-    up.add_argument("--run-dir", help="keep node checkpoints and logs here (default: a temp dir removed at exit)")
+    up.add_argument("--run-dir", help="keep node checkpoints and logs here (default: a temp dir, removed at exit unless the start failed; locked while in use)")
     up.set_defaults(func=_cmd_swarm_up)
 
     model = commands.add_parser("model", help="model directories: create one")

@@ -90,7 +90,7 @@ def node_configs(plan: SwarmPlan, initial_peers: list[str], run_dir: pathlib.Pat
         }
         for i, uids in enumerate(placement)
     ]
-    return [apply_overrides(config, list(plan.node_overrides)) for config in planned]
+    return [apply_overrides(config, list(plan.node_overrides), flag="--node-set") for config in planned]
 
 
 def check_node_overrides(plan: SwarmPlan) -> None:
