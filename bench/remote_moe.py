@@ -320,7 +320,7 @@ def spawn_node(children: Children, work_dir: pathlib.Path, name: str, uids, swar
 def start_moeswarm(children: Children, work_dir: pathlib.Path) -> tuple[list[str], list, list]:
     """Bootstrap DHT (waited for), then 2 throughput nodes and 2 fault-run nodes (not waited for);
     returns the CPUs each node of a pair is pinned to ([None, None]: not pinned)."""
-    from moeswarm.deploy.swarm import node_cpus
+    from moeswarm.deploy.swarm_plan import node_cpus
     from moeswarm.node.affinity import available_cpus
 
     dht_ready = work_dir / "dht.json"

@@ -5,11 +5,12 @@ import pathlib
 
 import pytest
 
-from moeswarm.deploy import swarm as swarm_module
+from moeswarm.deploy import swarm_plan as plan_module
 from moeswarm.deploy.cli import _parser
 from moeswarm.deploy.configfile import build, load_yaml
 from moeswarm.deploy.model_cli import config_from_args
-from moeswarm.deploy.swarm import SwarmPlan, check_node_overrides, describe_pinning, last_error_line, node_configs, node_cpus, plan_from_args
+from moeswarm.deploy.swarm import last_error_line
+from moeswarm.deploy.swarm_plan import SwarmPlan, check_node_overrides, describe_pinning, node_configs, node_cpus, plan_from_args
 from moeswarm.node.affinity import available_cpus, format_cpus, pin_process
 from moeswarm.node.config import NodeConfig
 from moeswarm.protocol.errors import ConfigError
@@ -69,13 +70,13 @@ def test_node_cpus_gives_each_node_its_own_cpus_or_none(nodes, threads, availabl
 
 
 def test_nodes_are_pinned_apart_when_there_are_enough_cpus(monkeypatch):
-    monkeypatch.setattr(swarm_module, "available_cpus", lambda: [0, 1, 2])
+    monkeypatch.setattr(plan_module, "available_cpus", lambda: [0, 1, 2])
     configs = [build(NodeConfig, data) for data in node_configs(_plan(), [], pathlib.Path("run"))]
     assert [c.cpus for c in configs] == [(0,), (1,)]
     unpinned = dataclasses.replace(_plan(), pin_cpus=False)
     assert [build(NodeConfig, data).cpus for data in node_configs(unpinned, [], pathlib.Path("run"))] == [(), ()]
     assert describe_pinning(_plan()).endswith("node0 0, node1 1")
-    monkeypatch.setattr(swarm_module, "available_cpus", lambda: [0])
+    monkeypatch.setattr(plan_module, "available_cpus", lambda: [0])
     assert [build(NodeConfig, data).cpus for data in node_configs(_plan(), [], pathlib.Path("run"))] == [(), ()]
     assert "not pinned (2 nodes x 1 threads > 1 CPUs)" in describe_pinning(_plan())
 
@@ -119,7 +120,7 @@ def test_a_model_name_the_model_directory_does_not_hold_is_refused(tmp_path):
 def test_the_example_node_config_serves_the_model_of_a_default_swarm_up():
     # `moeswarm node --config deploy/node.example.yaml --initial-peers <default swarm>` must be let in:
     # a node whose model differs from the swarm's in any field is refused (node/model_source.py).
-    example = build(NodeConfig, load_yaml(pathlib.Path(swarm_module.__file__).parent / "node.example.yaml"))
+    example = build(NodeConfig, load_yaml(pathlib.Path(plan_module.__file__).parent / "node.example.yaml"))
     default = config_from_args("tiny-moe", "small", "topk", [])  # what default_model_dir writes
     assert example.model == default.spec()
     assert example.seed == default.seed and example.swarm == "default"  # no model_dir: the same expert weights
