@@ -36,8 +36,9 @@ DHT_TIMEOUT_S = 10.0  # bound on one lookup
 DHT_START_TIMEOUT_S = 60.0
 DHT_STOP_TIMEOUT_S = 1.0  # keeps a node's whole shutdown under 5 s even when p2pd died first
 # Bytes of keys per lookup request: longer key lists are looked up in several requests, each with
-# its own timeout. (They were first split because a request over 16 KiB killed the DHT process; its
-# cause, a non-blocking read, is fixed by _WholeMessagePipe, which stores of many records need too.)
+# its own timeout. They were first split because a request over 16 KiB killed the DHT process (its
+# cause is fixed by _WholeMessagePipe); without the split, one lookup of ~3,000 keys still found no
+# answer within 10 s (its reply's path back or the lookup itself: not pinned down), so it stays.
 MAX_LOOKUP_KEY_BYTES = 8 << 10
 _KEY_OVERHEAD_BYTES = 8  # what pickling adds per key, at most
 
