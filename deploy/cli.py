@@ -112,8 +112,10 @@ def _parser() -> argparse.ArgumentParser:
     gen = commands.add_parser("generate", help="generate text with a model whose experts run on the swarm")
     gen.add_argument("--initial-peers", nargs="+", metavar="MADDR",
                      help="multiaddrs of swarm DHT peers, as `swarm up` prints them (required unless --local)")
-    gen.add_argument("--model", required=True, metavar="DIR", help="moeswarm model directory (`moeswarm model init`); the client reads its dense part")
-    gen.add_argument("--prompt", required=True, help="text to continue (one token per UTF-8 byte)")
+    gen.add_argument("--model", required=True, metavar="DIR", help="moeswarm model directory (`moeswarm model init`) or Hugging Face MoE checkpoint folder "
+                          "(needs `pip install 'moeswarm[hf]'`); the client reads its dense part")
+    gen.add_argument("--prompt", required=True,
+                     help="text to continue (moeswarm models: one token per UTF-8 byte; a checkpoint: its tokenizer)")
     gen.add_argument("--max-new-tokens", type=int, default=64,
                      help="tokens to generate at most; prompt and new tokens must fit the model's max_seq_len "
                           "(default: %(default)s)")
@@ -123,9 +125,12 @@ def _parser() -> argparse.ArgumentParser:
                           "in (0, 1] (default: %(default)s)")
     gen.add_argument("--seed", type=int, default=None, help="sampling seed (default: a different sample each run)")
     gen.add_argument("--swarm", default="default", help="swarm name, as given to `swarm up` (default: %(default)s)")
+    gen.add_argument("--model-name", help="a Hugging Face checkpoint's name in the swarm, where its nodes were given "
+                                          "one (default: the folder's name lowercased, as nodes use)")
     gen.add_argument("--timeout", type=float, default=5.0, help="deadline of one expert call, seconds (default: %(default)s)")
-    gen.add_argument("--wire-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                     help="dtype of activations sent to experts; 16-bit halves the bytes (default: %(default)s)")
+    gen.add_argument("--wire-dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                     help="dtype of activations sent to experts; 16-bit halves the bytes (default: float32; "
+                          "a Hugging Face checkpoint: its own dtype)")
     gen.add_argument("--threads", type=int, default=1, help="torch threads for the dense part (default: %(default)s)")
     gen.add_argument("--local", action="store_true", help="run every expert in this process (no swarm)")
     gen.set_defaults(func=_cmd_generate)

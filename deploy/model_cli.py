@@ -131,6 +131,11 @@ def run_generate(args) -> int:
 
 
 def _generate(args, dht, started: float) -> int:
+    from moeswarm.deploy.hf_generate import generate_hf
+    from moeswarm.node.model_source import is_hf_checkpoint
+
+    if is_hf_checkpoint(args.model):
+        return generate_hf(args, dht, started)
     import torch
 
     from moeswarm.model.dispatcher import DispatchConfig
@@ -139,8 +144,11 @@ def _generate(args, dht, started: float) -> int:
     from moeswarm.model.model_dir import read_manifest
 
     torch.set_num_threads(args.threads)
-    dispatch = DispatchConfig(timeout_s=args.timeout, wire_dtype=args.wire_dtype)
+    dispatch = DispatchConfig(timeout_s=args.timeout, wire_dtype=args.wire_dtype or "float32")
     manifest = read_manifest(args.model)  # before waiting for the swarm: the prompt must fit the model
+    if args.model_name is not None and args.model_name != manifest.config.name:
+        raise ConfigError(f"--model-name {args.model_name}: {args.model} holds model {manifest.config.name!r} "
+                          "(--model-name is for Hugging Face checkpoints served under another name)")
     check_length(len(manifest.tokenizer.encode(args.prompt)), args.max_new_tokens, manifest.config.max_seq_len)
     peers = None if args.local else args.initial_peers
     with open_model(args.model, initial_peers=peers, swarm=args.swarm, dispatch=dispatch, dht=dht) as lm:

@@ -338,8 +338,12 @@ def _print_started(plan: SwarmPlan, swarm: LocalSwarm, took_s: float) -> None:
     peer = swarm.initial_peers[0]
     print(f"\ninitial peers: {peer}", flush=True)
     print(f"try:  moeswarm status --initial-peers {peer}", flush=True)
-    if plan.model_dir and is_hf_checkpoint(plan.model_dir):
-        print(f"      python: moeswarm.model.from_pretrained({plan.model_dir!r}, name={spec.name!r}, initial_peers=[{peer!r}])")
-    elif plan.model_dir:
-        print(f'      moeswarm generate --initial-peers {peer} --model {plan.model_dir} --prompt "def "', flush=True)
+    if plan.model_dir:
+        from moeswarm.model.hf_spec import default_model_name
+
+        hf = is_hf_checkpoint(plan.model_dir)
+        name = f" --model-name {spec.name}" if hf and spec.name != default_model_name(plan.model_dir) else ""
+        print(f'      moeswarm generate --initial-peers {peer} --model {plan.model_dir}{name} --prompt "def "', flush=True)
+        if hf:
+            print(f"      python: moeswarm.model.from_pretrained({plan.model_dir!r}, name={spec.name!r}, initial_peers=[{peer!r}])")
     print("Ctrl-C stops the swarm", flush=True)

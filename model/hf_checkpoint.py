@@ -275,7 +275,7 @@ class CheckpointReader:
             family = dataclasses.replace(family, dtype=self._header_dtype(self._expert_names(family, self.layout)[0]))
         self.family = family
         self._expert_re = self._expert_pattern()
-        logger.info(
+        logger.debug(  # every open: a client opens a checkpoint more than once
             "checkpoint %s: %s, %s layout, %s experts x MoE layers %s",
             self.model_dir, family.model_type, self.layout, family.num_experts, format_ranges(family.moe_layers),
         )

@@ -50,6 +50,17 @@ class SwarmExpertBackend:
         return y_TKH.to(hidden_TH.dtype)
 
 
+def wire_dtype_of(dtype: torch.dtype) -> str:
+    """The wire dtype for a model computed in `dtype`: its own where it has one (bf16 stays bf16)."""
+    return WIRE_NAME_OF.get(dtype, "float32")
+
+
+def checkpoint_dtype(model_dir: str | pathlib.Path) -> torch.dtype:
+    """The dtype the checkpoint's weights are stored in (what from_pretrained computes in by default)."""
+    with CheckpointReader(model_dir) as reader:
+        return reader.family.dtype
+
+
 def from_pretrained(
     model_dir: str | pathlib.Path,
     *,
@@ -73,8 +84,7 @@ def from_pretrained(
     with CheckpointReader(model_dir) as reader:
         family = reader.family
     spec = swarm_spec(family, name or default_model_name(model_dir))
-    wire = WIRE_NAME_OF.get(dtype or family.dtype, "float32")
-    config = dispatch or DispatchConfig(wire_dtype=wire)
+    config = dispatch or DispatchConfig(wire_dtype=wire_dtype_of(dtype or family.dtype))
     client = SwarmClient(initial_peers, model=spec.name, swarm=swarm, config=config, dht=dht)
     try:
         model = load_remote_model(model_dir, SwarmExpertBackend(client, spec), dtype=dtype)

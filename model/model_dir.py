@@ -98,8 +98,7 @@ def read_manifest(path: str | pathlib.Path) -> Manifest:
             raise ConfigError(
                 f"{path} is a Hugging Face checkpoint, not a moeswarm model directory ({MANIFEST} is missing): "
                 "nodes serve its experts (`moeswarm node --model`, `swarm up --model`), and Python runs it with "
-                "moeswarm.model.from_pretrained(DIR, initial_peers=[...]); `moeswarm generate` runs directories "
-                "written by `moeswarm model init`"
+                "moeswarm.model.from_pretrained(DIR, initial_peers=[...]) and `moeswarm generate --model DIR`"
             ) from e
         raise ConfigError(f"{path} is not a moeswarm model directory: {MANIFEST} is missing") from e
     except (OSError, ValueError) as e:

@@ -68,7 +68,7 @@ CASES = [  # (arguments, with {name} for a folder of `dirs`; what the error must
     ("generate --local --model {model} --prompt hi --threads 0", "--threads 0: must be at least 1"),
     ("generate --local --model {model} --prompt hi --timeout 0", "--timeout 0.0: must be a positive number of seconds"),
     ("generate --local --model {damaged} --prompt hi", "experts-L001.safetensors is missing; copy or write the directory again"),
-    ("generate --local --model {hf} --prompt hi", "is a Hugging Face checkpoint, not a moeswarm model directory"),
+    ("generate --local --model {hf} --prompt hi", "transformers cannot load its tokenizer"),
     ("node --model {truncated-hf}", "model.safetensors is not a complete safetensors file"),
     ("node --model {hf-eight}", "config.json num_local_experts='eight': must be a positive integer"),
     ("node --model {model} --set port=[1", "--set 'port=[1': '[1' is not valid YAML"),

@@ -5,6 +5,7 @@ plain transformers model; bad expert requests and mismatched checkpoints are ref
 from __future__ import annotations
 
 import pathlib
+import shlex
 import subprocess
 import sys
 
@@ -14,9 +15,9 @@ import torch
 pytest.importorskip("transformers")
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "unit"))
-from hf_tiny import save_tiny  # noqa: E402
+from hf_tiny import save_tiny, save_tiny_tokenizer  # noqa: E402
 from procs import Proc, ProcGroup, read_until, spawn, start_dht_peer, wait_ready  # noqa: E402
-from transformers import AutoModelForCausalLM  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 import moeswarm.model  # noqa: E402
 from moeswarm.node.registry import can_prepack  # noqa: E402
@@ -126,6 +127,7 @@ def test_node_refuses_a_checkpoint_whose_experts_disagree_with_the_swarm(swarm, 
 def test_swarm_up_spreads_a_checkpoint_over_nodes_with_replicas(tmp_path):
     model_dir = tmp_path / "qwen3-tiny"
     save_tiny("qwen3_moe", model_dir)
+    save_tiny_tokenizer(model_dir)
     reference = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     cli = [sys.executable, "-m", "moeswarm.deploy.cli"]
     up = subprocess.Popen(
@@ -137,6 +139,11 @@ def test_swarm_up_spreads_a_checkpoint_over_nodes_with_replicas(tmp_path):
         peer = next(line.split()[-1] for line in text.splitlines() if line.startswith("initial peers:"))
         rows = [line.split() for line in text.splitlines() if line.startswith("qwen3-tiny.L")]
         assert len(rows) == 2 * 8 and all(len(row) == 3 for row in rows)  # every expert on 2 endpoints
+        printed = next(shlex.split(line) for line in text.splitlines() if line.strip().startswith("moeswarm generate"))
+        generated = subprocess.run(  # the generate command swarm up suggests works as printed
+            [*cli, *printed[1:], "--max-new-tokens", "4"], capture_output=True, text=True, timeout=120,
+        )
+        assert generated.returncode == 0 and "4 tokens" in generated.stderr, generated.stderr
         model = moeswarm.model.from_pretrained(model_dir, initial_peers=[peer])
         try:
             with torch.no_grad():
@@ -186,3 +193,26 @@ def test_training_through_an_imported_model_matches_transformers_grads_and_moves
             model.moeswarm_client.close()
     finally:
         proc.kill()
+
+
+def test_generate_cli_streams_a_checkpoint_like_transformers(swarm, tmp_path):
+    """`moeswarm generate --model CHECKPOINT`: the checkpoint's tokenizer, transformers' generate(), the
+    experts on the nodes; the text equals plain transformers' greedy continuation, and --local's."""
+    root, peers, _ = swarm
+    model_dir = root / checkpoint_name("mixtral", torch.float32, "fused", 3)
+    save_tiny_tokenizer(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    prompt = "def f(x):"
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    reference = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    new_ids = reference.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0)[0, ids.shape[1]:]
+    expected = prompt + tokenizer.decode(new_ids, skip_special_tokens=True) + "\n"
+    cli = [sys.executable, "-m", "moeswarm.deploy.cli", "generate", "--model", str(model_dir), "--prompt", prompt, "--max-new-tokens", "10"]
+    runs = {"swarm": ["--initial-peers", *peers, "--swarm", SWARM], "local": ["--local"]}
+    for name, extra in runs.items():
+        result = subprocess.run([*cli, *extra], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == expected, (name, result.stdout, expected)
+        assert "tokens/s decoding" in result.stderr and "Traceback" not in result.stderr, result.stderr
+    too_long = subprocess.run([*cli[:-1], "100000", "--local"], capture_output=True, text=True, timeout=120)
+    assert too_long.returncode == 2 and "--max-new-tokens 100000: the 9-token prompt leaves room for at most" in too_long.stderr

@@ -122,6 +122,23 @@ def save_tiny(
     return model
 
 
+def save_tiny_tokenizer(directory: str | Path) -> None:
+    """A byte-level tokenizer for the tiny models' 256-token vocabulary, built here (no download):
+    ids 0-2 are <pad>, <s>, </s> (the configs' special ids), then one token per byte symbol (the 3 rarest
+    of the 256 byte symbols left out), no merges."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
+    for symbol in sorted(pre_tokenizers.ByteLevel.alphabet())[: 256 - len(vocab)]:
+        vocab[symbol] = len(vocab)
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.save_pretrained(directory)
+
+
 @contextmanager
 def one_torch_thread() -> Iterator[None]:
     """Run tiny models on one intra-op thread: on a busy 2-core machine OpenMP's spinning threads made
