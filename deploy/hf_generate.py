@@ -20,6 +20,7 @@ def generate_hf(args, dht, started: float) -> int:
     _check_length(transformers, args.model, encoded.input_ids.shape[1], args.max_new_tokens)
     torch.set_num_threads(args.threads)
     model = _load_model(transformers, args, dht)
+    client = getattr(model, "moeswarm_client", None)  # None with --local
     try:
         print(f"[loaded in {time.monotonic() - started:.1f} s]", file=sys.stderr, flush=True)
         sys.stdout.write(args.prompt)
@@ -28,14 +29,15 @@ def generate_hf(args, dht, started: float) -> int:
             torch.manual_seed(args.seed)
         sampling = dict(do_sample=True, temperature=args.temperature, top_p=args.top_p) if args.temperature > 0 else dict(do_sample=False)
         eos = tokenizer.eos_token_id
+        waited_before = client.expert_wait_s if client is not None else 0.0
         with torch.inference_mode():
             model.generate(
                 **encoded, max_new_tokens=args.max_new_tokens, streamer=streamer,
                 pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos, **sampling,
             )
-        print(streamer.summary(), file=sys.stderr, flush=True)
+        waited_s = client.expert_wait_s - waited_before if client is not None else None
+        print(streamer.summary(waited_s), file=sys.stderr, flush=True)
     finally:
-        client = getattr(model, "moeswarm_client", None)
         if client is not None:
             client.close()
     return 0
@@ -109,10 +111,12 @@ class _TimedStreamer:
     def end(self) -> None:
         self._text.end()
 
-    def summary(self) -> str:
+    def summary(self, expert_wait_s: float | None) -> str:
+        """One line, as `generate` prints for moeswarm models; expert_wait_s: None when run locally."""
         if not self._tokens:
             return "[0 tokens]"
         prompt_ms = (self._first - self._started) * 1e3
         decode_s = self._last - self._first
         rate = f"{(self._tokens - 1) / decode_s:.1f} tokens/s decoding" if self._tokens > 1 and decode_s > 0 else "no decoding step"
-        return f"[{self._tokens} tokens; prompt {prompt_ms:.0f} ms; {rate}]"
+        waited = "" if expert_wait_s is None else f"; {expert_wait_s / max(self._last - self._started, 1e-9):.0%} of the time waiting for experts"
+        return f"[{self._tokens} tokens; prompt {prompt_ms:.0f} ms; {rate}{waited}]"

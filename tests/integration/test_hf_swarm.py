@@ -214,5 +214,6 @@ def test_generate_cli_streams_a_checkpoint_like_transformers(swarm, tmp_path):
         assert result.returncode == 0, result.stderr
         assert result.stdout == expected, (name, result.stdout, expected)
         assert "tokens/s decoding" in result.stderr and "Traceback" not in result.stderr, result.stderr
+        assert ("waiting for experts" in result.stderr) == (name == "swarm"), result.stderr
     too_long = subprocess.run([*cli[:-1], "100000", "--local"], capture_output=True, text=True, timeout=120)
     assert too_long.returncode == 2 and "--max-new-tokens 100000: the 9-token prompt leaves room for at most" in too_long.stderr
