@@ -4,19 +4,24 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 from moeswarm.deploy.model_cli import SIZE_PRESETS
+from moeswarm.deploy.stop_signals import exit_at_once_on_stop_signals
 from moeswarm.protocol.errors import ConfigError, MoeSwarmError, StartupError
 
 
 
 def main(argv: list[str] | None = None) -> int:
+    previous = exit_at_once_on_stop_signals()  # first: the commands that serve install their own handlers later
+    args = _parser().parse_args(argv)
+    if args.func not in (_cmd_node, _cmd_dht, _cmd_swarm_up):  # the others stop on KeyboardInterrupt
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     from moeswarm.protocol.dht import import_dht_only
 
     import_dht_only()  # before anything imports hivemind: our processes need only its DHT
-    parser = _parser()
-    args = parser.parse_args(argv)
     configure_logging(args.log_level)
     try:
         return args.func(args)

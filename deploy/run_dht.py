@@ -6,9 +6,8 @@ import ipaddress
 import json
 import os
 import pathlib
-import signal
-import threading
 
+from moeswarm.deploy.stop_signals import StopFlag
 from moeswarm.protocol.dht import describe_dht_exit, start_dht, stop_dht
 from moeswarm.protocol.errors import ConfigError
 
@@ -20,10 +19,8 @@ def run_dht(
     check_addresses(host, port, announce_host)
     from moeswarm.node.checkpoint import write_atomic  # after the checks: it imports torch (about 1 s)
 
-    stop = threading.Event()
+    stop = StopFlag().install()
     parent_pid = os.getppid()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     lock = None  # two peers under one key would fight over one peer id: hold its lock while running
     if identity_path is not None:
         lock = _lock_identity(identity_path)

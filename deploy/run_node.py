@@ -10,6 +10,7 @@ import pathlib
 import signal
 import sys
 
+from moeswarm.deploy.stop_signals import exit_code_when_stopped
 from moeswarm.node.affinity import pin_process
 from moeswarm.node.config import NodeConfig
 from moeswarm.protocol.malloc import keep_freed_memory
@@ -17,14 +18,6 @@ from moeswarm.protocol.malloc import keep_freed_memory
 logger = logging.getLogger(__name__)
 DHT_WATCH_S = 1.0  # how often a serving node checks that its DHT process is still there
 EXIT_DHT_LOST = 1
-EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT) before the node was ready: 128 + 2, as a shell reports it
-
-
-def exit_code_when_stopped(signals: list[int]) -> int:
-    """Exit code of a process stopped before it was ready: 130 after a SIGINT (Ctrl-C); 0 after a
-    SIGTERM alone, as for a SIGTERM once ready (the way a supervisor stops it, not a failure)."""
-    return EXIT_INTERRUPTED if signal.SIGINT in signals else 0
-
 
 def run_node(config: NodeConfig, *, ready_file: str | None = None, exit_with_parent: bool = False) -> int:
     """Serve until SIGTERM/SIGINT; returns the exit code."""

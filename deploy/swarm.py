@@ -22,7 +22,7 @@ from typing import Callable
 import yaml
 
 from moeswarm.deploy.swarm_plan import SwarmPlan, describe_pinning, node_configs, plan_from_args
-from moeswarm.deploy.run_node import exit_code_when_stopped
+from moeswarm.deploy.stop_signals import StopFlag, exit_code_when_stopped
 from moeswarm.node.checkpoint import hold_lock
 from moeswarm.node.model_source import is_hf_checkpoint
 from moeswarm.protocol.errors import ConfigError, StartupError
@@ -45,7 +45,7 @@ class LocalSwarm:
     Ctrl-C reaches only the launcher). Use as a context manager; stop() leaves no process behind.
     Setting `stop` while it starts stops what it started and raises StartInterrupted."""
 
-    def __init__(self, plan: SwarmPlan, *, stop: threading.Event | None = None):
+    def __init__(self, plan: SwarmPlan, *, stop: threading.Event | StopFlag | None = None):
         self.plan = plan
         self.procs: list[subprocess.Popen] = []  # [dht, node0, node1, ...]
         self.ready: list[dict] = []  # what each node reported: endpoint, maddrs, peer_id, uids
@@ -245,7 +245,7 @@ def _children(swarm: LocalSwarm) -> list[_Child]:
     return children
 
 
-def watch_until_signal(swarm: LocalSwarm, stop: threading.Event) -> None:
+def watch_until_signal(swarm: LocalSwarm, stop: threading.Event | StopFlag) -> None:
     """Block until `stop` is set. A node or the bootstrap DHT peer that exits is started again
     (a node from its checkpoint, the DHT peer at its old address) after 1, 2, 4 s, at most
     RESTART_LIMIT times in RESTART_WINDOW_S; past that, or with restarts off (--no-restart), it is
@@ -298,22 +298,14 @@ def lock_run_dir(run_dir: pathlib.Path):
 def swarm_up(args) -> int:
     """CLI body of `moeswarm swarm up`: start, print where to connect, wait for Ctrl-C or SIGTERM.
     Returns 0 once stopped; 130 if a Ctrl-C came before the swarm was up (0 for a SIGTERM)."""
+    stop = StopFlag().install()  # first: a Ctrl-C while the plan is made stops the start before it begins
     lock = lock_run_dir(pathlib.Path(args.run_dir)) if args.run_dir else contextlib.nullcontext()
     with lock, tempfile.TemporaryDirectory(prefix="moeswarm-model-") as scratch:
-        return _run_swarm(plan_from_args(args, pathlib.Path(scratch)))
+        return _run_swarm(plan_from_args(args, pathlib.Path(scratch)), stop)
 
 
-def _run_swarm(plan: SwarmPlan) -> int:
+def _run_swarm(plan: SwarmPlan, stop: StopFlag) -> int:
     spec = plan.model
-    stop = threading.Event()
-    signals: list[int] = []
-
-    def on_signal(signum: int, _frame) -> None:
-        signals.append(signum)
-        stop.set()
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, on_signal)
     n_uids = len(plan.uids or spec.all_uids())
     source = f"from {plan.model_dir}" if plan.model_dir else f"seed {plan.seed}"
     print(f"starting {plan.nodes} nodes: {n_uids} experts of {spec.name} ({source}), {plan.replicas} replicas each", flush=True)
@@ -325,7 +317,7 @@ def _run_swarm(plan: SwarmPlan) -> int:
             print("stopping the swarm...", flush=True)
     except StartInterrupted as e:
         print(f"stopped while {e} was starting", flush=True)
-        return exit_code_when_stopped(signals)
+        return exit_code_when_stopped(stop.signals)
     print("stopped", flush=True)
     return 0
 

@@ -196,3 +196,36 @@ def test_status_with_a_malformed_peer_address_says_so_in_one_line():
     assert result.returncode == 1
     assert 'failed to parse multiaddr "ip4/127.0.0.1/tcp/1"' in result.stderr
     assert "Traceback" not in result.stderr, result.stderr
+
+
+def _maps_torch(pid: int) -> bool:
+    try:
+        return "libtorch_cpu" in pathlib.Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("command", ["swarm up", "node", "dht"])
+def test_ctrl_c_while_a_command_imports_exits_130_quietly(tmp_path, command):
+    """A Ctrl-C that lands while torch is being imported (the first second or so of every command that
+    serves; deploy/stop_signals.py): exit 130, no traceback, no process left."""
+    args = {
+        "swarm up": ["swarm", "up", *TINY, "--nodes", "1", "--replicas", "1", "--run-dir", str(tmp_path / "run")],
+        "node": ["node", "--config", str(pathlib.Path(__file__).parents[2] / "deploy" / "node.example.yaml"),
+                 "--set", f"state_dir={tmp_path / 'state'}"],
+        "dht": ["dht"],
+    }[command]
+    output = tmp_path / "out.txt"
+    with open(output, "wb") as out:
+        popen = subprocess.Popen([sys.executable, "-m", "moeswarm.deploy.cli", *args], stdout=out, stderr=subprocess.STDOUT,
+                                 start_new_session=True)
+    try:
+        wait_for(lambda: _maps_torch(popen.pid) or popen.poll() is not None, timeout_s=30, what="the torch import")
+        os.killpg(popen.pid, signal.SIGINT)
+        assert popen.wait(30) == 130, output.read_text()
+        assert "Traceback" not in output.read_text(), output.read_text()
+        wait_for(lambda: not processes_mentioning(str(tmp_path)), timeout_s=10, what="every process of it exiting")
+    finally:
+        for pid in alive(process_tree(popen.pid)) | {popen.pid}:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
