@@ -12,6 +12,7 @@ experts that have no file of their own yet.
 from __future__ import annotations
 
 import asyncio
+import errno
 import fcntl
 import logging
 import os
@@ -21,7 +22,7 @@ from typing import Awaitable, Callable, Iterator
 
 import torch
 
-from moeswarm.protocol.errors import ConfigError
+from moeswarm.protocol.errors import CheckpointError, ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -63,14 +64,40 @@ def expert_checkpoint_path(state_dir: pathlib.Path, uid: str) -> pathlib.Path:
 
 
 def save_expert_checkpoint(state_dir: pathlib.Path, uid: str, state: dict) -> pathlib.Path:
-    """Write one expert's state (ExpertRegistry.state_dict([uid])) atomically to its own file."""
+    """Write one expert's state (ExpertRegistry.state_dict([uid])) atomically to its own file.
+    CheckpointError where the disk refuses (full, read-only, state_dir gone): the old file stays."""
     folder = state_dir / EXPERTS_DIR
-    if not folder.is_dir():
-        folder.mkdir(parents=True, exist_ok=True)
-        _fsync_dir(state_dir)  # the new folder's entry survives a crash too
     path = expert_checkpoint_path(state_dir, uid)
-    write_atomic(path, lambda file: torch.save(state, file))
+    try:
+        if not folder.is_dir():
+            folder.mkdir(exist_ok=True)  # not state_dir: a removed one is the node's to make again, in full
+            _fsync_dir(state_dir)  # the new folder's entry survives a crash too
+        write_atomic(path, lambda file: torch.save(state, file))
+    except Exception as e:
+        if (reason := os_failure(e)) is None:
+            raise  # not the disk: a bug, with its traceback
+        raise CheckpointError(f"cannot write {path}: {reason}; the checkpoint before stays", reason) from e
     return path
+
+
+_REMEDIES = {
+    errno.ENOSPC: "free some disk space", errno.EDQUOT: "free some disk space (over quota)",
+    errno.EROFS: "the filesystem is read-only: remount it read-write",
+    errno.EACCES: "give the node's user write access", errno.EPERM: "give the node's user write access",
+    errno.ENOENT: "the state directory was removed",
+}
+
+
+def os_failure(error: BaseException) -> str | None:
+    """What the OS refused, with what to do, where `error` is or was caused by an OSError (torch.save
+    reports a full disk as a RuntimeError raised while handling the OSError); None otherwise."""
+    while error is not None and not isinstance(error, OSError):
+        error = error.__cause__ or error.__context__
+    if error is None:
+        return None
+    name = errno.errorcode.get(error.errno, "")
+    reason = f"{error.strerror or error} ({name})" if name else str(error.strerror or error)
+    return f"{reason}: {_REMEDIES[error.errno]}" if error.errno in _REMEDIES else reason
 
 
 class Checkpointer:
@@ -198,6 +225,17 @@ def read_identity(path: pathlib.Path):
     except (ValueError, TypeError) as e:
         raise ConfigError(f"{path} holds a damaged RSA key ({e}); {remedy}") from e
     return key
+
+
+def holds_lock(state_dir: pathlib.Path, lock_file) -> bool:
+    """Whether state_dir's lock file is still the one `lock_file` (lock_state_dir's) holds: False once
+    it was removed, with the whole directory or alone, or replaced."""
+    try:
+        on_disk = os.stat(state_dir / LOCK_NAME)
+    except OSError:
+        return False
+    held = os.fstat(lock_file.fileno())
+    return (on_disk.st_dev, on_disk.st_ino) == (held.st_dev, held.st_ino)
 
 
 def lock_state_dir(state_dir: pathlib.Path):

@@ -19,8 +19,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from moeswarm.node.announcer import Announcer
 from moeswarm.node.batcher import Batcher
 from moeswarm.node.checkpoint import (
-    EXPERTS_DIR, P2P_IDENTITY_NAME, Checkpointer, iter_checkpoints, load_or_create_identity, lock_state_dir,
-    remove_unfinished_writes, write_identity,
+    EXPERTS_DIR, P2P_IDENTITY_NAME, Checkpointer, holds_lock, iter_checkpoints, load_or_create_identity, lock_state_dir,
+    os_failure, remove_unfinished_writes, write_identity,
 )
 from moeswarm.node.config import NodeConfig
 from moeswarm.node.model_source import check_swarm_agrees, load_expert_modules
@@ -29,7 +29,7 @@ from moeswarm.node.replica_sync import ReplicaSync
 from moeswarm.node.service import SERVICE_NAME, ExpertServicer
 from moeswarm.node.validation import Limits
 from moeswarm.protocol import expert_pb2
-from moeswarm.protocol.errors import ConfigError, StartupError
+from moeswarm.protocol.errors import CheckpointError, ConfigError, StartupError
 from moeswarm.protocol.dht import describe_dht_exit, dht_start_failure, grpc_endpoint, start_dht, stop_dht, wait_dht_ready
 from moeswarm.protocol.records import ExpertRecord, NodeRecord, dht_subkey, signer_peer_id
 
@@ -66,6 +66,7 @@ class ExpertNode:
         self._tasks: list[asyncio.Task] = []
         self._restored: set[str] = set()  # experts a checkpoint restored
         self._lock = None  # the open lock file of state_dir, held while the node runs
+        self._identity = None  # the node's RSA key (load_or_create_identity), written again if state_dir goes
         self._identity_dir: tempfile.TemporaryDirectory | None = None  # without a state_dir: the key file p2pd reads
         self._serving = False  # set once start() completed; a node that failed to start writes nothing
         self._loop: asyncio.AbstractEventLoop | None = None  # the serving loop, set by start()
@@ -82,7 +83,7 @@ class ExpertNode:
         self._lock = lock_state_dir(self.state_dir) if self.state_dir is not None else None
         if self.state_dir is not None:
             remove_unfinished_writes(self.state_dir)
-        identity = load_or_create_identity(self.state_dir)
+        identity = self._identity = load_or_create_identity(self.state_dir)
         identity_path = self._identity_file(identity)
         self.dht = start_dht(  # one key for p2pd and for signing: readers take a record's peer id from its signer
             initial_peers=config.initial_peers, host=config.host, port=config.dht_port, private_key=identity,
@@ -265,6 +266,8 @@ class ExpertNode:
         at a time, requests served in between); returns whether it wrote."""
         if self.state_dir is None:
             return False
+        if not holds_lock(self.state_dir, self._lock):
+            self._take_state_dir_again()
         started = time.monotonic()
         written = await self._checkpointer.save(self.uids)
         if written:
@@ -274,6 +277,20 @@ class ExpertNode:
             )
         return written > 0
 
+    def _take_state_dir_again(self) -> None:
+        """state_dir, or its lock, was removed or replaced while the node ran: lock it again and write
+        all of it (identity, every expert), not only what changed since, for what was there is gone."""
+        try:
+            lock = lock_state_dir(self.state_dir)  # another node may have taken it meanwhile: then write nothing
+            write_identity(self._identity, self.state_dir / P2P_IDENTITY_NAME)
+        except (ConfigError, OSError) as e:
+            reason = os_failure(e) or str(e)
+            raise CheckpointError(f"state_dir {self.state_dir} was removed while this node ran, and cannot be made again: {reason}", reason) from e
+        self._lock.close()
+        self._lock = lock
+        self._checkpointer.saved.clear()
+        logger.warning("state_dir %s was removed or replaced while this node ran: writing its identity and all %d experts again", self.state_dir, len(self.uids))
+
     async def _fingerprint(self, uids: list[str]) -> dict:
         return await self.batcher.run_on_compute_thread(self.registry.fingerprint, uids)
 
@@ -282,12 +299,25 @@ class ExpertNode:
         return await self.batcher.run_on_compute_thread(lambda: (self.registry.fingerprint([uid]), self.registry.state_dict([uid])))
 
     async def _checkpoint_loop(self) -> None:
+        """Checkpoint every interval. A disk that refuses (full, read-only) is reported once, not at
+        every interval, and again when its cause changes; the node serves on and says when it can write again."""
+        failing = None  # CheckpointError.reason of the failure last reported, until a checkpoint succeeds
+        interval_s = self.config.checkpoint_interval_s
         while True:
-            await asyncio.sleep(self.config.checkpoint_interval_s)
+            await asyncio.sleep(interval_s)
             try:
                 await self.checkpoint()
-            except Exception:  # task boundary: keep serving, try again next interval
+            except CheckpointError as e:
+                if e.reason != failing:
+                    logger.error("checkpoint failed: %s. Serving on, trying again every %g s (reported once)", e, interval_s)
+                failing = e.reason
+                continue
+            except Exception:  # task boundary: a bug; keep serving, try again next interval
                 logger.error("checkpoint failed; will retry", exc_info=True)
+                continue
+            if failing is not None:
+                logger.info("checkpoints are written to %s again", self.state_dir)
+                failing = None
 
     async def stop(self) -> None:
         """Stop taking requests, let in-flight ones finish, checkpoint, leave the DHT."""
@@ -300,6 +330,8 @@ class ExpertNode:
         try:
             if self._serving:  # never overwrite a checkpoint this node refused or did not load
                 await self.checkpoint()
+        except CheckpointError as e:
+            raise CheckpointError(f"the last checkpoint failed, so the updates since the one before are lost: {e}", e.reason) from e
         finally:
             self._executor.shutdown(wait=True)
             if self.dht is not None:

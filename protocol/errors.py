@@ -18,6 +18,15 @@ class StartupError(MoeSwarmError):
     """A process of ours could not start (a node exited, a port was taken); the message says where to look."""
 
 
+class CheckpointError(MoeSwarmError):
+    """A node could not write a checkpoint (disk full, state directory read-only or gone); the one
+    before it stays. Never sent over the wire."""
+
+    def __init__(self, message: str, reason: str = ""):
+        super().__init__(message)
+        self.reason = reason or message  # the same while the cause lasts (a node reports each cause once)
+
+
 class BadRequest(MoeSwarmError):
     """A request is malformed: wrong dtype, shape, size, non-finite values, bad UID."""
 
