@@ -5,6 +5,8 @@ Each expert has its own checkpoint file, `experts/{uid}.pt` (an ExpertRegistry.s
 expert alone), so a node snapshots and writes one expert at a time and only the experts that changed.
 Each file is written to a temporary file, fsynced, renamed over the old one, and the directory
 fsynced: a crash at any moment leaves either the previous or the new checkpoint, never a torn one.
+Each file ends with the length and CRC-32 of what torch.save wrote before it: torch.load does not
+notice a flipped bit in a tensor, and a damaged disk or copy must not serve wrong weights silently.
 Nodes before per-expert files wrote every expert into one `experts.pt`; it is still read, for the
 experts that have no file of their own yet.
 """
@@ -17,7 +19,9 @@ import fcntl
 import logging
 import os
 import pathlib
+import struct
 import tempfile
+import zlib
 from typing import Awaitable, Callable, Iterator
 
 import torch
@@ -33,6 +37,11 @@ CHECKPOINT_NAME = "experts.pt"  # every expert in one file, as older nodes wrote
 P2P_IDENTITY_NAME = "p2p_identity.key"
 OLD_IDENTITY_NAME = "identity.key"  # the separate signing key of earlier versions: no longer read
 LOCK_NAME = "lock"
+# After torch.save's bytes: magic, their length, their CRC-32. torch.load reads past trailing bytes,
+# so older versions still load these files; files without it (written before it) load unchecked.
+TRAILER = struct.Struct("<16sQI")
+TRAILER_MAGIC = b"moeswarm-crc32-1"
+MOVE_AWAY = "move it away to start this expert from a replica in the swarm if there is one, else from fresh weights"
 
 
 def write_atomic(path: pathlib.Path, write) -> None:
@@ -72,12 +81,57 @@ def save_expert_checkpoint(state_dir: pathlib.Path, uid: str, state: dict) -> pa
         if not folder.is_dir():
             folder.mkdir(exist_ok=True)  # not state_dir: a removed one is the node's to make again, in full
             _fsync_dir(state_dir)  # the new folder's entry survives a crash too
-        write_atomic(path, lambda file: torch.save(state, file))
+        write_atomic(path, lambda file: save_checked(state, file))
     except Exception as e:
         if (reason := os_failure(e)) is None:
             raise  # not the disk: a bug, with its traceback
         raise CheckpointError(f"cannot write {path}: {reason}; the checkpoint before stays", reason) from e
     return path
+
+
+class _Crc32Writer:
+    """The file torch.save writes through: counts the bytes and their CRC-32 on the way."""
+
+    def __init__(self, file):
+        self.file, self.length, self.crc = file, 0, 0
+
+    def write(self, data) -> int:
+        self.length += memoryview(data).nbytes
+        self.crc = zlib.crc32(data, self.crc)
+        return self.file.write(data)
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def save_checked(state: dict, file) -> None:
+    """torch.save(state) into `file`, then the TRAILER that lets load_checkpoint check it."""
+    counted = _Crc32Writer(file)
+    torch.save(state, counted)
+    file.write(TRAILER.pack(TRAILER_MAGIC, counted.length, counted.crc))
+
+
+def _damage(file) -> str | None:
+    """What is wrong with an open checkpoint file that its TRAILER shows; None if nothing (or no trailer)."""
+    size = os.fstat(file.fileno()).st_size
+    if size == 0:
+        return "the file is empty"
+    if size < TRAILER.size:
+        return None
+    file.seek(size - TRAILER.size)
+    magic, length, crc = TRAILER.unpack(file.read(TRAILER.size))
+    if magic != TRAILER_MAGIC:
+        return None  # written before trailers, or cut short: torch.load says which
+    if length != size - TRAILER.size:
+        return f"{size - TRAILER.size} bytes where it was written with {length}"
+    file.seek(0)
+    actual = 0
+    while chunk := file.read(min(1 << 24, length)):
+        actual = zlib.crc32(chunk, actual)
+        length -= len(chunk)
+    if actual != crc:
+        return "its checksum does not match: bytes changed on disk since it was written"
+    return None
 
 
 _REMEDIES = {
@@ -139,43 +193,60 @@ class Checkpointer:
         return written
 
 
-def iter_checkpoints(state_dir: pathlib.Path, uids) -> Iterator[tuple[dict, bool]]:
+def iter_checkpoints(state_dir: pathlib.Path, uids) -> Iterator[tuple[dict, bool, pathlib.Path]]:
     """The last checkpoints of `uids`, one file at a time, for ExpertRegistry.load_state_dict (a caller
     that loads each before taking the next holds one expert's copy beside the weights, not a copy of
-    all): (state, True) for each expert's own file, then (state, False) for the single file of older
-    nodes narrowed to the experts without one, if any. A corrupt file raises with its path."""
+    all): (state, True, path) for each expert's own file, then (state, False, path) for the single file
+    of older nodes narrowed to the experts without one, if any. A corrupt file, or an expert's file that
+    holds no state of that expert (copied from another's), raises ConfigError with its path."""
     covered = set()
     for uid in uids:
-        state = load_checkpoint(expert_checkpoint_path(state_dir, uid))
+        path = expert_checkpoint_path(state_dir, uid)
+        state = load_checkpoint(path)
         if state is not None:
+            experts = state.get("experts") if isinstance(state, dict) else None
+            if not isinstance(experts, dict) or uid not in experts:
+                held = f"experts {sorted(map(str, experts))[:3]}" if isinstance(experts, dict) else "no experts"
+                raise ConfigError(f"checkpoint {path} holds {held}, not {uid}: was it copied from another expert's file? {MOVE_AWAY}")
             covered.add(uid)
-            yield state, True
-        state = None  # released before the next file is read
-    legacy = load_checkpoint(state_dir / CHECKPOINT_NAME)
+            yield {**state, "experts": {uid: experts[uid]}}, True, path
+        state = experts = None  # released before the next file is read
+    path = state_dir / CHECKPOINT_NAME
+    legacy = load_checkpoint(path)
     if legacy is None:
         return
     if not isinstance(legacy.get("experts"), dict):
-        yield legacy, False  # malformed: load_state_dict says so
+        yield legacy, False, path  # malformed: load_state_dict says so
         return
     experts = {uid: expert for uid, expert in legacy["experts"].items() if uid in uids and uid not in covered}
     if experts:
-        yield {**legacy, "experts": experts}, False
+        yield {**legacy, "experts": experts}, False, path
 
 
 def load_checkpoint(path: pathlib.Path) -> dict | None:
-    """One checkpoint file, or None if it does not exist. A corrupt file raises with its path."""
-    if not path.exists():
+    """One checkpoint file, or None if it does not exist. ConfigError, naming the file and what to do,
+    for one that cannot be read, is damaged (TRAILER) or is no checkpoint."""
+    try:
+        with open(path, "rb") as file:
+            damage = _damage(file)
+    except FileNotFoundError:
         return None
+    except OSError as e:  # a directory in its place, no read permission, a file where experts/ should be
+        raise ConfigError(f"cannot read checkpoint {path} ({e.strerror or e}); give the node's user read access, or {MOVE_AWAY}") from e
+    if damage is not None:
+        raise ConfigError(f"checkpoint {path} is damaged ({damage}); {MOVE_AWAY}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ConfigError(f"checkpoint {path} is unreadable ({_load_failure(e)}); move it away to start from fresh weights") from e
+        raise ConfigError(f"checkpoint {path} is unreadable ({_load_failure(e)}); {MOVE_AWAY}") from e
 
 
 def _load_failure(error: Exception) -> str:
     text = str(error)
     if "WeightsUnpickler error:" in text:  # torch's advice to retry with weights_only=False is not for a damaged file
         text = "damaged, or not a checkpoint: " + text.split("WeightsUnpickler error:", 1)[1].strip().split("\n", 1)[0]
+    else:  # e.g. "[Errno 22] Invalid argument" for a file cut short: torch's words alone do not say so
+        text = f"cut short, damaged, or not a checkpoint: {text}"
     return " ".join(text.split())[:300]
 
 
@@ -214,6 +285,8 @@ def read_identity(path: pathlib.Path):
     remedy = "move it away to make a new one (the node's peer id changes)"
     try:
         message = crypto_pb2.PrivateKey.FromString(path.read_bytes())
+    except OSError as e:  # a directory in its place, no read permission
+        raise ConfigError(f"cannot read {path} ({e.strerror or e}); give the node's user read access, or {remedy}") from e
     except DecodeError as e:
         raise ConfigError(f"{path} is not a libp2p key ({e}); {remedy}") from e
     if message.key_type != crypto_pb2.RSA:
@@ -246,7 +319,8 @@ def lock_state_dir(state_dir: pathlib.Path):
         state_dir.mkdir(parents=True, exist_ok=True)
         return hold_lock(state_dir / LOCK_NAME, lambda pid: f"state_dir={str(state_dir)!r} is in use by another node (pid {pid}); give each node its own")
     except OSError as e:
-        raise ConfigError(f"state_dir={str(state_dir)!r} is not a directory this node can write ({e.strerror or e})") from e
+        where = f": {e.filename}" if e.filename and str(e.filename) != str(state_dir) else ""
+        raise ConfigError(f"state_dir={str(state_dir)!r} is not a directory this node can write ({e.strerror or e}{where})") from e
 
 
 def remove_unfinished_writes(state_dir: pathlib.Path) -> int:

@@ -19,7 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from moeswarm.node.announcer import Announcer
 from moeswarm.node.batcher import Batcher
 from moeswarm.node.checkpoint import (
-    EXPERTS_DIR, P2P_IDENTITY_NAME, Checkpointer, holds_lock, iter_checkpoints, load_or_create_identity, lock_state_dir,
+    EXPERTS_DIR, MOVE_AWAY, P2P_IDENTITY_NAME, Checkpointer, holds_lock, iter_checkpoints, load_or_create_identity, lock_state_dir,
     os_failure, remove_unfinished_writes, write_identity,
 )
 from moeswarm.node.config import NodeConfig
@@ -241,17 +241,19 @@ class ExpertNode:
         if self.state_dir is None:
             logger.warning("no state_dir: expert weights and optimizer state will not survive a restart")
             return
-        try:
-            for state, own in iter_checkpoints(self.state_dir, self.uids):
+        for state, own, path in iter_checkpoints(self.state_dir, self.uids):
+            try:
                 restored = self.registry.load_state_dict(state)
-                self._restored.update(restored)
-                if own:  # rewritten once the expert changes; the old single file's experts at the first checkpoint
-                    self._checkpointer.saved.update(self.registry.fingerprint(restored))
-                del state  # before the next file: one expert's copy at a time beside the weights
-        except ConfigError:  # an unreadable file: it names itself
-            raise
-        except (ValueError, KeyError, TypeError, RuntimeError) as e:
-            raise ConfigError(f"checkpoint in {self.state_dir} does not fit this node: {e}") from e
+            except (ValueError, KeyError, TypeError, RuntimeError) as e:
+                misfit = f"it has no {e.args[0]!r} entry" if isinstance(e, KeyError) else e
+                raise ConfigError(
+                    f"checkpoint {path} does not fit this node: {misfit}; start the node with the model it was "
+                    f"written for, or {MOVE_AWAY}"
+                ) from e
+            self._restored.update(restored)
+            if own:  # rewritten once the expert changes; the old single file's experts at the first checkpoint
+                self._checkpointer.saved.update(self.registry.fingerprint(restored))
+            del state  # before the next file: one expert's copy at a time beside the weights
         # An expert no checkpoint holds is what its seed or model directory make again at the next
         # start: written once it changes (trained, or taken from a replica), not copied to disk as is.
         self._checkpointer.saved.update(self.registry.fingerprint([uid for uid in self.uids if uid not in self._restored]))

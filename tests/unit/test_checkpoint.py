@@ -66,7 +66,7 @@ def test_expert_checkpoint_round_trip(tmp_path):
     state = {"model": {"name": "tiny"}, "experts": {"tiny.L0.E0": {"w": torch.arange(6.0).view(2, 3), "version": 3}}}
     path = save_expert_checkpoint(tmp_path, "tiny.L0.E0", state)
     assert path == expert_checkpoint_path(tmp_path, "tiny.L0.E0") == tmp_path / "experts" / "tiny.L0.E0.pt"
-    [(loaded, own)] = iter_checkpoints(tmp_path, ["tiny.L0.E0", "tiny.L0.E1"])
+    [(loaded, own, _)] = iter_checkpoints(tmp_path, ["tiny.L0.E0", "tiny.L0.E1"])
     assert own and loaded["model"] == {"name": "tiny"} and loaded["experts"]["tiny.L0.E0"]["version"] == 3
     assert torch.equal(loaded["experts"]["tiny.L0.E0"]["w"], state["experts"]["tiny.L0.E0"]["w"])
 
@@ -77,11 +77,11 @@ def test_the_single_file_of_older_nodes_serves_the_experts_without_their_own(tmp
 
     torch.save({"model": {"name": "tiny"}, "experts": {f"tiny.L0.E{i}": expert(1) for i in range(3)}}, tmp_path / CHECKPOINT_NAME)
     save_expert_checkpoint(tmp_path, "tiny.L0.E0", {"model": {"name": "tiny"}, "experts": {"tiny.L0.E0": expert(5)}})
-    (own, is_own), (legacy, is_own_too) = iter_checkpoints(tmp_path, ["tiny.L0.E0", "tiny.L0.E1"])  # E2: held, not hosted
+    (own, is_own, _), (legacy, is_own_too, path) = iter_checkpoints(tmp_path, ["tiny.L0.E0", "tiny.L0.E1"])  # E2: held, not hosted
     assert is_own and own["experts"]["tiny.L0.E0"]["version"] == 5  # its own file wins
-    assert not is_own_too and legacy["model"] == {"name": "tiny"} and list(legacy["experts"]) == ["tiny.L0.E1"]
+    assert not is_own_too and path == tmp_path / CHECKPOINT_NAME and legacy["model"] == {"name": "tiny"} and list(legacy["experts"]) == ["tiny.L0.E1"]
     save_expert_checkpoint(tmp_path, "tiny.L0.E1", {"model": {"name": "tiny"}, "experts": {"tiny.L0.E1": expert(2)}})
-    assert [own for _, own in iter_checkpoints(tmp_path, ["tiny.L0.E0", "tiny.L0.E1"])] == [True, True]
+    assert [own for _, own, _ in iter_checkpoints(tmp_path, ["tiny.L0.E0", "tiny.L0.E1"])] == [True, True]
 
 
 def test_registry_state_survives_a_checkpoint(tmp_path):
@@ -96,7 +96,7 @@ def test_registry_state_survives_a_checkpoint(tmp_path):
         save_expert_checkpoint(tmp_path, uid, source.state_dict([uid]))
 
     target = ExpertRegistry(spec, uids, seed=1, optimizer=optimizer)
-    assert [target.load_state_dict(state) for state, _ in iter_checkpoints(tmp_path, uids)] == [[uid] for uid in uids]  # weights_only
+    assert [target.load_state_dict(state) for state, _, _ in iter_checkpoints(tmp_path, uids)] == [[uid] for uid in uids]  # weights_only
     assert target.fingerprint() == source.fingerprint() == {"tiny.L0.E0": (1, 1, 0), "tiny.L0.E1": (0, 0, 0)}
     assert target.fingerprint(["tiny.L0.E1"]) == {"tiny.L0.E1": (0, 0, 0)}
     for uid in uids:
