@@ -49,15 +49,33 @@ def _expert_file(uid: str) -> str:
     return f"experts-L{parse_uid(uid).layer:03d}.safetensors"
 
 
-def _save_atomic(tensors: dict[str, torch.Tensor], path: pathlib.Path) -> None:
+def _save_atomic(path: pathlib.Path, write) -> None:
+    """write(temp path) beside `path`, fsync it, rename it over `path`; a failed write leaves no temp file.
+    The caller fsyncs the directory (_fsync_dir) for the renames to survive a crash."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        tmp.chmod(0o644)  # nodes may run as another user (deploy/moeswarm-node.service)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: pathlib.Path) -> None:
     from safetensors.torch import save_file
 
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp))
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    tmp.chmod(0o644)  # nodes may run as another user (deploy/moeswarm-node.service)
-    os.replace(tmp, path)
+    _save_atomic(path, lambda tmp: save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp)))
+
+
+def _fsync_dir(path: pathlib.Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def save_model_dir(
@@ -72,19 +90,19 @@ def save_model_dir(
     if missing:
         raise ValueError(f"experts missing from the model to save: {missing[:4]}{'...' if len(missing) > 4 else ''}")
     (path / MANIFEST).unlink(missing_ok=True)
-    _save_atomic(dense, path / DENSE_FILE)
+    _save_tensors(dense, path / DENSE_FILE)
     by_file: dict[str, dict[str, torch.Tensor]] = {}
     for uid, weights in experts.items():
         by_file.setdefault(_expert_file(uid), {}).update({f"{uid}.{name}": weights[name] for name in EXPERT_PARAMS})
     for name, tensors in sorted(by_file.items()):
-        _save_atomic(tensors, path / name)
+        _save_tensors(tensors, path / name)
+    _fsync_dir(path)  # every tensor file is on disk before a manifest names it
     manifest = {
         "format": FORMAT, "version": VERSION, "config": config.to_dict(), "tokenizer": tokenizer.to_dict(),
         "dense": DENSE_FILE, "experts": {uid: _expert_file(uid) for uid in sorted(experts)},
     }
-    tmp = path / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, path / MANIFEST)
+    _save_atomic(path / MANIFEST, lambda tmp: tmp.write_text(json.dumps(manifest, indent=1)))
+    _fsync_dir(path)
     return path
 
 
@@ -105,7 +123,10 @@ def read_manifest(path: str | pathlib.Path) -> Manifest:
         raise ConfigError(f"cannot read {path / MANIFEST}: {e}") from e
     if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("version") != VERSION:
         raise ConfigError(f"{path / MANIFEST}: expected format {FORMAT!r} version {VERSION}")
-    config = build(MoELMConfig, data.get("config"), "config.")
+    try:
+        config = build(MoELMConfig, data.get("config"), "config.")
+    except ConfigError as e:
+        raise ConfigError(f"{path / MANIFEST}: {e}") from e
     try:
         tokenizer = tokenizer_from_dict(data.get("tokenizer"))
     except (TypeError, ValueError) as e:
@@ -121,7 +142,10 @@ def read_manifest(path: str | pathlib.Path) -> Manifest:
             f"{path / MANIFEST}: 'experts' must list exactly the UIDs of model {config.name!r} ({differ}); "
             "was its config (n_layers, routing) edited?"
         )
-    return Manifest(path, config, tokenizer, {str(k): str(v) for k, v in expert_files.items()})
+    for uid, name in expert_files.items():
+        if not isinstance(name, str) or name in ("", ".", "..") or pathlib.PurePath(name).name != name:
+            raise ConfigError(f"{path / MANIFEST}: expert {uid} is in {name!r}, which is not a file name in {path}; write the directory again")
+    return Manifest(path, config, tokenizer, dict(expert_files))
 
 
 def load_expert_weights(manifest: Manifest, uids: list[str]) -> dict[str, dict[str, torch.Tensor]]:
@@ -165,6 +189,8 @@ def open_safetensors(path: pathlib.Path, redo: str = "copy or write the director
     the OS's error: a file left out of a copy, or cut short by one. `redo`: what fixes that."""
     from safetensors import SafetensorError, safe_open
 
+    if path.is_dir():  # safe_open says "No such device"
+        raise ConfigError(f"{path} is a directory, not a safetensors file; {redo}")
     try:
         return safe_open(str(path), framework="pt")
     except FileNotFoundError as e:

@@ -182,7 +182,23 @@ DAMAGES = {  # what was done to a model directory -> what the error must say
                               r"'experts' must list exactly .*tiny-moe.L2.E0 is not an expert"),
     "d_model edited": (lambda p: _edit_manifest(p, lambda d: d["config"].update(d_model=64)),
                        r"dense.safetensors does not fit the config .* has shape \[258, 32\], the config needs \[258, 64\]"),
+    "expert file a directory": (lambda p: _replace_with_dir(p / "experts-L001.safetensors"),
+                                r"experts-L001.safetensors is a directory, not a safetensors file"),
+    "manifest cut short": (lambda p: _truncate(p / MANIFEST), r"cannot read .*moeswarm-model.json: "),
+    "config not a mapping": (lambda p: _edit_manifest(p, lambda d: d.update(config="x")),
+                             r"moeswarm-model.json: config: expected a mapping"),
+    "expert file outside the directory": (
+        lambda p: _edit_manifest(p, lambda d: d["experts"].update({"tiny-moe.L1.E0": "../dense.safetensors"})),
+        r"expert tiny-moe.L1.E0 is in '../dense.safetensors', which is not a file name in",
+    ),
+    "expert file not a name": (lambda p: _edit_manifest(p, lambda d: d["experts"].update({"tiny-moe.L1.E0": 5})),
+                               r"expert tiny-moe.L1.E0 is in 5, which is not a file name in"),
 }
+
+
+def _replace_with_dir(file):
+    file.unlink()
+    file.mkdir()
 
 
 @pytest.mark.parametrize("damage", list(DAMAGES))
@@ -191,6 +207,14 @@ def test_a_damaged_model_directory_is_a_config_error_naming_the_file(tmp_path, d
     do(_fresh(tmp_path))
     with pytest.raises(ConfigError, match=message):
         open_model(tmp_path)
+
+
+def test_a_model_directory_save_that_fails_leaves_no_temp_file(tmp_path):
+    # Before: the temp file of the tensors that could not take their place stayed behind.
+    (tmp_path / "dense.safetensors").mkdir()  # nothing can be renamed over it
+    with pytest.raises(OSError):
+        save_model(build_local_model(small()), tmp_path)
+    assert sorted(entry.name for entry in tmp_path.iterdir()) == ["dense.safetensors"]
 
 
 def test_a_hugging_face_checkpoint_is_named_as_such(tmp_path):
