@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from typing import Sequence
 
 import yaml
 
@@ -42,10 +43,12 @@ class Proc:
         self.popen.wait(10)
 
 
-def spawn(work_dir: pathlib.Path, *args: str) -> subprocess.Popen:
+def spawn(work_dir: pathlib.Path, *args: str, prefix: Sequence[str] = ()) -> subprocess.Popen:
+    """`moeswarm ARGS` with its output in work_dir/log.txt. prefix: a command that runs it, e.g.
+    netns.Host.prefix (`ip netns exec NAME`, which execs it: the pid stays the moeswarm process's)."""
     work_dir.mkdir(parents=True, exist_ok=True)
     (work_dir / "ready.json").unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "moeswarm.deploy.cli", *args, "--ready-file", str(work_dir / "ready.json")]
+    cmd = [*prefix, sys.executable, "-m", "moeswarm.deploy.cli", *args, "--ready-file", str(work_dir / "ready.json")]
     with open(work_dir / "log.txt", "ab") as log:
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -63,8 +66,8 @@ def wait_ready(popen: subprocess.Popen, work_dir: pathlib.Path, timeout_s: float
     raise TimeoutError(f"not ready after {timeout_s} s")
 
 
-def start_dht_peer(work_dir: pathlib.Path, *args: str) -> Proc:
-    popen = spawn(work_dir, "dht", *args)
+def start_dht_peer(work_dir: pathlib.Path, *args: str, prefix: Sequence[str] = ()) -> Proc:
+    popen = spawn(work_dir, "dht", *args, prefix=prefix)
     try:
         return Proc(popen, work_dir, wait_ready(popen, work_dir))
     except BaseException:
@@ -72,12 +75,12 @@ def start_dht_peer(work_dir: pathlib.Path, *args: str) -> Proc:
         raise
 
 
-def start_node(work_dir: pathlib.Path, config: dict) -> Proc:
+def start_node(work_dir: pathlib.Path, config: dict, prefix: Sequence[str] = (), timeout_s: float = READY_TIMEOUT_S) -> Proc:
     work_dir.mkdir(parents=True, exist_ok=True)
     (work_dir / "node.yaml").write_text(yaml.safe_dump(config))
-    popen = spawn(work_dir, "node", "--config", str(work_dir / "node.yaml"))
+    popen = spawn(work_dir, "node", "--config", str(work_dir / "node.yaml"), prefix=prefix)
     try:
-        return Proc(popen, work_dir, wait_ready(popen, work_dir))
+        return Proc(popen, work_dir, wait_ready(popen, work_dir, timeout_s))
     except BaseException:
         Proc(popen, work_dir, {}).kill()
         raise
@@ -190,8 +193,8 @@ class ProcGroup:
         self.procs.append(proc)
         return proc
 
-    def spawn(self, work_dir: pathlib.Path, *args: str) -> Proc:
-        return self.add(Proc(spawn(work_dir, *args), work_dir, {}))
+    def spawn(self, work_dir: pathlib.Path, *args: str, prefix: Sequence[str] = ()) -> Proc:
+        return self.add(Proc(spawn(work_dir, *args, prefix=prefix), work_dir, {}))
 
     def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
         for proc in self.procs:
