@@ -193,6 +193,7 @@ class Dispatcher:
         self.picker = picker or ReplicaPicker()
         self._wire_dtype = WIRE_DTYPES[config.wire_dtype]
         self._clients: dict[str, ExpertClient] = {}
+        self._dropping: dict[asyncio.Task, ExpertClient] = {}  # banned replicas' clients, closing (_ban)
         # ids under which nodes keep a training forward's activations: unique per client and call
         self._forward_ids = (f"{uuid.uuid4().hex[:12]}-f{i}" for i in itertools.count())
         self._loop = _new_event_loop()
@@ -319,7 +320,7 @@ class Dispatcher:
         for task in pending:
             task.cancel()
         if primary in pending:
-            self.picker.on_failure(endpoint)  # slower than its replicas: avoid it for a while
+            self._ban(endpoint)  # slower than its replicas: avoid it for a while
         return answered
 
     async def _call_group(self, job: _Job, assignment: dict[str, str], attempts: Attempts) -> dict:
@@ -357,7 +358,7 @@ class Dispatcher:
             if not isinstance(e, (ExpertNotFound, NotTrainable)):  # else the node is fine: it no longer hosts it, or serves inference only
                 if op == "backward":
                     job.maybe_applied.update(uids)
-                ban_s = self.picker.on_failure(endpoint)
+                ban_s = self._ban(endpoint)
                 logger.warning("%s to %s failed (%s); banned for %.0f s", op, endpoint, reason, ban_s)
             return {}
         self.picker.on_success(endpoint, time.monotonic() - started)
@@ -372,9 +373,25 @@ class Dispatcher:
             self._clients[endpoint] = ExpertClient(endpoint)
         return self._clients[endpoint]
 
+    def _ban(self, endpoint: str) -> float:
+        """Ban a failing replica (returns the ban, s) and drop its client, so that the call after the
+        ban opens a new connection. An unplugged peer's TCP connection sends no FIN or RST: what was
+        written to it is retransmitted with a backoff that reaches minutes, and calls on it would
+        find no answer long after the peer is back. Calls still in flight on the dropped client
+        finish (each has its deadline) before its channel closes."""
+        client = self._clients.pop(endpoint, None)
+        if client is not None:
+            closing = asyncio.ensure_future(client.close(grace_s=self.config.timeout_s))
+            self._dropping[closing] = client
+            closing.add_done_callback(self._dropping.pop)
+        return self.picker.on_failure(endpoint)
+
     def close(self) -> None:
         async def close_all():
-            await asyncio.gather(*(client.close() for client in self._clients.values()), return_exceptions=True)
+            for closing in list(self._dropping):  # no grace: close them now
+                closing.cancel()
+            clients = [*self._clients.values(), *self._dropping.values()]
+            await asyncio.gather(*(client.close() for client in clients), return_exceptions=True)
 
         self._closed = True  # before the channels close: calls they cancel say why
         if self._loop.is_running():

@@ -37,6 +37,9 @@ class ExpertClient:
         options = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
+            # A connection of its own: a new client to the same endpoint connects afresh instead of
+            # sharing the old one's (gRPC's global pool would), which may be dead (Dispatcher._ban).
+            ("grpc.use_local_subchannel_pool", 1),
         ]
         self._channel = grpc.aio.insecure_channel(endpoint, options=options)
         # Request ids for logs: a random prefix per client plus a counter (uuid4 per call cost ~10 us).
@@ -171,9 +174,12 @@ class ExpertClient:
             self._stream.cancel()
             self._stream = None
 
-    async def close(self) -> None:
-        self._drop_stream()
-        await self._channel.close()
+    async def close(self, grace_s: float | None = None) -> None:
+        """grace_s: let calls in flight end by themselves for up to this long (a busy stream included),
+        then cancel them; None: cancel them now."""
+        if grace_s is None or not self._stream_busy:
+            self._drop_stream()
+        await self._channel.close(grace_s)
 
 
 def split_rows(

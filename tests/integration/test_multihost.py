@@ -1,0 +1,200 @@
+"""A swarm spread over "machines": Linux network namespaces on one bridge (tests/integration/netns.py).
+
+The bootstrap DHT peer and two nodes each run in a namespace of their own, at their own address;
+the test process (root namespace, one more address on the bridge) is the client. Nothing is on
+127.0.0.1, so a wrong announced address, a loopback-only listener or a connection that outlives an
+unplugged cable shows up here. Skipped where namespaces cannot be made (not root, no CAP_NET_ADMIN).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+import netns
+from procs import ProcGroup, start_dht_peer
+
+if (reason := netns.unavailable_reason()) is not None:
+    pytest.skip(reason, allow_module_level=True)
+
+from moeswarm.model.dispatcher import DispatchConfig  # noqa: E402
+from moeswarm.model.local_moe import LocalMoE  # noqa: E402
+from moeswarm.model.remote_moe import RemoteMoE  # noqa: E402
+
+D, F, E, K, SEED = 32, 64, 4, 2, 7
+SWARM = "lan"
+MODEL = dict(name="lan", d_model=D, d_ff=F, n_layers=1, n_experts=E)
+NO_UPDATES = dict(name="sgd", lr=0.1, update_every=1_000_000_000)  # outputs stay equal to the local MoE's
+DHT_PORT = 31000  # fixed ports are safe: every namespace has its own port space
+TIMEOUT_S = 2.0  # deadline of one expert call: a call that waited for an unplugged node takes this long
+
+
+@pytest.fixture(scope="module")
+def lan():
+    with netns.Network(3) as net:
+        yield net
+
+
+@pytest.fixture(scope="module")
+def swarm(lan, tmp_path_factory):
+    """(bootstrap DHT peer, [node binding 0.0.0.0 with announce_host, node binding its own IP])."""
+    dht_host, wildcard_host, bound_host = lan.hosts
+    root = tmp_path_factory.mktemp("lan")
+    group = ProcGroup()
+    try:
+        dht = group.add(start_dht_peer(
+            root / "dht", "--host", "0.0.0.0", "--announce-host", dht_host.ip, "--port", str(DHT_PORT), prefix=dht_host.prefix
+        ))
+        common = dict(model=MODEL, experts="all", initial_peers=dht.ready["maddrs"], seed=SEED, torch_threads=1,
+                      state_dir=None, swarm=SWARM, optimizer=NO_UPDATES)
+        configs = [
+            (wildcard_host, dict(common, host="0.0.0.0", announce_host=wildcard_host.ip, port=32000, dht_port=32001)),
+            (bound_host, dict(common, host=bound_host.ip)),
+        ]
+        for i, (host, config) in enumerate(configs):
+            (root / f"n{i}").mkdir()
+            (root / f"n{i}" / "node.yaml").write_text(yaml.safe_dump(config))
+            group.spawn(root / f"n{i}", "node", "--config", str(root / f"n{i}" / "node.yaml"), prefix=host.prefix)
+        group.wait_ready()
+        yield dht, group.procs[1:]
+    finally:
+        group.kill()
+
+
+def make_pair(peers: list[str]) -> tuple[LocalMoE, RemoteMoE]:
+    local = LocalMoE(model="lan", layer=0, d_model=D, d_ff=F, n_experts=E, k=K, seed=SEED)
+    remote = RemoteMoE(
+        model="lan", layer=0, d_model=D, n_experts=E, k=K, initial_peers=peers, swarm=SWARM,
+        config=DispatchConfig(timeout_s=TIMEOUT_S),
+    )
+    remote.router.load_state_dict(local.router.state_dict())
+    return local, remote
+
+
+def status(peers: list[str], timeout_s: float = 60.0) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "moeswarm.deploy.cli", "status", "--json", "--swarm", SWARM, "--initial-peers", *peers]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+
+
+def test_every_address_announced_is_the_machines_own(lan, swarm):
+    dht, nodes = swarm
+    dht_host, wildcard_host, bound_host = lan.hosts
+    assert dht.ready["maddrs"] and all(m.startswith(f"/ip4/{dht_host.ip}/tcp/{DHT_PORT}/p2p/") for m in dht.ready["maddrs"])
+    for node, host in zip(nodes, [wildcard_host, bound_host]):
+        assert node.ready["endpoint"].startswith(f"{host.ip}:"), node.ready
+        assert node.ready["maddrs"] and all(m.startswith(f"/ip4/{host.ip}/tcp/") for m in node.ready["maddrs"]), node.ready
+    assert nodes[0].ready["endpoint"] == f"{wildcard_host.ip}:32000"
+    assert nodes[0].ready["maddrs"][0].startswith(f"/ip4/{wildcard_host.ip}/tcp/32001/")
+
+    shown = status(dht.ready["maddrs"])
+    assert shown.returncode == 0, shown.stderr
+    view = json.loads(shown.stdout)
+    endpoints = {node.ready["endpoint"] for node in nodes}
+    assert {record["endpoint"] for record in view["nodes"].values()} == endpoints
+    assert {uid: {r["endpoint"] for r in records} for uid, records in view["experts"].items()} == {
+        f"lan.L0.E{e}": endpoints for e in range(E)
+    }
+
+
+def test_remote_moe_across_machines_equals_local(swarm):
+    dht, _ = swarm
+    local, remote = make_pair(dht.ready["maddrs"])
+    try:
+        for rows in (1, 16, 300):
+            x_local = torch.randn(rows, D, requires_grad=True)
+            x_remote = x_local.detach().clone().requires_grad_(True)
+            y_local, y_remote = local(x_local), remote(x_remote)
+            grad = torch.randn_like(y_local)
+            y_local.backward(grad)
+            y_remote.backward(grad)
+            assert (y_remote - y_local).abs().max() <= 1e-6
+            assert (x_remote.grad - x_local.grad).abs().max() <= 1e-6
+    finally:
+        remote.close()
+
+
+def train_steps(local: LocalMoE, remote: RemoteMoE, steps: int) -> tuple[list[float], list[str]]:
+    """`steps` forward+backward calls on fresh rows: (their durations, s; what went wrong, if anything).
+    Each output and input grad must equal the local MoE's (no node steps its optimizer)."""
+    durations, problems = [], []
+    for step in range(steps):
+        x_local = torch.randn(8, D, requires_grad=True)
+        x_remote = x_local.detach().clone().requires_grad_(True)
+        y_local = local(x_local)
+        y_local.sum().backward()
+        started = time.monotonic()
+        try:
+            y_remote = remote(x_remote)
+            y_remote.sum().backward()
+        except Exception as e:  # counted, and named in the assertion
+            problems.append(f"step {step}: {e}")
+            continue
+        finally:
+            durations.append(time.monotonic() - started)
+        if not bool(torch.isfinite(y_remote).all()) or (y_remote - y_local).abs().max() > 1e-6:
+            problems.append(f"step {step}: output differs from the local MoE's")
+        elif (x_remote.grad - x_local.grad).abs().max() > 1e-6:
+            problems.append(f"step {step}: input grad differs from the local MoE's")
+        time.sleep(0.05)
+    return durations, problems
+
+
+def test_unplugged_replica_is_banned_and_used_again_once_plugged_back(lan, swarm):
+    """Pull the cable of the replica the client prefers (no FIN, no RST: a black hole), then put it
+    back and pull the other one's: every call succeeds, equal to the local MoE, none waits for the
+    unplugged node's deadline, and the replica plugged back serves at once."""
+    dht, nodes = swarm
+    local, remote = make_pair(dht.ready["maddrs"])
+    picker = remote.client.dispatcher.picker
+    try:
+        assert train_steps(local, remote, 5)[1] == []
+        preferred = picker.rank(remote.client.directory.replicas("lan.L0.E0"))[0].endpoint
+        unplugged, other = (0, 1) if preferred == nodes[0].ready["endpoint"] else (1, 0)
+        hosts = {0: lan.hosts[1], 1: lan.hosts[2]}
+        endpoints = {i: nodes[i].ready["endpoint"] for i in (0, 1)}
+        lan.unplug(hosts[unplugged])
+        try:
+            durations, problems = train_steps(local, remote, 60)
+            assert problems == []
+            assert picker.failures(endpoints[unplugged]) >= 1  # it was tried, and banned
+            assert max(durations) < TIMEOUT_S, durations  # none waited for the unplugged node's deadline
+
+            # status answers, from the DHT records the unplugged node left (they expire after its TTL)
+            shown = status(dht.ready["maddrs"])
+            assert shown.returncode == 0, shown.stderr
+            assert endpoints[other] in {r["endpoint"] for r in json.loads(shown.stdout)["nodes"].values()}
+        finally:
+            lan.plug(hosts[unplugged])
+        lan.unplug(hosts[other])
+        try:
+            durations, problems = train_steps(local, remote, 40)
+            assert problems == []  # the replica plugged back serves at once: its dead connection was dropped
+            assert picker.failures(endpoints[unplugged]) == 0
+            assert max(durations) < TIMEOUT_S, durations
+        finally:
+            lan.plug(hosts[other])
+    finally:
+        remote.close()
+
+
+def test_listening_on_every_interface_without_announce_host_is_refused(lan, tmp_path):
+    """host 0.0.0.0 would have a node announce an address nobody can reach: the CLI refuses it."""
+    host = lan.hosts[1]
+    config = dict(model=MODEL, experts="all", host="0.0.0.0", port=0, dht_port=0, initial_peers=[], state_dir=None)
+    (tmp_path / "node.yaml").write_text(yaml.safe_dump(config))
+    commands = {
+        "announce_host": ["node", "--config", str(tmp_path / "node.yaml")],
+        "--announce-host": ["dht", "--host", "0.0.0.0", "--port", "33000"],
+    }
+    for named, args in commands.items():
+        run = subprocess.run([*host.prefix, sys.executable, "-m", "moeswarm.deploy.cli", *args],
+                             capture_output=True, text=True, timeout=60)
+        assert run.returncode == 2, run.stderr
+        assert "0.0.0.0" in run.stderr and named in run.stderr, run.stderr
+
