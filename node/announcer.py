@@ -43,13 +43,22 @@ class Announcer:
         if failed:
             logger.warning("DHT refused %d of %d records (first: %s)", len(failed), len(keys), failed[0])
 
+    async def announce(self) -> bool:
+        """announce_once, except that a timeout is logged, not raised (the next refresh tries again):
+        the DHT is slow or unreachable, or a peer it stores to is gone off the network, which hivemind
+        waits for before it drops it. Returns whether the records were stored in time."""
+        try:
+            await self.announce_once()
+        except asyncio.TimeoutError:  # no traceback: it says nothing more
+            logger.warning("DHT announce timed out after %.1f s; retrying in %.1f s", self._ttl_s / 3, self._ttl_s / 3)
+            return False
+        return True
+
     async def run(self) -> None:
         """Refresh every third of the TTL, so a record survives two lost refreshes."""
         while True:
             await asyncio.sleep(self._ttl_s / 3)
             try:
-                await self.announce_once()
-            except asyncio.TimeoutError:  # the DHT is slow or unreachable: no traceback, it says nothing more
-                logger.warning("DHT announce timed out after %.1f s; retrying in %.1f s", self._ttl_s / 3, self._ttl_s / 3)
+                await self.announce()
             except Exception:  # task boundary: a DHT hiccup must not stop future refreshes
                 logger.warning("DHT announce failed; retrying in %.1f s", self._ttl_s / 3, exc_info=True)

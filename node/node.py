@@ -125,7 +125,8 @@ class ExpertNode:
         self.announcer = Announcer(
             self.dht, swarm=config.swarm, subkey=dht_subkey(identity), ttl_s=config.announce_ttl_s, records=self._records
         )
-        await self.announcer.announce_once()
+        # serving without records for a refresh period beats failing to start over one slow store
+        await self.announcer.announce()
         self._tasks = [asyncio.create_task(self.announcer.run()), asyncio.create_task(self._checkpoint_loop())]
         if config.average_every_s > 0 and (config.trainable or config.sync_from_replicas):
             # trainable: average with replicas; inference only: follow the most trained one
