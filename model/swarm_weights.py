@@ -21,9 +21,11 @@ async def pull_experts(
 ) -> dict[str, dict[str, torch.Tensor]]:
     """uid -> weights of its replica with the most optimizer steps that answers; AllReplicasFailed
     names the endpoints tried for an expert no replica gave."""
-    pulled = {}
+    pulled, unreachable = {}, set()
     for done, (uid, replicas) in enumerate(records.items(), start=1):
-        _, version, pulled[uid] = await fetch_newest(uid, replicas, expected, max_message_bytes=max_message_bytes)
+        _, version, pulled[uid] = await fetch_newest(
+            uid, replicas, expected, max_message_bytes=max_message_bytes, unreachable=unreachable
+        )
         if progress is not None:
             progress(done, len(records), uid, version)
     return pulled

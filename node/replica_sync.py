@@ -39,7 +39,7 @@ import torch
 from moeswarm.model.directory import find_experts
 from moeswarm.node.batcher import Batcher
 from moeswarm.node.registry import ExpertRegistry
-from moeswarm.protocol.errors import AllReplicasFailed, MoeSwarmError
+from moeswarm.protocol.errors import AllReplicasFailed, MoeSwarmError, NodeUnavailable
 from moeswarm.protocol.records import ExpertRecord
 from moeswarm.protocol.state_transfer import fetch_newest, fetch_state
 
@@ -83,6 +83,9 @@ class ReplicaSync:
         self._versions_seen: dict[str, tuple] = {}  # uid -> (versions of its trainable replicas, rounds they held)
         self._settled: dict[str, tuple[str, int]] = {}  # uid -> (leader's state, own revision) once it took them
         self._logged: dict[tuple, float] = {}  # what failed -> when it was last logged
+        # endpoints that did not answer in this pass (adopt_newest or one round): not tried again in
+        # it, so a replica gone off the network costs one connect timeout per pass, not one per expert
+        self._unreachable: set[str] = set()
 
     async def replicas(self, uids: list[str]) -> dict[str, list[ExpertRecord]]:
         """uid -> the other nodes' announced replicas of it. A record's peer id is its signer's, so no
@@ -91,15 +94,21 @@ class ReplicaSync:
         return {uid: [r for r in records if r.peer_id != self._peer_id] for uid, records in found.items()}
 
     async def _fetch(self, record: ExpertRecord, uid: str) -> tuple[int, dict[str, torch.Tensor]]:
+        if record.endpoint in self._unreachable:
+            raise NodeUnavailable(f"{record.endpoint}: did not answer for another expert in this round; skipped")
         expected = self._registry.parameter_specs(uid)
-        return await fetch_state(record.endpoint, uid, expected, max_message_bytes=self._max_message_bytes)
+        try:
+            return await fetch_state(record.endpoint, uid, expected, max_message_bytes=self._max_message_bytes)
+        except NodeUnavailable:
+            self._unreachable.add(record.endpoint)
+            raise
 
     async def adopt_newest(self, uids: list[str]) -> list[str]:
         """Start each expert in `uids` from its most trained replica (version > 0) that answers; returns
         the UIDs that took a peer's weights. An expert no such replica gave keeps its own (logged)."""
         if not uids:
             return []
-        started = time.monotonic()
+        started, self._unreachable = time.monotonic(), set()
         adopted = await self._take_newest(uids, lambda uid: 0, await self.replicas(uids))
         if adopted:
             logger.info(
@@ -111,7 +120,7 @@ class ReplicaSync:
     async def follow_round(self) -> int:
         """An inference-only node's round: each hosted expert takes the weights of its most trained
         replica if that one stepped past the version held here; returns how many did."""
-        started = time.monotonic()
+        started, self._unreachable = time.monotonic(), set()
         uids = list(self._registry.experts)
         found = await self.replicas(uids)
         taken = await self._take_newest(uids, lambda uid: self._registry.experts[uid].visible_version, found)
@@ -140,7 +149,8 @@ class ReplicaSync:
                 continue
             try:
                 record, version, tensors = await fetch_newest(
-                    uid, ahead, self._registry.parameter_specs(uid), max_message_bytes=self._max_message_bytes
+                    uid, ahead, self._registry.parameter_specs(uid), max_message_bytes=self._max_message_bytes,
+                    unreachable=self._unreachable,
                 )
             except AllReplicasFailed as e:
                 self._log((uid, "take"), f"{uid} keeps the weights it has (version {held(uid)}): {e}")
@@ -168,7 +178,7 @@ class ReplicaSync:
         """For each hosted expert: while replicas train, average with one trainable replica that has
         stepped since the last round with it; once none steps, the leader catches up with all of them
         and the others settle (see the module docstring). Returns how many pulls changed weights."""
-        started = time.monotonic()
+        started, self._unreachable = time.monotonic(), set()
         uids = list(self._registry.experts)
         found = await self.replicas(uids)
         averaged = settled = 0

@@ -8,6 +8,7 @@ parameter's size, no gap, no change of version mid-stream, no NaN or infinity.
 
 from __future__ import annotations
 
+import asyncio
 import math
 from typing import Iterator
 
@@ -15,11 +16,14 @@ import torch
 
 from moeswarm.protocol import expert_pb2
 from moeswarm.protocol.codec import WIRE_NAME_OF, decode, tensor_payload
-from moeswarm.protocol.errors import AllReplicasFailed, BadRequest, MoeSwarmError, error_from_rpc
+from moeswarm.protocol.errors import AllReplicasFailed, BadRequest, MoeSwarmError, NodeUnavailable, error_from_rpc
 from moeswarm.protocol.records import ExpertRecord
 from moeswarm.protocol.wire import TensorView
 
 FETCH_TIMEOUT_S = 120.0  # one expert's weights; a 336 MiB Mixtral expert at 10 MB/s takes 35 s
+# Connecting to the peer, within FETCH_TIMEOUT_S. A peer gone off the network (no RST) leaves gRPC's
+# connect waiting 20 s; a reachable one connects in a few round trips.
+CONNECT_TIMEOUT_S = 10.0
 CHUNK_BYTES = 4 << 20  # data bytes per chunk, unless either side's message limit asks for less
 CHUNK_HEADER_BYTES = 1024  # room for a chunk's other fields under a message limit
 # A caller that asks for smaller chunks gets these (unless the sender's own message limit is lower):
@@ -106,7 +110,7 @@ class StateAssembler:
 
 async def fetch_state(
     endpoint: str, uid: str, expected: dict[str, tuple[tuple[int, ...], torch.dtype]], *, max_message_bytes: int,
-    timeout_s: float = FETCH_TIMEOUT_S,
+    timeout_s: float = FETCH_TIMEOUT_S, connect_timeout_s: float = CONNECT_TIMEOUT_S,
 ) -> tuple[int, dict[str, torch.Tensor]]:
     """(version, name -> tensor) of the replica of `uid` at `endpoint`, checked against `expected`
     (the caller's own parameter names, shapes and dtypes). Raises our errors (protocol/errors.py);
@@ -120,6 +124,10 @@ async def fetch_state(
     request = expert_pb2.StateRequest(uid=uid, max_chunk_bytes=message_bytes - CHUNK_HEADER_BYTES)
     assembler = StateAssembler(uid, expected)
     async with grpc.aio.insecure_channel(endpoint, options=options) as channel:
+        try:
+            await asyncio.wait_for(channel.channel_ready(), connect_timeout_s)
+        except asyncio.TimeoutError:
+            raise NodeUnavailable(f"{endpoint}: could not connect within {connect_timeout_s:.0f} s") from None
         call = channel.unary_stream(
             "/moeswarm.ExpertService/ExportState", request_serializer=expert_pb2.StateRequest.SerializeToString,
             response_deserializer=expert_pb2.StateChunk.FromString,
@@ -134,15 +142,25 @@ async def fetch_state(
 
 async def fetch_newest(
     uid: str, replicas: list[ExpertRecord], expected: dict[str, tuple[tuple[int, ...], torch.dtype]], *, max_message_bytes: int,
+    unreachable: set[str] | None = None,
 ) -> tuple[ExpertRecord, int, dict[str, torch.Tensor]]:
     """(record, version, weights) of the replica with the most optimizer steps that answers, trying
-    them in that order; AllReplicasFailed names every endpoint tried and why."""
+    them in that order; AllReplicasFailed names every endpoint tried and why.
+    unreachable: endpoints that did not answer (skipped here, and those that fail now are added).
+    Share one set between the experts of a pass, so that a peer gone off the network costs its
+    connect timeout once, not once per expert."""
     attempts: list[tuple[str, str]] = []
+    unreachable = set() if unreachable is None else unreachable
     for record in sorted(replicas, key=lambda r: -r.version):
+        if record.endpoint in unreachable:
+            attempts.append((record.endpoint, "did not answer for another expert just before; skipped"))
+            continue
         try:
             version, tensors = await fetch_state(record.endpoint, uid, expected, max_message_bytes=max_message_bytes)
         except MoeSwarmError as e:
             attempts.append((record.endpoint, str(e)))
+            if isinstance(e, NodeUnavailable):
+                unreachable.add(record.endpoint)
             continue
         return record, version, tensors
     raise AllReplicasFailed(uid, attempts)

@@ -18,14 +18,16 @@ import torch
 import yaml
 
 import netns
-from procs import ProcGroup, start_dht_peer
+from procs import Proc, ProcGroup, run, start_dht_peer, start_node, train_step, wait_for
 
 if (reason := netns.unavailable_reason()) is not None:
     pytest.skip(reason, allow_module_level=True)
 
+from moeswarm.model.directory import find_experts  # noqa: E402
 from moeswarm.model.dispatcher import DispatchConfig  # noqa: E402
 from moeswarm.model.local_moe import LocalMoE  # noqa: E402
 from moeswarm.model.remote_moe import RemoteMoE  # noqa: E402
+from moeswarm.protocol.dht import IsolatedDHT  # noqa: E402
 
 D, F, E, K, SEED = 32, 64, 4, 2, 7
 SWARM = "lan"
@@ -37,14 +39,14 @@ TIMEOUT_S = 2.0  # deadline of one expert call: a call that waited for an unplug
 
 @pytest.fixture(scope="module")
 def lan():
-    with netns.Network(3) as net:
+    with netns.Network(4) as net:  # hosts 0-2: the module's swarm; host 3: a node that a test unplugs
         yield net
 
 
 @pytest.fixture(scope="module")
 def swarm(lan, tmp_path_factory):
     """(bootstrap DHT peer, [node binding 0.0.0.0 with announce_host, node binding its own IP])."""
-    dht_host, wildcard_host, bound_host = lan.hosts
+    dht_host, wildcard_host, bound_host = lan.hosts[:3]
     root = tmp_path_factory.mktemp("lan")
     group = ProcGroup()
     try:
@@ -84,7 +86,7 @@ def status(peers: list[str], timeout_s: float = 60.0) -> subprocess.CompletedPro
 
 def test_every_address_announced_is_the_machines_own(lan, swarm):
     dht, nodes = swarm
-    dht_host, wildcard_host, bound_host = lan.hosts
+    dht_host, wildcard_host, bound_host = lan.hosts[:3]
     assert dht.ready["maddrs"] and all(m.startswith(f"/ip4/{dht_host.ip}/tcp/{DHT_PORT}/p2p/") for m in dht.ready["maddrs"])
     for node, host in zip(nodes, [wildcard_host, bound_host]):
         assert node.ready["endpoint"].startswith(f"{host.ip}:"), node.ready
@@ -160,7 +162,7 @@ def test_unplugged_replica_is_banned_and_used_again_once_plugged_back(lan, swarm
         endpoints = {i: nodes[i].ready["endpoint"] for i in (0, 1)}
         lan.unplug(hosts[unplugged])
         try:
-            durations, problems = train_steps(local, remote, 60)
+            durations, problems = train_steps(local, remote, 40)
             assert problems == []
             assert picker.failures(endpoints[unplugged]) >= 1  # it was tried, and banned
             assert max(durations) < TIMEOUT_S, durations  # none waited for the unplugged node's deadline
@@ -173,7 +175,7 @@ def test_unplugged_replica_is_banned_and_used_again_once_plugged_back(lan, swarm
             lan.plug(hosts[unplugged])
         lan.unplug(hosts[other])
         try:
-            durations, problems = train_steps(local, remote, 40)
+            durations, problems = train_steps(local, remote, 30)
             assert problems == []  # the replica plugged back serves at once: its dead connection was dropped
             assert picker.failures(endpoints[unplugged]) == 0
             assert max(durations) < TIMEOUT_S, durations
@@ -198,3 +200,45 @@ def test_listening_on_every_interface_without_announce_host_is_refused(lan, tmp_
         assert run.returncode == 2, run.stderr
         assert "0.0.0.0" in run.stderr and named in run.stderr, run.stderr
 
+
+def test_new_replica_starts_without_waiting_on_a_trained_replica_off_the_network(lan, swarm, tmp_path):
+    """A node starting beside a trained replica (version > 0) pulls its weights first. If that
+    replica's machine is unplugged (its records outlive it by up to a TTL), each pull's connect
+    hangs: it is given up once, and the node's other experts skip that replica."""
+    dht, _ = swarm
+    peers, uids = dht.ready["maddrs"], [f"lan.L0.E{e}" for e in range(E)]
+    config = dict(model=MODEL, experts="all", initial_peers=peers, seed=SEED, torch_threads=1, state_dir=None,
+                  swarm="lan-sync", announce_ttl_s=15, optimizer=dict(name="sgd", lr=0.1, update_every=1))
+    trained_host, new_host = lan.hosts[3], lan.hosts[2]
+    procs: list[Proc] = []
+    client_dht = IsolatedDHT(peers)
+    try:
+        trained = start_node(tmp_path / "trained", dict(config, host=trained_host.ip), prefix=trained_host.prefix)
+        procs.append(trained)
+        for uid in uids:
+            run(train_step(trained.ready["endpoint"], "lan", uid, torch.randn(2, D), torch.randn(2, D)))
+
+        def trained_announced() -> bool:
+            found = find_experts(client_dht, "lan-sync", uids)
+            return all(records and records[0].version >= 1 for records in found.values())
+
+        wait_for(trained_announced, timeout_s=20, what="trained versions in the DHT")
+        lan.unplug(trained_host)
+        # a connect timeout per expert would take more than 4 x 10 s before the node serves
+        new = start_node(tmp_path / "new", dict(config, host=new_host.ip), prefix=new_host.prefix, timeout_s=35)
+        procs.append(new)
+        log = new.log
+        assert log.count("keeps the weights it has (version 0)") == E, log  # it saw the trained replica
+        assert log.count("could not connect within") == 1, log
+        assert log.count("did not answer for another expert") == E - 1, log
+
+        def new_announced() -> bool:
+            found = find_experts(client_dht, "lan-sync", uids)
+            return all(new.ready["endpoint"] in {r.endpoint for r in records} for records in found.values())
+
+        wait_for(new_announced, timeout_s=20, what="the new node's records in the DHT")
+    finally:
+        lan.plug(trained_host)
+        client_dht.close()
+        for proc in procs:
+            proc.kill()
