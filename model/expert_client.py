@@ -119,6 +119,8 @@ class ExpertClient:
                 data = await (self._backward if backward else self._forward)(request, timeout=timeout_s)
             except grpc.RpcError as e:
                 raise error_from_rpc(e, self.endpoint) from e
+            except grpc.aio.UsageError as e:  # closed under a call of several requests (Dispatcher._ban)
+                raise NodeUnavailable(f"{self.endpoint}: this client was closed ({e})") from e
         response = self._parse(data, len(inputs))
         if response.error_code:
             raise error_from_status(response.error_code, response.error_message, self.endpoint)
@@ -144,8 +146,8 @@ class ExpertClient:
         except grpc.RpcError as e:
             self._drop_stream()
             raise error_from_rpc(e, self.endpoint) from e
-        except asyncio.InvalidStateError as e:  # the stream ended between our check and the write
-            self._drop_stream()
+        except (asyncio.InvalidStateError, grpc.aio.UsageError) as e:  # the stream ended between our check
+            self._drop_stream()  # and the write, or the client was closed under a call of several requests
             raise NodeUnavailable(f"{self.endpoint}: the stream ended ({e})") from e
         except BaseException:  # cancelled (a hedge won), or the stream broke in a way grpc does not type
             self._drop_stream()

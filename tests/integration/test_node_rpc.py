@@ -12,7 +12,7 @@ from procs import run
 from moeswarm.model.expert_client import ExpertClient
 from moeswarm.model.experts import expert_backward, expert_forward, init_expert, prepack_weights
 from moeswarm.protocol import codec, expert_pb2
-from moeswarm.protocol.errors import BadRequest, ExpertNotFound, NotTrainable, Overloaded
+from moeswarm.protocol.errors import BadRequest, ExpertNotFound, NodeUnavailable, NotTrainable, Overloaded
 
 D = MODEL["d_model"]
 
@@ -344,3 +344,20 @@ def test_client_errors_map_to_our_exceptions(node_factory):
         run(_forward(endpoint, {"itest.L1.E1": torch.randn(2, D - 1)}))
     with pytest.raises(Overloaded, match="split"):
         run(_forward(endpoint, {"itest.L1.E1": torch.randn(9, D)}))
+
+
+def test_a_call_on_a_closed_client_is_a_node_failure(node_factory):
+    """The dispatcher closes a banned replica's client under calls of several requests that are still
+    going (Dispatcher._ban): their next request must fail like a node failure (retried elsewhere),
+    not with grpc's UsageError (a crash of the whole layer call)."""
+    endpoint = node_factory().ready["endpoint"]
+
+    async def on_a_closed_client(rows: int):
+        client = ExpertClient(endpoint)
+        await client.forward(MODEL["name"], {"itest.L1.E1": torch.randn(1, D)}, timeout_s=10)
+        await client.close()
+        return await client.forward(MODEL["name"], {"itest.L1.E1": torch.randn(rows, D)}, timeout_s=10)
+
+    for rows in (2, 4096):  # on the stream; unary (over STREAM_MAX_BYTES)
+        with pytest.raises(NodeUnavailable, match="closed|ended"):
+            run(on_a_closed_client(rows))
