@@ -69,14 +69,19 @@ def swarm(lan, tmp_path_factory):
         group.kill()
 
 
-def make_pair(peers: list[str]) -> tuple[LocalMoE, RemoteMoE]:
+@pytest.fixture
+def pair(swarm):
+    """(LocalMoE, RemoteMoE on the swarm from the root namespace), with the same weights."""
     local = LocalMoE(model="lan", layer=0, d_model=D, d_ff=F, n_experts=E, k=K, seed=SEED)
     remote = RemoteMoE(
-        model="lan", layer=0, d_model=D, n_experts=E, k=K, initial_peers=peers, swarm=SWARM,
+        model="lan", layer=0, d_model=D, n_experts=E, k=K, initial_peers=swarm[0].ready["maddrs"], swarm=SWARM,
         config=DispatchConfig(timeout_s=TIMEOUT_S),
     )
-    remote.router.load_state_dict(local.router.state_dict())
-    return local, remote
+    try:
+        remote.router.load_state_dict(local.router.state_dict())
+        yield local, remote
+    finally:
+        remote.close()
 
 
 def status(peers: list[str], timeout_s: float = 60.0) -> subprocess.CompletedProcess:
@@ -104,29 +109,25 @@ def test_every_address_announced_is_the_machines_own(lan, swarm):
     }
 
 
-def test_remote_moe_across_machines_equals_local(swarm):
-    dht, _ = swarm
-    local, remote = make_pair(dht.ready["maddrs"])
-    try:
-        for rows in (1, 16, 300):
-            x_local = torch.randn(rows, D, requires_grad=True)
-            x_remote = x_local.detach().clone().requires_grad_(True)
-            y_local, y_remote = local(x_local), remote(x_remote)
-            grad = torch.randn_like(y_local)
-            y_local.backward(grad)
-            y_remote.backward(grad)
-            assert (y_remote - y_local).abs().max() <= 1e-6
-            assert (x_remote.grad - x_local.grad).abs().max() <= 1e-6
-    finally:
-        remote.close()
+def test_remote_moe_across_machines_equals_local(pair):
+    local, remote = pair
+    for rows in (1, 16, 300):
+        x_local = torch.randn(rows, D, requires_grad=True)
+        x_remote = x_local.detach().clone().requires_grad_(True)
+        y_local, y_remote = local(x_local), remote(x_remote)
+        grad = torch.randn_like(y_local)
+        y_local.backward(grad)
+        y_remote.backward(grad)
+        assert (y_remote - y_local).abs().max() <= 1e-6
+        assert (x_remote.grad - x_local.grad).abs().max() <= 1e-6
 
 
-def train_steps(local: LocalMoE, remote: RemoteMoE, steps: int) -> tuple[list[float], list[str]]:
-    """`steps` forward+backward calls on fresh rows: (their durations, s; what went wrong, if anything).
+def train_steps(local: LocalMoE, remote: RemoteMoE, steps: int, rows: int = 8) -> tuple[list[float], list[str]]:
+    """`steps` forward+backward calls on `rows` fresh rows: (their durations, s; what went wrong, if anything).
     Each output and input grad must equal the local MoE's (no node steps its optimizer)."""
     durations, problems = [], []
     for step in range(steps):
-        x_local = torch.randn(8, D, requires_grad=True)
+        x_local = torch.randn(rows, D, requires_grad=True)
         x_remote = x_local.detach().clone().requires_grad_(True)
         y_local = local(x_local)
         y_local.sum().backward()
@@ -147,42 +148,61 @@ def train_steps(local: LocalMoE, remote: RemoteMoE, steps: int) -> tuple[list[fl
     return durations, problems
 
 
-def test_unplugged_replica_is_banned_and_used_again_once_plugged_back(lan, swarm):
+def preferred_replica(local: LocalMoE, remote: RemoteMoE, nodes: list[Proc]) -> int:
+    """Index in `nodes` of the replica the client ranks first after a few steps (each must succeed)."""
+    assert train_steps(local, remote, 4)[1] == []
+    endpoint = remote.client.dispatcher.picker.rank(remote.client.directory.replicas("lan.L0.E0"))[0].endpoint
+    return [node.ready["endpoint"] for node in nodes].index(endpoint)
+
+
+def test_replica_behind_a_slow_link_is_hedged_around(lan, swarm, pair):
+    """The preferred replica's link limited to 1 Mbit/s (tc tbf): a 512-row forward takes 0.5 s each
+    way there. Forwards are hedged to the other replica, which serves the steps; none fails."""
+    (local, remote), nodes = pair, swarm[1]
+    picker = remote.client.dispatcher.picker
+    slow = preferred_replica(local, remote, nodes)
+    lan.limit_rate(lan.hosts[1 + slow], "1mbit")
+    try:
+        durations, problems = train_steps(local, remote, 10, rows=512)
+    finally:
+        lan.clear_rate(lan.hosts[1 + slow])
+    assert problems == []
+    assert picker.failures(nodes[slow].ready["endpoint"]) >= 1  # lost its hedges: banned
+    assert picker.failures(nodes[1 - slow].ready["endpoint"]) == 0
+    assert max(durations) < TIMEOUT_S, durations
+
+
+def test_unplugged_replica_is_banned_and_used_again_once_plugged_back(lan, swarm, pair):
     """Pull the cable of the replica the client prefers (no FIN, no RST: a black hole), then put it
     back and pull the other one's: every call succeeds, equal to the local MoE, none waits for the
     unplugged node's deadline, and the replica plugged back serves at once."""
-    dht, nodes = swarm
-    local, remote = make_pair(dht.ready["maddrs"])
+    (local, remote), (dht, nodes) = pair, swarm
     picker = remote.client.dispatcher.picker
+    unplugged = preferred_replica(local, remote, nodes)
+    other = 1 - unplugged
+    hosts = {0: lan.hosts[1], 1: lan.hosts[2]}
+    endpoints = {i: nodes[i].ready["endpoint"] for i in (0, 1)}
+    lan.unplug(hosts[unplugged])
     try:
-        assert train_steps(local, remote, 5)[1] == []
-        preferred = picker.rank(remote.client.directory.replicas("lan.L0.E0"))[0].endpoint
-        unplugged, other = (0, 1) if preferred == nodes[0].ready["endpoint"] else (1, 0)
-        hosts = {0: lan.hosts[1], 1: lan.hosts[2]}
-        endpoints = {i: nodes[i].ready["endpoint"] for i in (0, 1)}
-        lan.unplug(hosts[unplugged])
-        try:
-            durations, problems = train_steps(local, remote, 40)
-            assert problems == []
-            assert picker.failures(endpoints[unplugged]) >= 1  # it was tried, and banned
-            assert max(durations) < TIMEOUT_S, durations  # none waited for the unplugged node's deadline
+        durations, problems = train_steps(local, remote, 40)
+        assert problems == []
+        assert picker.failures(endpoints[unplugged]) >= 1  # it was tried, and banned
+        assert max(durations) < TIMEOUT_S, durations  # none waited for the unplugged node's deadline
 
-            # status answers, from the DHT records the unplugged node left (they expire after its TTL)
-            shown = status(dht.ready["maddrs"])
-            assert shown.returncode == 0, shown.stderr
-            assert endpoints[other] in {r["endpoint"] for r in json.loads(shown.stdout)["nodes"].values()}
-        finally:
-            lan.plug(hosts[unplugged])
-        lan.unplug(hosts[other])
-        try:
-            durations, problems = train_steps(local, remote, 30)
-            assert problems == []  # the replica plugged back serves at once: its dead connection was dropped
-            assert picker.failures(endpoints[unplugged]) == 0
-            assert max(durations) < TIMEOUT_S, durations
-        finally:
-            lan.plug(hosts[other])
+        # status answers, from the DHT records the unplugged node left (they expire after its TTL)
+        shown = status(dht.ready["maddrs"])
+        assert shown.returncode == 0, shown.stderr
+        assert endpoints[other] in {r["endpoint"] for r in json.loads(shown.stdout)["nodes"].values()}
     finally:
-        remote.close()
+        lan.plug(hosts[unplugged])
+    lan.unplug(hosts[other])
+    try:
+        durations, problems = train_steps(local, remote, 30)
+        assert problems == []  # the replica plugged back serves at once: its dead connection was dropped
+        assert picker.failures(endpoints[unplugged]) == 0
+        assert max(durations) < TIMEOUT_S, durations
+    finally:
+        lan.plug(hosts[other])
 
 
 def test_listening_on_every_interface_without_announce_host_is_refused(lan, tmp_path):
