@@ -23,12 +23,16 @@ import subprocess
 
 SUBNET_PREFIX = "10.213"  # 10.213.X.0/24, X free among this machine's routes
 LOCK_PATH = "/tmp/moeswarm-netns.lock"  # concurrent test runs pick their subnets one at a time
-NS_PREFIX = "moeswarm-"  # namespaces moeswarm-{pid}-{i}; links ms{pid}b (bridge), ms{pid}h{i} (bridge ports)
+NS_PREFIX = "moeswarm-"  # namespaces moeswarm-{pid}-{i}; links msw{pid}b (bridge), msw{pid}h{i} (bridge ports)
 IP_TIMEOUT_S = 10.0
 
 
 def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=IP_TIMEOUT_S, check=check)
+    """`ip ARGS`; check: a failure raises with what ip said (CalledProcessError's message leaves it out)."""
+    done = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=IP_TIMEOUT_S)
+    if check and done.returncode != 0:
+        raise RuntimeError(f"ip {' '.join(args)}: {done.stderr.strip()}")
+    return done
 
 
 def unavailable_reason() -> str | None:
@@ -66,7 +70,7 @@ class Network:
 
     def __init__(self, n_hosts: int):
         self.n_hosts = n_hosts
-        self.tag = f"ms{os.getpid()}"  # interface names must stay under 16 bytes
+        self.tag = f"msw{os.getpid()}"  # interface names must stay under 16 bytes
         self.bridge = f"{self.tag}b"
         self.hosts: list[Host] = []
         self.root_ip = ""
@@ -160,7 +164,9 @@ def _mac(netns: str | None, dev: str) -> str:
 
 
 def _tc(*args: str, check: bool = True) -> None:
-    subprocess.run(["tc", *args], capture_output=True, text=True, timeout=IP_TIMEOUT_S, check=check)
+    done = subprocess.run(["tc", *args], capture_output=True, text=True, timeout=IP_TIMEOUT_S)
+    if check and done.returncode != 0:
+        raise RuntimeError(f"tc {' '.join(args)}: {done.stderr.strip()}")
 
 
 def _delete_namespace(name: str) -> None:
@@ -181,6 +187,6 @@ def remove_stale() -> None:
         match = re.fullmatch(rf"{NS_PREFIX}(\d+)-\w+", name)
         if match and dead(match.group(1)):
             _delete_namespace(name)
-    for link in re.findall(r"^\d+: (ms\d+[bh]\d*)[@:]", ip("-o", "link", check=False).stdout, re.M):
-        if dead(re.match(r"ms(\d+)", link).group(1)):
+    for link in re.findall(r"^\d+: (msw\d+[bh]\d*)[@:]", ip("-o", "link", check=False).stdout, re.M):
+        if dead(re.match(r"msw(\d+)", link).group(1)):
             ip("link", "delete", link, check=False)
