@@ -115,6 +115,10 @@ class ExpertDirectory:
     def replicas(self, uid: str) -> list[ExpertRecord]:
         return self._view.get(uid, [])
 
+    def endpoints(self) -> set[str]:
+        """The endpoints of every replica in the current view (records that expired are gone)."""
+        return {record.endpoint for records in self._view.values() for record in records}
+
     def warn_if_missing(self, uids: list[str]) -> list[str]:
         """Log (once per call) the experts no node announces; returns them. Routing to them fails with
         AllReplicasFailed until a node hosting them shows up (picked up within one refresh)."""

@@ -193,7 +193,7 @@ class Dispatcher:
         self.picker = picker or ReplicaPicker()
         self._wire_dtype = WIRE_DTYPES[config.wire_dtype]
         self._clients: dict[str, ExpertClient] = {}
-        self._dropping: dict[asyncio.Task, ExpertClient] = {}  # banned replicas' clients, closing (_ban)
+        self._dropping: dict[asyncio.Task, ExpertClient] = {}  # clients being closed (_drop_client)
         # ids under which nodes keep a training forward's activations: unique per client and call
         self._forward_ids = (f"{uuid.uuid4().hex[:12]}-f{i}" for i in itertools.count())
         self._loop = _new_event_loop()
@@ -365,13 +365,25 @@ class Dispatcher:
         return {uid: (tensor, endpoint, keep_as) for uid, tensor in out.items()}
 
     def _client(self, endpoint: str) -> ExpertClient:
-        if endpoint not in self._clients:
+        client = self._clients.get(endpoint)
+        if client is None:
             # A grpc.aio channel belongs to the loop it was made on: one made elsewhere would hang
             # every later call on this loop until its deadline. Fail loudly instead.
             if threading.current_thread() is not self._thread:
                 raise RuntimeError("Dispatcher clients are made on its loop thread: call through Dispatcher.run()")
-            self._clients[endpoint] = ExpertClient(endpoint)
-        return self._clients[endpoint]
+            if self.directory is not None:
+                self._forget_departed(self.directory.endpoints() | {endpoint})
+            client = self._clients[endpoint] = ExpertClient(endpoint)
+        return client
+
+    def _forget_departed(self, announced: set[str]) -> None:
+        """Close the idle channels to endpoints no longer announced, and forget their health. A node
+        that restarts on a new port, or a volunteer that leaves, would otherwise keep a channel and a
+        health entry here for as long as the client runs. Done when a new endpoint shows up: the
+        client then holds at most the endpoints announced at that time, plus those mid-call."""
+        for endpoint in [e for e, client in self._clients.items() if e not in announced and not client.in_flight]:
+            self._drop_client(endpoint, grace_s=None)
+        self.picker.forget(announced | set(self._clients))
 
     def _ban(self, endpoint: str) -> float:
         """Ban a failing replica (returns the ban, s) and drop its client, so that the call after the
@@ -379,12 +391,16 @@ class Dispatcher:
         written to it is retransmitted with a backoff that reaches minutes, and calls on it would
         find no answer long after the peer is back. Calls still in flight on the dropped client
         finish (each has its deadline) before its channel closes."""
+        self._drop_client(endpoint, grace_s=self.config.timeout_s)
+        return self.picker.on_failure(endpoint)
+
+    def _drop_client(self, endpoint: str, grace_s: float | None) -> None:
+        """Forget the client of `endpoint` and close it in the background (see ExpertClient.close)."""
         client = self._clients.pop(endpoint, None)
         if client is not None:
-            closing = asyncio.ensure_future(client.close(grace_s=self.config.timeout_s))
+            closing = asyncio.ensure_future(client.close(grace_s=grace_s))
             self._dropping[closing] = client
             closing.add_done_callback(self._dropping.pop)
-        return self.picker.on_failure(endpoint)
 
     def close(self) -> None:
         async def close_all():

@@ -50,6 +50,7 @@ class ExpertClient:
         self._backward = self._channel.unary_unary(_METHOD + "Backward")
         self._stream = None  # the open Stream call, made on first use and dropped on any failure
         self._stream_busy = False
+        self.in_flight = 0  # Forward/Backward calls not finished (a dispatcher closes only idle clients)
 
     async def forward(
         self, model: str, inputs: dict[str, torch.Tensor], *, timeout_s: float, wire_dtype: torch.dtype | None = None,
@@ -88,6 +89,16 @@ class ExpertClient:
     async def _call(
         self, model: str, inputs: dict, grad_outputs: dict | None, timeout_s: float, wire_dtype, *, keep_as: str = "",
         forward_ids: dict[str, str] | None = None, input_grads_only: frozenset[str] | set[str] = frozenset(),
+    ) -> dict[str, torch.Tensor]:
+        self.in_flight += 1
+        try:
+            return await self._call_in_pieces(model, inputs, grad_outputs, timeout_s, wire_dtype, keep_as, forward_ids, input_grads_only)
+        finally:
+            self.in_flight -= 1
+
+    async def _call_in_pieces(
+        self, model: str, inputs: dict, grad_outputs: dict | None, timeout_s: float, wire_dtype, keep_as: str,
+        forward_ids: dict[str, str] | None, input_grads_only: frozenset[str] | set[str],
     ) -> dict[str, torch.Tensor]:
         pieces = split_rows(inputs, self._max_payload // (2 if grad_outputs is not None else 1), self.max_rows, wire_dtype)
         if pieces is None:

@@ -70,6 +70,12 @@ class ReplicaPicker:
         health = self._get(endpoint)
         return max(floor_s, health.latency_s + 4 * health.deviation_s)
 
+    def forget(self, keep: set[str]) -> None:
+        """Drop what is known of every endpoint not in `keep` (the ones still announced): a client
+        running for days through churn keeps one entry per live replica, not one per endpoint it met."""
+        for endpoint in [e for e in self._health if e not in keep]:
+            del self._health[endpoint]
+
     def on_success(self, endpoint: str, latency_s: float) -> None:
         health = self._get(endpoint)
         health.deviation_s += self.alpha * (abs(latency_s - health.latency_s) - health.deviation_s)
