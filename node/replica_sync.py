@@ -74,11 +74,11 @@ def relative_distance(own: dict[str, torch.Tensor], peer: dict[str, torch.Tensor
 class ReplicaSync:
     def __init__(
         self, *, dht, swarm: str, peer_id: str, registry: ExpertRegistry, batcher: Batcher, max_message_bytes: int,
-        rng: random.Random | None = None,
+        rng: random.Random | None = None, clock: Callable[[], float] = time.monotonic,
     ):
         self._dht, self._swarm, self._peer_id = dht, swarm, peer_id
         self._registry, self._batcher, self._max_message_bytes = registry, batcher, max_message_bytes
-        self._rng = rng or random.Random()
+        self._rng, self._clock = rng or random.Random(), clock
         self._last_round: dict[tuple[str, str], tuple[int, int]] = {}  # (uid, peer) -> (own, peer's) version then
         self._versions_seen: dict[str, tuple] = {}  # uid -> (versions of its trainable replicas, rounds they held)
         self._settled: dict[str, tuple[str, int]] = {}  # uid -> (leader's state, own revision) once it took them
@@ -123,6 +123,7 @@ class ReplicaSync:
         started, self._unreachable = time.monotonic(), set()
         uids = list(self._registry.experts)
         found = await self.replicas(uids)
+        self._forget_departed(found)
         taken = await self._take_newest(uids, lambda uid: self._registry.experts[uid].visible_version, found)
         if taken:
             logger.info(
@@ -181,6 +182,7 @@ class ReplicaSync:
         started, self._unreachable = time.monotonic(), set()
         uids = list(self._registry.experts)
         found = await self.replicas(uids)
+        self._forget_departed(found)
         averaged = settled = 0
         for uid in uids:
             peers = [record for record in found[uid] if record.trainable]
@@ -200,6 +202,13 @@ class ReplicaSync:
                 "%d averaging pulls and %d settled of %d experts in %.2f s", averaged, settled, len(uids), time.monotonic() - started
             )
         return averaged + settled
+
+    def _forget_departed(self, found: dict[str, list[ExpertRecord]]) -> None:
+        """Drop the last rounds with peers no longer announced: volunteers come and go (a node without
+        a state_dir has a new peer id at each start), and a node runs for days. A peer that returns
+        costs one pull more."""
+        announced = {(uid, record.peer_id) for uid, records in found.items() for record in records}
+        self._last_round = {key: versions for key, versions in self._last_round.items() if key in announced}
 
     def _quiet_rounds(self, uid: str, peers: list[ExpertRecord]) -> int:
         """How many rounds in a row this expert's trainable replicas, this one included, held the
@@ -265,8 +274,11 @@ class ReplicaSync:
         return None
 
     def _log(self, key: tuple, message: str) -> None:
-        now = time.monotonic()
+        now = self._clock()
         if now - self._logged.get(key, -FAILURE_LOG_S) >= FAILURE_LOG_S:
+            # Keys name endpoints, and every restart of a peer is a new one: drop the entries that no
+            # longer hold anything back, so this holds what failed in the last FAILURE_LOG_S only.
+            self._logged = {old: at for old, at in self._logged.items() if now - at < FAILURE_LOG_S}
             self._logged[key] = now
             logger.warning("%s", message)
 

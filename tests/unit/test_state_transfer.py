@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import torch
 
 from moeswarm.model.experts import init_expert
 from moeswarm.node.config import OptimizerConfig
 from moeswarm.node.registry import ExpertRegistry
-from moeswarm.node.replica_sync import SETTLE_AFTER_ROUNDS, ReplicaSync, relative_distance
+from moeswarm.node.replica_sync import FAILURE_LOG_S, SETTLE_AFTER_ROUNDS, ReplicaSync, relative_distance
 from moeswarm.protocol.records import ExpertRecord
 from moeswarm.protocol import expert_pb2
 from moeswarm.protocol.errors import BadRequest
@@ -190,3 +192,27 @@ def test_replicas_count_as_quiet_only_once_trained_and_while_no_one_steps():
     assert sync._quiet_rounds(UID, [_record("peer", 6)]) == 0  # the peer stepped
     registry.experts[UID].version = 1  # this node stepped
     assert [sync._quiet_rounds(UID, [_record("peer", 6)]) for _ in range(SETTLE_AFTER_ROUNDS + 1)] == list(range(SETTLE_AFTER_ROUNDS + 1))
+
+
+def test_failures_logged_for_departed_endpoints_are_not_kept_past_their_quiet_period():
+    """Each restart of a peer is a new endpoint: a node running for days must not keep one entry per
+    endpoint whose failure it ever logged."""
+    now = [0.0]
+    sync = ReplicaSync(dht=None, swarm="s", peer_id="me", registry=_registry(), batcher=None, max_message_bytes=1 << 20,
+                       clock=lambda: now[0])
+    for port in range(100):  # a peer restarting on a new port, once a minute
+        sync._log((UID, f"127.0.0.1:{port}", "fetch"), "could not average")
+        now[0] += 60.0
+    assert len(sync._logged) <= FAILURE_LOG_S / 60.0 + 1
+
+
+def test_an_averaging_round_forgets_the_peers_no_longer_announced():
+    sync = ReplicaSync(dht=None, swarm="s", peer_id="me", registry=_registry(), batcher=None, max_message_bytes=1 << 20)
+    sync._last_round = {(UID, f"gone{i}"): (3, 4) for i in range(50)}  # volunteers that left, each with a new peer id
+
+    async def replicas(uids):
+        return {uid: [_record("live", 0)] for uid in uids}  # never trained: the round pulls nothing
+
+    sync.replicas = replicas
+    asyncio.run(sync.average_round())
+    assert set(sync._last_round) <= {(UID, "live")}
