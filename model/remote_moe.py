@@ -10,6 +10,7 @@ Legend: T tokens, K experts per token, D model dim, E experts.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import time
 
@@ -101,7 +102,11 @@ class RemoteExperts(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_TD, anchor, dispatcher: Dispatcher, result: DispatchResult, train_experts: bool = True):
-        ctx.dispatcher, ctx.result, ctx.train_experts = dispatcher, result, train_experts
+        # ctx keeps the routing, not the outputs: the returned y_TKD gets ctx as its grad_fn, so ctx
+        # holding it would be a reference cycle, and every layer's outputs and rows would wait for a
+        # full garbage collection (minutes apart; a soak's client grew ~120 MiB between two).
+        ctx.dispatcher, ctx.train_experts = dispatcher, train_experts
+        ctx.result = dataclasses.replace(result, y_TKD=result.y_TKD.new_empty(0))
         ctx.save_for_backward(x_TD)
         return result.y_TKD
 
