@@ -16,7 +16,8 @@ peer; this client, its DHT child and p2pd): RSS, PSS, open FDs and threads; for 
 its in-process state (gRPC channels held, replica-health entries, banned replicas, directory
 entries, asyncio tasks on the dispatcher loop, live Python objects), and the run dir's file count
 and bytes. Reported per series: first value after warm-up, last value, least-squares slope per hour
-after warm-up; a series whose growth after warm-up exceeds its tolerance is flagged GROWS.
+after warm-up (each series from its own first sample); a series whose growth after warm-up exceeds its
+tolerance is flagged MISS.
 A killed node's leftover DHT child or p2pd (orphans) are counted before it is started again.
 Run, with moeswarm importable:  python bench/soak.py [--quick | --minutes N] [--json out.json]
 --quick takes under a minute (warm-up 15 s); the default run 15 minutes.
@@ -25,20 +26,18 @@ Run, with moeswarm importable:  python bench/soak.py [--quick | --minutes N] [--
 from __future__ import annotations
 
 import argparse
-import asyncio
-import gc
+import contextlib
 import os
 import pathlib
 import signal
 import sys
 import tempfile
-import threading
 import time
 
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from common import Progress, figure, finish, kill_descendants, machine_info, print_load, process_tree  # noqa: E402
+from common import Progress, finish, kill_descendants, machine_info, print_load, process_tree  # noqa: E402
 from soak_probe import ProcessProbe, Series, client_state, dir_usage, growth_figures  # noqa: E402
 
 NODES, REPLICAS, TORCH_THREADS = 3, 2, 1
@@ -56,7 +55,7 @@ def main() -> int:
     parser.add_argument("--minutes", type=float, default=15.0, help="how long to run (default 15)")
     parser.add_argument("--churn-s", type=float, default=60.0, help="kill and restart a node this often (0: never)")
     parser.add_argument("--sample-s", type=float, default=5.0, help="sample every process this often")
-    parser.add_argument("--warmup-s", type=float, default=120.0, help="samples before this are left out of the slopes")
+    parser.add_argument("--warmup-s", type=float, default=60.0, help="samples before this are left out of the slopes")
     parser.add_argument("--run-dir", help="where the swarm keeps its state and logs (default: a temp dir, removed)")
     parser.add_argument("--json", metavar="PATH", help="also write every series, figure and the machine info here")
     args = parser.parse_args()
@@ -65,8 +64,8 @@ def main() -> int:
     started, load_before = time.monotonic(), os.getloadavg()
     torch.set_num_threads(TORCH_THREADS)
     try:
-        with tempfile.TemporaryDirectory(prefix="soak-", dir=args.run_dir and str(pathlib.Path(args.run_dir).parent)) as tmp:
-            work_dir = pathlib.Path(args.run_dir or tmp)
+        with tempfile.TemporaryDirectory(prefix="moeswarm-soak-") if args.run_dir is None else contextlib.nullcontext(args.run_dir) as path:
+            work_dir = pathlib.Path(path)
             work_dir.mkdir(parents=True, exist_ok=True)
             series, details = run(work_dir, args)
     finally:

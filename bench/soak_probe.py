@@ -103,10 +103,11 @@ def tolerance_of(name: str) -> float:
 
 def growth_figures(series: dict[str, Series], warmup_s: float) -> list[Figure]:
     """One figure per series with enough samples after warm-up: its slope per hour, flagged (MISS)
-    when it grew by more than its tolerance. A restarted node's incarnations are separate series."""
-    start = min((s.points[0][0] for s in series.values() if s.points), default=0.0)
+    when it grew by more than its tolerance. A restarted node's incarnations are separate series,
+    each with its own warm-up (a fresh process grows while it loads and serves its first calls)."""
     figures = []
     for name in sorted(series):
+        start = series[name].points[0][0]
         points = [(t, v) for t, v in series[name].points if t - start >= warmup_s]
         if len(points) < 2 * EDGE_SAMPLES:
             continue
