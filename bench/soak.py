@@ -100,7 +100,7 @@ def run(work_dir: pathlib.Path, args) -> tuple[dict[str, Series], dict]:
     model_dir = save_model(build_local_model(config), work_dir / "model")
     plan = SwarmPlan(model=config.spec(), nodes=NODES, replicas=REPLICAS, model_dir=str(model_dir), seed=config.seed,
                      uids=tuple(config.remote_uids()), torch_threads=TORCH_THREADS, run_dir=work_dir / "swarm",
-                     node_overrides=("checkpoint_interval_s=20", "average_every_s=30"))
+                     node_overrides=("checkpoint_interval_s=10", "average_every_s=30"))
     with LocalSwarm(plan) as swarm:
         progress(f"swarm up: {NODES} nodes, {len(plan.uids)} experts x {REPLICAS}; run dir {work_dir}")
         with open_model(model_dir, initial_peers=swarm.initial_peers) as lm:
