@@ -63,7 +63,7 @@ def client_state(client) -> dict[str, float]:
 
     view = directory._view
     return {
-        "grpc_channels": len(dispatcher._clients),
+        "grpc_channels": len(dispatcher.clients.clients),
         "replica_health": len(picker._health),
         "banned": sum(picker.is_banned(endpoint) for endpoint in list(picker._health)),
         "directory_uids": len(directory._uids),

@@ -22,8 +22,8 @@ from typing import Callable, Collection
 
 import torch
 
+from moeswarm.model.client_pool import ClientPool
 from moeswarm.model.directory import ExpertDirectory
-from moeswarm.model.expert_client import ExpertClient
 from moeswarm.model.replicas import ReplicaPicker
 from moeswarm.protocol.codec import WIRE_DTYPES
 from moeswarm.protocol.errors import AllReplicasFailed, BadRequest, ConfigError, ExpertNotFound, MoeSwarmError, NotTrainable
@@ -192,13 +192,12 @@ class Dispatcher:
         self.directory, self.model, self.config = directory, model, config
         self.picker = picker or ReplicaPicker()
         self._wire_dtype = WIRE_DTYPES[config.wire_dtype]
-        self._clients: dict[str, ExpertClient] = {}
-        self._dropping: dict[asyncio.Task, ExpertClient] = {}  # clients being closed (_drop_client)
         # ids under which nodes keep a training forward's activations: unique per client and call
         self._forward_ids = (f"{uuid.uuid4().hex[:12]}-f{i}" for i in itertools.count())
         self._loop = _new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="moeswarm-dispatch", daemon=True)
         self._thread.start()
+        self.clients = ClientPool(self._thread, directory, self.picker)  # one per node, used on the loop thread
         self._pid, self._closed = os.getpid(), False
 
     def run(self, coro, timeout_s: float | None = None):
@@ -332,7 +331,7 @@ class Dispatcher:
 
     async def _call(self, job: _Job, endpoint: str, uids: list[str], attempts: Attempts) -> dict:
         """One RPC. Failures are recorded (and the replica banned), not raised, except caller bugs."""
-        client = self._client(endpoint)
+        client = self.clients.get(endpoint)
         started = time.monotonic()
         op, keep_as = job.op, (next(self._forward_ids) if job.keep else "")
         try:
@@ -364,55 +363,20 @@ class Dispatcher:
         self.picker.on_success(endpoint, time.monotonic() - started)
         return {uid: (tensor, endpoint, keep_as) for uid, tensor in out.items()}
 
-    def _client(self, endpoint: str) -> ExpertClient:
-        client = self._clients.get(endpoint)
-        if client is None:
-            # A grpc.aio channel belongs to the loop it was made on: one made elsewhere would hang
-            # every later call on this loop until its deadline. Fail loudly instead.
-            if threading.current_thread() is not self._thread:
-                raise RuntimeError("Dispatcher clients are made on its loop thread: call through Dispatcher.run()")
-            if self.directory is not None:
-                self._forget_departed(self.directory.endpoints() | {endpoint})
-            client = self._clients[endpoint] = ExpertClient(endpoint)
-        return client
-
-    def _forget_departed(self, announced: set[str]) -> None:
-        """Close the idle channels to endpoints no longer announced, and forget their health. A node
-        that restarts on a new port, or a volunteer that leaves, would otherwise keep a channel and a
-        health entry here for as long as the client runs. Done when a new endpoint shows up: the
-        client then holds at most the endpoints announced at that time, plus those mid-call."""
-        for endpoint in [e for e, client in self._clients.items() if e not in announced and not client.in_flight]:
-            self._drop_client(endpoint, grace_s=None)
-        self.picker.forget(announced | set(self._clients))
-
     def _ban(self, endpoint: str) -> float:
         """Ban a failing replica (returns the ban, s) and drop its client, so that the call after the
         ban opens a new connection. An unplugged peer's TCP connection sends no FIN or RST: what was
         written to it is retransmitted with a backoff that reaches minutes, and calls on it would
         find no answer long after the peer is back. Calls still in flight on the dropped client
         finish (each has its deadline) before its channel closes."""
-        self._drop_client(endpoint, grace_s=self.config.timeout_s)
+        self.clients.drop(endpoint, grace_s=self.config.timeout_s)
         return self.picker.on_failure(endpoint)
 
-    def _drop_client(self, endpoint: str, grace_s: float | None) -> None:
-        """Forget the client of `endpoint` and close it in the background (see ExpertClient.close)."""
-        client = self._clients.pop(endpoint, None)
-        if client is not None:
-            closing = asyncio.ensure_future(client.close(grace_s=grace_s))
-            self._dropping[closing] = client
-            closing.add_done_callback(self._dropping.pop)
-
     def close(self) -> None:
-        async def close_all():
-            for closing in list(self._dropping):  # no grace: close them now
-                closing.cancel()
-            clients = [*self._clients.values(), *self._dropping.values()]
-            await asyncio.gather(*(client.close() for client in clients), return_exceptions=True)
-
         self._closed = True  # before the channels close: calls they cancel say why
         if self._loop.is_running():
             try:
-                asyncio.run_coroutine_threadsafe(close_all(), self._loop).result(5)
+                asyncio.run_coroutine_threadsafe(self.clients.close(), self._loop).result(5)
             finally:
                 self._loop.call_soon_threadsafe(self._loop.stop)
                 self._thread.join(timeout=5)

@@ -43,14 +43,14 @@ def announce(dht: StandInDHT, endpoints: dict[bytes, str]) -> None:
 
 def open_client(dispatcher: Dispatcher, endpoint: str):
     async def make():
-        return dispatcher._client(endpoint)
+        return dispatcher.clients.get(endpoint)
 
     return dispatcher.run(make(), timeout_s=5)
 
 
 def settle(dispatcher: Dispatcher) -> None:
     async def closes():
-        await asyncio.gather(*list(dispatcher._dropping))
+        await asyncio.gather(*list(dispatcher.clients.dropping))
 
     dispatcher.run(closes(), timeout_s=5)
 
@@ -71,7 +71,7 @@ def test_channels_and_health_of_endpoints_that_left_are_dropped_as_nodes_restart
             directory.refresh()
             open_client(dispatcher, f"127.0.0.1:{port}")
         settle(dispatcher)
-        assert set(dispatcher._clients) == {"127.0.0.1:1000", "127.0.0.1:2050"}
+        assert set(dispatcher.clients.clients) == {"127.0.0.1:1000", "127.0.0.1:2050"}
         assert set(dispatcher.picker._health) <= {"127.0.0.1:1000", "127.0.0.1:2050"}
         assert first._channel.get_state() == grpc.ChannelConnectivity.SHUTDOWN
     finally:
@@ -92,13 +92,13 @@ def test_a_channel_mid_call_is_kept_until_a_later_new_endpoint():
         announce(dht, {node: "127.0.0.1:3001"})
         directory.refresh()
         open_client(dispatcher, "127.0.0.1:3001")
-        assert set(dispatcher._clients) == {"127.0.0.1:3000", "127.0.0.1:3001"}
+        assert set(dispatcher.clients.clients) == {"127.0.0.1:3000", "127.0.0.1:3001"}
         busy.in_flight = 0
         announce(dht, {node: "127.0.0.1:3002"})
         directory.refresh()
         open_client(dispatcher, "127.0.0.1:3002")
         settle(dispatcher)
-        assert set(dispatcher._clients) == {"127.0.0.1:3002"}
+        assert set(dispatcher.clients.clients) == {"127.0.0.1:3002"}
     finally:
         dispatcher.close()
         directory.close()

@@ -406,10 +406,10 @@ def test_dispatcher_makes_its_channels_only_on_its_loop_thread():
     dispatcher = Dispatcher(directory=None, model="m", config=DispatchConfig())
     try:
         with pytest.raises(RuntimeError, match="loop thread"):
-            dispatcher._client("127.0.0.1:1")
+            dispatcher.clients.get("127.0.0.1:1")
 
         async def make():
-            return dispatcher._client("127.0.0.1:1")
+            return dispatcher.clients.get("127.0.0.1:1")
 
         assert dispatcher.run(make(), timeout_s=5).endpoint == "127.0.0.1:1"
     finally:

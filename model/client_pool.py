@@ -1,0 +1,56 @@
+"""The client's connections to nodes: one ExpertClient (one gRPC channel) per node endpoint, made on
+first use on the dispatcher's event loop, dropped when its replica is banned (the next call connects
+afresh) or when its endpoint left the swarm (churn does not grow the pool)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+from moeswarm.model.directory import ExpertDirectory
+from moeswarm.model.expert_client import ExpertClient
+from moeswarm.model.replicas import ReplicaPicker
+
+
+class ClientPool:
+    def __init__(self, loop_thread: threading.Thread, directory: ExpertDirectory | None, picker: ReplicaPicker):
+        self._loop_thread, self._directory, self._picker = loop_thread, directory, picker
+        self.clients: dict[str, ExpertClient] = {}  # by endpoint
+        self.dropping: dict[asyncio.Task, ExpertClient] = {}  # the close of each dropped client
+
+    def get(self, endpoint: str) -> ExpertClient:
+        client = self.clients.get(endpoint)
+        if client is None:
+            # A grpc.aio channel belongs to the loop it was made on: one made elsewhere would hang
+            # every later call on this loop until its deadline. Fail loudly instead.
+            if threading.current_thread() is not self._loop_thread:
+                raise RuntimeError("Dispatcher clients are made on its loop thread: call through Dispatcher.run()")
+            if self._directory is not None:
+                self._forget_departed(self._directory.endpoints() | {endpoint})
+            client = self.clients[endpoint] = ExpertClient(endpoint)
+        return client
+
+    def _forget_departed(self, announced: set[str]) -> None:
+        """Close the idle channels to endpoints no longer announced, and forget their health. A node
+        that restarts on a new port, or a volunteer that leaves, would otherwise keep a channel and a
+        health entry here for as long as the client runs. Done when a new endpoint shows up: the
+        client then holds at most the endpoints announced at that time, plus those mid-call."""
+        for endpoint in [e for e, client in self.clients.items() if e not in announced and not client.in_flight]:
+            self.drop(endpoint, grace_s=None)
+        self._picker.forget(announced | set(self.clients))
+
+    def drop(self, endpoint: str, grace_s: float | None) -> None:
+        """Forget the client of `endpoint`; close it in the background, after letting its calls in
+        flight end for up to grace_s (None: cancel them now; see ExpertClient.close)."""
+        client = self.clients.pop(endpoint, None)
+        if client is not None:
+            closing = asyncio.ensure_future(client.close(grace_s=grace_s))
+            self.dropping[closing] = client
+            closing.add_done_callback(self.dropping.pop)
+
+    async def close(self) -> None:
+        """Close every client now, those still being dropped included (no more grace)."""
+        for closing in list(self.dropping):
+            closing.cancel()
+        clients = [*self.clients.values(), *self.dropping.values()]
+        await asyncio.gather(*(client.close() for client in clients), return_exceptions=True)
