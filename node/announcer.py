@@ -31,6 +31,7 @@ class Announcer:
         records: Callable[[], tuple[NodeRecord, dict[str, ExpertRecord]]],
     ):
         self._dht, self._swarm, self._subkey, self._ttl_s, self._records = dht, swarm, subkey, ttl_s, records
+        self._refusing = False  # the last announce had refused records
 
     async def announce_once(self) -> None:
         node_record, expert_records = self._records()
@@ -41,7 +42,13 @@ class Announcer:
         results = await asyncio.wait_for(self._dht.run_coroutine(call, return_future=True), self._ttl_s / 3)
         failed = [key for key, ok in results.items() if not ok]
         if failed:
-            logger.warning("DHT refused %d of %d records (first: %s)", len(failed), len(keys), failed[0])
+            first = failed[0][0] if isinstance(failed[0], tuple) else failed[0]  # (key, subkey): the subkey is a whole RSA key
+            log = logger.debug if self._refusing else logger.warning  # a volunteer's log must not grow by a line every refresh
+            log("DHT refused %d of %d records (first: %s)%s", len(failed), len(keys), first,
+                "" if self._refusing else "; refusals are logged at debug level until the records are stored again")
+        elif self._refusing:
+            logger.info("the DHT stores this node's records again")
+        self._refusing = bool(failed)
 
     async def announce(self) -> bool:
         """announce_once, except that a timeout is logged, not raised (the next refresh tries again):
