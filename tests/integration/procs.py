@@ -147,16 +147,27 @@ def wait_for(predicate, timeout_s: float = 20.0, what: str = "condition"):
 
 
 async def probe(endpoint: str, model: str, uid: str, x):
-    """(Forward output of `uid` on x, {uid: version} from Info) of the node at endpoint."""
+    """(Forward output of `uid` on x, {uid: version} from Info) of the node at endpoint, the output
+    computed at those versions: Info is read before and after the Forward, again until both agree (a
+    node taking a replica's weights between the two calls would pair old outputs with the new version)."""
     from moeswarm.model.expert_client import ExpertClient
 
     client = ExpertClient(endpoint)
     try:
-        out = await client.forward(model, {uid: x}, timeout_s=10)
-        info = await client.info(timeout_s=10)
-        return out[uid], {state.uid: state.version for state in info.experts}
+        versions = await _versions(client)
+        for _ in range(10):
+            out = await client.forward(model, {uid: x}, timeout_s=10)
+            versions, before = await _versions(client), versions
+            if versions == before:
+                return out[uid], versions
+        raise AssertionError(f"{endpoint}: expert versions changed at every one of 10 probes")
     finally:
         await client.close()
+
+
+async def _versions(client) -> dict[str, int]:
+    info = await client.info(timeout_s=10)
+    return {state.uid: state.version for state in info.experts}
 
 
 async def train_step(endpoint: str, model: str, uid: str, x, grad_y):
