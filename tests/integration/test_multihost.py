@@ -221,6 +221,7 @@ def test_listening_on_every_interface_without_announce_host_is_refused(lan, tmp_
         assert "0.0.0.0" in run.stderr and named in run.stderr, run.stderr
 
 
+@pytest.mark.slow  # about 35 s of timeouts (a 10 s connect, hivemind's 5 s store wait): `pytest -m slow`
 def test_new_replica_starts_without_waiting_on_a_trained_replica_off_the_network(lan, swarm, tmp_path):
     """A node starting beside a trained replica (version > 0) pulls its weights first. If that
     replica's machine is unplugged (its records outlive it by up to a TTL), each pull's connect

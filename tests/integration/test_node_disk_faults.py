@@ -116,6 +116,7 @@ def test_a_state_dir_that_turns_read_only_is_reported_once_and_written_again_aft
     assert torch.load(state / "experts" / f"{UID}.pt", weights_only=True)["experts"][UID]["version"] == 2
 
 
+@pytest.mark.slow  # three node starts, about 16 s: `pytest -m slow`
 def test_a_state_dir_removed_while_the_node_runs_is_written_again_in_full(node_factory, tmp_path):
     # Before: the next checkpoint made the folder again with the experts changed since alone: the
     # others' training, the node's identity and its lock were gone, and a second node could take it.
