@@ -124,10 +124,7 @@ async def fetch_state(
     request = expert_pb2.StateRequest(uid=uid, max_chunk_bytes=message_bytes - CHUNK_HEADER_BYTES)
     assembler = StateAssembler(uid, expected)
     async with grpc.aio.insecure_channel(endpoint, options=options) as channel:
-        try:
-            await asyncio.wait_for(channel.channel_ready(), connect_timeout_s)
-        except asyncio.TimeoutError:
-            raise NodeUnavailable(f"{endpoint}: could not connect within {connect_timeout_s:.0f} s") from None
+        await _connect(channel, endpoint, connect_timeout_s)
         call = channel.unary_stream(
             "/moeswarm.ExpertService/ExportState", request_serializer=expert_pb2.StateRequest.SerializeToString,
             response_deserializer=expert_pb2.StateChunk.FromString,
@@ -138,6 +135,27 @@ async def fetch_state(
         except grpc.RpcError as e:
             raise error_from_rpc(e, endpoint) from e
     return assembler.result()
+
+
+async def _connect(channel, endpoint: str, timeout_s: float) -> None:
+    """Wait until the channel is connected; NodeUnavailable once a connect attempt fails (a refused
+    connection: the node is gone, its records outlive it) or after timeout_s (no answer at all: its
+    machine is off the network, where gRPC's own connect waits 20 s). channel_ready() alone would
+    wait out timeout_s on a refused connection too, retrying it: 10 s per start beside a dead replica."""
+    import grpc
+
+    async def connected() -> None:
+        state = channel.get_state(try_to_connect=True)
+        while state != grpc.ChannelConnectivity.READY:
+            if state == grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+                raise NodeUnavailable(f"{endpoint}: connection failed")
+            await channel.wait_for_state_change(state)
+            state = channel.get_state(try_to_connect=True)
+
+    try:
+        await asyncio.wait_for(connected(), timeout_s)
+    except asyncio.TimeoutError:
+        raise NodeUnavailable(f"{endpoint}: could not connect within {timeout_s:.0f} s") from None
 
 
 async def fetch_newest(

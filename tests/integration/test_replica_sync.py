@@ -6,15 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from typing import AsyncIterator
 
 import grpc
+import pytest
 import torch
 from conftest import MODEL
 from procs import probe, run, train_step, wait_for
 from moeswarm.model.directory import find_experts
 from moeswarm.model.experts import init_expert
-from moeswarm.protocol.errors import Overloaded
+from moeswarm.protocol.errors import NodeUnavailable, Overloaded
 from moeswarm.protocol.state_transfer import MIN_CHUNK_BYTES, fetch_state
 from moeswarm.protocol import expert_pb2
 
@@ -264,3 +266,15 @@ def test_a_caller_that_cancels_an_export_puts_no_traceback_in_the_node_log(node_
     for first, received, code, _ in run(scenario()):
         assert code == grpc.StatusCode.OK and first + received == total_bytes
     assert "ExecuteBatchError" not in node.log and "Traceback" not in node.log
+
+
+def test_a_replica_whose_node_is_gone_is_given_up_at_its_refused_connect():
+    """Records outlive a killed node by up to a TTL, so a starting node often tries a dead replica:
+    a refused connection ends the try at once. (Waiting for the connection to be ready retried it
+    for the whole connect timeout, 10 s per start.)"""
+    with socket.socket() as probe_socket:  # a port nothing listens on
+        probe_socket.bind(("127.0.0.1", 0))
+        endpoint = f"127.0.0.1:{probe_socket.getsockname()[1]}"
+    expected = {"w1.weight": ((4, 4), torch.float32)}
+    with pytest.raises(NodeUnavailable, match="connection failed"):
+        run(fetch_state(endpoint, "itest.L0.E0", expected, max_message_bytes=1 << 20))
