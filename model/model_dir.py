@@ -18,6 +18,7 @@ import torch
 
 from moeswarm.model.lm_config import MoELMConfig
 from moeswarm.model.tokenizer import ByteTokenizer, tokenizer_from_dict
+from moeswarm.protocol.durable import fsync_dir
 from moeswarm.protocol.errors import ConfigError
 from moeswarm.protocol.spec import parse_uid
 from moeswarm.protocol.typed_config import build
@@ -51,7 +52,7 @@ def _expert_file(uid: str) -> str:
 
 def _save_atomic(path: pathlib.Path, write) -> None:
     """write(temp path) beside `path`, fsync it, rename it over `path`; a failed write leaves no temp file.
-    The caller fsyncs the directory (_fsync_dir) for the renames to survive a crash."""
+    The caller fsyncs the directory (fsync_dir) for the renames to survive a crash."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         write(tmp)
@@ -68,14 +69,6 @@ def _save_tensors(tensors: dict[str, torch.Tensor], path: pathlib.Path) -> None:
     from safetensors.torch import save_file
 
     _save_atomic(path, lambda tmp: save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp)))
-
-
-def _fsync_dir(path: pathlib.Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def save_model_dir(
@@ -96,13 +89,13 @@ def save_model_dir(
         by_file.setdefault(_expert_file(uid), {}).update({f"{uid}.{name}": weights[name] for name in EXPERT_PARAMS})
     for name, tensors in sorted(by_file.items()):
         _save_tensors(tensors, path / name)
-    _fsync_dir(path)  # every tensor file is on disk before a manifest names it
+    fsync_dir(path)  # every tensor file is on disk before a manifest names it
     manifest = {
         "format": FORMAT, "version": VERSION, "config": config.to_dict(), "tokenizer": tokenizer.to_dict(),
         "dense": DENSE_FILE, "experts": {uid: _expert_file(uid) for uid in sorted(experts)},
     }
     _save_atomic(path / MANIFEST, lambda tmp: tmp.write_text(json.dumps(manifest, indent=1)))
-    _fsync_dir(path)
+    fsync_dir(path)
     return path
 
 

@@ -20,12 +20,12 @@ import logging
 import os
 import pathlib
 import struct
-import tempfile
 import zlib
 from typing import Awaitable, Callable, Iterator
 
 import torch
 
+from moeswarm.protocol.durable import fsync_dir, write_atomic  # noqa: F401  (write_atomic: also for callers of this module)
 from moeswarm.protocol.errors import CheckpointError, ConfigError
 
 logger = logging.getLogger(__name__)
@@ -44,30 +44,6 @@ TRAILER_MAGIC = b"moeswarm-crc32-1"
 MOVE_AWAY = "move it away to start this expert from a replica in the swarm if there is one, else from fresh weights"
 
 
-def write_atomic(path: pathlib.Path, write) -> None:
-    """Call write(file) on a temp file beside `path`, fsync it, then rename it over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        pathlib.Path(tmp_name).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: pathlib.Path) -> None:
-    dir_fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def expert_checkpoint_path(state_dir: pathlib.Path, uid: str) -> pathlib.Path:
     return state_dir / EXPERTS_DIR / f"{uid}.pt"  # UIDs are [a-z0-9_-] plus dots (protocol/spec.py)
 
@@ -80,7 +56,7 @@ def save_expert_checkpoint(state_dir: pathlib.Path, uid: str, state: dict) -> pa
     try:
         if not folder.is_dir():
             folder.mkdir(exist_ok=True)  # not state_dir: a removed one is the node's to make again, in full
-            _fsync_dir(state_dir)  # the new folder's entry survives a crash too
+            fsync_dir(state_dir)  # the new folder's entry survives a crash too
         write_atomic(path, lambda file: save_checked(state, file))
     except Exception as e:
         if (reason := os_failure(e)) is None:
