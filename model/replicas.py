@@ -12,13 +12,14 @@ from typing import Callable
 
 from moeswarm.protocol.records import ExpertRecord
 
-UNKNOWN_LATENCY_S = 0.002  # optimistic prior, so new replicas get tried
+UNKNOWN_LATENCY_S = 0.002  # prior for a replica never measured, capped by the best measured one
 
 
 @dataclasses.dataclass
 class _Health:
-    latency_s: float = UNKNOWN_LATENCY_S  # EWMA of successful call latency
+    latency_s: float = UNKNOWN_LATENCY_S  # EWMA of successful call latency (the first one sets it)
     deviation_s: float = UNKNOWN_LATENCY_S  # EWMA of |latency - mean|
+    measured: bool = False  # a call to it has succeeded
     failures: int = 0  # consecutive failures
     banned_until: float = 0.0
 
@@ -42,21 +43,26 @@ class ReplicaPicker:
 
     def rank(self, records: list[ExpertRecord], exclude: set[str] = frozenset()) -> list[ExpertRecord]:
         """Candidates best first: usable ones by score (latency x load, with jitter to spread load),
-        then banned ones (tried only when nothing else is left)."""
+        then banned ones (tried only when nothing else is left). A replica never measured scores as
+        the best measured one (at most UNKNOWN_LATENCY_S), so it is tried soon however fast the
+        others are, and a slow one is measured once and then left alone."""
         now = self.clock()
         usable, banned = [], []
         for record in records:
             if record.endpoint not in exclude:
                 (usable if self._get(record.endpoint).banned_until <= now else banned).append(record)
         if len(usable) > 1:
-            usable.sort(key=self._score)
+            measured = [h.latency_s for h in map(self._get, (r.endpoint for r in usable)) if h.measured]
+            prior_s = min(measured, default=UNKNOWN_LATENCY_S)
+            usable.sort(key=lambda record: self._score(record, prior_s))
         if len(banned) > 1:
             banned.sort(key=lambda r: self._get(r.endpoint).banned_until)
         return usable + banned
 
-    def _score(self, record: ExpertRecord) -> float:
+    def _score(self, record: ExpertRecord, prior_s: float) -> float:
         health = self._get(record.endpoint)
-        return health.latency_s * (1.0 + record.queue_depth / 1024) * self._rng.uniform(0.8, 1.25)
+        latency_s = health.latency_s if health.measured else min(prior_s, UNKNOWN_LATENCY_S)
+        return latency_s * (1.0 + record.queue_depth / 1024) * self._rng.uniform(0.8, 1.25)
 
     def failures(self, endpoint: str) -> int:
         """Consecutive failures of this endpoint (0 after any success)."""
@@ -78,8 +84,11 @@ class ReplicaPicker:
 
     def on_success(self, endpoint: str, latency_s: float) -> None:
         health = self._get(endpoint)
-        health.deviation_s += self.alpha * (abs(latency_s - health.latency_s) - health.deviation_s)
-        health.latency_s += self.alpha * (latency_s - health.latency_s)
+        if not health.measured:  # the first call replaces the prior, as RFC 6298 starts its RTT estimate
+            health.latency_s, health.deviation_s, health.measured = latency_s, latency_s / 2, True
+        else:
+            health.deviation_s += self.alpha * (abs(latency_s - health.latency_s) - health.deviation_s)
+            health.latency_s += self.alpha * (latency_s - health.latency_s)
         health.failures, health.banned_until = 0, 0.0
 
     def on_failure(self, endpoint: str) -> float:

@@ -74,6 +74,23 @@ def test_new_replicas_get_the_optimistic_prior():
     assert picker.hedge_after_s(B, 0.0) == pytest.approx(5 * UNKNOWN_LATENCY_S)
 
 
+def test_a_new_replica_is_tried_even_beside_one_faster_than_the_prior():
+    # CI found a replica never used: the known one answered in < 0.8 x UNKNOWN_LATENCY_S, so the
+    # newcomer's prior never won, was never measured, and never got a row.
+    picker = _picker([0.0])
+    _train(picker, A, UNKNOWN_LATENCY_S / 10)
+    firsts = [picker.rank([_record(A), _record(B)])[0].endpoint for _ in range(200)]
+    assert 0.3 < firsts.count(B) / len(firsts) < 0.7  # it ties the best measured one
+
+
+def test_the_first_measurement_replaces_the_prior():
+    picker = _picker([0.0])
+    _train(picker, A, 0.0025)
+    picker.on_success(B, 0.005)  # measured once at 2x A: ranked by that, not by the prior (2.2 ms as an average)
+    for _ in range(50):
+        assert _endpoints(picker.rank([_record(A), _record(B)])) == [A, B]
+
+
 def test_rank_returns_the_records_themselves_and_keeps_all_of_them():
     picker = _picker([0.0])
     records = [_record(A), _record(B), _record(C)]
@@ -237,9 +254,11 @@ def test_hedge_after_grows_with_latency_deviation():
 
 def test_ewma_update_matches_the_formula():
     picker = _picker([0.0], alpha=0.5)
-    picker.on_success(A, 0.102)
-    # deviation: 0.002 + 0.5 * (|0.102 - 0.002| - 0.002) = 0.051; latency: 0.002 + 0.5 * 0.1 = 0.052
-    assert picker.hedge_after_s(A, 0.0) == pytest.approx(0.052 + 4 * 0.051)
+    picker.on_success(A, 0.102)  # the first one sets latency 0.102 and deviation 0.051
+    assert picker.hedge_after_s(A, 0.0) == pytest.approx(0.102 + 4 * 0.051)
+    picker.on_success(A, 0.002)
+    # deviation: 0.051 + 0.5 * (|0.002 - 0.102| - 0.051) = 0.0755; latency: 0.102 + 0.5 * -0.1 = 0.052
+    assert picker.hedge_after_s(A, 0.0) == pytest.approx(0.052 + 4 * 0.0755)
 
 
 def test_training_work_goes_to_replicas_that_accept_gradients_while_there_are_any():
