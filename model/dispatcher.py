@@ -193,7 +193,8 @@ class Dispatcher:
         self.picker = picker or ReplicaPicker()
         self._wire_dtype = WIRE_DTYPES[config.wire_dtype]
         # ids under which nodes keep a training forward's activations: unique per client and call
-        self._forward_ids = (f"{uuid.uuid4().hex[:12]}-f{i}" for i in itertools.count())
+        prefix = uuid.uuid4().hex[:12]  # once: inside the generator expression it ran for every id
+        self._forward_ids = (f"{prefix}-f{i}" for i in itertools.count())
         self._loop = _new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="moeswarm-dispatch", daemon=True)
         self._thread.start()

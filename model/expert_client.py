@@ -43,7 +43,8 @@ class ExpertClient:
         ]
         self._channel = grpc.aio.insecure_channel(endpoint, options=options)
         # Request ids for logs: a random prefix per client plus a counter (uuid4 per call cost ~10 us).
-        self._request_ids = (f"{uuid.uuid4().hex[:12]}-{i}" for i in itertools.count())
+        prefix = uuid.uuid4().hex[:12]  # a generator expression would call uuid4 again for every id
+        self._request_ids = (f"{prefix}-{i}" for i in itertools.count())
         self._stub = expert_pb2_grpc.ExpertServiceStub(self._channel)
         # Data-path methods move bytes (protocol/wire.py does the protobuf encoding).
         self._forward = self._channel.unary_unary(_METHOD + "Forward")
