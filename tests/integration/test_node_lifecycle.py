@@ -26,7 +26,9 @@ D = MODEL["d_model"]
 def test_client_finds_every_expert_through_the_dht(node_factory, client_dht):
     a = node_factory("a", experts=["itest.L0.E0", "itest.L0.E1"], swarm="discovery")
     b = node_factory("b", experts=["itest.L0.E1", "itest.L1.E3"], swarm="discovery")
-    found = find_experts(client_dht, "discovery", ["itest.L0.E0", "itest.L0.E1", "itest.L1.E3", "itest.L1.E0"])
+    # each node stored its records before it reported ready, but another peer may see them a moment later
+    uids = ["itest.L0.E0", "itest.L0.E1", "itest.L1.E3", "itest.L1.E0"]
+    found = wait_for(lambda: (f := find_experts(client_dht, "discovery", uids)) and len(f["itest.L0.E1"]) == 2 and f["itest.L1.E3"] and f)
     assert {r.endpoint for r in found["itest.L0.E0"]} == {a.ready["endpoint"]}
     assert {r.endpoint for r in found["itest.L0.E1"]} == {a.ready["endpoint"], b.ready["endpoint"]}
     assert {r.endpoint for r in found["itest.L1.E3"]} == {b.ready["endpoint"]}
@@ -40,7 +42,7 @@ def test_a_node_hosting_hundreds_of_experts_announces_them_all(node_factory, cli
     model = dict(name="many", d_model=8, d_ff=8, n_layers=16, n_experts=32)
     node = node_factory("many", model=model, swarm="many")
     uids = [f"many.L{layer}.E{expert}" for layer in range(16) for expert in range(32)]
-    found = find_experts(client_dht, "many", uids)
+    found = wait_for(lambda: (f := find_experts(client_dht, "many", uids)) and all(f.values()) and f)
     assert all(len(found[uid]) == 1 for uid in uids) and node.popen.poll() is None
 
 
@@ -57,7 +59,7 @@ def test_a_node_listening_everywhere_announces_announce_host(node_factory, clien
     node = node_factory("public", experts=[uid], swarm="announce", host="0.0.0.0", announce_host="127.0.0.2", dht_port=dht_port)
     assert node.ready["endpoint"].startswith("127.0.0.2:")
     assert any(maddr.startswith(f"/ip4/127.0.0.2/tcp/{dht_port}/p2p/") for maddr in node.ready["maddrs"]), node.ready["maddrs"]
-    [record] = find_experts(client_dht, "announce", [uid])[uid]
+    [record] = wait_for(lambda: find_experts(client_dht, "announce", [uid])[uid])
     assert record.endpoint == node.ready["endpoint"]
     x = torch.randn(3, D)
     out, _ = run(probe(record.endpoint, MODEL["name"], uid, x))  # the announced address really serves
@@ -73,7 +75,7 @@ def test_a_bootstrap_peer_listening_everywhere_is_joined_at_its_announced_addres
         try:
             client = IsolatedDHT([maddr])
             try:
-                [record] = find_experts(client, "bootstrap", ["itest.L0.E3"])["itest.L0.E3"]
+                [record] = wait_for(lambda: find_experts(client, "bootstrap", ["itest.L0.E3"])["itest.L0.E3"])
                 assert record.endpoint == node.ready["endpoint"]
             finally:
                 client.close()
@@ -121,6 +123,7 @@ def test_kill9_then_restart_resumes_from_checkpoint(node_factory, tmp_path):
     checkpoint = tmp_path / "state" / "experts" / f"{uid}.pt"
     wait_for(lambda: "checkpoint written" in node.log, what="a checkpoint after the update")
     time.sleep(0.5)  # let one more interval pass with nothing new: it must not rewrite
+    assert node.log.count("checkpoint written") == 1, node.log
     node.kill()
 
     restarted = node_factory("n2", **config)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import math
 import os
 import pathlib
@@ -73,13 +74,26 @@ def reap():
             item.kill() if isinstance(item, Proc) else item.close()
 
 
-def make_pair(name: str, k: int, peers: list[str], **config) -> tuple[LocalMoE, RemoteMoE]:
+def make_pair(name: str, k: int, peers: list[str], *, replicas: int = 1, **config) -> tuple[LocalMoE, RemoteMoE]:
     local = LocalMoE(model=name, layer=0, d_model=D, d_ff=F, n_experts=E, k=k, seed=SEED)
     remote = RemoteMoE(
         model=name, layer=0, d_model=D, n_experts=E, k=k, initial_peers=peers, swarm=name, config=DispatchConfig(**config)
     )
     remote.router.load_state_dict(local.router.state_dict())
+    wait_for_replicas(remote, name, replicas)
     return local, remote
+
+
+def wait_for_replicas(remote: RemoteMoE, name: str, replicas: int, timeout_s: float = 20.0) -> None:
+    """Until the client sees `replicas` nodes for every expert. A node is ready once its first
+    announce returned, which may have timed out (a warning): its records can land a moment later,
+    and the client's first view would then miss a replica the test is about until its next refresh."""
+    directory, uids = remote.client.directory, [f"{name}.L0.E{e}" for e in range(E)]
+    deadline = time.monotonic() + timeout_s
+    while (seen := min(len(directory.replicas(uid)) for uid in uids)) < replicas:
+        assert time.monotonic() < deadline, f"the client sees {seen} of {replicas} replicas after {timeout_s:g} s"
+        time.sleep(0.05)
+        directory.refresh(uids)
 
 
 @pytest.mark.parametrize("k", [1, 2])
@@ -145,7 +159,7 @@ def test_lost_expert_is_dropped_and_renormalised_or_fails_clearly(dht, tmp_path,
 
 def test_kill9_one_replica_inside_a_loop_of_calls(dht, tmp_path, reap):
     nodes = reap(start_nodes(tmp_path, dht.ready["maddrs"], "kill", [[0, 1, 2, 3], [0, 1, 2, 3]]))
-    local, remote = make_pair("kill", 2, dht.ready["maddrs"], timeout_s=2.0)
+    local, remote = make_pair("kill", 2, dht.ready["maddrs"], replicas=2, timeout_s=2.0)
     reap(remote)
     picker = remote.client.dispatcher.picker
     dead = nodes[0].ready["endpoint"]
@@ -198,7 +212,7 @@ def _rows_served(node: Proc, uid: str) -> int:
 
 def test_sigstop_replica_is_hedged_avoided_and_used_again_after_sigcont(dht, tmp_path, reap):
     nodes = reap(start_nodes(tmp_path, dht.ready["maddrs"], "stop", [[0, 1, 2, 3], [0, 1, 2, 3]]))
-    local, remote = make_pair("stop", 1, dht.ready["maddrs"], timeout_s=3.0, hedge_floor_s=0.05)
+    local, remote = make_pair("stop", 1, dht.ready["maddrs"], replicas=2, timeout_s=3.0, hedge_floor_s=0.05)
     reap(remote)
     stopped = nodes[0]
     try:
@@ -238,7 +252,7 @@ def test_sigstop_replica_is_hedged_avoided_and_used_again_after_sigcont(dht, tmp
 def test_a_slow_backward_waits_for_its_node_and_is_never_hedged(dht, tmp_path, reap):
     # A hedged backward would apply the same gradients on two replicas; it waits for its node instead.
     nodes = reap(start_nodes(tmp_path, dht.ready["maddrs"], "nohedge", [[0, 1, 2, 3], [0, 1, 2, 3]]))
-    _, remote = make_pair("nohedge", 1, dht.ready["maddrs"], timeout_s=5.0, hedge_floor_s=0.2)
+    _, remote = make_pair("nohedge", 1, dht.ready["maddrs"], replicas=2, timeout_s=5.0, hedge_floor_s=5.0)
     reap(remote)
     slow, other = nodes
     x = torch.randn(16, D, requires_grad=True)
@@ -252,6 +266,8 @@ def test_a_slow_backward_waits_for_its_node_and_is_never_hedged(dht, tmp_path, r
     served = [sum(state.rows_served for state in _info(node).values()) for node in nodes]
     y = remote(x)
     assert sum(state.rows_served for state in _info(other).values()) == served[1]  # the forward went to `slow` alone
+    # Only now may a call be hedged after 0.2 s: a forward slowed by a loaded machine was hedged to `other`.
+    remote.client.dispatcher.config = dataclasses.replace(remote.config, hedge_floor_s=0.2)
     os.kill(slow.popen.pid, signal.SIGSTOP)
     resume = threading.Timer(1.0, os.kill, (slow.popen.pid, signal.SIGCONT))
     resume.start()
@@ -269,7 +285,7 @@ def test_a_backward_retried_after_its_deadline_changes_nothing_on_the_second_rep
     # The timed-out node may still apply those gradients when it wakes: the retry asks for input grads only.
     sgd = dict(name="sgd", lr=0.1, update_every=1)
     nodes = reap(start_nodes(tmp_path, dht.ready["maddrs"], "retry", [[0, 1, 2, 3], [0, 1, 2, 3]], optimizer=sgd))
-    local, remote = make_pair("retry", 2, dht.ready["maddrs"], timeout_s=0.5, hedge_floor_s=0.2)
+    local, remote = make_pair("retry", 2, dht.ready["maddrs"], replicas=2, timeout_s=5.0, hedge_floor_s=5.0)
     reap(remote)
     slow, other = nodes
     x_local = torch.randn(16, D, requires_grad=True)
@@ -284,6 +300,8 @@ def test_a_backward_retried_after_its_deadline_changes_nothing_on_the_second_rep
     served = sum(state.rows_served for state in _info(other).values())
     y = remote(x)
     assert sum(state.rows_served for state in _info(other).values()) == served
+    # Only now the 0.5 s deadline (and a 0.2 s hedge): before, a loaded machine could miss them.
+    remote.client.dispatcher.config = dataclasses.replace(remote.config, timeout_s=0.5, hedge_floor_s=0.2)
     os.kill(slow.popen.pid, signal.SIGSTOP)
     resume = threading.Timer(1.5, os.kill, (slow.popen.pid, signal.SIGCONT))
     resume.start()
@@ -305,11 +323,13 @@ def test_new_node_is_picked_up_within_a_refresh_period(dht, tmp_path, reap):
     ))
     try:
         directory = remote.client.directory
+        wait_for_replicas(remote, "fresh", 1)
         assert len(directory.replicas("fresh.L0.E0")) == 1
         nodes += reap(start_nodes(tmp_path / "late", dht.ready["maddrs"], "fresh", [[0, 1, 2, 3]]))
         joined = time.monotonic()
         while len(directory.replicas("fresh.L0.E0")) < 2:
-            assert time.monotonic() - joined < 2 * directory.refresh_s + 1.0, "new node not seen"
+            # two periods (its records may land just after a refresh started) and slack for a DHT lookup
+            assert time.monotonic() - joined < 2 * directory.refresh_s + 3.0, "new node not seen"
             time.sleep(0.05)
     finally:
         remote.close()
@@ -391,7 +411,7 @@ def test_training_goes_to_the_replica_that_accepts_gradients(dht, tmp_path, reap
     config = dict(model=model_spec("mixed"), experts=[f"mixed.L0.E{e}" for e in range(E)], initial_peers=dht.ready["maddrs"])
     config.update(seed=SEED, torch_threads=1, swarm="mixed", optimizer=dict(name="sgd", lr=0.05, update_every=1))
     learner = reap(start_node(tmp_path / "learner", config))
-    _, remote = make_pair("mixed", 2, dht.ready["maddrs"])
+    _, remote = make_pair("mixed", 2, dht.ready["maddrs"], replicas=2)
     reap(remote)
     x = torch.randn(64, D)
     for _ in range(3):  # training steps: the forward keeps activations, so it and the backward avoid the frozen node

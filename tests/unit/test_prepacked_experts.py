@@ -94,6 +94,8 @@ def test_bf16_experts_use_their_packed_weights_at_any_row_count(rows):
     try:
         check_prepacking(torch.bfloat16)
     except Exception as e:  # a CPU without bf16 kernels: the registry leaves such experts unpacked
+        if "wrong result" in str(e):  # packing ran and computed wrongly: a failure, not a missing kernel
+            raise
         pytest.skip(f"no oneDNN bf16 packing here ({e})")
     assert prepack_weights(packed)
     x = torch.randn(rows, 256)
