@@ -17,14 +17,18 @@ def run_dht(
     announce_host: str | None = None, identity_path: str | None = None,
 ) -> int:
     check_addresses(host, port, announce_host)
-    from moeswarm.node.checkpoint import write_atomic  # after the checks: it imports torch (about 1 s)
+    from moeswarm.node.checkpoint import load_or_create_key_file, write_atomic  # after the checks: it imports torch (about 1 s)
 
     stop = StopFlag().install()
     parent_pid = os.getppid()
-    lock = None  # two peers under one key would fight over one peer id: hold its lock while running
+    lock = private_key = None  # two peers under one key would fight over one peer id: hold its lock while running
     if identity_path is not None:
         lock = _lock_identity(identity_path)
-    dht = start_dht(initial_peers=initial_peers, host=host, port=port, announce_host=announce_host, identity_path=identity_path)
+        private_key = load_or_create_key_file(pathlib.Path(identity_path))  # its DHT node id derives from it
+    dht = start_dht(
+        initial_peers=initial_peers, host=host, port=port, announce_host=announce_host, identity_path=identity_path,
+        private_key=private_key,
+    )
     try:
         maddrs = [str(maddr) for maddr in dht.get_visible_maddrs()]
         print(f"moeswarm dht ready: {maddrs[0]}", flush=True)

@@ -235,7 +235,13 @@ def load_or_create_identity(state_dir: pathlib.Path | None):
         return RSAPrivateKey()
     if (state_dir / OLD_IDENTITY_NAME).exists():
         logger.info("%s is no longer used (the node signs its DHT entries with its libp2p key): it can be deleted", state_dir / OLD_IDENTITY_NAME)
-    path = state_dir / P2P_IDENTITY_NAME
+    return load_or_create_key_file(state_dir / P2P_IDENTITY_NAME)
+
+
+def load_or_create_key_file(path: pathlib.Path):
+    """The RSA key of a libp2p key file (read_identity), written first (a new key) if there is none."""
+    from hivemind.utils.crypto import RSAPrivateKey
+
     if path.exists():
         return read_identity(path)
     key = RSAPrivateKey()

@@ -94,10 +94,15 @@ def start_dht(
     await_ready: bool = True, announce_host: str | None = None, identity_path: str | None = None,
 ):
     """A started hivemind.DHT with moeswarm's record validators. Create it before any gRPC object.
-    await_ready=False returns once its process is forked; call dht.wait_until_ready() before using it."""
+    await_ready=False returns once its process is forked; call dht.wait_until_ready() before using it.
+    identity_path: the libp2p key file of private_key (p2pd's identity), so that the peer keeps its
+    peer id, and its DHT node id (dht_node_id), across restarts."""
     from hivemind.dht import DHT
 
     from moeswarm.protocol.records import dht_validators  # here: importing this module must stay light
+
+    if identity_path is not None and private_key is None:
+        raise ValueError("start_dht: identity_path needs the private_key it holds (the DHT node id derives from it)")
 
     kwargs = dict(
         initial_peers=list(initial_peers),
@@ -106,8 +111,9 @@ def start_dht(
         start=True,
         await_ready=False,  # waited for below, with a clear error instead of hivemind's traceback
     )
-    if identity_path is not None:  # a libp2p key file (made if missing): the same peer id after a restart
+    if identity_path is not None:  # the same peer id after a restart
         kwargs["identity_path"] = identity_path
+        kwargs["node_id"] = dht_node_id(private_key)
         # hivemind would first start a throwaway p2pd to see whether a live peer uses this key. The
         # node's lock on its state_dir already keeps a second process off the key file, and the
         # throwaway daemon exiting looked like p2pd dying to the DHT process's watcher (below).
@@ -144,6 +150,19 @@ def start_dht(
             stop_dht(dht)
             raise NodeUnavailable(dht_start_failure(e, initial_peers)) from e
     return dht
+
+
+def dht_node_id(private_key):
+    """The DHT node id of the peer whose libp2p key is `private_key`: the same at every start.
+    hivemind draws a new one at each start, and a peer restarted under its old peer id then lived on
+    under its old node id too, in the routing table of every peer that did not see it die (the
+    bootstrap's, and from there in others' lookups): a call to that entry reaches the live peer, so
+    hivemind never drops it. Other peers' stores then reached it twice, the second copy (the same
+    expiration time) was refused, and store_many, which keeps the last answer, reported the record
+    refused about every other time, for as long as the peer lived."""
+    from hivemind.dht.routing import DHTID
+
+    return DHTID.generate(source=private_key.get_public_key().to_bytes())
 
 
 def dht_start_failure(error: Exception, initial_peers) -> str:

@@ -136,6 +136,21 @@ def test_kill9_then_restart_resumes_from_checkpoint(node_factory, tmp_path):
     assert restarted.ready["peer_id"] == node.ready["peer_id"] != "" and checkpoint.exists()
 
 
+def test_no_store_is_refused_after_a_node_restarts_under_its_old_identity(node_factory, client_dht, tmp_path):
+    # A node restarted under a new DHT node id lived on under its old one in the bootstrap's routing
+    # table, and from there in other peers' lookups: their stores reached it twice, and one copy was
+    # refused. `other` joins after the restart (a peer that saw the node die would skip it for a
+    # while) and stores 9 records a second (TTL 3 s): 2 s of them all stored is not luck.
+    config = dict(experts=["itest.L0.E0"], state_dir=str(tmp_path / "state"), announce_ttl_s=3)
+    node_factory("n1", **config).kill()
+    restarted = node_factory("n2", **config)
+    other = node_factory("other", announce_ttl_s=3)
+    endpoints = lambda: {r.endpoint for r in find_experts(client_dht, "default", ["itest.L0.E0"])["itest.L0.E0"]}
+    assert wait_for(lambda: endpoints() == {restarted.ready["endpoint"], other.ready["endpoint"]}, what="the new endpoint alone")
+    time.sleep(2.0)
+    assert "DHT refused" not in other.log + restarted.log
+
+
 def test_a_checkpoint_writes_only_the_experts_that_changed(node_factory, tmp_path):
     uids, x = ["itest.L0.E0", "itest.L0.E1"], torch.randn(4, D)
     files = [tmp_path / "state" / "experts" / f"{uid}.pt" for uid in uids]

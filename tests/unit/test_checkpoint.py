@@ -163,6 +163,15 @@ def test_an_identity_that_is_not_an_rsa_libp2p_key_is_a_config_error(tmp_path):
         load_or_create_identity(tmp_path)
 
 
+def test_a_restarted_node_keeps_its_dht_node_id(tmp_path):
+    """Under a new node id, peers that did not see it die keep the old one as a second entry for its
+    peer id, and their stores reach it twice (see dht_node_id)."""
+    from moeswarm.protocol.dht import dht_node_id
+
+    first = dht_node_id(load_or_create_identity(tmp_path))
+    assert dht_node_id(load_or_create_identity(tmp_path)) == first != dht_node_id(load_or_create_identity(None))
+
+
 def test_identity_without_state_dir_is_fresh_each_time():
     a, b = load_or_create_identity(None), load_or_create_identity(None)
     assert a.get_public_key().to_bytes() != b.get_public_key().to_bytes()
