@@ -141,11 +141,12 @@ def test_no_store_is_refused_after_a_node_restarts_under_its_old_identity(node_f
     # table, and from there in other peers' lookups: their stores reached it twice, and one copy was
     # refused. `other` joins after the restart (a peer that saw the node die would skip it for a
     # while) and stores 9 records a second (TTL 3 s): 2 s of them all stored is not luck.
-    config = dict(experts=["itest.L0.E0"], state_dir=str(tmp_path / "state"), announce_ttl_s=3)
+    # Own swarm name: no other test's node (dead ones' records live until their TTL) hosts this expert.
+    config = dict(experts=["itest.L0.E0"], state_dir=str(tmp_path / "state"), announce_ttl_s=3, swarm="restarts")
     node_factory("n1", **config).kill()
     restarted = node_factory("n2", **config)
-    other = node_factory("other", announce_ttl_s=3)
-    endpoints = lambda: {r.endpoint for r in find_experts(client_dht, "default", ["itest.L0.E0"])["itest.L0.E0"]}
+    other = node_factory("other", announce_ttl_s=3, swarm="restarts")
+    endpoints = lambda: {r.endpoint for r in find_experts(client_dht, "restarts", ["itest.L0.E0"])["itest.L0.E0"]}
     assert wait_for(lambda: endpoints() == {restarted.ready["endpoint"], other.ready["endpoint"]}, what="the new endpoint alone")
     time.sleep(2.0)
     assert "DHT refused" not in other.log + restarted.log
