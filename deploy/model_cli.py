@@ -120,7 +120,7 @@ def run_generate(args) -> int:
     started = time.monotonic()
     dht = None
     if not args.local:  # first: the client DHT peer starts (imports, joins) while we import torch
-        from moeswarm.protocol.dht import IsolatedDHT
+        from moeswarm.protocol.client_dht import IsolatedDHT
 
         dht = IsolatedDHT(args.initial_peers, wait=False)
     try:

@@ -22,7 +22,7 @@ from moeswarm.model.directory import ExpertDirectory
 from moeswarm.model.dispatcher import DispatchConfig, Dispatcher, DispatchResult
 from moeswarm.model.local_moe import combine, expert_uids, make_shared, with_shared_outputs
 from moeswarm.model.routing import Routing, TopKGate
-from moeswarm.protocol.dht import IsolatedDHT
+from moeswarm.protocol.client_dht import IsolatedDHT
 from moeswarm.protocol.errors import AllReplicasFailed
 from moeswarm.protocol.malloc import keep_freed_memory
 

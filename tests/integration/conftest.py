@@ -44,7 +44,7 @@ def node_factory(tmp_path, dht_peer):
 
 @pytest.fixture
 def client_dht(dht_peer):
-    from moeswarm.protocol.dht import IsolatedDHT
+    from moeswarm.protocol.client_dht import IsolatedDHT
 
     dht = IsolatedDHT(dht_peer.ready["maddrs"])  # never fork the test process (see IsolatedDHT)
     yield dht

@@ -13,7 +13,8 @@ import time
 
 import pytest
 from procs import alive, process_tree
-from moeswarm.protocol.dht import IsolatedDHT, get_records
+from moeswarm.protocol.client_dht import IsolatedDHT
+from moeswarm.protocol.dht import get_records
 from moeswarm.protocol.errors import NodeUnavailable
 from moeswarm.protocol.records import nodes_key
 
@@ -70,7 +71,7 @@ def test_closed_while_starting_leaves_no_process(dht_peer):
 
 _OWNER = """
 import sys, time
-from moeswarm.protocol.dht import IsolatedDHT
+from moeswarm.protocol.client_dht import IsolatedDHT
 dht = IsolatedDHT(sys.argv[1:], wait=False)  # never connects: the child waits for it in accept()
 print(dht._proc.pid, flush=True)
 time.sleep(120)
@@ -167,7 +168,8 @@ def test_a_dht_peer_that_failed_to_start_leaves_no_temporary_folder(tmp_path, mo
 
 _CTRL_C_SCRIPT = """
 import sys, time
-from moeswarm.protocol.dht import IsolatedDHT, get_records
+from moeswarm.protocol.client_dht import IsolatedDHT
+from moeswarm.protocol.dht import get_records
 dht = IsolatedDHT(sys.argv[1:])
 print("ready", flush=True)
 try:

@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 import moeswarm.model  # noqa: E402
 from moeswarm.node.registry import can_prepack  # noqa: E402
-from moeswarm.protocol.dht import IsolatedDHT  # noqa: E402
+from moeswarm.protocol.client_dht import IsolatedDHT  # noqa: E402
 
 SWARM = "hf"
 IDS = torch.randint(3, 256, (2, 12), generator=torch.Generator().manual_seed(2))

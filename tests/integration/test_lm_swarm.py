@@ -16,7 +16,7 @@ from moeswarm.model.generation import SamplingConfig, generate
 from moeswarm.model.lm import build_local_model, open_model, save_model
 from moeswarm.model.lm_config import MoELMConfig
 from moeswarm.model.routing import RoutingConfig
-from moeswarm.protocol.dht import IsolatedDHT
+from moeswarm.protocol.client_dht import IsolatedDHT
 from moeswarm.protocol.errors import AllReplicasFailed
 
 SWARM = "lm"

@@ -27,7 +27,7 @@ from moeswarm.model.directory import find_experts  # noqa: E402
 from moeswarm.model.dispatcher import DispatchConfig  # noqa: E402
 from moeswarm.model.local_moe import LocalMoE  # noqa: E402
 from moeswarm.model.remote_moe import RemoteMoE  # noqa: E402
-from moeswarm.protocol.dht import IsolatedDHT  # noqa: E402
+from moeswarm.protocol.client_dht import IsolatedDHT  # noqa: E402
 
 D, F, E, K, SEED = 32, 64, 4, 2, 7
 SWARM = "lan"

@@ -17,7 +17,8 @@ import yaml
 from conftest import MODEL, node_config
 from procs import Proc, alive, probe, process_tree, run, spawn, start_dht_peer, start_node, train_step, wait_for
 from moeswarm.model.directory import find_experts
-from moeswarm.protocol.dht import IsolatedDHT, get_records
+from moeswarm.protocol.client_dht import IsolatedDHT
+from moeswarm.protocol.dht import get_records
 from moeswarm.protocol.records import expert_key
 
 D = MODEL["d_model"]

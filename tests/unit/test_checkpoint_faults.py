@@ -1,7 +1,6 @@
 """node/checkpoint.py under damage: checksummed files, checkpoints in the wrong place, writes the disk refuses."""
 
 import errno
-import os
 
 import pytest
 import torch

@@ -13,7 +13,7 @@ from hivemind.utils.crypto import RSAPrivateKey
 from moeswarm.model.directory import ExpertDirectory
 from moeswarm.model.dispatcher import DispatchConfig, Dispatcher
 from moeswarm.model.replicas import ReplicaPicker
-from moeswarm.protocol.dht import IsolatedDHT
+from moeswarm.protocol.client_dht import IsolatedDHT
 from moeswarm.protocol.records import ExpertRecord, dht_subkey, expert_key
 
 UID = "m.L0.E0"

@@ -12,7 +12,8 @@ from hivemind.utils.crypto import RSAPrivateKey
 
 from moeswarm.model import directory as directory_module
 from moeswarm.model.directory import ExpertDirectory
-from moeswarm.protocol.dht import EXIT_P2PD_LOST, IsolatedDHT, get_records
+from moeswarm.protocol.client_dht import IsolatedDHT
+from moeswarm.protocol.dht import EXIT_P2PD_LOST, get_records
 from moeswarm.protocol.errors import NodeUnavailable
 from moeswarm.protocol.records import ExpertRecord, dht_subkey, expert_key
 
