@@ -10,6 +10,7 @@ from typing import Callable
 import hivemind
 from hivemind.utils.timed_storage import get_dht_time
 
+from moeswarm.protocol.dht import rejoin_initial_peers
 from moeswarm.protocol.records import ExpertRecord, NodeRecord, expert_key, nodes_key
 
 logger = logging.getLogger(__name__)
@@ -17,6 +18,7 @@ logger = logging.getLogger(__name__)
 
 async def _store_many(dht: hivemind.DHT, node, keys, values, expiration_time: float, subkey: bytes) -> dict:
     # Runs inside the DHT process (see hivemind.DHT.run_coroutine).
+    rejoin_initial_peers(dht, node)  # a bootstrap that was down during a refresh gets this node's records again
     return await node.store_many(keys, values, expiration_time, subkeys=[subkey] * len(keys))
 
 

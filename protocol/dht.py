@@ -7,6 +7,7 @@ short and kill the child after it. `moeswarm swarm up` avoids it by giving each 
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import functools
 import importlib.util
@@ -281,8 +282,33 @@ def stop_dht(dht) -> None:
         dht.join(DHT_STOP_TIMEOUT_S)
 
 
+def rejoin_initial_peers(dht, node) -> None:
+    """Inside a DHT process, before its lookups and stores: ping, in the background, each initial
+    peer missing from the routing table; one that answers is put back (and hivemind's lookup ban on
+    it lifted). hivemind drops a peer from the table the first time a call to it goes unanswered and
+    never looks for it again, so a bootstrap peer that was down during one of a node's refreshes (a
+    restart, a reboot) was forgotten for good: nodes stored only among themselves, and a client or
+    a node joining through the restarted bootstrap saw an empty swarm."""
+    from hivemind.p2p import PeerID
+    from hivemind.utils.multiaddr import Multiaddr
+
+    pending = node.__dict__.setdefault("_moeswarm_rejoins", {})  # peer id -> its ping task (kept alive here)
+    for maddr in dht.initial_peers or ():
+        peer_id = PeerID.from_base58(Multiaddr(str(maddr))["p2p"])
+        if peer_id not in node.protocol.routing_table and peer_id not in pending:
+            task = pending[peer_id] = asyncio.create_task(_rejoin(node, peer_id))
+            task.add_done_callback(lambda _, peer_id=peer_id: pending.pop(peer_id, None))
+
+
+async def _rejoin(node, peer_id) -> None:
+    if await node.protocol.call_ping(peer_id) is not None:  # None: no answer within hivemind's wait_timeout
+        node.blacklist.register_success(peer_id)
+        logger.info("DHT peer %s answers again: back in the routing table", peer_id)
+
+
 async def _get_many(dht, node, keys: list[str]) -> dict:
     # Runs inside the DHT process. Latest values: a cached get can miss subkeys added later by others.
+    rejoin_initial_peers(dht, node)
     found = await node.get_many(keys, sufficient_expiration_time=float("inf"))
     return {key: (value.value if value is not None else None) for key, value in found.items()}
 
