@@ -7,8 +7,8 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from conftest import MODEL
-from procs import run
+from conftest import MODEL, node_config
+from procs import run, start_node
 from moeswarm.model.expert_client import ExpertClient
 from moeswarm.model.experts import expert_backward, expert_forward, init_expert, prepack_weights
 from moeswarm.protocol import codec, expert_pb2
@@ -29,9 +29,18 @@ async def _forward(endpoint: str, inputs: dict, **kwargs) -> dict:
         await client.close()
 
 
+@pytest.fixture(scope="module")
+def plain_node(dht_peer, tmp_path_factory):
+    """One default node shared by the tests that only run forwards on it (which change nothing):
+    a node start costs about 2 s."""
+    node = start_node(tmp_path_factory.mktemp("plain"), node_config(dht_peer.ready["maddrs"]))
+    yield node
+    node.kill()
+
+
 @pytest.mark.parametrize("rows", [1, 7, 64, 300])
-def test_forward_is_bit_exact_against_local_expert(node_factory, rows):
-    node = node_factory()
+def test_forward_is_bit_exact_against_local_expert(plain_node, rows):
+    node = plain_node
     uids = ["itest.L0.E1", "itest.L1.E3"]  # two experts in one request
     inputs = {uid: torch.randn(rows, D) for uid in uids}
     outputs = run(_forward(node.ready["endpoint"], inputs))
@@ -65,8 +74,8 @@ def test_cuda_node_serves_forward_and_backward_close_to_cpu(node_factory):
     torch.testing.assert_close(grad_x, x_ref.grad, rtol=1e-4, atol=1e-5)
 
 
-def test_forward_bf16_wire_is_opt_in_and_close(node_factory):
-    node = node_factory()
+def test_forward_bf16_wire_is_opt_in_and_close(plain_node):
+    node = plain_node
     x = torch.randn(16, D)
     out = run(_forward(node.ready["endpoint"], {"itest.L0.E0": x}, wire_dtype=torch.bfloat16))["itest.L0.E0"]
     with torch.no_grad():
@@ -346,11 +355,11 @@ def test_client_errors_map_to_our_exceptions(node_factory):
         run(_forward(endpoint, {"itest.L1.E1": torch.randn(9, D)}))
 
 
-def test_a_call_on_a_closed_client_is_a_node_failure(node_factory):
+def test_a_call_on_a_closed_client_is_a_node_failure(plain_node):
     """The dispatcher closes a banned replica's client under calls of several requests that are still
     going (Dispatcher._ban): their next request must fail like a node failure (retried elsewhere),
     not with grpc's UsageError (a crash of the whole layer call)."""
-    endpoint = node_factory().ready["endpoint"]
+    endpoint = plain_node.ready["endpoint"]
 
     async def on_a_closed_client(rows: int):
         client = ExpertClient(endpoint)
