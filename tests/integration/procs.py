@@ -75,10 +75,15 @@ def start_dht_peer(work_dir: pathlib.Path, *args: str, prefix: Sequence[str] = (
         raise
 
 
-def start_node(work_dir: pathlib.Path, config: dict, prefix: Sequence[str] = (), timeout_s: float = READY_TIMEOUT_S) -> Proc:
+def node_args(work_dir: pathlib.Path, config: dict) -> tuple[str, ...]:
+    """`moeswarm node` arguments for `config`, written to work_dir/node.yaml."""
     work_dir.mkdir(parents=True, exist_ok=True)
     (work_dir / "node.yaml").write_text(yaml.safe_dump(config))
-    popen = spawn(work_dir, "node", "--config", str(work_dir / "node.yaml"), prefix=prefix)
+    return "node", "--config", str(work_dir / "node.yaml")
+
+
+def start_node(work_dir: pathlib.Path, config: dict, prefix: Sequence[str] = (), timeout_s: float = READY_TIMEOUT_S) -> Proc:
+    popen = spawn(work_dir, *node_args(work_dir, config), prefix=prefix)
     try:
         return Proc(popen, work_dir, wait_ready(popen, work_dir, timeout_s))
     except BaseException:

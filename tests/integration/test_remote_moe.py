@@ -18,7 +18,7 @@ import time
 import pytest
 import torch
 
-from procs import Proc, run, start_dht_peer, start_node
+from procs import Proc, ProcGroup, node_args, run, start_dht_peer, start_node
 from moeswarm.model.expert_client import ExpertClient
 from moeswarm.model.dispatcher import DispatchConfig
 from moeswarm.model.local_moe import LocalMoE
@@ -34,18 +34,20 @@ def model_spec(name: str) -> dict:
 
 
 def start_nodes(root: pathlib.Path, peers: list[str], name: str, hosted: list[list[int]], **extra) -> list[Proc]:
-    nodes = []
+    """Nodes hosting these experts of layer 0, started in parallel (as `swarm up` starts them)."""
+    group = ProcGroup()
     try:
         for i, experts in enumerate(hosted):
             config = dict(model=model_spec(name), experts=[f"{name}.L0.E{e}" for e in experts], initial_peers=peers)
             config.update(seed=SEED, torch_threads=1, swarm=name, optimizer=NO_UPDATES)
             config.update(extra)
-            nodes.append(start_node(root / f"{name}-n{i}", config))
+            work_dir = root / f"{name}-n{i}"
+            group.spawn(work_dir, *node_args(work_dir, config))
+        group.wait_ready()
     except BaseException:
-        for node in nodes:
-            node.kill()
+        group.kill()
         raise
-    return nodes
+    return group.procs
 
 
 @pytest.fixture(scope="module")
