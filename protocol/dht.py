@@ -295,7 +295,7 @@ def rejoin_initial_peers(dht, node) -> None:
     pending = node.__dict__.setdefault("_moeswarm_rejoins", {})  # peer id -> its ping task (kept alive here)
     for maddr in dht.initial_peers or ():
         peer_id = PeerID.from_base58(Multiaddr(str(maddr))["p2p"])
-        if peer_id not in node.protocol.routing_table and peer_id not in pending:
+        if peer_id not in node.protocol.routing_table and peer_id not in pending and peer_id != node.peer_id:
             task = pending[peer_id] = asyncio.create_task(_rejoin(node, peer_id))
             task.add_done_callback(lambda _, peer_id=peer_id: pending.pop(peer_id, None))
 
