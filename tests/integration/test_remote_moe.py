@@ -10,6 +10,7 @@ import os
 import pathlib
 import pickle
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -22,7 +23,7 @@ from procs import Proc, ProcGroup, node_args, run, start_dht_peer, start_node
 from moeswarm.model.expert_client import ExpertClient
 from moeswarm.model.dispatcher import DispatchConfig
 from moeswarm.model.local_moe import LocalMoE
-from moeswarm.model.remote_moe import RemoteMoE
+from moeswarm.model.remote_moe import RemoteMoE, SwarmClient
 from moeswarm.protocol.errors import AllReplicasFailed
 
 D, F, E, SEED = 32, 64, 4, 11
@@ -337,6 +338,61 @@ def test_new_node_is_picked_up_within_a_refresh_period(dht, tmp_path, reap):
         remote.close()
         for node in nodes:
             node.kill()
+
+
+SWARM_DOWN_S = 13.0  # past the third dial a client's p2pd made to the dead bootstrap (see below)
+
+
+def test_a_client_finds_its_swarm_again_soon_after_the_whole_swarm_restarted(tmp_path, reap):
+    # kill -9 of the bootstrap DHT peer and the only node under a client that keeps calling, then both
+    # start again as `swarm up` restarts them: the bootstrap at its old address, the node from its
+    # state_dir on new ports. The client has no DHT peer left but its bootstrap. p2pd backs a dead
+    # address off for 5 s + (failed dials)^2 s and refuses to dial it meanwhile, and the client pinged
+    # its bootstrap at every lookup: after 13 s down, its next dial was 7-9 s away, so it found the
+    # swarm again 4-6 s after the node was ready (2.5 min after a 10 min outage). protocol/dht.py
+    # _accepts_tcp lets p2pd dial only an address that accepts TCP.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        bootstrap_args = ("--port", str(probe.getsockname()[1]), "--identity", str(tmp_path / "identity.key"))
+    bootstrap = reap(start_dht_peer(tmp_path / "dht", *bootstrap_args))
+    peers = bootstrap.ready["maddrs"]
+    config = dict(model=model_spec("back"), experts="all", initial_peers=peers, seed=SEED, torch_threads=1, swarm="back")
+    config.update(optimizer=NO_UPDATES, announce_ttl_s=3, state_dir=str(tmp_path / "state"))
+    node = reap(start_node(tmp_path / "node", config))
+    client = reap(SwarmClient(peers, model="back", swarm="back", refresh_s=0.25, config=DispatchConfig(timeout_s=2.0)))
+    local = LocalMoE(model="back", layer=0, d_model=D, d_ff=F, n_experts=E, k=2, seed=SEED)
+    remote = RemoteMoE(model="back", layer=0, d_model=D, n_experts=E, k=2, client=client)
+    remote.router.load_state_dict(local.router.state_dict())
+    wait_for_replicas(remote, "back", 1)
+    x = torch.randn(8, D)
+    with torch.no_grad():
+        expected = local(x)
+        assert torch.equal(remote(x), expected)
+        bootstrap.kill()
+        node.kill()
+        down = time.monotonic()
+        while time.monotonic() - down < SWARM_DOWN_S:  # every call fails at once, naming an expert
+            started = time.monotonic()
+            with pytest.raises(AllReplicasFailed, match=r"all replicas of expert back\.L0\.E\d failed"):
+                remote(x)
+            assert time.monotonic() - started < client.dispatcher.config.timeout_s
+            time.sleep(0.1)
+        bootstrap = reap(start_dht_peer(tmp_path / "dht", *bootstrap_args))
+        node = reap(start_node(tmp_path / "node", config))
+        ready = time.monotonic()
+        while True:
+            try:
+                y = remote(x)
+                break
+            except AllReplicasFailed:
+                # a lookup period, the node's announce interval (announce_ttl_s / 3) and slack for lookups
+                bound_s = 2 * client.directory.refresh_s + 1.0 + 1.0
+                assert time.monotonic() - ready < bound_s, f"the client did not find the swarm again within {bound_s:g} s"
+                time.sleep(0.05)
+        assert torch.equal(y, expected)
+    # a channel and a health entry for the node's new endpoint only
+    assert set(client.dispatcher.clients.clients) == {node.ready["endpoint"]}
+    assert set(client.dispatcher.picker._health) <= {node.ready["endpoint"]}
 
 
 CLIENT_SCRIPT = """
