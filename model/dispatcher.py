@@ -359,7 +359,12 @@ class Dispatcher:
                 if op == "backward":
                     job.maybe_applied.update(uids)
                 ban_s = self._ban(endpoint)
-                logger.warning("%s to %s failed (%s); banned for %.0f s", op, endpoint, reason, ban_s)
+                # once per outage, not a line per call: with no replica left, every call tries the banned ones
+                failures = self.picker.failures(endpoint)
+                (logger.warning if failures == 1 else logger.debug)(
+                    "%s to %s failed (%s); banned for %.0f s%s", op, endpoint, reason, ban_s,
+                    "" if failures > 1 else " (further failures in a row are logged at debug level)",
+                )
             return {}
         self.picker.on_success(endpoint, time.monotonic() - started)
         return {uid: (tensor, endpoint, keep_as) for uid, tensor in out.items()}

@@ -56,7 +56,9 @@ class AllReplicasFailed(MoeSwarmError):
 
     def __init__(self, uid: str, attempts: list[tuple[str, str]]):
         self.uid, self.attempts = uid, attempts
-        tried = "; ".join(f"{endpoint}: {reason}" for endpoint, reason in attempts) or "no replica known"
+        tried = "; ".join(f"{endpoint}: {reason}" for endpoint, reason in attempts) or (
+            "no replica known: no node announces it in the DHT now; `moeswarm status` lists what the swarm serves"
+        )
         super().__init__(f"all replicas of expert {uid} failed ({tried})")
 
 

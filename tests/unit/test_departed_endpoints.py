@@ -5,9 +5,12 @@ No sockets: channels connect only when called, and the DHT is a stand-in answeri
 from __future__ import annotations
 
 import asyncio
+import logging
+import socket
 import types
 
 import grpc
+import torch
 from hivemind.utils.crypto import RSAPrivateKey
 
 from moeswarm.model.directory import ExpertDirectory
@@ -99,6 +102,30 @@ def test_a_channel_mid_call_is_kept_until_a_later_new_endpoint():
         open_client(dispatcher, "127.0.0.1:3002")
         settle(dispatcher)
         assert set(dispatcher.clients.clients) == {"127.0.0.1:3002"}
+    finally:
+        dispatcher.close()
+        directory.close()
+
+
+def test_a_replica_that_stays_down_is_logged_once_not_at_every_call(caplog):
+    # With no replica left, every call tries the banned ones again: before, a WARNING line each time
+    # (about 10 lines a second from a client calling through a swarm restart).
+    node = dht_subkey(RSAPrivateKey())
+    dht = StandInDHT()
+    with socket.socket() as closed:  # a port nobody listens on: connections are refused at once
+        closed.bind(("127.0.0.1", 0))
+        endpoint = f"127.0.0.1:{closed.getsockname()[1]}"
+    announce(dht, {node: endpoint})
+    directory = ExpertDirectory(dht, "default", refresh_s=3600)
+    dispatcher = Dispatcher(directory, "m", DispatchConfig(timeout_s=2.0), ReplicaPicker())
+    try:
+        directory.track([UID])
+        caplog.set_level(logging.DEBUG, logger="moeswarm.model.dispatcher")
+        for _ in range(5):
+            result = dispatcher.run(dispatcher.forward([UID], torch.zeros(1, 4), torch.zeros(1, 1, dtype=torch.long)))
+            assert not result.served_TK.any() and result.attempts[UID]  # tried, and failed
+        lines = [r for r in caplog.records if r.name == "moeswarm.model.dispatcher" and "failed" in r.getMessage()]
+        assert [r.levelno for r in lines] == [logging.WARNING] + [logging.DEBUG] * (len(lines) - 1) and len(lines) >= 5
     finally:
         dispatcher.close()
         directory.close()
