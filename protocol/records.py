@@ -214,11 +214,12 @@ RecordT = TypeVar("RecordT", bound=_Record)
 
 
 def parse_entries(value: Any, record_type: type[RecordT]) -> dict[bytes, RecordT]:
-    """Parse a DHT dictionary value {subkey: ValueWithExpiration} into records, one per signer; drop
-    invalid ones and those under a subkey no one signs. A record's peer_id is its signer's
-    (signer_peer_id): what a record claims is replaced, so a peer can neither pose as another
-    (to replace its entry in `status`, lead its replicas' averaging or be skipped as itself) nor
-    pick an id of its choice. A node's own entries claim exactly its signer's id."""
+    """Parse a DHT dictionary value {subkey: entry with a .value} (dht.DHTEntry, as get_records returns
+    it) into records, one per signer; drop invalid ones and those under a subkey no one signs. A
+    record's peer_id is its signer's (signer_peer_id): what a record claims is replaced, so a peer
+    can neither pose as another (to replace its entry in `status`, lead its replicas' averaging or
+    be skipped as itself) nor pick an id of its choice. A node's own entries claim exactly its
+    signer's id."""
     if not isinstance(value, dict):
         return {}
     records = {}

@@ -202,3 +202,28 @@ def test_ctrl_c_in_the_owners_terminal_leaves_its_dht_peer_working(dht_peer):
         proc.kill()
     assert proc.returncode == 0, err[-3000:]
     assert out.strip() == "{'moeswarm:ctrl-c:nothing': None}"
+
+
+_LOOKUP_SCRIPT = """
+import sys
+from moeswarm.model.directory import find_experts
+from moeswarm.protocol.client_dht import IsolatedDHT
+dht = IsolatedDHT(sys.argv[2:])
+try:
+    found = find_experts(dht, sys.argv[1], ["itest.L0.E0"])
+finally:
+    dht.close()
+print(len(found["itest.L0.E0"]), "hivemind" in sys.modules, flush=True)
+"""
+
+
+def test_reading_records_does_not_load_hivemind_into_the_users_process(node_factory, dht_peer):
+    # The DHT peer is a child process; what it sends back must unpickle without hivemind, whose
+    # package import (scipy included) cost a user's process 0.4 s and 60 MiB at its first lookup.
+    node_factory("lookup", experts=["itest.L0.E0"], swarm="imports")
+    proc = subprocess.run(
+        [sys.executable, "-c", _LOOKUP_SCRIPT, "imports", *dht_peer.ready["maddrs"]],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["1", "False"]  # the node's record was read, and hivemind never imported
