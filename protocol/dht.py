@@ -345,10 +345,14 @@ async def _get_many(dht, node, keys: list[str]) -> dict:
 def _plain(value):
     """A dictionary value's entries as DHTEntry tuples of builtins. The result is pickled to the
     process that asked; hivemind's own entry type would make that process import hivemind's whole
-    package (0.4 s and 60 MiB in a user's process, scipy included) to unpickle it."""
+    package (0.4 s and 35 MiB in a user's process, scipy included) to unpickle it. Any peer may
+    store a plain dict under our keys: its items become entries with no value, which readers drop."""
     if not isinstance(value, dict):
         return value  # not one of our keys' dictionaries: parse_entries drops it
-    return {subkey: DHTEntry(entry.value, entry.expiration_time) for subkey, entry in value.items()}
+    return {
+        subkey: DHTEntry(getattr(entry, "value", None), getattr(entry, "expiration_time", 0.0))
+        for subkey, entry in value.items()
+    }
 
 
 def lookup_batches(keys: list[str]) -> list[list[str]]:

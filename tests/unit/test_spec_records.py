@@ -5,7 +5,7 @@ import math
 
 import pytest
 from hivemind.dht.crypto import RSASignatureValidator
-from hivemind.dht.validation import DHTRecord
+from hivemind.dht.validation import CompositeValidator, DHTRecord
 from hivemind.utils import MSGPackSerializer
 from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.timed_storage import ValueWithExpiration
@@ -334,15 +334,20 @@ def _signed(validator, record: DHTRecord) -> DHTRecord:
     return dataclasses.replace(record, value=validator.sign_value(record))
 
 
+def _validators(key) -> CompositeValidator:
+    """dht_validators(key) as a DHT peer applies them."""
+    return CompositeValidator(dht_validators(key))
+
+
 def test_subkey_is_the_owner_public_key_marker(owner_key, other_key):
-    (validator,) = dht_validators(owner_key)
-    assert dht_subkey(owner_key) == validator.local_public_key
+    (signer,) = [v for v in dht_validators(owner_key) if isinstance(v, RSASignatureValidator)]
+    assert dht_subkey(owner_key) == signer.local_public_key
     assert dht_subkey(owner_key).startswith(b"[owner:ssh-rsa ")
     assert dht_subkey(owner_key) != dht_subkey(other_key)
 
 
 def test_record_signed_by_owner_validates(owner_key, other_key):
-    (validator,) = dht_validators(owner_key)
+    validator = _validators(owner_key)
     record = _signed(validator, _dht_record(dht_subkey(owner_key), {**LOAD, "version": 0}))
     assert validator.validate(record)
     # Any peer (with its own key) checks it too, and gets back the unsigned value.
@@ -352,7 +357,7 @@ def test_record_signed_by_owner_validates(owner_key, other_key):
 
 
 def test_owner_subkey_signed_by_another_key_fails(owner_key, other_key):
-    (forger,) = dht_validators(other_key)
+    forger = _validators(other_key)
     unsigned = _dht_record(dht_subkey(owner_key), {**LOAD, "version": 0})
     # sign_value only signs records under the signer's own marker; forge the signature as it would.
     signature = other_key.sign(MSGPackSerializer.dumps(dataclasses.astuple(unsigned)))
@@ -368,11 +373,23 @@ def test_unsigned_record_under_owner_subkey_fails(owner_key):
 
 
 def test_tampered_value_fails(owner_key):
-    (validator,) = dht_validators(owner_key)
+    validator = _validators(owner_key)
     record = _signed(validator, _dht_record(dht_subkey(owner_key), {**LOAD, "version": 0}))
     signature = record.value[record.value.rindex(b"[signature:") :]
     tampered_value = MSGPackSerializer.dumps({**LOAD, "version": 99}) + signature
     assert not validator.validate(dataclasses.replace(record, value=tampered_value))
+
+
+@pytest.mark.parametrize("subkey", [None, b"x"], ids=["plain value", "subkey without owner"])
+def test_records_no_owner_signs_are_refused(owner_key, subkey):
+    # A plain value (subkey None) with a later expiration replaces a key's whole dictionary in
+    # hivemind's storage: any peer could take an expert out of the swarm.
+    validator = _validators(owner_key)
+    record = DHTRecord(
+        key=MSGPackSerializer.dumps(expert_key("default", "tiny-moe.L0.E0")), subkey=MSGPackSerializer.dumps(subkey),
+        value=MSGPackSerializer.dumps({**LOAD, "version": 0}), expiration_time=1e9,
+    )
+    assert not validator.validate(_signed(validator, record))
 
 
 def test_expert_record_trainable_defaults_to_true_for_records_that_predate_it():
@@ -390,3 +407,13 @@ def test_expert_record_state_is_optional_and_checked():
     for bad in (7, "x" * 65, None):
         with pytest.raises(ValueError, match="state must be a string of 1 to 64 characters"):
             ExpertRecord.model_validate({**LOAD, "version": 0, "state": bad})
+
+
+def test_lookup_answers_carry_plain_entries_and_drop_what_is_not_one():
+    from moeswarm.protocol.dht import DHTEntry, _plain
+
+    subkey = b"[owner:ssh-rsa AAAA]"
+    entries = _plain({subkey: ValueWithExpiration({**LOAD, "version": 0}, 5.0), b"x": 1})
+    assert entries == {subkey: DHTEntry({**LOAD, "version": 0}, 5.0), b"x": DHTEntry(None, 0.0)}
+    assert all(type(entry) is DHTEntry for entry in entries.values())  # no hivemind type left to unpickle
+    assert _plain([1, 2]) == [1, 2]  # not a dictionary: left to parse_entries, which drops it
