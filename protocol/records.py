@@ -28,15 +28,41 @@ logger = logging.getLogger(__name__)
 _SWARM_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")  # fullmatch: "$" would allow a trailing "\n"
 _ENDPOINT_RE = re.compile(r"[A-Za-z0-9.\-\[\]:]{1,253}:\d{1,5}")
 _OWNER_RE = re.compile(rb"\[owner:([^\]]+)\]")  # RSASignatureValidator's marker, the whole subkey (fullmatch)
+_OWNER_MARKER_RE = re.compile(rb"\[owner:[^\]]+\]")
 MAX_UIDS_PER_NODE = MAX_EXPERTS_PER_MODEL  # a node serves experts of one model
 
 
 def dht_validators(private_key=None) -> list:
     """Record validators every moeswarm DHT peer must use: they sign our entries and strip and check
-    others' signatures (a peer without them cannot even parse signed records)."""
+    others' signatures (a peer without them cannot even parse signed records), and refuse records
+    that no owner signs (OwnerSignedOnly)."""
     from hivemind.dht.crypto import RSASignatureValidator
 
-    return [RSASignatureValidator(private_key)]
+    return [RSASignatureValidator(private_key), OwnerSignedOnly()]
+
+
+class OwnerSignedOnly:
+    """A hivemind record validator (its RecordValidatorBase interface, not its class: importing that
+    would load hivemind into every process that reads records) for records under an owner-marker
+    subkey only; RSASignatureValidator, which runs too, checks their signatures. hivemind accepts a
+    record that no key protects, and a plain value with a later expiration replaces a key's whole
+    dictionary and refuses every signed entry stored there afterwards: one such store, expiring
+    years away, took an expert or the node list out of the swarm for good. moeswarm stores nothing
+    else: a peer refuses such records when asked to store them, and a reader drops them."""
+
+    priority = 0  # validated after the signature validator (priority 10) checked and stripped it
+
+    def validate(self, record) -> bool:
+        return _OWNER_MARKER_RE.search(record.subkey) is not None  # the msgpack-serialised subkey
+
+    def sign_value(self, record) -> bytes:
+        return record.value
+
+    def strip_value(self, record) -> bytes:
+        return record.value
+
+    def merge_with(self, other) -> bool:
+        return isinstance(other, OwnerSignedOnly)  # one is enough
 
 
 def dht_subkey(private_key) -> bytes:

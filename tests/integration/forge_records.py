@@ -6,6 +6,10 @@ test process, which holds gRPC threads by then: see IsolatedDHT).
 Joins the swarm with a fresh RSA key, tries to overwrite the victim's subkey with `forged`, stores
 `garbage` under its own subkey, and prints {"overwrite_accepted": bool, "own_accepted": bool, "own_subkey": HEX}.
 
+    python forge_records.py '{"maddrs": [...], "keys": [K, ...], "unsigned": V, "ttl_s": 3600}'
+
+Stores V under each key as a plain value (no subkey, so no signature), and prints {"accepted": [bool, ...]}.
+
     python forge_records.py '{"maddrs": [...], "key": K, "signed": [{...}, ...], "ttl_s": 60}'
 
 Stores each value of `signed` under its own subkey, each with a fresh RSA key (so as many signers as
@@ -61,6 +65,16 @@ def sign_each(args: dict) -> dict:
     return {"accepted": accepted, "subkeys": subkeys}
 
 
+def store_unsigned(args: dict) -> dict:
+    dht = start_dht(initial_peers=args["maddrs"], private_key=RSAPrivateKey())
+    try:
+        store = functools.partial(_store, value=args["unsigned"], subkey=None, ttl_s=args["ttl_s"])
+        return {"accepted": [bool(dht.run_coroutine(functools.partial(store, key=key))) for key in args["keys"]]}
+    finally:
+        stop_dht(dht)
+
+
 if __name__ == "__main__":
     request = json.loads(sys.argv[1])
-    print(json.dumps(sign_each(request) if "signed" in request else overwrite(request)), flush=True)
+    mode = sign_each if "signed" in request else store_unsigned if "unsigned" in request else overwrite
+    print(json.dumps(mode(request)), flush=True)

@@ -8,6 +8,7 @@ import json
 import pathlib
 import subprocess
 import sys
+import time
 
 import pytest
 from conftest import MODEL
@@ -21,15 +22,18 @@ LOAD = dict(endpoint="127.0.0.1:1", queue_depth=0, rows_per_s=0.0)
 
 def forge(dht_peer, key: str, values: list[dict], ttl_s: float = 120.0) -> list[bytes]:
     """Store each value under its own fresh signing key (tests/integration/forge_records.py); returns their subkeys."""
-    request = dict(maddrs=dht_peer.ready["maddrs"], key=key, signed=values, ttl_s=ttl_s)
+    result = _forger(dict(maddrs=dht_peer.ready["maddrs"], key=key, signed=values, ttl_s=ttl_s))
+    assert result["accepted"] == [True] * len(values)  # signed by their own keys: every DHT peer takes them
+    return [bytes.fromhex(subkey) for subkey in result["subkeys"]]
+
+
+def _forger(request: dict) -> dict:
     done = subprocess.run(
         [sys.executable, str(pathlib.Path(__file__).with_name("forge_records.py")), json.dumps(request)],
         capture_output=True, text=True, timeout=180,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result["accepted"] == [True] * len(values)  # signed by their own keys: every DHT peer takes them
-    return [bytes.fromhex(subkey) for subkey in result["subkeys"]]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def status_json(dht_peer, swarm: str) -> dict:
@@ -105,3 +109,20 @@ def test_a_node_serving_other_shapes_still_keeps_a_misconfigured_node_out(node_f
     node_factory("real", experts=["itest.L0.E0"], swarm="mistake")
     with pytest.raises(RuntimeError, match=r"exited with 2 before ready(.|\n)*already serves model 'itest' as .*d_ff=64.*confirmed over Info"):
         node_factory("misconfigured", experts=["itest.L0.E0"], swarm="mistake", model=dict(MODEL, d_ff=128))
+
+
+def test_an_unsigned_value_cannot_hide_a_nodes_experts(node_factory, client_dht, dht_peer):
+    # A plain value (no subkey, so no signature) with a later expiration replaces a key's whole
+    # dictionary in hivemind's storage, and every signed entry stored there afterwards is refused:
+    # one store of a peer with an expiration years away took an expert, or the node list, out of
+    # the swarm for good. Every moeswarm DHT peer now refuses records that no owner signs.
+    swarm, uid = "unsigned-forgery", "itest.L0.E0"
+    node_factory("victim", experts=[uid], swarm=swarm, announce_ttl_s=3)
+    wait_for(lambda: find_experts(client_dht, swarm, [uid])[uid], what="the node's record")
+    keys = [expert_key(swarm, uid), nodes_key(swarm)]
+    result = _forger(dict(maddrs=dht_peer.ready["maddrs"], keys=keys, unsigned={"endpoint": "127.0.0.1:1"}, ttl_s=3600))
+    assert result["accepted"] == [False, False]
+    time.sleep(4.0)  # past the node's TTL: what the client reads now comes from its later announcements
+    (replica,) = find_experts(client_dht, swarm, [uid])[uid]
+    assert replica.endpoint != "127.0.0.1:1"
+    assert status_json(dht_peer, swarm)["nodes"]
