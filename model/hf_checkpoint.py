@@ -195,14 +195,19 @@ _ITEM_RE = re.compile(r"^(\d+)(?:\s*-\s*(\d+))?$")
 
 
 def _parse_ranges(text: str, everything: Iterable[int], spec: str) -> list[int]:
+    everything = list(everything)
     if text.strip().lower() == "all":
-        return list(everything)
+        return everything
+    # A range ends at the first value past the largest existing one: that value is enough for
+    # check_experts to name, and a typo like "0-70000000000" must not expand into billions of ints.
+    past_last = max(everything, default=-1) + 1
     values: list[int] = []
     for item in text.split(","):
         match = _ITEM_RE.match(item.strip())
         if match is None or (match[2] is not None and int(match[2]) < int(match[1])):
             raise ConfigError(f"bad range {item.strip()!r} in expert spec {spec!r}; {_SPEC_SYNTAX}")
-        values.extend(range(int(match[1]), int(match[2] or match[1]) + 1))
+        first = int(match[1])
+        values.extend(range(first, max(first, min(int(match[2] or match[1]), past_last)) + 1))
     return values
 
 

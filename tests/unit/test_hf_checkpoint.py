@@ -200,6 +200,26 @@ def test_parse_expert_spec_rejects_bad_text_with_an_example(saved, text, message
         assert '"layers 0-3, experts 0-7"' in str(info.value)
 
 
+def test_parse_expert_spec_does_not_expand_a_range_past_the_last_expert(saved):
+    """A typo such as "experts 0-70000000000" is refused like "experts 0-8", without listing every
+    number in it (that ran the node out of memory)."""
+    import tracemalloc
+
+    family = CheckpointReader(saved("deepseek_v3")[0]).family
+    tracemalloc.start()
+    try:
+        with pytest.raises(ConfigError, match="expert 8 does not exist"):
+            parse_expert_spec("layers 1, experts 0-1000000", family)
+        with pytest.raises(ConfigError, match="layer 3 is not an MoE layer"):
+            parse_expert_spec("layers 1-1000000, experts 0", family)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1_000_000, peak  # listing a million (layer, expert) pairs takes over 100 MB
+    with pytest.raises(ConfigError, match="expert 70000000000 does not exist"):
+        parse_expert_spec("layers 1, experts 70000000000-80000000000", family)
+
+
 def test_detect_family_rejects_unsupported_and_quantized_configs():
     with pytest.raises(ConfigError, match=r"'llama' is not supported; supported: deepseek_v3, gpt_oss, mixtral"):
         detect_family({"model_type": "llama"})
