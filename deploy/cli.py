@@ -189,7 +189,9 @@ def model_flags(model_dir: str, experts: str | None, name: str | None, configure
 
     spec = spec_of(model_dir, name)
     model = configured if configured is not None else spec.to_config()
-    return {"model": model, "model_dir": model_dir, "experts": uids_from_text(experts or "all", spec)}
+    # Only a missing --experts means every expert: an empty one (an unset shell variable) is an error,
+    # not a node that loads the whole checkpoint.
+    return {"model": model, "model_dir": model_dir, "experts": uids_from_text("all" if experts is None else experts, spec)}
 
 
 def _cmd_dht(args) -> int:

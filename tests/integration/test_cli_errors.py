@@ -87,3 +87,9 @@ def test_bad_input_is_one_line_naming_it(dirs, command, message):
     assert_one_line_error(cli(*args), 2, message)
     assert sorted(os.listdir(dirs["hf"])) == checkpoint  # `model init` wrote nothing into it
 
+
+def test_an_empty_expert_spec_is_refused_not_taken_as_every_expert(dirs):
+    """`--experts "$SPEC"` with SPEC unset must not start a node that loads the whole checkpoint."""
+    assert_one_line_error(cli("node", "--model", dirs["hf"], "--experts", " "), 2, "cannot parse expert spec ' '")
+    assert_one_line_error(cli("node", "--model", dirs["hf"], "--experts", ""), 2, "cannot parse expert spec ''")
+
