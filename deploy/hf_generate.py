@@ -14,12 +14,18 @@ def generate_hf(args, dht, started: float) -> int:
     """Stream the continuation of args.prompt to stdout; statistics to stderr. Returns the exit code."""
     import torch
 
+    from moeswarm.model.hf_swarm import checkpoint_dtype
+
     transformers = _import_transformers(args.model)
+    # Our own reading of config.json first: a bad field there is one line naming it, where transformers'
+    # config classes raise tracebacks (or fail later, in the model).
+    dtype = None if args.local else checkpoint_dtype(args.model)
+    config = _load_config(transformers, args.model)  # before the tokenizer, which reads it too
     tokenizer = _load_tokenizer(transformers, args.model)
     encoded = tokenizer(args.prompt, return_tensors="pt")
-    _check_length(transformers, args.model, encoded.input_ids.shape[1], args.max_new_tokens)
+    _check_length(config, encoded.input_ids.shape[1], args.max_new_tokens)
     torch.set_num_threads(args.threads)
-    model = _load_model(transformers, args, dht)
+    model = _load_model(transformers, args, dht, dtype)
     client = getattr(model, "moeswarm_client", None)  # None with --local
     try:
         print(f"[loaded in {time.monotonic() - started:.1f} s]", file=sys.stderr, flush=True)
@@ -63,8 +69,15 @@ def _load_tokenizer(transformers, model_dir: str):
         ) from e
 
 
-def _check_length(transformers, model_dir: str, prompt_tokens: int, max_new_tokens: int) -> None:
-    config = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True)
+def _load_config(transformers, model_dir: str):
+    try:
+        return transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    except Exception as e:  # ValueError, TypeError, huggingface_hub's validation errors, ...
+        text = " ".join(str(e).split())[:300] or type(e).__name__  # validation errors put the why on line 2
+        raise ConfigError(f"{model_dir}: transformers cannot read its config.json ({text})") from e
+
+
+def _check_length(config, prompt_tokens: int, max_new_tokens: int) -> None:
     limit = getattr(config, "max_position_embeddings", None)
     if limit is None or prompt_tokens + max_new_tokens <= limit:
         return
@@ -76,13 +89,14 @@ def _check_length(transformers, model_dir: str, prompt_tokens: int, max_new_toke
     )
 
 
-def _load_model(transformers, args, dht):
+def _load_model(transformers, args, dht, dtype):
+    """dtype: the checkpoint's torch dtype (None with --local)."""
     if args.local:
         return transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype="auto", local_files_only=True).eval()
     from moeswarm.model.dispatcher import DispatchConfig
-    from moeswarm.model.hf_swarm import checkpoint_dtype, from_pretrained, wire_dtype_of
+    from moeswarm.model.hf_swarm import from_pretrained, wire_dtype_of
 
-    wire_dtype = args.wire_dtype or wire_dtype_of(checkpoint_dtype(args.model))  # default: the checkpoint's
+    wire_dtype = args.wire_dtype or wire_dtype_of(dtype)  # default: the checkpoint's
     dispatch = DispatchConfig(timeout_s=args.timeout, wire_dtype=wire_dtype)
     return from_pretrained(
         args.model, initial_peers=args.initial_peers, name=args.model_name, swarm=args.swarm, dispatch=dispatch, dht=dht,

@@ -151,20 +151,26 @@ def detect_family(config: dict[str, Any]) -> HFFamily:
             f"model_type {model_type!r} is not supported; supported: {', '.join(sorted(_EXPERTS_KEYS))}"
         )
     if config.get("quantization_config"):
-        method = config["quantization_config"].get("quant_method", "?")
+        quantization = config["quantization_config"]
+        method = quantization.get("quant_method", "?") if isinstance(quantization, dict) else quantization
         raise ConfigError(f"quantized checkpoints ({method}) are not supported; dequantize to bf16/fp32 first")
     gpt_oss = model_type == "gpt_oss"
     if not gpt_oss and config.get("hidden_act", "silu") != "silu":
         raise ConfigError(f"hidden_act {config['hidden_act']!r} is not supported (SwiGLU experts need 'silu')")
     num_layers = _require(config, "num_hidden_layers")
     intermediate_key = "intermediate_size" if model_type in ("mixtral", "olmoe", "gpt_oss") else "moe_intermediate_size"
+    hidden_size, expert_intermediate_size = _require(config, "hidden_size"), _require(config, intermediate_key)
+    num_experts = _require(config, *_EXPERTS_KEYS[model_type])
+    top_k = _require(config, "num_experts_per_tok", "experts_per_token")
+    if top_k > num_experts:  # else every node starts, and the client's router fails on its first token
+        raise ConfigError(f"config.json routes each token to {top_k} experts, but a layer has only {num_experts}")
     return HFFamily(
         model_type=model_type,
         expert_kind="gpt_oss" if gpt_oss else "swiglu",
-        hidden_size=_require(config, "hidden_size"),
-        expert_intermediate_size=_require(config, intermediate_key),
-        num_experts=_require(config, *_EXPERTS_KEYS[model_type]),
-        top_k=_require(config, "num_experts_per_tok", "experts_per_token"),
+        hidden_size=hidden_size,
+        expert_intermediate_size=expert_intermediate_size,
+        num_experts=num_experts,
+        top_k=top_k,
         num_layers=num_layers,
         moe_layers=_moe_layers(config, num_layers),
         dtype=_config_dtype(config) or torch.float32,

@@ -177,6 +177,9 @@ def _dense_state(model: PreTrainedModel, reader: CheckpointReader, dtype: torch.
     for disk_name, tensor in reader.dense_state_dict().items():
         name = _memory_name(disk_name, reader.family)
         if name in targets:
+            if tensor.shape != targets[name].shape:  # load_state_dict would raise a page of size mismatches
+                raise ConfigError(f"checkpoint tensor {disk_name} has shape {list(tensor.shape)}, but config.json "
+                                  f"makes it {list(targets[name].shape)}; is config.json from the same checkpoint?")
             state[name] = tensor.to(torch.float32 if fp32 and fp32.search(name) else targets[name].dtype)
         elif not any(p.search(name) for p in ignored):
             unexpected.append(disk_name)

@@ -58,9 +58,12 @@ def dirs(tmp_path_factory) -> dict[str, str]:
     (root / "file").write_text("")
     return {"model": str(root / "model"), "damaged": str(root / "damaged"), "hf": fake_mixtral(root / "hf"),
             "hf-eight": fake_mixtral(root / "hf-eight", num_local_experts="eight"), "truncated-hf": str(truncated),
+            "hf-str": fake_mixtral(root / "hf-str", hidden_size="8"), "hf-top3": fake_mixtral(root / "hf-top3", num_experts_per_tok=3),
+            "hf-quant-str": fake_mixtral(root / "hf-quant-str", quantization_config="fp8"),
             "file": str(root / "file")}
 
 
+UNREACHABLE = "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWMFLAPhNuYmXyx1nFGyFAQqq6VU3FP2sngeZ9v5f7L3Gk"  # never dialled: the error comes first
 CASES = [  # (arguments, with {name} for a folder of `dirs`; what the error must say)
     ("generate --local --model {model} --prompt hi --max-new-tokens 100000",
      "--max-new-tokens 100000: the 3-token prompt leaves room for at most 125 (the model's max_seq_len is 128)"),
@@ -71,6 +74,12 @@ CASES = [  # (arguments, with {name} for a folder of `dirs`; what the error must
     ("generate --local --model {hf} --prompt hi", "transformers cannot load its tokenizer"),
     ("node --model {truncated-hf}", "model.safetensors is not a complete safetensors file"),
     ("node --model {hf-eight}", "config.json num_local_experts='eight': must be a positive integer"),
+    # transformers' config classes raise tracebacks for these (the tokenizer reads config.json too)
+    ("generate --model {hf-str} --prompt hi --initial-peers " + UNREACHABLE, "config.json hidden_size='8': must be a positive integer"),
+    ("generate --local --model {hf-str} --prompt hi", "transformers cannot read its config.json (Validation error for field 'hidden_size'"),
+    ("generate --model {hf-top3} --prompt hi --initial-peers " + UNREACHABLE, "routes each token to 3 experts, but a layer has only 2"),
+    ("node --model {hf-top3}", "routes each token to 3 experts, but a layer has only 2"),
+    ("node --model {hf-quant-str}", "quantized checkpoints (fp8) are not supported"),
     ("node --model {model} --set port=[1", "--set 'port=[1': '[1' is not valid YAML"),
     ("dht --identity /nonexistent/dir/key", "--identity /nonexistent/dir/key: cannot create /nonexistent/dir/key.lock"),
     ("dht --port -1", "--port -1: must be in [0, 65535]"),

@@ -177,3 +177,16 @@ def test_backend_errors_are_clear(checkpoint):
 
     with pytest.raises(MoeSwarmError, match=r"returned shape \(32, 64\) for layer 1; expected \(32, 2, 64\)"):
         _logits(load_remote_model(directory, wrong_shape))
+
+
+def test_a_config_json_that_does_not_fit_the_dense_tensors_is_one_line(checkpoint, tmp_path):
+    """config.json copied from another checkpoint: a ConfigError naming one tensor, not load_state_dict's
+    RuntimeError listing every size mismatch."""
+    import json
+    import shutil
+
+    shutil.copytree(checkpoint("mixtral"), tmp_path / "mixtral", dirs_exist_ok=True)
+    config = json.loads((tmp_path / "mixtral" / "config.json").read_text())
+    (tmp_path / "mixtral" / "config.json").write_text(json.dumps({**config, "vocab_size": 128}))
+    with pytest.raises(ConfigError, match=r"tensor (lm_head|model.embed_tokens).weight has shape \[256, 64\], but config.json makes it \[128, 64\]"):
+        load_remote_model(tmp_path / "mixtral", backend=lambda *args: pytest.fail("no forward here"))
