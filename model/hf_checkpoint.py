@@ -353,7 +353,7 @@ class CheckpointReader:
         self.family.check_experts(pairs)
 
     def read_expert(self, layer: int, expert: int) -> ExpertWeights:
-        """The weights of routed expert `expert` of `layer`; ConfigError if it does not exist."""
+        """The weights of routed expert `expert` of `layer`, in `family.dtype`; ConfigError if it does not exist."""
         self.check_experts([(layer, expert)])
         if self.layout == "per_expert":
             gate, up, down = (self._tensor(n.format(layer=layer, expert=expert)) for n in self.family.per_expert_names)
@@ -367,7 +367,9 @@ class CheckpointReader:
             down = self._expert_slice(f"{prefix}.down_proj", expert)  # [H, F]
             weights = ExpertWeights(gate=_owned(gate), up=_owned(up), down=_owned(down))
         self._check_shapes(weights, layer, expert)
-        return weights
+        # transformers loads every weight in config.json's dtype, whatever the file stores (fp32 files
+        # under "bfloat16", say); an expert kept in its file's dtype would compute other values.
+        return weights if weights.gate.dtype == self.family.dtype else weights.to(self.family.dtype)
 
     def _read_interleaved(self, layer: int, expert: int) -> ExpertWeights:
         """GPT-OSS: gate_up [H, 2F] with gate in even and up in odd columns; down [F, H]; biases."""

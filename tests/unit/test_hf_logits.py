@@ -190,3 +190,18 @@ def test_a_config_json_that_does_not_fit_the_dense_tensors_is_one_line(checkpoin
     (tmp_path / "mixtral" / "config.json").write_text(json.dumps({**config, "vocab_size": 128}))
     with pytest.raises(ConfigError, match=r"tensor (lm_head|model.embed_tokens).weight has shape \[256, 64\], but config.json makes it \[128, 64\]"):
         load_remote_model(tmp_path / "mixtral", backend=lambda *args: pytest.fail("no forward here"))
+
+
+def test_experts_compute_in_the_config_dtype_when_the_files_store_another(checkpoint, tmp_path):
+    """fp32 files under a config.json saying bfloat16: transformers computes every expert in bf16, and so
+    must the experts read here (a node's); kept in fp32 they moved the bf16 logits by about 2e-2."""
+    import json
+    import shutil
+
+    shutil.copytree(checkpoint("mixtral"), tmp_path / "mixtral", dirs_exist_ok=True)
+    config = json.loads((tmp_path / "mixtral" / "config.json").read_text())
+    (tmp_path / "mixtral" / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16"}))
+    reference = _logits(AutoModelForCausalLM.from_pretrained(tmp_path / "mixtral", dtype="auto"))
+    assert reference.dtype == torch.bfloat16
+    assert CheckpointReader(tmp_path / "mixtral").read_expert(0, 3).gate.dtype == torch.bfloat16
+    assert torch.equal(_logits(_remote(tmp_path / "mixtral")), reference)
