@@ -111,7 +111,12 @@ def read_manifest(path: str | pathlib.Path) -> Manifest:
                 "nodes serve its experts (`moeswarm node --model`, `swarm up --model`), and Python runs it with "
                 "moeswarm.model.from_pretrained(DIR, initial_peers=[...]) and `moeswarm generate --model DIR`"
             ) from e
-        raise ConfigError(f"{path} is not a moeswarm model directory: {MANIFEST} is missing") from e
+        if not path.is_dir():
+            raise ConfigError(f"{path}: no such folder") from e
+        raise ConfigError(
+            f"{path} is not a model folder: it holds neither {MANIFEST} (a moeswarm model directory, "
+            "`moeswarm model init`) nor config.json (a Hugging Face checkpoint)"
+        ) from e
     except (OSError, ValueError) as e:
         raise ConfigError(f"cannot read {path / MANIFEST}: {e}") from e
     if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("version") != VERSION:

@@ -130,8 +130,10 @@ def test_model_directory_round_trip(tmp_path, mode):
 
 
 def test_model_directory_errors_say_what_is_wrong(tmp_path):
-    with pytest.raises(ConfigError, match="not a moeswarm model directory"):
+    with pytest.raises(ConfigError, match=r"holds neither moeswarm-model.json \(a moeswarm model directory.*nor config.json \(a Hugging Face"):
         read_manifest(tmp_path)
+    with pytest.raises(ConfigError, match="nowhere: no such folder"):
+        read_manifest(tmp_path / "nowhere")
     save_model(build_local_model(small()), tmp_path)
     data = json.loads((tmp_path / MANIFEST).read_text())
     data["config"]["n_heads"] = 5
