@@ -5,6 +5,10 @@ clients read only the dense file.
     DIR/moeswarm-model.json
     DIR/dense.safetensors             embeddings, attention, norms, gates, dense FFNs, head
     DIR/experts-L001.safetensors      "{uid}.w1.weight", "{uid}.w2.weight", "{uid}.w3.weight" per expert
+
+The manifest keeps the CRC-32 of every tensor's bytes, and readers check each tensor they load:
+safetensors notices a file cut short, not a flipped bit, and a damaged copy must not serve wrong
+weights silently. (Directories written before the checksums load unchecked.)
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import zlib
 
 import torch
 
@@ -26,6 +31,7 @@ from moeswarm.protocol.typed_config import build
 MANIFEST = "moeswarm-model.json"
 FORMAT, VERSION = "moeswarm-model", 1
 DENSE_FILE = "dense.safetensors"
+CHECKSUMS = "crc32"  # manifest key: file name -> tensor name -> CRC-32 of the tensor's bytes
 EXPERT_PARAMS = ("w1.weight", "w2.weight", "w3.weight")
 
 
@@ -35,6 +41,7 @@ class Manifest:
     config: MoELMConfig
     tokenizer: ByteTokenizer
     expert_files: dict[str, str]  # uid -> file name inside the directory
+    checksums: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)  # CHECKSUMS; empty: unchecked
 
     def expert_shapes(self) -> dict[str, tuple[int, int]]:
         return expert_shapes(self.config)
@@ -65,10 +72,18 @@ def _save_atomic(path: pathlib.Path, write) -> None:
         raise
 
 
-def _save_tensors(tensors: dict[str, torch.Tensor], path: pathlib.Path) -> None:
+def _save_tensors(tensors: dict[str, torch.Tensor], path: pathlib.Path) -> dict[str, int]:
+    """Write `tensors` to `path` atomically; returns the CRC-32 of each one's bytes."""
     from safetensors.torch import save_file
 
-    _save_atomic(path, lambda tmp: save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp)))
+    contiguous = {name: tensor.detach().contiguous() for name, tensor in tensors.items()}
+    _save_atomic(path, lambda tmp: save_file(contiguous, str(tmp)))
+    return {name: tensor_crc32(tensor) for name, tensor in contiguous.items()}
+
+
+def tensor_crc32(tensor: torch.Tensor) -> int:
+    """CRC-32 of a CPU tensor's bytes in memory order (what safetensors writes for a contiguous one)."""
+    return zlib.crc32(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
 def save_model_dir(
@@ -83,16 +98,16 @@ def save_model_dir(
     if missing:
         raise ValueError(f"experts missing from the model to save: {missing[:4]}{'...' if len(missing) > 4 else ''}")
     (path / MANIFEST).unlink(missing_ok=True)
-    _save_tensors(dense, path / DENSE_FILE)
+    checksums = {DENSE_FILE: _save_tensors(dense, path / DENSE_FILE)}
     by_file: dict[str, dict[str, torch.Tensor]] = {}
     for uid, weights in experts.items():
         by_file.setdefault(_expert_file(uid), {}).update({f"{uid}.{name}": weights[name] for name in EXPERT_PARAMS})
     for name, tensors in sorted(by_file.items()):
-        _save_tensors(tensors, path / name)
+        checksums[name] = _save_tensors(tensors, path / name)
     fsync_dir(path)  # every tensor file is on disk before a manifest names it
     manifest = {
         "format": FORMAT, "version": VERSION, "config": config.to_dict(), "tokenizer": tokenizer.to_dict(),
-        "dense": DENSE_FILE, "experts": {uid: _expert_file(uid) for uid in sorted(experts)},
+        "dense": DENSE_FILE, "experts": {uid: _expert_file(uid) for uid in sorted(experts)}, CHECKSUMS: checksums,
     }
     _save_atomic(path / MANIFEST, lambda tmp: tmp.write_text(json.dumps(manifest, indent=1)))
     fsync_dir(path)
@@ -143,7 +158,12 @@ def read_manifest(path: str | pathlib.Path) -> Manifest:
     for uid, name in expert_files.items():
         if not isinstance(name, str) or name in ("", ".", "..") or pathlib.PurePath(name).name != name:
             raise ConfigError(f"{path / MANIFEST}: expert {uid} is in {name!r}, which is not a file name in {path}; write the directory again")
-    return Manifest(path, config, tokenizer, dict(expert_files))
+    checksums = data.get(CHECKSUMS, {})
+    if not isinstance(checksums, dict) or not all(
+        isinstance(crcs, dict) and all(isinstance(crc, int) for crc in crcs.values()) for crcs in checksums.values()
+    ):
+        raise ConfigError(f"{path / MANIFEST}: {CHECKSUMS!r} must map each file to {{tensor name: CRC-32}}; write the directory again")
+    return Manifest(path, config, tokenizer, dict(expert_files), checksums)
 
 
 def load_expert_weights(manifest: Manifest, uids: list[str]) -> dict[str, dict[str, torch.Tensor]]:
@@ -166,7 +186,7 @@ def load_expert_weights(manifest: Manifest, uids: list[str]) -> dict[str, dict[s
                         f"{manifest.path / file_name} holds no tensor {absent[0]}, though {MANIFEST} puts expert "
                         f"{uid} in this file; write the directory again"
                     )
-                weights[uid] = {name: f.get_tensor(f"{uid}.{name}") for name in EXPERT_PARAMS}
+                weights[uid] = {name: _checked(manifest, file_name, f"{uid}.{name}", f.get_tensor(f"{uid}.{name}")) for name in EXPERT_PARAMS}
                 for name, tensor in weights[uid].items():
                     if tuple(tensor.shape) != shapes[name]:
                         raise ConfigError(
@@ -179,7 +199,18 @@ def load_expert_weights(manifest: Manifest, uids: list[str]) -> dict[str, dict[s
 def load_dense_weights(manifest: Manifest) -> dict[str, torch.Tensor]:
     """Every dense tensor; ConfigError names the file if it is missing, unreadable or truncated."""
     with open_safetensors(manifest.path / DENSE_FILE) as f:
-        return {name: f.get_tensor(name) for name in f.keys()}
+        return {name: _checked(manifest, DENSE_FILE, name, f.get_tensor(name)) for name in f.keys()}
+
+
+def _checked(manifest: Manifest, file_name: str, name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor`, after checking it against the CRC-32 the manifest recorded for it (if any)."""
+    expected = manifest.checksums.get(file_name, {}).get(name)
+    if expected is not None and tensor_crc32(tensor) != expected:
+        raise ConfigError(
+            f"{manifest.path / file_name}: tensor {name} does not match the checksum {MANIFEST} recorded "
+            "when the directory was written (the file was damaged since); copy or write the directory again"
+        )
+    return tensor
 
 
 def open_safetensors(path: pathlib.Path, redo: str = "copy or write the directory again"):
