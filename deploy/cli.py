@@ -16,23 +16,48 @@ from moeswarm.protocol.errors import ConfigError, MoeSwarmError, StartupError
 def main(argv: list[str] | None = None) -> int:
     previous = exit_at_once_on_stop_signals()  # first: the commands that serve install their own handlers later
     args = _parser().parse_args(argv)
+    interrupted = None
     if args.func not in (_cmd_node, _cmd_dht, _cmd_swarm_up):  # the others stop on KeyboardInterrupt
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if previous[signal.SIGINT] is signal.default_int_handler:  # not where SIGINT was ignored (nohup, &)
+            interrupted = _note_interrupts()
     from moeswarm.protocol.dht import import_dht_only
 
     import_dht_only()  # before anything imports hivemind: our processes need only its DHT
     configure_logging(args.log_level)
     try:
         return args.func(args)
-    except ConfigError as e:
-        print(f"moeswarm: config error: {e}", file=sys.stderr)
-        return 2
-    except (StartupError, MoeSwarmError) as e:
-        print(f"moeswarm: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+    except SystemExit:
+        raise
+    except BaseException as e:
+        if isinstance(e, KeyboardInterrupt) or interrupted:
+            # Ctrl-C, or what a library made of it: an import it cut short (numpy's, inside transformers)
+            # raised RecursionError, then ModuleNotFoundError, with a traceback and exit code 1.
+            return 130
+        if isinstance(e, ConfigError):
+            print(f"moeswarm: config error: {e}", file=sys.stderr)
+            return 2
+        if isinstance(e, (StartupError, MoeSwarmError)):
+            print(f"moeswarm: {e}", file=sys.stderr)
+            return 1
+        raise
+    finally:
+        if interrupted is not None:  # main() called from Python: the caller's Ctrl-C is Python's again
+            signal.signal(signal.SIGINT, previous[signal.SIGINT])
+
+
+def _note_interrupts() -> list[int]:
+    """SIGINT raises KeyboardInterrupt as Python's own handler does, and is also recorded in the
+    returned list (non-empty once one came)."""
+    seen: list[int] = []
+
+    def on_sigint(signum, frame):
+        seen.append(signum)  # a list append: no lock taken inside a signal handler (see stop_signals.StopFlag)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_sigint)
+    return seen
 
 
 def configure_logging(level_name: str) -> None:

@@ -53,3 +53,26 @@ def test_help_explains_every_option_with_its_default(command, expected):
     for fragment in expected:
         assert " ".join(fragment.split()) in text, (fragment, done.stdout)
 
+
+
+_INTERRUPTED_IMPORT = """
+import os, signal, sys
+from moeswarm.deploy import cli
+
+def status_whose_import_a_ctrl_c_cuts_short(args):
+    try:
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while a library imports
+    except KeyboardInterrupt:
+        raise RecursionError("maximum recursion depth exceeded")  # what numpy's cut-short import raised
+    return 0
+
+cli._cmd_status = status_whose_import_a_ctrl_c_cuts_short
+sys.exit(cli.main(["status", "--initial-peers", "/ip4/127.0.0.1/tcp/9"]))
+"""
+
+
+def test_ctrl_c_that_a_library_turns_into_another_error_still_exits_130_without_a_traceback():
+    # Ctrl-C 0.5 s into `moeswarm generate` cut numpy's import inside transformers short: it surfaced
+    # as RecursionError and ModuleNotFoundError, with a traceback and exit code 1.
+    done = subprocess.run([sys.executable, "-c", _INTERRUPTED_IMPORT], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stderr) == (130, "")
