@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import signal
 import sys
@@ -18,6 +19,11 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     interrupted = None
     if args.func not in (_cmd_node, _cmd_dht, _cmd_swarm_up):  # the others stop on KeyboardInterrupt
+        if args.func in (_cmd_generate, _cmd_model_init):
+            # Still under exit-at-once: a KeyboardInterrupt inside torch's import (about 1 s, numpy's
+            # within it) was swallowed there in 3 of 14 Ctrl-Cs (generate then ran to its end) and
+            # once aborted the process.
+            importlib.import_module("torch")
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         if previous[signal.SIGINT] is signal.default_int_handler:  # not where SIGINT was ignored (nohup, &)
