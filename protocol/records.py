@@ -28,7 +28,6 @@ logger = logging.getLogger(__name__)
 _SWARM_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")  # fullmatch: "$" would allow a trailing "\n"
 _ENDPOINT_RE = re.compile(r"[A-Za-z0-9.\-\[\]:]{1,253}:\d{1,5}")
 _OWNER_RE = re.compile(rb"\[owner:([^\]]+)\]")  # RSASignatureValidator's marker, the whole subkey (fullmatch)
-_OWNER_MARKER_RE = re.compile(rb"\[owner:[^\]]+\]")
 MAX_UIDS_PER_NODE = MAX_EXPERTS_PER_MODEL  # a node serves experts of one model
 
 
@@ -53,7 +52,7 @@ class OwnerSignedOnly:
     priority = 0  # validated after the signature validator (priority 10) checked and stripped it
 
     def validate(self, record) -> bool:
-        return _OWNER_MARKER_RE.search(record.subkey) is not None  # the msgpack-serialised subkey
+        return _OWNER_RE.search(record.subkey) is not None  # in the msgpack-serialised subkey
 
     def sign_value(self, record) -> bytes:
         return record.value
