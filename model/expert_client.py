@@ -119,10 +119,12 @@ class ExpertClient:
         forward_ids: dict[str, str] | None, input_grads_only: frozenset[str] | set[str],
     ) -> dict[str, torch.Tensor]:
         backward = grad_outputs is not None
-        on_stream = not self._stream_busy and wire.payload_bytes(inputs.values(), wire_dtype) * (2 if backward else 1) <= STREAM_MAX_BYTES
+        payload = wire.payload_bytes(inputs.values(), wire_dtype) * (2 if backward else 1)
+        on_stream = not self._stream_busy and payload <= STREAM_MAX_BYTES
         request = wire.write_request(
             model, keep_as or next(self._request_ids), inputs, grad_outputs, backward=backward and on_stream,
             wire_dtype=wire_dtype, keep_activations=bool(keep_as), forward_ids=forward_ids, input_grads_only=input_grads_only,
+            payload=payload,
         )
         if on_stream:
             data = await self._call_on_stream(request, timeout_s)

@@ -59,7 +59,7 @@ def expert_forward_keep(expert: SwiGLUExpert, x_ND: torch.Tensor) -> tuple[torch
 
 
 def _swiglu_forward(expert: SwiGLUExpert, x_ND: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-    w1, w3, w2 = expert.w1.weight, expert.w3.weight, expert.w2.weight
+    w1, w3, w2 = _weights(expert)
     if x_ND.dtype != w1.dtype:
         x_ND = x_ND.to(w1.dtype)
     packed = _packed_for(expert, x_ND)
@@ -67,6 +67,13 @@ def _swiglu_forward(expert: SwiGLUExpert, x_ND: torch.Tensor) -> tuple[torch.Ten
     a_NF = F.silu(h1_NF) * h3_NF
     y_ND = F.linear(a_NF, w2) if packed is None else _packed_linear(a_NF, packed[2])
     return y_ND, (h1_NF, h3_NF)
+
+
+def _weights(expert: SwiGLUExpert) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(w1, w3, w2) weights, read from the module's dicts: `expert.w1.weight` goes through
+    nn.Module.__getattr__ twice per weight, ~2 us a forward, which a node decoding feels."""
+    modules = expert._modules
+    return modules["w1"]._parameters["weight"], modules["w3"]._parameters["weight"], modules["w2"]._parameters["weight"]
 
 
 def _hidden(x_ND: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, packed: tuple[torch.Tensor, ...] | None) -> tuple[torch.Tensor, torch.Tensor]:

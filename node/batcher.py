@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 # Event-loop turns between a round's results and the work queued after its answers: a handler
 # resumes from its result within 2-3 turns (gather's callback, then the task) and sends its answer.
 ANSWER_TURNS = 4
+_ROW_COST = {"backward": 3, "input_grad": 2}  # a row of each op, in forward rows: a backward costs ~3
 
 # run(uid, op, inputs_ND, grads_ND or None, tags) -> output_ND; called on the compute thread. op:
 # "forward", "backward" or "input_grad" (a backward's input grads alone, changing nothing). tags:
@@ -92,7 +93,7 @@ class Batcher:
 
     def runs_inline(self, uid: str, op: str, rows: int) -> bool:
         """Whether submit() would compute these rows right away on the loop (it then never yields)."""
-        cost = rows * {"backward": 3, "input_grad": 2}.get(op, 1)  # in forwards' worth: a backward costs ~3
+        cost = rows * _ROW_COST.get(op, 1)
         return cost <= self.inline_rows and self._in_executor == 0 and not self._queues.get((uid, op))
 
     async def _drain(self) -> None:

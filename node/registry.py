@@ -80,6 +80,7 @@ class ExpertRegistry:
         prepack_weights: fp32 and bf16 SwiGLU experts on the CPU compute their forward with prepacked
         weights (model/experts.py PackedWeights); ConfigError where torch has no oneDNN."""
         self.spec, self.optimizer_config, self.device = spec, optimizer, torch.device(device)
+        self._on_cpu = self.device.type == "cpu"
         self.kept = ActivationCache(activation_cache_bytes)
         self.experts: dict[str, HostedExpert] = {}
         modules = modules or {}
@@ -111,12 +112,16 @@ class ExpertRegistry:
         """keep_for: (forward_id, rows) per caller whose rows make up x_ND, in order; rows of a
         non-empty forward_id keep their activations for a Backward that names it."""
         hosted = self.experts[uid]
-        self._apply_due_step(hosted)
+        if hosted.step_due:
+            self._apply_due_step(hosted)
         hosted.rows_served += x_ND.shape[0]
-        x_ND = x_ND.to(self.device)
-        training = any(forward_id for forward_id, _ in keep_for)
-        if not training or self.kept.max_bytes == 0 or not isinstance(hosted.module, SwiGLUExpert):
-            return hosted.forward(hosted.module, x_ND).cpu()  # .cpu(): no-op on a CPU node; others recompute
+        on_cpu = self._on_cpu  # (each skipped no-op torch call saves a few us when decoding)
+        if not on_cpu:
+            x_ND = x_ND.to(self.device)
+        training = self.kept.max_bytes and any(forward_id for forward_id, _ in keep_for)
+        if not training or not isinstance(hosted.module, SwiGLUExpert):  # others recompute for a backward
+            y_ND = hosted.forward(hosted.module, x_ND)
+            return y_ND if on_cpu else y_ND.cpu()
         y_ND, kept = expert_forward_keep(hosted.module, x_ND)
         offset = 0
         for forward_id, rows in keep_for:

@@ -193,7 +193,7 @@ class ExpertServicer:
         else:  # queued together: one round trip to the compute thread for all of them
             outputs = await asyncio.gather(*(self._batcher.enqueue(*job) for job in jobs))
         # In the caller's wire dtype (fp32 unless it opted in), checked there: fp32 results can overflow fp16.
-        outputs = [out.to(item.x_ND.dtype) for item, out in zip(work, outputs)]
+        outputs = [out if out.dtype == item.x_ND.dtype else out.to(item.x_ND.dtype) for item, out in zip(work, outputs)]
         for item, out in zip(work, outputs):  # inputs are finite, weights too (registry): this is overflow
             if not all_finite(out):
                 raise BadRequest(f"{item.uid}: the {op} overflowed to inf/NaN in {out.dtype}; these inputs are too large")

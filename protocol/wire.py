@@ -201,19 +201,30 @@ def payload_bytes(tensors, wire_dtype: torch.dtype | None = None) -> int:
 
 def write_request(
     model, request_id, inputs, grad_outputs=None, *, backward=False, wire_dtype=None, keep_activations=False, forward_ids=None,
-    input_grads_only=frozenset(),
+    input_grads_only=frozenset(), payload: int | None = None,
 ) -> bytes:
-    """encode_request, through protobuf itself for small payloads."""
-    if payload_bytes(inputs.values(), wire_dtype) * (2 if grad_outputs is not None else 1) > SMALL_PAYLOAD_BYTES:
+    """encode_request, through protobuf itself for small payloads. payload: the tensor bytes, if the
+    caller has counted them already (payload_bytes of inputs, twice for a backward)."""
+    if payload is None:
+        payload = payload_bytes(inputs.values(), wire_dtype) * (2 if grad_outputs is not None else 1)
+    if payload > SMALL_PAYLOAD_BYTES:
         return encode_request(
             model, request_id, inputs, grad_outputs, backward=backward, wire_dtype=wire_dtype,
             keep_activations=keep_activations, forward_ids=forward_ids, input_grads_only=input_grads_only,
         )[0]
-    request = expert_pb2.ExpertRequest(model=model, request_id=request_id, backward=backward, keep_activations=keep_activations)
-    forward_ids = forward_ids or {}
+    # Only the fields that are set, each on its own: this runs once per RPC, with cold caches
+    # (decoding), where every call costs several times what it does in a loop.
+    request = expert_pb2.ExpertRequest(model=model, request_id=request_id)
+    if backward:
+        request.backward = True
+    if keep_activations:
+        request.keep_activations = True
     for uid, x in inputs.items():
-        # filled in place: no payload copies
-        batch = request.batches.add(uid=uid, forward_id=forward_ids.get(uid, ""), input_grads_only=uid in input_grads_only)
+        batch = request.batches.add(uid=uid)  # filled in place: no payload copies
+        if forward_ids and uid in forward_ids:
+            batch.forward_id = forward_ids[uid]
+        if input_grads_only and uid in input_grads_only:
+            batch.input_grads_only = True
         encode_into(batch.inputs, x, wire_dtype)
         if grad_outputs is not None:
             encode_into(batch.grad_outputs, grad_outputs[uid], wire_dtype)
@@ -222,7 +233,7 @@ def write_request(
 
 def write_response(request_id: str, outputs: list[tuple[torch.Tensor, torch.dtype]]) -> bytes:
     """encode_response, through protobuf itself for small payloads."""
-    if sum(payload_bytes([tensor], wire_dtype) for tensor, wire_dtype in outputs) > SMALL_PAYLOAD_BYTES:
+    if sum(tensor.numel() * (wire_dtype or tensor.dtype).itemsize for tensor, wire_dtype in outputs) > SMALL_PAYLOAD_BYTES:
         return encode_response(request_id, outputs)
     response = expert_pb2.ExpertResponse(request_id=request_id)
     for tensor, wire_dtype in outputs:
