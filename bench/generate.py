@@ -95,6 +95,8 @@ def main() -> int:
     parser.add_argument("--json", metavar="PATH", help="also write every figure, sizes and the machine info here")
     parser.add_argument("--placement", default="spread", choices=["spread", "by-layer"],
                         help="how the swarm places experts (coordinator/placement.py); by-layer: ~1 RPC per layer")
+    parser.add_argument("--node-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a node config key for every node, as `swarm up --node-set` (e.g. busy_poll_us=2000)")
     args = parser.parse_args()
     torch.set_num_threads(TORCH_THREADS)
     pick = 1 if args.quick else 0
@@ -102,7 +104,7 @@ def main() -> int:
     started, load_before = time.monotonic(), os.getloadavg()
     try:
         with tempfile.TemporaryDirectory(prefix="moeswarm-bench-") as tmp:
-            runs, floor, details = run_all(pathlib.Path(tmp), pick, args.placement)
+            runs, floor, details = run_all(pathlib.Path(tmp), pick, args.placement, tuple(args.node_set))
     finally:
         kill_descendants()  # what libraries started here: the client's DHT child, torch_shm_manager
     floor_figures = floor_figures_of(floor, details)  # first: the decode details compare against the floor
@@ -118,7 +120,7 @@ def report(figures: list[Figure], details: dict, quick: bool) -> dict:
         "dtype": "float32", "batches": BATCHES, "prompt_tokens": 1 + PROMPT_BYTES, "prompt_sources": PROMPT_SOURCES,
         "new_tokens": NEW_TOKENS[pick], "decoding_steps_per_generation": NEW_TOKENS[pick] - 1,
         "rounds": ROUNDS[pick], "warmup_tokens": WARMUP_TOKENS, "nodes": NODES, "replicas": REPLICAS,
-        "placement": details["placement"],
+        "placement": details["placement"], "node_set": details["node_set"],
         "torch_threads_bench": TORCH_THREADS, "torch_threads_nodes": TORCH_THREADS,
         "echo_servers": ECHO_SERVERS, "echo_bytes": ECHO_BYTES, "expert_floor_rows": 1,
         "floor_calls_per_side": FLOOR_BLOCK[pick] * ROUNDS[pick] * len(BATCHES),
@@ -160,6 +162,7 @@ def print_context(details: dict) -> None:
         print(f"  b{batch} GenerationResult.expert_wait_s includes the prompt: {acct['total_ms']:.1f} ms per "
               f"generation, {acct['prefill_ms']:.1f} of it prefill (excluded above); prefill local "
               f"{acct['local_prefill_ms']:.1f} ms, remote {acct['remote_prefill_ms']:.1f} ms")
+    print(f"  placement {details['placement']}; nodes set: {', '.join(details['node_set']) or 'nothing (defaults)'}")
     print_greedy_check(details, BATCHES, "remote greedy tokens differ from local")
     print(f"  prompt b1: {details['prompts'][0]!r}; first new tokens (random weights): {details['b1_first_tokens']}")
     print_load(details)
@@ -344,7 +347,7 @@ def load_prompts(tokenizer) -> tuple[list[str], torch.Tensor]:
     return texts, torch.tensor([tokenizer.encode(text) for text in texts])
 
 
-def run_all(work_dir: pathlib.Path, pick: int, placement: str) -> tuple[dict, dict, dict]:
+def run_all(work_dir: pathlib.Path, pick: int, placement: str, node_set: tuple[str, ...] = ()) -> tuple[dict, dict, dict]:
     """Write the model, start echo servers and the swarm, decode in alternating rounds; stop them all."""
     from moeswarm.deploy.swarm import LocalSwarm, SwarmPlan
     from moeswarm.model.lm import build_local_model, open_model, save_model
@@ -355,7 +358,7 @@ def run_all(work_dir: pathlib.Path, pick: int, placement: str) -> tuple[dict, di
     model_dir = save_model(build_local_model(config), work_dir / "model")
     plan = SwarmPlan(model=config.spec(), nodes=NODES, replicas=REPLICAS, model_dir=str(model_dir), seed=config.seed,
                      uids=tuple(config.remote_uids()), torch_threads=TORCH_THREADS, run_dir=work_dir / "swarm",
-                     placement=placement)
+                     placement=placement, node_overrides=node_set)
     with Children(work_dir) as children:
         echoes = [spawn_echo(children, work_dir, f"echo{i}") for i in range(ECHO_SERVERS)]  # they start with the swarm
         with LocalSwarm(plan) as swarm:
@@ -369,7 +372,7 @@ def run_all(work_dir: pathlib.Path, pick: int, placement: str) -> tuple[dict, di
                     texts, prompts_BT = load_prompts(local.tokenizer)
                     runs, floor_s = decode_rounds(probes, prompts_BT, floor, pick)
     first_tokens = runs["local", BATCHES[0]][0].result.tokens[0][:12]
-    details = {"placement": placement, "n_moe_layers": len(config.moe_layers()), "prompts": texts[: max(BATCHES)], "b1_first_tokens": first_tokens}
+    details = {"placement": placement, "node_set": list(node_set), "n_moe_layers": len(config.moe_layers()), "prompts": texts[: max(BATCHES)], "b1_first_tokens": first_tokens}
     return runs, floor_s, details
 
 

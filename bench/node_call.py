@@ -2,7 +2,9 @@
 
 Measured, all on 127.0.0.1 with a bootstrap DHT process and node processes started here:
   * latency of one ExpertClient.forward (grpc.aio, uvloop when installed) to a node hosting one
-    expert (h=256, F=1024, fp32), at batch 1, 64 and 256 rows: median, p90, p99;
+    expert (h=256, F=1024, fp32), at batch 1, 64 and 256 rows: median, p90, p99; at batch 1 also
+    against its floors (raw echoes, a d_ff=1 expert) and to a second node serving the same expert
+    with busy_poll_us=2000 (node/busy_poll.py; off by default, so the target figure is the first node's);
   * payload bandwidth: round trips carrying a 1 MiB fp32 tensor [1024, 256] each way to a node whose
     expert has d_ff=1 (compute negligible: transport + codec + validation), against a raw grpc.aio
     echo of 1 MiB of bytes served by a separate process (generic handler, no serialisation);
@@ -27,6 +29,7 @@ import asyncio
 import functools
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -59,6 +62,7 @@ BW_MODEL = dict(name="bench-bw", d_model=256, d_ff=1, n_layers=1, n_experts=1)
 LATENCY_UID = "bench.L0.E0"  # launches host E1, E2, ... so each one is a key nobody announced yet
 BW_UID = "bench-bw.L0.E0"
 PAYLOAD_ROWS = 1024  # [1024, 256] fp32 = 1 MiB
+BUSY_POLL_US = 2000  # a second node serving the latency expert polls this long after each answer (config busy_poll_us)
 CALL_TIMEOUT_S = 30.0
 VISIBLE_TIMEOUT_S = 60.0
 # (full, --quick)
@@ -153,8 +157,8 @@ def time_fresh(setup: str, statement: str) -> float:
 # ---- processes ---------------------------------------------------------------------------------
 
 
-def spawn_node(children: Children, work_dir: pathlib.Path, name: str, model: dict, uids, peers: list[str]):
-    config = {"model": model, "experts": uids, "initial_peers": peers, "state_dir": None, "torch_threads": 1}
+def spawn_node(children: Children, work_dir: pathlib.Path, name: str, model: dict, uids, peers: list[str], **extra):
+    config = {"model": model, "experts": uids, "initial_peers": peers, "state_dir": None, "torch_threads": 1, **extra}
     (work_dir / f"{name}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     ready = work_dir / f"{name}.json"
     cmd = [sys.executable, "-m", "moeswarm.deploy.cli", "node", "--config", str(work_dir / f"{name}.yaml"),
@@ -174,10 +178,12 @@ def run_swarm(work_dir: pathlib.Path, pick: int) -> tuple[list[Figure], dict]:
         try:
             node, node_ready = spawn_node(children, work_dir, "node", MODEL, [LATENCY_UID], peers)
             bw, bw_ready = spawn_node(children, work_dir, "bw", BW_MODEL, "all", peers)
+            poll, poll_ready = spawn_node(children, work_dir, "poll", MODEL, [LATENCY_UID], peers, busy_poll_us=BUSY_POLL_US)
             echo, echo_ready = spawn_echo(children, work_dir)
             endpoints = {
                 "node": wait_ready(node_ready, node, "latency node")["endpoint"],
                 "bw": wait_ready(bw_ready, bw, "bandwidth node")["endpoint"],
+                "poll": wait_ready(poll_ready, poll, "busy-polling node")["endpoint"],
                 "echo": wait_ready(echo_ready, echo, "echo server")["endpoint"],
             }
             launch = functools.partial(launch_node, children, work_dir, peers=peers, dht=dht)
@@ -204,15 +210,15 @@ def measure_tree(pid: int) -> tuple[list[Figure], list[dict]]:
 async def measure_async(endpoints: dict, launch, pick: int) -> tuple[list[Figure], dict]:
     from moeswarm.model.expert_client import ExpertClient
 
-    node, bw = ExpertClient(endpoints["node"]), ExpertClient(endpoints["bw"])
+    node, bw, poll = ExpertClient(endpoints["node"]), ExpertClient(endpoints["bw"]), ExpertClient(endpoints["poll"])
     try:
         figures, details = await measure_latency(node, pick)
-        small_figures, details["batch1_breakdown"] = await measure_batch1_breakdown(node, bw, endpoints["echo"], pick)
+        small_figures, details["batch1_breakdown"] = await measure_batch1_breakdown(node, bw, poll, endpoints["echo"], pick)
         bw_figures, details["bandwidth"] = await measure_bandwidth(bw, endpoints["echo"], pick)
         samples = [await launch(i + 1) for i in range(LAUNCHES[pick])]
     finally:
-        await node.close()
-        await bw.close()
+        for client in (node, bw, poll):
+            await client.close()
     details["launches"] = samples
     visible = [s["visible_s"] for s in samples]
     figures += small_figures + bw_figures + [
@@ -257,10 +263,11 @@ async def time_calls(call, n: int) -> list[float]:
     return seconds
 
 
-async def measure_batch1_breakdown(node, bw, echo_endpoint: str, pick: int) -> tuple[list[Figure], dict]:
+async def measure_batch1_breakdown(node, bw, poll, echo_endpoint: str, pick: int) -> tuple[list[Figure], dict]:
     """Batch-1 call against its floors, in alternating blocks: raw gRPC echo of the same 1 KiB, unary
     and on an open stream (ExpertClient sends small requests on one), the same Forward on an expert
-    with d_ff=1 (our path without compute), and the real expert."""
+    with d_ff=1 (our path without compute), the real expert, and the real expert on a node that
+    busy-polls after each answer (config busy_poll_us)."""
     import grpc
     import torch
 
@@ -279,13 +286,16 @@ async def measure_batch1_breakdown(node, bw, echo_endpoint: str, pick: int) -> t
             "raw stream echo": stream_echo,
             "d_ff=1 expert": functools.partial(bw.forward, BW_MODEL["name"], {BW_UID: x_1D}, timeout_s=CALL_TIMEOUT_S),
             "real expert": functools.partial(node.forward, MODEL["name"], {LATENCY_UID: x_1D}, timeout_s=CALL_TIMEOUT_S),
+            f"real expert, node busy_poll_us={BUSY_POLL_US}": functools.partial(
+                poll.forward, MODEL["name"], {LATENCY_UID: x_1D}, timeout_s=CALL_TIMEOUT_S
+            ),
         }
         seconds = await alternate(calls, BANDWIDTH_CALLS[pick] * 4, WARMUP_CALLS[pick])
     finally:
         stream.cancel()
         await channel.close()
     figures = [
-        figure(f"batch1_{side.replace(' ', '_').replace('=', '')}_ms", f"batch 1 (1 KiB), {side}, median", median(s) * 1e3, "ms")
+        figure(f"batch1_{re.sub(r'[^a-z0-9]+', '_', side)}_ms", f"batch 1 (1 KiB), {side}, median", median(s) * 1e3, "ms")
         for side, s in seconds.items()
     ]
     return figures, {side: stats_ms(s) for side, s in seconds.items()}

@@ -91,6 +91,11 @@ class Batcher:
             self._drainer = asyncio.create_task(self._drain())
         return pending.future
 
+    @property
+    def compute_busy(self) -> bool:
+        """Whether the compute thread has work (a round, or a background job such as a step)."""
+        return self._in_executor > 0
+
     def runs_inline(self, uid: str, op: str, rows: int) -> bool:
         """Whether submit() would compute these rows right away on the loop (it then never yields)."""
         cost = rows * _ROW_COST.get(op, 1)

@@ -73,6 +73,8 @@ class NodeConfig:
     average_every_s: float = 60.0  # trainable nodes average each expert with a trainable replica this often, inference-only
     # ones (sync_from_replicas) check for replicas trained further this often; 0: never
     prepack_weights: bool = False  # CPU serving: forward with oneDNN-prepacked weights (fp32, bf16; 1.1-1.8x faster; 2x weight memory)
+    busy_poll_us: int = 0  # after each answer, keep polling (not sleeping) this long: lower latency for a client calling
+    # again at once (decoding), for a core's CPU time meanwhile; 0: off (node/busy_poll.py)
     optimizer: OptimizerConfig = OptimizerConfig()
 
     def __post_init__(self) -> None:
@@ -116,6 +118,7 @@ class NodeConfig:
         )
         _require(self.average_every_s == 0 or 1 <= self.average_every_s <= 86400, "average_every_s", self.average_every_s,
                  "must be 0 (off) or in [1, 86400] seconds")
+        _require(0 <= self.busy_poll_us <= 1_000_000, "busy_poll_us", self.busy_poll_us, "must be in [0, 1000000] microseconds (0: off)")
         _require(not self.prepack_weights or self.device == "cpu", "prepack_weights", self.prepack_weights, f"is for CPU nodes, not device={self.device!r}")
 
     @property

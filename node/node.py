@@ -18,6 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from moeswarm.node.announcer import Announcer
 from moeswarm.node.batcher import Batcher
+from moeswarm.node.busy_poll import BusyPoller
 from moeswarm.node.checkpoint import (
     EXPERTS_DIR, MOVE_AWAY, P2P_IDENTITY_NAME, Checkpointer, holds_lock, iter_checkpoints, load_or_create_identity, lock_state_dir,
     os_failure, remove_unfinished_writes, write_identity,
@@ -165,6 +166,7 @@ class ExpertNode:
         self._servicer = ExpertServicer(
             self.batcher, limits, self.info, trainable=config.trainable, export=self._export_state,
             max_message_bytes=config.max_message_bytes, export_chunk_timeout_s=config.export_chunk_timeout_s,
+            poller=BusyPoller(config.busy_poll_us * 1e-6, lambda: self.batcher.compute_busy),
         )
         self._server.add_generic_rpc_handlers([self._servicer.generic_handler()])
         self._health = health.aio.HealthServicer()

@@ -12,6 +12,7 @@ import torch
 from google.protobuf.message import DecodeError
 
 from moeswarm.node.batcher import Batcher
+from moeswarm.node.busy_poll import BusyPoller
 from moeswarm.node.validation import Limits, all_finite, check_hosted, validate_request
 from moeswarm.protocol import expert_pb2, wire
 from moeswarm.protocol.errors import BadRequest, MoeSwarmError, NotTrainable, Overloaded, TooSlow, status_of
@@ -32,11 +33,14 @@ class ExpertServicer:
     def __init__(
         self, batcher: Batcher, limits: Limits, info: Callable[[], expert_pb2.InfoResponse], *, trainable: bool = True,
         export: ExportFn | None = None, max_message_bytes: int = 64 << 20, export_chunk_timeout_s: float = 30.0,
+        poller: BusyPoller | None = None,
     ):
         """trainable=False: Backward is refused (PERMISSION_DENIED) and a training Forward keeps nothing.
         export: an expert's current weights, for ExportState (None: the call is refused), whose reader
-        must take each chunk within export_chunk_timeout_s (config.py)."""
+        must take each chunk within export_chunk_timeout_s (config.py).
+        poller: kicked at every Forward/Backward answer (node config busy_poll_us)."""
         self._batcher, self._limits, self._info, self._trainable = batcher, limits, info, trainable
+        self._poller = poller or BusyPoller(0.0)
         self._export, self._max_message_bytes, self._exports = export, max_message_bytes, 0
         self._chunk_timeout_s = export_chunk_timeout_s
         self._streams: dict[asyncio.Task, bool] = {}  # open Stream calls -> whether one is mid-request
@@ -86,6 +90,7 @@ class ExpertServicer:
                     code, message = _failure(e, request_id)
                     response = expert_pb2.ExpertResponse(request_id=request_id, error_code=code.value[0], error_message=message)
                 self._streams[task] = False
+                self._poller.kick()
                 yield response
                 if self._closing:
                     return
@@ -160,6 +165,7 @@ class ExpertServicer:
         """Node shutdown: end streams that wait for their next request now (a stream mid-request
         ends after answering it), so the server's grace period is not spent on idle clients."""
         self._closing = True
+        self._poller.close()
         for task, busy in list(self._streams.items()):
             if not busy:
                 task.cancel()
@@ -174,6 +180,8 @@ class ExpertServicer:
             return await self._respond(request, backward=backward)
         except Exception as e:  # process boundary: a bug must not take the node down
             await context.abort(*_failure(e, request_id))
+        finally:
+            self._poller.kick()
 
     async def _respond(self, request: wire.RequestView, *, backward: bool) -> bytes:
         work = validate_request(request, self._limits, backward=backward)

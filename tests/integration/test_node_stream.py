@@ -175,3 +175,42 @@ def test_sigterm_with_an_idle_stream_open_stops_within_5s(node_factory):
     elapsed = run(hold_stream_then_terminate())
     assert node.popen.returncode == 0
     assert elapsed < 5.0
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def test_busy_polling_node_spins_after_answers_then_sleeps_and_stops_on_sigterm(node_factory):
+    node = node_factory(busy_poll_us=600_000)  # 0.6 s of polling after each answer
+    x = torch.randn(1, D)
+
+    def cpu_over(seconds: float) -> float:
+        before = _cpu_seconds(node.popen.pid)
+        time.sleep(seconds)
+        return _cpu_seconds(node.popen.pid) - before
+
+    async def calls():
+        client = ExpertClient(node.ready["endpoint"])
+        try:
+            first = await client.forward("itest", {UID: x}, timeout_s=10)
+            polling = cpu_over(0.3)  # inside the window: the node's loop keeps running
+            time.sleep(0.6)
+            idle = cpu_over(0.3)  # past it: the node sleeps as any node does
+            again = await client.forward("itest", {UID: x}, timeout_s=10)
+            os.kill(node.popen.pid, signal.SIGTERM)  # while it polls again
+            started = time.monotonic()
+            while node.popen.poll() is None and time.monotonic() - started < 10:
+                await asyncio.sleep(0.05)
+            return first[UID], again[UID], polling, idle, time.monotonic() - started
+        finally:
+            await client.close()
+
+    first, again, polling, idle, stop_s = run(calls())
+    with torch.no_grad():
+        assert torch.equal(first, local_expert(UID)(x)) and torch.equal(again, first)
+    # CPU time, not speed: a polling loop takes a good part of a core, a sleeping one next to none.
+    assert polling > 0.06, f"the node used {polling:.3f} s of CPU in 0.3 s after an answer: it did not poll"
+    assert idle < 0.05, f"the node used {idle:.3f} s of CPU in 0.3 s, 0.9 s after its last answer: it kept polling"
+    assert node.popen.returncode == 0 and stop_s < 5.0

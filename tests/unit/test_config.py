@@ -115,6 +115,8 @@ def test_wrong_type_is_named(data, key):
         (_node(device="gpu"), "device='gpu'"),
         (_node(device="cuda:x"), "device='cuda:x'"),
         (_node(device="CPU"), "device='CPU'"),
+        (_node(busy_poll_us=-1), "busy_poll_us=-1"),
+        (_node(busy_poll_us=2_000_000), "busy_poll_us=2000000"),
         (_node(cpus=[0, 0]), "cpus=(0, 0): has duplicates"),
         (_node(cpus=[-1]), "cpus=(-1,)"),
         (_node(cpus=[1.5]), "cpus[0]=1.5"),
