@@ -118,7 +118,7 @@ class ExpertRegistry:
         on_cpu = self._on_cpu  # (each skipped no-op torch call saves a few us when decoding)
         if not on_cpu:
             x_ND = x_ND.to(self.device)
-        training = self.kept.max_bytes and any(forward_id for forward_id, _ in keep_for)
+        training = self.kept.max_bytes > 0 and any(forward_id for forward_id, _ in keep_for)
         if not training or not isinstance(hosted.module, SwiGLUExpert):  # others recompute for a backward
             y_ND = hosted.forward(hosted.module, x_ND)
             return y_ND if on_cpu else y_ND.cpu()

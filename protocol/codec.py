@@ -43,15 +43,7 @@ def encode_into(message: expert_pb2.Tensor, tensor: torch.Tensor, wire_dtype: to
     message (`parent.field`, `repeated.add()`): with protobuf's upb runtime, passing a built
     sub-message to a parent's constructor copies its payload again, which cost ~2 ms per MiB.
     The data path itself writes messages with protocol/wire.py, which copies the payload once."""
-    tensor = tensor.detach()
-    if wire_dtype is not None and tensor.dtype != wire_dtype:
-        tensor = tensor.to(wire_dtype)
-    if tensor.dtype in _NUMPY_DTYPES and _LITTLE_ENDIAN and tensor.is_cpu:  # tensor_payload's fast path, shorter still
-        message.dtype = WIRE_NAME_OF[tensor.dtype]
-        message.shape[:] = tensor.shape
-        message.data = tensor.numpy().tobytes()  # C order, whatever the tensor's strides
-        return
-    dtype_name, shape, data = tensor_payload(tensor)
+    dtype_name, shape, data = tensor_payload(tensor, wire_dtype)
     message.dtype = dtype_name
     message.shape[:] = shape
     message.data = data.tobytes()
