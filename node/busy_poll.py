@@ -20,6 +20,8 @@ import asyncio
 import os
 from typing import Callable
 
+_yield_cpu = getattr(os, "sched_yield", lambda: None)  # Unix; elsewhere the loop just turns
+
 
 class BusyPoller:
     def __init__(self, seconds: float, compute_busy: Callable[[], bool] = lambda: False):
@@ -51,7 +53,7 @@ class BusyPoller:
         loop = asyncio.get_running_loop()
         try:
             while loop.time() < self._until and not self._closed and not self._compute_busy():
-                os.sched_yield()  # any other runnable process on this CPU goes first
+                _yield_cpu()  # any other runnable process on this CPU goes first
                 await asyncio.sleep(0)  # one loop turn: I/O is polled without blocking
                 self.turns += 1
         finally:
