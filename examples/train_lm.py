@@ -20,6 +20,7 @@ aux_losses(), so every routing mode trains its gates toward balance).
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import torch
@@ -44,20 +45,23 @@ def _train(lm, model_dir: str, steps: int, batch: int, length: int, lr: float, s
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=max(steps, 1), pct_start=0.1)
     losses, started = [], time.monotonic()
-    for step in range(steps):
-        window_BT = random_windows(data_N, batch, length, generator)
-        logits_BTV = model(window_BT[:, :-1])
-        loss = F.cross_entropy(logits_BTV.reshape(-1, logits_BTV.shape[-1]), window_BT[:, 1:].reshape(-1))
-        aux = model.aux_losses()
-        optimizer.zero_grad()
-        (loss + 0.01 * aux["load_balancing"] + 1e-3 * aux["z_loss"]).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())
-        if step % 25 == 0 or step == steps - 1:
-            print(f"step {step:4d}  loss {loss.item():.3f} nats/byte  balance {aux['load_balancing'].item():.3f}  "
-                  f"{time.monotonic() - started:.0f} s", flush=True)
+    try:
+        for step in range(steps):
+            window_BT = random_windows(data_N, batch, length, generator)
+            logits_BTV = model(window_BT[:, :-1])
+            loss = F.cross_entropy(logits_BTV.reshape(-1, logits_BTV.shape[-1]), window_BT[:, 1:].reshape(-1))
+            aux = model.aux_losses()
+            optimizer.zero_grad()
+            (loss + 0.01 * aux["load_balancing"] + 1e-3 * aux["z_loss"]).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            losses.append(loss.item())
+            if step % 25 == 0 or step == steps - 1:
+                print(f"step {step:4d}  loss {loss.item():.3f} nats/byte  balance {aux['load_balancing'].item():.3f}  "
+                      f"{time.monotonic() - started:.0f} s", flush=True)
+    except KeyboardInterrupt:  # Ctrl-C: keep what was learned (on the swarm, the nodes' experts learned it too)
+        print(f"interrupted after {len(losses)} of {steps} steps: saving them", flush=True)
     save_model(model.eval(), model_dir, tokenizer, client=lm.client, progress=_progress)
     return losses
 
@@ -78,7 +82,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(min(torch.get_num_threads(), 4))
     losses = train(args.dir, args.steps, args.batch, args.length, args.lr, initial_peers=args.initial_peers)
-    print(f"saved {args.dir}: loss {losses[0]:.3f} -> {losses[-1]:.3f} nats/byte")
+    print(f"saved {args.dir}" + (f": loss {losses[0]:.3f} -> {losses[-1]:.3f} nats/byte" if losses else ""))
+    if len(losses) < args.steps:
+        sys.exit(130)  # interrupted, as a shell reports Ctrl-C
 
 
 if __name__ == "__main__":

@@ -66,3 +66,39 @@ def test_train_lm_on_the_swarm_trains_the_nodes_experts_and_saves_them(tmp_path)
     trained = expert_weights(saved)
     moved = [uid for uid in initial if not torch.equal(trained[uid]["w1.weight"], initial[uid]["w1.weight"])]
     assert len(moved) > len(initial) // 2, moved  # the nodes' experts learned, and were pulled back
+
+
+def test_train_lm_interrupted_by_ctrl_c_saves_the_steps_it_took(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import torch
+
+    from moeswarm.deploy.model_cli import config_from_args
+    from moeswarm.model.lm import build_local_model, open_model, save_model
+
+    config = config_from_args("tiny-ctrl-c", "tiny", "topk", ["d_model=32", "n_heads=2", "n_layers=2", "d_ff=32"])
+    save_model(build_local_model(config), tmp_path / "model")
+    before = open_model(tmp_path / "model").model.embed.weight.clone()
+    output = tmp_path / "output.txt"
+    with open(output, "wb") as out:
+        train = subprocess.Popen(
+            [sys.executable, str(EXAMPLES / "train_lm.py"), str(tmp_path / "model"), "--steps", "100000", "--batch", "2", "--length", "16"],
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while "step   25" not in output.read_text() and train.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        os.killpg(train.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+        assert train.wait(60) == 130, output.read_text()
+    finally:
+        if train.poll() is None:
+            os.killpg(train.pid, signal.SIGKILL)
+            train.wait(10)
+    text = output.read_text()
+    assert "interrupted after" in text and "Traceback" not in text, text
+    assert not torch.equal(open_model(tmp_path / "model").model.embed.weight, before)  # the steps taken were saved
