@@ -28,6 +28,7 @@ from torch.nn import functional as F
 
 from moeswarm.model.corpus import random_windows, stdlib_sources
 from moeswarm.model.lm import open_model, save_model
+from moeswarm.protocol.errors import ConfigError, MoeSwarmError
 
 
 def train(
@@ -40,6 +41,8 @@ def train(
 
 def _train(lm, model_dir: str, steps: int, batch: int, length: int, lr: float, seed: int) -> list[float]:
     model, tokenizer = lm.model.train(), lm.tokenizer
+    if length > model.config.max_seq_len:
+        raise ConfigError(f"windows of {length} bytes are longer than the model's max_seq_len ({model.config.max_seq_len})")
     data_N = torch.tensor(list(stdlib_sources()), dtype=torch.long)
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
@@ -74,17 +77,31 @@ def _progress(done: int, total: int, uid: str, version: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dir", help="a model directory (moeswarm model init)")
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--length", type=int, default=128, help="bytes per training window")
-    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--steps", type=_positive(int), default=300)
+    parser.add_argument("--batch", type=_positive(int), default=16)
+    parser.add_argument("--length", type=_positive(int), default=128, help="bytes per training window")
+    parser.add_argument("--lr", type=_positive(float), default=3e-3)
     parser.add_argument("--initial-peers", nargs="+", metavar="MADDR", help="train on this swarm (experts on its nodes)")
     args = parser.parse_args()
     torch.set_num_threads(min(torch.get_num_threads(), 4))
-    losses = train(args.dir, args.steps, args.batch, args.length, args.lr, initial_peers=args.initial_peers)
+    try:
+        losses = train(args.dir, args.steps, args.batch, args.length, args.lr, initial_peers=args.initial_peers)
+    except MoeSwarmError as e:  # no model folder, --length too long, a swarm not reached: the message says which
+        parser.exit(2 if isinstance(e, ConfigError) else 1, f"{parser.prog}: {e}\n")
     print(f"saved {args.dir}" + (f": loss {losses[0]:.3f} -> {losses[-1]:.3f} nats/byte" if losses else ""))
     if len(losses) < args.steps:
         sys.exit(130)  # interrupted, as a shell reports Ctrl-C
+
+
+def _positive(kind):
+    def parse(text: str):
+        value = kind(text)
+        if not 0 < value < float("inf"):  # also refuses nan
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in "invalid int value" messages
+    return parse
 
 
 if __name__ == "__main__":

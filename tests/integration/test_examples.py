@@ -102,3 +102,23 @@ def test_train_lm_interrupted_by_ctrl_c_saves_the_steps_it_took(tmp_path):
     text = output.read_text()
     assert "interrupted after" in text and "Traceback" not in text, text
     assert not torch.equal(open_model(tmp_path / "model").model.embed.weight, before)  # the steps taken were saved
+
+
+def test_train_lm_explains_a_bad_option_or_folder_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    from moeswarm.deploy.model_cli import config_from_args
+    from moeswarm.model.lm import build_local_model, save_model
+
+    config = config_from_args("tiny-bad-args", "tiny", "topk", ["d_model=32", "n_heads=2", "n_layers=2", "d_ff=32"])
+    save_model(build_local_model(config), tmp_path / "model")
+    cases = {
+        (str(tmp_path / "missing"),): "no such folder",
+        (str(tmp_path / "model"), "--steps", "0"): "--steps: must be > 0",
+        (str(tmp_path / "model"), "--lr", "nan"): "--lr: must be > 0",
+        (str(tmp_path / "model"), "--length", "100000"): "longer than the model's max_seq_len",
+    }
+    for args, message in cases.items():
+        run = subprocess.run([sys.executable, str(EXAMPLES / "train_lm.py"), *args], capture_output=True, text=True, timeout=60)
+        assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr, (args, run.stderr)
