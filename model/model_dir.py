@@ -93,6 +93,7 @@ def save_model_dir(
     """Write a model directory; the manifest goes last, so a crash never leaves a readable half-model.
     `experts` maps every UID of config.spec() to its w1/w2/w3 weights."""
     path = pathlib.Path(path)
+    check_vocab(config, tokenizer)
     path.mkdir(parents=True, exist_ok=True)
     missing = sorted(set(config.spec().all_uids()) - set(experts))
     if missing:
@@ -112,6 +113,12 @@ def save_model_dir(
     _save_atomic(path / MANIFEST, lambda tmp: tmp.write_text(json.dumps(manifest, indent=1)))
     fsync_dir(path)
     return path
+
+
+def check_vocab(config: MoELMConfig, tokenizer: ByteTokenizer) -> None:
+    """ConfigError where the embedding has fewer rows than the tokenizer has tokens (its ids would index past it)."""
+    if config.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(f"vocab_size={config.vocab_size}: must be at least the tokenizer's {tokenizer.vocab_size} tokens")
 
 
 def read_manifest(path: str | pathlib.Path) -> Manifest:
@@ -143,6 +150,10 @@ def read_manifest(path: str | pathlib.Path) -> Manifest:
     try:
         tokenizer = tokenizer_from_dict(data.get("tokenizer"))
     except (TypeError, ValueError) as e:
+        raise ConfigError(f"{path / MANIFEST}: {e}") from e
+    try:
+        check_vocab(config, tokenizer)
+    except ConfigError as e:
         raise ConfigError(f"{path / MANIFEST}: {e}") from e
     expert_files = data.get("experts")
     if not isinstance(expert_files, dict):

@@ -149,6 +149,16 @@ def test_model_directory_errors_say_what_is_wrong(tmp_path):
         load_expert_weights(read_manifest(_fresh(tmp_path / "b")), ["other.L0.E0"])
 
 
+def test_a_vocab_smaller_than_the_tokenizer_is_refused_not_an_index_error(tmp_path):
+    # `model init --set vocab_size=10` wrote a model whose generate and training died with IndexError.
+    with pytest.raises(ConfigError, match="vocab_size=10: must be at least the tokenizer's 258 tokens"):
+        save_model(build_local_model(config_from_args("tiny-moe", "tiny", "topk", ["vocab_size=10"])), tmp_path / "small")
+    assert not (tmp_path / "small").exists()
+    _edit_manifest(_fresh(tmp_path / "edited"), lambda data: data["config"].update(vocab_size=10))
+    with pytest.raises(ConfigError, match="vocab_size=10: must be at least"):
+        read_manifest(tmp_path / "edited")
+
+
 def _fresh(path):
     save_model(build_local_model(small()), path)
     return path
