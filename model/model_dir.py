@@ -17,6 +17,9 @@ import dataclasses
 import json
 import os
 import pathlib
+import re
+import secrets
+import time
 import zlib
 
 import torch
@@ -57,28 +60,46 @@ def _expert_file(uid: str) -> str:
     return f"experts-L{parse_uid(uid).layer:03d}.safetensors"
 
 
-def _save_atomic(path: pathlib.Path, write) -> None:
-    """write(temp path) beside `path`, fsync it, rename it over `path`; a failed write leaves no temp file.
-    The caller fsyncs the directory (fsync_dir) for the renames to survive a crash."""
-    tmp = path.with_name(f".{path.name}.tmp")
+_TEMP_RE = re.compile(r"\..+\.[0-9a-f]{8}\.tmp")  # _write_temp's names
+
+
+def _write_temp(path: pathlib.Path, write) -> pathlib.Path:
+    """write(temp path) beside `path` under a name no other writer uses, fsync it; returns the temp
+    path, for the caller to rename over `path`. A failed write leaves no temp file."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     try:
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         tmp.chmod(0o644)  # nodes may run as another user (deploy/moeswarm-node.service)
-        os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    return tmp
 
 
-def _save_tensors(tensors: dict[str, torch.Tensor], path: pathlib.Path) -> dict[str, int]:
-    """Write `tensors` to `path` atomically; returns the CRC-32 of each one's bytes."""
+STALE_TEMP_S = 3600.0  # a temp file untouched this long is what a killed save left behind
+
+
+def _remove_stale_temps(path: pathlib.Path) -> None:
+    """Delete the temp files of saves that were killed (kill -9, power loss): a model's worth of disk.
+    Recent ones may belong to a save in progress, and stay."""
+    now = time.time()
+    for tmp in path.glob(".*.tmp"):
+        try:
+            if _TEMP_RE.fullmatch(tmp.name) and now - tmp.stat().st_mtime > STALE_TEMP_S:
+                tmp.unlink()
+        except OSError:  # gone meanwhile, or not ours to remove: the save goes on
+            pass
+
+
+def _tensors_to_temp(tensors: dict[str, torch.Tensor], path: pathlib.Path) -> tuple[pathlib.Path, dict[str, int]]:
+    """Write `tensors` to a temp file for `path`; returns it and the CRC-32 of each tensor's bytes."""
     from safetensors.torch import save_file
 
     contiguous = {name: tensor.detach().contiguous() for name, tensor in tensors.items()}
-    _save_atomic(path, lambda tmp: save_file(contiguous, str(tmp)))
-    return {name: tensor_crc32(tensor) for name, tensor in contiguous.items()}
+    tmp = _write_temp(path, lambda tmp: save_file(contiguous, str(tmp)))
+    return tmp, {name: tensor_crc32(tensor) for name, tensor in contiguous.items()}
 
 
 def tensor_crc32(tensor: torch.Tensor) -> int:
@@ -90,27 +111,42 @@ def save_model_dir(
     path: str | pathlib.Path, config: MoELMConfig, dense: dict[str, torch.Tensor], experts: dict[str, dict[str, torch.Tensor]],
     tokenizer: ByteTokenizer = ByteTokenizer(),
 ) -> pathlib.Path:
-    """Write a model directory; the manifest goes last, so a crash never leaves a readable half-model.
+    """Write a model directory. Every file is written under a temp name and renamed into place only
+    once all of them are on disk, the manifest last: a save cut short leaves the model that was there
+    whole (within the milliseconds of the renames, no manifest: never a readable mix of the two).
     `experts` maps every UID of config.spec() to its w1/w2/w3 weights."""
     path = pathlib.Path(path)
     check_vocab(config, tokenizer)
     path.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(path)
     missing = sorted(set(config.spec().all_uids()) - set(experts))
     if missing:
         raise ValueError(f"experts missing from the model to save: {missing[:4]}{'...' if len(missing) > 4 else ''}")
-    (path / MANIFEST).unlink(missing_ok=True)
-    checksums = {DENSE_FILE: _save_tensors(dense, path / DENSE_FILE)}
-    by_file: dict[str, dict[str, torch.Tensor]] = {}
+    by_file: dict[str, dict[str, torch.Tensor]] = {DENSE_FILE: dense}
     for uid, weights in experts.items():
         by_file.setdefault(_expert_file(uid), {}).update({f"{uid}.{name}": weights[name] for name in EXPERT_PARAMS})
-    for name, tensors in sorted(by_file.items()):
-        checksums[name] = _save_tensors(tensors, path / name)
-    fsync_dir(path)  # every tensor file is on disk before a manifest names it
-    manifest = {
-        "format": FORMAT, "version": VERSION, "config": config.to_dict(), "tokenizer": tokenizer.to_dict(),
-        "dense": DENSE_FILE, "experts": {uid: _expert_file(uid) for uid in sorted(experts)}, CHECKSUMS: checksums,
-    }
-    _save_atomic(path / MANIFEST, lambda tmp: tmp.write_text(json.dumps(manifest, indent=1)))
+    # Every file goes to a temp name first, so an interrupted save (Ctrl-C, a full disk, kill -9)
+    # leaves the model that was there readable and whole; only the renames below replace it.
+    temps: dict[str, pathlib.Path] = {}
+    checksums: dict[str, dict[str, int]] = {}
+    try:
+        for name, tensors in sorted(by_file.items()):
+            temps[name], checksums[name] = _tensors_to_temp(tensors, path / name)
+        manifest = {
+            "format": FORMAT, "version": VERSION, "config": config.to_dict(), "tokenizer": tokenizer.to_dict(),
+            "dense": DENSE_FILE, "experts": {uid: _expert_file(uid) for uid in sorted(experts)}, CHECKSUMS: checksums,
+        }
+        temps[MANIFEST] = _write_temp(path / MANIFEST, lambda tmp: tmp.write_text(json.dumps(manifest, indent=1)))
+        fsync_dir(path)  # every new file is on disk before any replaces an old one
+        (path / MANIFEST).unlink(missing_ok=True)  # no manifest while old and new files mix (milliseconds)
+        for name, tmp in temps.items():  # the manifest last (dicts keep insertion order)
+            if name == MANIFEST:
+                fsync_dir(path)  # the tensor files are in place before a manifest names them
+            os.replace(tmp, path / name)
+    except BaseException:
+        for tmp in temps.values():  # (those already renamed are gone from their temp names)
+            tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(path)
     return path
 

@@ -159,6 +159,47 @@ def test_a_vocab_smaller_than_the_tokenizer_is_refused_not_an_index_error(tmp_pa
         read_manifest(tmp_path / "edited")
 
 
+@pytest.mark.parametrize("fail_at", [1, 3])
+def test_an_interrupted_save_leaves_the_model_that_was_there(tmp_path, monkeypatch, fail_at):
+    # A second Ctrl-C while train_lm.py saves, a full disk, kill -9: the save deleted the manifest
+    # first and replaced the files one by one, so the folder held no model at all afterwards.
+    import safetensors.torch
+
+    path = _fresh(tmp_path / "model")
+    before = open_model(path).model.state_dict()
+    writes, save_file = [], safetensors.torch.save_file
+
+    def failing_save_file(tensors, filename, *args, **kwargs):
+        writes.append(filename)
+        if len(writes) == fail_at:
+            raise KeyboardInterrupt
+        return save_file(tensors, filename, *args, **kwargs)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", failing_save_file)
+    with pytest.raises(KeyboardInterrupt):
+        save_model(build_local_model(small(seed=7)), path)
+    monkeypatch.undo()
+    after = open_model(path).model.state_dict()  # the old model, whole and checked
+    assert after.keys() == before.keys() and all(torch.equal(after[name], before[name]) for name in before)
+    assert not [p.name for p in path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_save_removes_what_a_killed_save_left_behind_but_not_a_running_ones(tmp_path):
+    import os
+    import time
+
+    from moeswarm.model.model_dir import STALE_TEMP_S
+
+    path = _fresh(tmp_path / "model")
+    stale, running = path / ".dense.safetensors.0badc0de.tmp", path / ".experts-L000.safetensors.12345678.tmp"
+    for tmp in (stale, running):
+        tmp.write_bytes(b"partial")
+    old = time.time() - STALE_TEMP_S - 60
+    os.utime(stale, (old, old))
+    save_model(build_local_model(small()), path)
+    assert not stale.exists() and running.exists()
+
+
 def _fresh(path):
     save_model(build_local_model(small()), path)
     return path
