@@ -78,14 +78,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch", type=int, default=32)
     args = parser.parse_args()
-    with contextlib.ExitStack() as stack:
-        peers = args.initial_peers
-        if not peers:
-            from moeswarm.deploy.swarm import LocalSwarm, SwarmPlan
+    if args.steps < 1 or args.batch < 1:
+        parser.error(f"--steps and --batch must be at least 1, got {args.steps} and {args.batch}")
+    try:
+        with contextlib.ExitStack() as stack:
+            peers = args.initial_peers
+            if not peers:
+                from moeswarm.deploy.swarm import LocalSwarm, SwarmPlan
 
-            print("starting a local swarm: 2 nodes hosting 8 experts of 'vmoe' ...", flush=True)
-            peers = stack.enter_context(LocalSwarm(SwarmPlan(model=SPEC, nodes=2, replicas=1))).initial_peers
-        train(peers, args.steps, args.batch)
+                print("starting a local swarm: 2 nodes hosting 8 experts of 'vmoe' ...", flush=True)
+                peers = stack.enter_context(LocalSwarm(SwarmPlan(model=SPEC, nodes=2, replicas=1))).initial_peers
+            train(peers, args.steps, args.batch)
+    except KeyboardInterrupt:  # Ctrl-C: the swarm this script started is stopped by now
+        parser.exit(130, "interrupted\n")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,25 @@ def test_vmoe_patches_learn_through_remote_experts(tmp_path):
     assert len(losses) == 12 and losses[-1] < losses[0] / 3, losses
 
 
+def test_vmoe_patches_refuses_a_bad_size_and_ends_quietly_on_ctrl_c(monkeypatch, capsys):
+    import pytest
+
+    vmoe = load_example("vmoe_patches")
+    monkeypatch.setattr("sys.argv", ["vmoe_patches.py", "--batch", "0"])
+    with pytest.raises(SystemExit) as exit_:
+        vmoe.main()
+    assert exit_.value.code == 2 and "--batch must be at least 1" in capsys.readouterr().err
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(vmoe, "train", interrupted)
+    monkeypatch.setattr("sys.argv", ["vmoe_patches.py", "--initial-peers", "/ip4/127.0.0.1/tcp/1/p2p/QmX"])
+    with pytest.raises(SystemExit) as exit_:
+        vmoe.main()  # before: the KeyboardInterrupt's traceback
+    assert exit_.value.code == 130 and capsys.readouterr().err == "interrupted\n"
+
+
 def test_train_lm_learns_stdlib_bytes_and_saves_the_model(tmp_path):
     import torch
 
