@@ -129,6 +129,10 @@ def start_dht(
     class ParentBoundDHT(DHT):  # hivemind's DHT is a ForkProcess: a local class needs no pickling
         def run(self) -> None:  # in the forked DHT process
             _leave_process_group()  # before hivemind starts p2pd: it belongs to the new group too
+            # p2pd (go-libp2p) listens with SO_REUSEPORT unless told not to: a second peer given a port
+            # in use (a `dht --port P` started twice) started on it too, and the kernel then handed
+            # the first one's dialers to the second, whose peer id they refused. Now it fails to start.
+            os.environ["LIBP2P_TCP_REUSEPORT"] = "false"  # hivemind gives p2pd this process's environment
             parent = multiprocessing.parent_process()  # the process that forked this one, even if already gone
             parent_pid = parent.pid if parent is not None else os.getppid()
             self._stopping = threading.Event()

@@ -342,6 +342,25 @@ def test_a_second_dht_peer_on_the_same_key_file_is_refused(tmp_path):
     again.kill()
 
 
+def test_a_dht_peer_on_a_port_in_use_is_refused_not_started_beside_the_other(tmp_path):
+    """p2pd listened with SO_REUSEPORT: a second `dht --port P` started on the first one's port, and
+    dialers of the first one's multiaddr reached the second (wrong peer id) from then on."""
+    first = start_dht_peer(tmp_path / "first")
+    try:
+        port = first.ready["maddrs"][0].split("/tcp/")[1].split("/")[0]
+        second = spawn(tmp_path / "second", "dht", "--port", port)
+        try:
+            wait_for(lambda: second.poll() is not None or (tmp_path / "second" / "ready.json").exists(), timeout_s=60,
+                     what="the second peer failing or starting")
+            assert second.poll() == 1, "a second DHT peer started on a port in use"
+        finally:
+            Proc(second, tmp_path / "second", {}).kill()
+        log = (tmp_path / "second" / "log.txt").read_text()
+        assert "address already in use" in log and "Traceback" not in log, log
+    finally:
+        first.kill()
+
+
 def test_ctrl_c_in_the_nodes_terminal_stops_it_cleanly(tmp_path, request):
     # Ctrl-C signals the whole foreground process group. The p2pd of a node that started a swarm (no
     # initial peers) closed at once, and the node's stop then waited for a DHT that could no longer
