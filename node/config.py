@@ -97,8 +97,10 @@ class NodeConfig:
                      "listens on every interface: set announce_host to the IP others reach this node at")
         _require(0 <= self.port < 65536, "port", self.port, "must be in [0, 65535]")
         _require(0 <= self.dht_port < 65536, "dht_port", self.dht_port, "must be in [0, 65535]")
-        _require(self.checkpoint_interval_s > 0, "checkpoint_interval_s", self.checkpoint_interval_s, "must be > 0")
-        _require(self.announce_ttl_s >= 3, "announce_ttl_s", self.announce_ttl_s, "must be >= 3")
+        # Bounded: .inf was taken, and then a node never checkpointed before it stopped (a kill -9 lost
+        # all its training), or its records never expired (a node gone stayed in every client's view).
+        _require(0 < self.checkpoint_interval_s <= 86400, "checkpoint_interval_s", self.checkpoint_interval_s, "must be in (0, 86400] seconds")
+        _require(3 <= self.announce_ttl_s <= 86400, "announce_ttl_s", self.announce_ttl_s, "must be in [3, 86400] seconds")
         _require(1 <= self.max_rows <= 1 << 20, "max_rows", self.max_rows, "must be in [1, 1048576]")
         _require(self.batch_max_rows >= 1, "batch_max_rows", self.batch_max_rows, "must be >= 1")
         _require(

@@ -1,6 +1,7 @@
 """deploy/configfile.py + node/config.py: YAML -> frozen NodeConfig; every bad key or value names the key."""
 
 import dataclasses
+import math
 import re
 import pathlib
 
@@ -127,6 +128,9 @@ def test_wrong_type_is_named(data, key):
         (_node(host="0.0.0.0", announce_host="0.0.0.0", dht_port=4000), "announce_host='0.0.0.0'"),
         (_node(host="0.0.0.0", announce_host="example.org", dht_port=4000), "announce_host='example.org'"),
         (_node(host="0.0.0.0", announce_host="203.0.113.7"), "dht_port=0: set a fixed port"),
+        (_node(announce_ttl_s=math.inf), "announce_ttl_s=inf: must be in [3, 86400]"),
+        (_node(announce_ttl_s=1e300), "announce_ttl_s=1e+300"),
+        (_node(checkpoint_interval_s=math.inf), "checkpoint_interval_s=inf: must be in (0, 86400]"),
     ],
 )
 def test_bad_value_is_named(data, key):
