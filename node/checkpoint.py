@@ -147,6 +147,7 @@ class Checkpointer:
         self.state_dir, self._fingerprint, self._snapshot, self._write = state_dir, fingerprint, snapshot, write
         self.saved: dict[str, object] = {}  # uid -> fingerprint of its checkpoint file
         self._writing: asyncio.Future | None = None
+        self._legacy_holds_others: bool | None = None  # whether CHECKPOINT_NAME holds experts not saved here (read once)
 
     async def save(self, uids: list[str]) -> int:
         """Write the experts of `uids` that changed; returns how many."""
@@ -165,7 +166,11 @@ class Checkpointer:
             written += 1
         legacy = self.state_dir / CHECKPOINT_NAME
         if written and legacy.exists() and all(uid in self.saved for uid in uids):
-            legacy.unlink()  # every expert it held for this node now has a newer file of its own
+            if self._legacy_holds_others is None:  # experts of an earlier config: their only state is in it
+                held = (await asyncio.to_thread(load_checkpoint, legacy) or {}).get("experts") or {}
+                self._legacy_holds_others = not set(held) <= set(uids)
+            if not self._legacy_holds_others:
+                legacy.unlink()  # every expert it held now has a newer file of its own
         return written
 
 

@@ -225,6 +225,21 @@ def test_checkpointer_writes_only_the_experts_that_changed(tmp_path):
     assert [_saved_version(tmp_path, uid) for uid in uids] == [0, 1]
 
 
+def test_the_single_file_of_older_nodes_is_kept_while_it_holds_experts_the_node_no_longer_hosts(tmp_path):
+    """An upgraded node whose experts list changed: deleting the old single file once the node's own
+    experts had files of their own lost the training of the experts it had hosted before."""
+    uids = ["tiny.L0.E0", "tiny.L0.E1"]
+    older = _trained_registry(uids)
+    older.backward(uids[1], torch.ones(1, 4), torch.ones(1, 4))
+    torch.save(older.state_dict(), tmp_path / CHECKPOINT_NAME)
+    registry = _trained_registry(uids[:1])  # now hosts E0 alone
+    assert asyncio.run(_checkpointer(tmp_path, registry).save(uids[:1])) == 1
+    assert load_checkpoint(tmp_path / CHECKPOINT_NAME)["experts"][uids[1]]["version"] == 1
+    everything = _trained_registry(uids)  # hosting all it held again: the single file has served its purpose
+    assert asyncio.run(_checkpointer(tmp_path, everything).save(uids)) == 2
+    assert not (tmp_path / CHECKPOINT_NAME).exists()
+
+
 def test_a_cancelled_checkpoint_write_never_lands_after_a_newer_one(tmp_path):
     uid = "tiny.L0.E0"
     registry = _trained_registry([uid])
