@@ -112,6 +112,7 @@ def plan_from_args(args, scratch: pathlib.Path) -> SwarmPlan:
     common = dict(
         nodes=args.nodes, replicas=args.replicas, swarm=args.swarm, run_dir=run_dir, placement=args.placement,
         node_overrides=tuple(args.node_set), pin_cpus=not args.no_pin_cpus, restart_nodes=not args.no_restart,
+        torch_threads=_node_set_threads(args.node_set),
     )
     bare = {key: getattr(args, key) for key in BARE_DEFAULTS if getattr(args, key) is not None}
     if args.model and bare:
@@ -135,6 +136,13 @@ def plan_from_args(args, scratch: pathlib.Path) -> SwarmPlan:
     check_placement(plan)
     check_node_overrides(plan)
     return plan
+
+
+def _node_set_threads(node_set: list[str]) -> int:
+    """The nodes' torch_threads as --node-set gives it (pinning gives each node that many CPUs), else 1;
+    a bad value is left to check_node_overrides to refuse."""
+    threads = apply_overrides({}, list(node_set), flag="--node-set").get("torch_threads", 1)
+    return threads if type(threads) is int and threads >= 1 else 1
 
 
 def check_placement(plan: SwarmPlan) -> None:

@@ -81,6 +81,18 @@ def test_nodes_are_pinned_apart_when_there_are_enough_cpus(monkeypatch):
     assert "not pinned (2 nodes x 1 threads > 1 CPUs)" in describe_pinning(_plan())
 
 
+def test_node_set_torch_threads_gives_each_pinned_node_that_many_cpus(monkeypatch, tmp_path):
+    """Pinning counted 1 thread per node whatever --node-set torch_threads said: each node got one CPU
+    for its 2 threads, also where there were not nodes x threads CPUs (then none should be pinned)."""
+    tiny = ["--layers", "1", "--experts", "2", "--d-model", "16", "--d-ff", "32", "--nodes", "2", "--replicas", "1"]
+    monkeypatch.setattr(plan_module, "available_cpus", lambda: [0, 1, 2, 3])
+    plan = _plan_from_cli(tmp_path, *tiny, "--node-set", "torch_threads=2")
+    assert [(c["torch_threads"], c["cpus"]) for c in node_configs(plan, [], tmp_path)] == [(2, [0, 1]), (2, [2, 3])]
+    monkeypatch.setattr(plan_module, "available_cpus", lambda: [0, 1])
+    assert ["cpus" in c for c in node_configs(plan, [], tmp_path)] == [False, False]
+    assert "not pinned (2 nodes x 2 threads > 2 CPUs)" in describe_pinning(plan)
+
+
 def test_format_cpus_joins_runs():
     assert format_cpus([6, 0, 1, 2, 3, 9, 10]) == "0-3,6,9-10"
     assert format_cpus([4]) == "4"
