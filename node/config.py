@@ -10,7 +10,7 @@ from typing import Literal
 
 from moeswarm.protocol.codec import WIRE_DTYPES
 from moeswarm.protocol.errors import ConfigError
-from moeswarm.protocol.records import check_swarm_name
+from moeswarm.protocol.records import MAX_RECORD_TTL_S, check_swarm_name
 from moeswarm.protocol.spec import ModelSpec, check_uid_in_spec
 
 
@@ -100,7 +100,7 @@ class NodeConfig:
         # Bounded: .inf was taken, and then a node never checkpointed before it stopped (a kill -9 lost
         # all its training), or its records never expired (a node gone stayed in every client's view).
         _require(0 < self.checkpoint_interval_s <= 86400, "checkpoint_interval_s", self.checkpoint_interval_s, "must be in (0, 86400] seconds")
-        _require(3 <= self.announce_ttl_s <= 86400, "announce_ttl_s", self.announce_ttl_s, "must be in [3, 86400] seconds")
+        _require(3 <= self.announce_ttl_s <= MAX_RECORD_TTL_S, "announce_ttl_s", self.announce_ttl_s, f"must be in [3, {MAX_RECORD_TTL_S}] seconds")
         _require(1 <= self.max_rows <= 1 << 20, "max_rows", self.max_rows, "must be in [1, 1048576]")
         _require(self.batch_max_rows >= 1, "batch_max_rows", self.batch_max_rows, "must be >= 1")
         _require(

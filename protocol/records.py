@@ -17,6 +17,7 @@ import hashlib
 import logging
 import math
 import re
+import time
 from typing import Any, TypeVar
 
 from moeswarm.protocol.codec import WIRE_DTYPES
@@ -40,6 +41,11 @@ def dht_validators(private_key=None) -> list:
     return [RSASignatureValidator(private_key), OwnerSignedOnly()]
 
 
+MAX_RECORD_TTL_S = 86400  # the longest a node's records may live (node config announce_ttl_s)
+# Clocks of DHT peers differ (hivemind's DHT time is each machine's wall clock): room for that.
+RECORD_CLOCK_SLACK_S = 3600
+
+
 class OwnerSignedOnly:
     """A hivemind record validator (its RecordValidatorBase interface, not its class: importing that
     would load hivemind into every process that reads records) for records under an owner-marker
@@ -47,11 +53,15 @@ class OwnerSignedOnly:
     record that no key protects, and a plain value with a later expiration replaces a key's whole
     dictionary and refuses every signed entry stored there afterwards: one such store, expiring
     years away, took an expert or the node list out of the swarm for good. moeswarm stores nothing
-    else: a peer refuses such records when asked to store them, and a reader drops them."""
+    else: a peer refuses such records when asked to store them, and a reader drops them. Nor does
+    moeswarm store a record expiring later than MAX_RECORD_TTL_S from now: a signed one that did
+    would keep a node that is gone in every peer's view (status, clients) for as long as it says."""
 
     priority = 0  # validated after the signature validator (priority 10) checked and stripped it
 
     def validate(self, record) -> bool:
+        if record.expiration_time > time.time() + MAX_RECORD_TTL_S + RECORD_CLOCK_SLACK_S:
+            return False
         return _OWNER_RE.search(record.subkey) is not None  # in the msgpack-serialised subkey
 
     def sign_value(self, record) -> bytes:

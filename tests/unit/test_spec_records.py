@@ -392,6 +392,27 @@ def test_records_no_owner_signs_are_refused(owner_key, subkey):
     assert not validator.validate(_signed(validator, record))
 
 
+def test_a_signed_record_that_would_outlive_any_node_is_refused(owner_key):
+    # A peer could sign its own node record expiring years away: a node gone stayed in status and in
+    # every client's view for as long as the record said. Nodes announce for at most MAX_RECORD_TTL_S.
+    import time
+
+    from moeswarm.protocol.records import MAX_RECORD_TTL_S, RECORD_CLOCK_SLACK_S
+
+    validator = _validators(owner_key)
+    subkey = dht_subkey(owner_key)
+
+    def record(expires_in_s: float):
+        return _signed(validator, dataclasses.replace(
+            _dht_record(subkey, {**LOAD, "version": 0}), expiration_time=time.time() + expires_in_s,
+        ))
+
+    assert validator.validate(record(30))  # a default node's TTL
+    assert validator.validate(record(MAX_RECORD_TTL_S))  # the longest announce_ttl_s a node takes
+    assert not validator.validate(record(MAX_RECORD_TTL_S + RECORD_CLOCK_SLACK_S + 60))
+    assert not validator.validate(record(365 * 86400))
+
+
 def test_expert_record_trainable_defaults_to_true_for_records_that_predate_it():
     assert ExpertRecord.model_validate({**LOAD, "version": 0}).trainable is True
     frozen = ExpertRecord(**LOAD, version=0, trainable=False)
