@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -104,5 +105,16 @@ def all_finite(tensor: torch.Tensor) -> bool:
         return bool(torch.isfinite(tensor).all())
     if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16: NaN propagates into min/max, inf shows in one
         return bool(torch.isfinite(torch.stack(torch.aminmax(tensor))).all())
-    # numpy: 2 us at one row, 34 us per MiB; torch's isfinite(x).all() costs ~15 us of dispatch per call.
-    return bool(np.isfinite(tensor.numpy()).all())
+    array = tensor.numpy()
+    if array.dtype in _BLAS_DOT and array.flags.c_contiguous:
+        # One BLAS pass, no temporary: an inf or NaN anywhere makes x.x inf or NaN, so a finite x.x
+        # proves every entry finite (12 vs 24 us per MiB, 0.6 vs 1.4 us for a row). A non-finite x.x
+        # may also be an overflow of finite entries (|x| over ~1e19): the exact check decides.
+        flat = array.reshape(-1)
+        if math.isfinite(np.dot(flat, flat)):
+            return True
+    # numpy: 2 us at one row, 24-34 us per MiB; torch's isfinite(x).all() costs ~15 us of dispatch per call.
+    return bool(np.isfinite(array).all())
+
+
+_BLAS_DOT = (np.dtype(np.float32), np.dtype(np.float64))  # numpy's dot is BLAS for these (fp16 is a slow loop)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from moeswarm.node.validation import Limits, validate_request
+from moeswarm.node.validation import Limits, all_finite, validate_request
 from moeswarm.protocol import codec, expert_pb2
 from moeswarm.protocol.errors import BadRequest, ExpertNotFound, Overloaded
 from moeswarm.protocol.spec import ModelSpec
@@ -169,3 +169,34 @@ def test_forward_carrying_grad_outputs():
 def test_second_bad_batch_fails_the_whole_request():
     good, bad = _batch("tiny.L0.E0", _rows(1)), _batch("tiny.L0.E1", _rows(1, d=2))
     _rejects(_request(good, bad), BadRequest, "tiny.L0.E1")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_all_finite_finds_one_bad_entry_anywhere(dtype, bad):
+    """Every position of a [7, 37] tensor (odd sizes: SIMD tails), and of a 1 MiB one (BLAS paths)."""
+    for rows, cols in ((7, 37), (1024, 256)):
+        x = torch.randn(rows, cols, generator=torch.Generator().manual_seed(0)).to(dtype)
+        assert all_finite(x)
+        positions = range(x.numel()) if x.numel() < 1000 else (0, 1, 17, x.numel() // 2, x.numel() - 1)
+        for position in positions:
+            y = x.clone()
+            y.view(-1)[position] = bad
+            assert not all_finite(y), (rows, cols, position)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_all_finite_accepts_huge_finite_entries(dtype):
+    """x.x overflows for these (the fast check cannot tell): the exact check says they are finite."""
+    big = torch.finfo(dtype).max / 2
+    x = torch.full((3, 5), big, dtype=dtype)
+    assert all_finite(x)
+    x[1, 2] = float("nan")
+    assert not all_finite(x)
+
+
+def test_all_finite_on_a_non_contiguous_tensor():
+    x = torch.randn(6, 8).t()
+    assert all_finite(x)
+    x[3, 1] = float("inf")
+    assert not all_finite(x)
