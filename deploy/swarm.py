@@ -148,18 +148,20 @@ class LocalSwarm:
         return f": {reason} (log: {log}{kept})" if reason else f" (log: {log}{kept})"
 
     def stop(self, *, keep_run_dir: bool = False) -> None:
-        """SIGTERM every process (nodes first), SIGKILL what is left after the grace period; then
+        """SIGTERM the nodes, then the bootstrap DHT peer (the nodes withdraw their records through
+        it, for peers that joined from elsewhere); SIGKILL what is left after the grace period; then
         remove the temp run dir unless keep_run_dir."""
-        for proc in self.procs[::-1]:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + STOP_TIMEOUT_S
-        for proc in self.procs:
-            try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                logger.warning("pid %d did not stop in %.0f s; killing it", proc.pid, STOP_TIMEOUT_S)
-            _kill_group(proc)
+        for group in (self.procs[1:], self.procs[:1]):
+            for proc in group:
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+            for proc in group:
+                try:
+                    proc.wait(max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    logger.warning("pid %d did not stop in %.0f s; killing it", proc.pid, STOP_TIMEOUT_S)
+                _kill_group(proc)
         if self._tmp_dir is not None and not keep_run_dir:
             shutil.rmtree(self._tmp_dir, ignore_errors=True)
         self._tmp_dir = None

@@ -11,7 +11,7 @@ import hivemind
 from hivemind.utils.timed_storage import get_dht_time
 
 from moeswarm.protocol.dht import rejoin_initial_peers
-from moeswarm.protocol.records import ExpertRecord, NodeRecord, expert_key, nodes_key
+from moeswarm.protocol.records import DEPARTED, ExpertRecord, NodeRecord, expert_key, nodes_key
 
 logger = logging.getLogger(__name__)
 
@@ -34,12 +34,15 @@ class Announcer:
     ):
         self._dht, self._swarm, self._subkey, self._ttl_s, self._records = dht, swarm, subkey, ttl_s, records
         self._refusing = False  # the last announce had refused records
+        self._stored_keys: set[str] = set()  # every key this node has stored an entry under
+
 
     async def announce_once(self) -> None:
         node_record, expert_records = self._records()
         keys = [nodes_key(self._swarm)] + [expert_key(self._swarm, uid) for uid in expert_records]
         values = [node_record.model_dump()] + [record.model_dump() for record in expert_records.values()]
         expiration = get_dht_time() + self._ttl_s
+        self._stored_keys.update(keys)
         call = functools.partial(_store_many, keys=keys, values=values, expiration_time=expiration, subkey=self._subkey)
         results = await asyncio.wait_for(self._dht.run_coroutine(call, return_future=True), self._ttl_s / 3)
         failed = [key for key, ok in results.items() if not ok]
@@ -61,6 +64,33 @@ class Announcer:
         except asyncio.TimeoutError:  # no traceback: it says nothing more
             logger.warning("DHT announce timed out after %.1f s; retrying in %.1f s", self._ttl_s / 3, self._ttl_s / 3)
             return False
+        return True
+
+    async def withdraw(self, timeout_s: float) -> bool:
+        """Replace every entry this node stored with DEPARTED, so readers stop listing it now rather
+        than when its records expire. The DHT keeps the entry that expires last for each (key, signer),
+        so DEPARTED expires a TTL from now: after any record already stored or still on its way, and
+        before the records of this node's next start (same identity) could need to replace it.
+        Returns whether it was stored in time; a failure is logged (the records then just expire)."""
+        keys = sorted(self._stored_keys)
+        if not keys:
+            return True
+        call = functools.partial(
+            _store_many, keys=keys, values=[DEPARTED] * len(keys), expiration_time=get_dht_time() + self._ttl_s, subkey=self._subkey
+        )
+        try:
+            results = await asyncio.wait_for(self._dht.run_coroutine(call, return_future=True), timeout_s)
+        except asyncio.TimeoutError:
+            logger.warning("could not withdraw this node's DHT records in %.1f s; they expire within %.0f s", timeout_s, self._ttl_s)
+            return False
+        except Exception as e:  # the DHT process is gone or broken: the records expire by themselves
+            logger.warning("could not withdraw this node's DHT records (%s); they expire within %.0f s", e, self._ttl_s)
+            return False
+        stored = sum(bool(ok) for ok in results.values())
+        if stored < len(keys):
+            logger.warning("withdrew %d of %d DHT records; the others expire within %.0f s", stored, len(keys), self._ttl_s)
+            return False
+        logger.info("withdrew this node's %d DHT records", len(keys))
         return True
 
     async def run(self) -> None:

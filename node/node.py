@@ -36,6 +36,7 @@ from moeswarm.protocol.records import ExpertRecord, NodeRecord, dht_subkey, sign
 
 logger = logging.getLogger(__name__)
 SHUTDOWN_GRACE_S = 2.0
+WITHDRAW_TIMEOUT_S = 1.5  # at shutdown, alongside the grace period: SIGTERM to exit stays under 5 s
 INLINE_FLOPS = 2_000_000
 
 
@@ -328,10 +329,14 @@ class ExpertNode:
         """Stop taking requests, let in-flight ones finish, checkpoint, leave the DHT."""
         for task in self._tasks:
             task.cancel()
+        # Leave the swarm's views first: clients move to other replicas at their next refresh.
+        withdrawing = asyncio.ensure_future(self.announcer.withdraw(WITHDRAW_TIMEOUT_S)) if self._serving else None
         if self._server is not None:
             await self._health.enter_graceful_shutdown()
             self._servicer.close_idle_streams()
             await self._server.stop(SHUTDOWN_GRACE_S)
+        if withdrawing is not None:
+            await withdrawing
         try:
             if self._serving:  # never overwrite a checkpoint this node refused or did not load
                 await self.checkpoint()

@@ -115,6 +115,16 @@ def _libp2p_peer_id(rsa_public_der: bytes) -> str:
     return base58.b58encode(b"\x12\x20" + hashlib.sha256(encoded).digest()).decode()
 
 
+# What a node stores over each of its entries when it stops cleanly (node/announcer.py): readers drop
+# it, so the node leaves `status` and clients' views at their next read, not when its records expire
+# (announce_ttl_s later). Not a valid record, so peers from before it drop it too.
+DEPARTED: dict[str, Any] = {"departed": True}
+
+
+def is_departed(value: Any) -> bool:
+    return isinstance(value, dict) and value.get("departed") is True
+
+
 def expert_key(swarm: str, uid: str) -> str:
     return f"moeswarm:{swarm}:expert:{uid}"
 
@@ -263,8 +273,11 @@ def parse_entries(value: Any, record_type: type[RecordT]) -> dict[bytes, RecordT
         if signer is None:
             logger.debug("dropping %s under subkey %.40r: not signed by an owner key", record_type.__name__, subkey)
             continue
+        value = getattr(entry, "value", None)
+        if is_departed(value):
+            continue
         try:
-            record = record_type.model_validate(getattr(entry, "value", None))
+            record = record_type.model_validate(value)
         except (ValueError, TypeError) as e:
             logger.debug("dropping invalid %s of %s: %s", record_type.__name__, signer, e)
             continue
