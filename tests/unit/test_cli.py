@@ -96,3 +96,17 @@ def test_generate_imports_torch_while_a_ctrl_c_still_ends_the_process_at_once():
     # generate loaded was ignored in 3 of 14 tries, and the whole generation ran.
     done = subprocess.run([sys.executable, "-c", _COMMAND_SEES], capture_output=True, text=True, timeout=60)
     assert (done.returncode, done.stdout.split()) == (0, ["True"]), done.stderr
+
+
+def test_the_systemd_unit_does_not_restart_a_node_on_the_exit_code_of_a_config_error(tmp_path, capsys):
+    import pathlib
+
+    from moeswarm.deploy import cli
+
+    config = tmp_path / "node.yaml"
+    config.write_text("model: {name: m, d_model: 8, d_ff: 8, n_layers: 1, n_experts: 2}\nexperts: all\nno_such_key: 1\n")
+    code = cli.main(["node", "--config", str(config)])
+    assert "no_such_key" in capsys.readouterr().err
+    unit = (pathlib.Path(cli.__file__).parent / "moeswarm-node.service").read_text()
+    prevented = [line.split("=", 1)[1].split() for line in unit.splitlines() if line.startswith("RestartPreventExitStatus=")]
+    assert code != 0 and prevented == [[str(code)]]
