@@ -21,6 +21,7 @@ from typing import Callable
 
 import yaml
 
+from moeswarm.deploy.carry_checkpoints import carry_checkpoints
 from moeswarm.deploy.swarm_plan import SwarmPlan, describe_pinning, node_configs, plan_from_args
 from moeswarm.deploy.stop_signals import StopFlag, exit_code_when_stopped
 from moeswarm.node.checkpoint import hold_lock
@@ -76,6 +77,8 @@ class LocalSwarm:
         self._spawn(self.dht_dir, self._dht_args())
         self.initial_peers = self._wait_ready(self.dht_dir, self.procs[0])["maddrs"]
         configs = node_configs(self.plan, self.initial_peers, self.run_dir)
+        if self.plan.run_dir:  # a run dir used before may hold checkpoints in other nodes' folders
+            carry_checkpoints(self.run_dir, [config["experts"] for config in configs])
         for i, config in enumerate(configs):
             node_dir = self.node_dir(i)
             node_dir.mkdir(parents=True, exist_ok=True)
