@@ -99,9 +99,16 @@ def default_model_dir(name: str, parent: pathlib.Path) -> pathlib.Path:
     from moeswarm.model.lm import build_local_model, save_model
     from moeswarm.model.model_dir import MANIFEST
 
+    from moeswarm.model.model_dir import read_manifest
+
     path = parent / "model"
     if not (path / MANIFEST).exists():
         save_model(build_local_model(config_from_args(name, "small", "topk", [])), path)
+    elif (held := read_manifest(path).config.name) != name:
+        raise ConfigError(
+            f"--run-dir {parent} holds the model {held!r} of an earlier run ({path}), not {name!r}: "
+            f"run with --model-name {held}, or give another --run-dir for a new model"
+        )
     return path
 
 

@@ -129,6 +129,16 @@ def test_a_model_name_the_model_directory_does_not_hold_is_refused(tmp_path):
     assert plan.model.name == "dirmodel"
 
 
+def test_a_run_dir_holding_the_default_model_of_another_name_is_refused_with_the_way_out(tmp_path, monkeypatch):
+    # a tiny stand-in for the default model, so the test writes kilobytes, not the small model
+    tiny = config_from_args("tiny-moe", "tiny", "topk", ["d_model=16", "n_heads=2", "n_layers=1", "d_ff=16"])
+    monkeypatch.setattr("moeswarm.deploy.model_cli.config_from_args", lambda name, *args: dataclasses.replace(tiny, name=name))
+    first = plan_module.default_model_dir("tiny-moe", tmp_path)
+    assert plan_module.default_model_dir("tiny-moe", tmp_path) == first  # the same model again: reused
+    with pytest.raises(ConfigError, match=rf"--run-dir {tmp_path} holds the model 'tiny-moe' of an earlier run .*--model-name tiny-moe"):
+        plan_module.default_model_dir("other", tmp_path)
+
+
 def test_the_example_node_config_serves_the_model_of_a_default_swarm_up():
     # `moeswarm node --config deploy/node.example.yaml --initial-peers <default swarm>` must be let in:
     # a node whose model differs from the swarm's in any field is refused (node/model_source.py).
