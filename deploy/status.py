@@ -37,8 +37,29 @@ def unserved_indices(view: SwarmView) -> dict[str, list[int]]:
     return unserved
 
 
+def mixed_origins(view: SwarmView) -> dict[str, dict[str, list[str]]]:
+    """uid -> {origin: endpoints} for the experts whose replicas announce different weights under
+    the same UID (ExpertRecord.origin: nodes started from other model directories or seeds). Pure."""
+    mixed = {}
+    for uid, records in view.experts.items():
+        origins: dict[str, list[str]] = {}
+        for record in records:
+            if record.origin:
+                origins.setdefault(record.origin, []).append(record.endpoint)
+        if len(origins) > 1:
+            mixed[uid] = {origin: sorted(endpoints) for origin, endpoints in sorted(origins.items())}
+    return mixed
+
+
 def format_expert_table(view: SwarmView) -> str:
     lines = [f"{len(view.nodes)} nodes, {len(view.experts)} experts"]
+    if mixed := mixed_origins(view):
+        uid = min(mixed, key=uid_sort_key)
+        example = "; ".join(f"origin {origin} at {', '.join(endpoints)}" for origin, endpoints in mixed[uid].items())
+        lines.append(
+            f"{len(mixed)} experts are served from different weights by their replicas (e.g. {uid}: {example}): "
+            "nodes started from other model directories or seeds; a client of a model directory uses the replicas of its own"
+        )
     for name, uids in sorted(missing_experts(view).items()):
         shown = ", ".join(sorted(uids, key=uid_sort_key)[:6]) + (", ..." if len(uids) > 6 else "")
         lines.append(f"model {name}: {len(uids)} experts have no replica: {shown}")
@@ -66,6 +87,7 @@ def view_as_json(view: SwarmView) -> dict:
         "missing": missing_experts(view),
         "unserved_in_every_layer": unserved_indices(view),  # model -> expert indices (shared experts clients compute)
         "skipped": view.skipped,  # model -> experts not read (over MAX_VIEW_EXPERTS)
+        "mixed_origins": mixed_origins(view),  # uid -> {origin: endpoints}, where replicas serve different weights
     }
 
 

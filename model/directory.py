@@ -11,7 +11,7 @@ import time
 
 from moeswarm.protocol.dht import DHT_TIMEOUT_S, get_records
 from moeswarm.protocol.errors import MoeSwarmError
-from moeswarm.protocol.records import ExpertRecord, NodeRecord, expert_key, nodes_key, parse_entries
+from moeswarm.protocol.records import ExpertRecord, NodeRecord, expert_key, nodes_key, parse_entries, same_origin
 from moeswarm.protocol.spec import MAX_EXPERTS_PER_MODEL, ModelSpec
 
 
@@ -99,6 +99,8 @@ class ExpertDirectory:
         self._dht, self.swarm, self.refresh_s = dht, swarm, refresh_s
         self._uids: set[str] = set()
         self._view: dict[str, list[ExpertRecord]] = {}
+        self._origins: dict[str, str] = {}  # expect_origins
+        self._warned_peers: set[str] = set()  # peers already logged as serving other weights
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._refresh_loop, name="moeswarm-directory", daemon=True)
@@ -111,6 +113,32 @@ class ExpertDirectory:
             self._uids |= new
         if new:
             self.refresh(sorted(new))
+
+    def expect_origins(self, origins: dict[str, str]) -> None:
+        """Prefer for each UID the replicas whose weights started from `origins[uid]` (a model
+        directory's: Manifest.expert_origins). A replica announcing another origin serves other
+        weights under the same UID (another model directory, another seed): it is used only while no
+        replica of this origin (or of an unknown one) is up, and its node is logged once. Call before
+        track(); refreshes apply it."""
+        self._origins = {uid: origin for uid, origin in origins.items() if origin}
+
+    def prefer_origin(self, uid: str, records: list[ExpertRecord]) -> list[ExpertRecord]:
+        """The replicas of `uid` to use among `records`, as expect_origins says."""
+        expected = self._origins.get(uid)
+        if not expected:
+            return records
+        kept = [record for record in records if same_origin(record.origin, expected)]
+        for record in records:
+            if record.peer_id not in self._warned_peers and not same_origin(record.origin, expected):
+                self._warned_peers.add(record.peer_id)
+                logger.warning(
+                    "the node at %s (peer %s) serves %s from other weights than this model directory (origin %s, here %s; "
+                    "another model directory or seed under the same model name): %s",
+                    record.endpoint, record.peer_id, uid, record.origin, expected,
+                    "used only while no replica of this directory's weights is up" if kept
+                    else "no node serves this directory's weights for it, so its outputs are not this model's",
+                )
+        return kept or records
 
     def replicas(self, uid: str) -> list[ExpertRecord]:
         return self._view.get(uid, [])
@@ -134,6 +162,7 @@ class ExpertDirectory:
         uids = sorted(self._uids) if uids is None else uids
         if uids:
             found = find_experts(self._dht, self.swarm, uids)
+            found = {uid: self.prefer_origin(uid, records) for uid, records in found.items()}
             with self._lock:
                 self._view = {**self._view, **found}  # replace, never mutate: readers hold no lock
 

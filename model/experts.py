@@ -6,6 +6,7 @@ Shapes: N rows routed to this expert, D model dim, F expert hidden dim.
 from __future__ import annotations
 
 import hashlib
+import zlib
 
 import torch
 from torch import nn
@@ -24,6 +25,28 @@ class SwiGLUExpert(nn.Module):
 
     def forward(self, x_ND: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x_ND)) * self.w3(x_ND))
+
+
+EXPERT_PARAMS = ("w1.weight", "w2.weight", "w3.weight")  # a SwiGLU expert's tensors, as saved
+
+
+def tensor_crc32(tensor: torch.Tensor) -> int:
+    """CRC-32 of a CPU tensor's bytes in memory order (what safetensors writes for a contiguous one)."""
+    return zlib.crc32(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def expert_origin(uid: str, crcs: list[int]) -> str:
+    """16 hex digits naming an expert's weights by its UID and the CRC-32 of each of its tensors
+    (EXPERT_PARAMS order, bytes as saved). Two independent inits or imports differ in it; weights
+    trained from the same start keep the start's (ExpertRecord.origin)."""
+    text = uid + "".join(f";{name}={crc:08x}" for name, crc in zip(EXPERT_PARAMS, crcs, strict=True))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def module_origin(uid: str, module: torch.nn.Module) -> str:
+    """expert_origin of a SwiGLU expert module's weights as they are now (fp32 init: as saved)."""
+    state = module.state_dict()
+    return expert_origin(uid, [tensor_crc32(state[name]) for name in EXPERT_PARAMS])
 
 
 def expert_seed(seed: int, uid: str) -> int:

@@ -85,8 +85,9 @@ def save_model(
         from moeswarm.model.swarm_weights import pull_swarm_experts
 
         expected = {name: (shape, torch.float32) for name, shape in expert_shapes(model.config).items()}
-        experts.update(pull_swarm_experts(client, remote, expected, progress))
-    return save_model_dir(path, model.config, dense_state(model), experts, tokenizer)
+        pulled, origins = pull_swarm_experts(client, remote, expected, progress)
+        experts.update(pulled)
+    return save_model_dir(path, model.config, dense_state(model), experts, tokenizer, origins=origins if remote else None)
 
 
 @dataclasses.dataclass
@@ -124,6 +125,7 @@ def open_model(
         from moeswarm.model.remote_moe import SwarmClient
 
         client = SwarmClient(initial_peers or (), model=config.name, swarm=swarm, config=dispatch or DispatchConfig(), dht=dht)
+        client.directory.expect_origins(manifest.expert_origins())  # replicas of this directory's weights first
     try:
         if client is not None:
             model = build_remote_model(config, client)

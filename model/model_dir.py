@@ -9,6 +9,11 @@ clients read only the dense file.
 The manifest keeps the CRC-32 of every tensor's bytes, and readers check each tensor they load:
 safetensors notices a file cut short, not a flipped bit, and a damaged copy must not serve wrong
 weights silently. (Directories written before the checksums load unchecked.)
+
+The checksums also name where each expert's weights come from (expert_origin): nodes announce it,
+and a client loading a directory prefers replicas whose weights started from the same ones
+(model/directory.py). A directory saved from a swarm records the origins of the replicas it pulled
+(`origins`), so it carries on their line instead of starting one of its own.
 """
 
 from __future__ import annotations
@@ -20,14 +25,15 @@ import pathlib
 import re
 import secrets
 import time
-import zlib
 
 import torch
 
+from moeswarm.model.experts import EXPERT_PARAMS, expert_origin, tensor_crc32
 from moeswarm.model.lm_config import MoELMConfig
 from moeswarm.model.tokenizer import ByteTokenizer, tokenizer_from_dict
 from moeswarm.protocol.durable import fsync_dir
 from moeswarm.protocol.errors import ConfigError
+from moeswarm.protocol.records import is_origin
 from moeswarm.protocol.spec import parse_uid
 from moeswarm.protocol.typed_config import build
 
@@ -35,7 +41,7 @@ MANIFEST = "moeswarm-model.json"
 FORMAT, VERSION = "moeswarm-model", 1
 DENSE_FILE = "dense.safetensors"
 CHECKSUMS = "crc32"  # manifest key: file name -> tensor name -> CRC-32 of the tensor's bytes
-EXPERT_PARAMS = ("w1.weight", "w2.weight", "w3.weight")
+ORIGINS = "origins"  # manifest key: uid -> origin of the swarm replica its weights were pulled from
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,9 +51,21 @@ class Manifest:
     tokenizer: ByteTokenizer
     expert_files: dict[str, str]  # uid -> file name inside the directory
     checksums: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)  # CHECKSUMS; empty: unchecked
+    origins: dict[str, str] = dataclasses.field(default_factory=dict)  # ORIGINS: recorded at a save from a swarm
 
     def expert_shapes(self) -> dict[str, tuple[int, int]]:
         return expert_shapes(self.config)
+
+    def expert_origins(self) -> dict[str, str]:
+        """uid -> origin of each expert's weights: the one recorded when they were pulled from a swarm,
+        else the one of its tensors' checksums; "" where the manifest has neither."""
+        result = {}
+        for uid, file_name in self.expert_files.items():
+            crcs = self.checksums.get(file_name, {})
+            names = [f"{uid}.{name}" for name in EXPERT_PARAMS]
+            computed = expert_origin(uid, [crcs[name] for name in names]) if all(name in crcs for name in names) else ""
+            result[uid] = self.origins.get(uid) or computed
+        return result
 
 
 def expert_shapes(config: MoELMConfig) -> dict[str, tuple[int, int]]:
@@ -102,19 +120,15 @@ def _tensors_to_temp(tensors: dict[str, torch.Tensor], path: pathlib.Path) -> tu
     return tmp, {name: tensor_crc32(tensor) for name, tensor in contiguous.items()}
 
 
-def tensor_crc32(tensor: torch.Tensor) -> int:
-    """CRC-32 of a CPU tensor's bytes in memory order (what safetensors writes for a contiguous one)."""
-    return zlib.crc32(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
-
-
 def save_model_dir(
     path: str | pathlib.Path, config: MoELMConfig, dense: dict[str, torch.Tensor], experts: dict[str, dict[str, torch.Tensor]],
-    tokenizer: ByteTokenizer = ByteTokenizer(),
+    tokenizer: ByteTokenizer = ByteTokenizer(), origins: dict[str, str] | None = None,
 ) -> pathlib.Path:
     """Write a model directory. Every file is written under a temp name and renamed into place only
     once all of them are on disk, the manifest last: a save cut short leaves the model that was there
     whole (within the milliseconds of the renames, no manifest: never a readable mix of the two).
-    `experts` maps every UID of config.spec() to its w1/w2/w3 weights."""
+    `experts` maps every UID of config.spec() to its w1/w2/w3 weights; `origins`, the origin of
+    those pulled from a swarm replica (ExpertRecord.origin; "" where it announced none)."""
     path = pathlib.Path(path)
     check_vocab(config, tokenizer)
     path.mkdir(parents=True, exist_ok=True)
@@ -136,6 +150,8 @@ def save_model_dir(
             "format": FORMAT, "version": VERSION, "config": config.to_dict(), "tokenizer": tokenizer.to_dict(),
             "dense": DENSE_FILE, "experts": {uid: _expert_file(uid) for uid in sorted(experts)}, CHECKSUMS: checksums,
         }
+        if recorded := {uid: origin for uid, origin in sorted((origins or {}).items()) if origin}:
+            manifest[ORIGINS] = recorded
         temps[MANIFEST] = _write_temp(path / MANIFEST, lambda tmp: tmp.write_text(json.dumps(manifest, indent=1)))
         fsync_dir(path)  # every new file is on disk before any replaces an old one
         (path / MANIFEST).unlink(missing_ok=True)  # no manifest while old and new files mix (milliseconds)
@@ -210,7 +226,10 @@ def read_manifest(path: str | pathlib.Path) -> Manifest:
         isinstance(crcs, dict) and all(isinstance(crc, int) for crc in crcs.values()) for crcs in checksums.values()
     ):
         raise ConfigError(f"{path / MANIFEST}: {CHECKSUMS!r} must map each file to {{tensor name: CRC-32}}; write the directory again")
-    return Manifest(path, config, tokenizer, dict(expert_files), checksums)
+    origins = data.get(ORIGINS, {})
+    if not isinstance(origins, dict) or not all(uid in uids and is_origin(origin) for uid, origin in origins.items()):
+        raise ConfigError(f"{path / MANIFEST}: {ORIGINS!r} must map experts of the model to 16 hex digits; write the directory again")
+    return Manifest(path, config, tokenizer, dict(expert_files), checksums, dict(origins))
 
 
 def load_expert_weights(manifest: Manifest, uids: list[str]) -> dict[str, dict[str, torch.Tensor]]:

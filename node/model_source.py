@@ -70,6 +70,18 @@ def load_expert_modules(
     return modules
 
 
+def expert_origins(model_dir: str, uids: tuple[str, ...]) -> dict[str, str]:
+    """uid -> the origin a node announces for each hosted expert it loads from `model_dir`
+    (ExpertRecord.origin); none for a Hugging Face checkpoint (its files carry no checksums, and
+    hashing every expert's bytes would cost a big node seconds at each start)."""
+    if is_hf_checkpoint(model_dir):
+        return {}
+    from moeswarm.model.model_dir import read_manifest
+
+    origins = read_manifest(model_dir).expert_origins()
+    return {uid: origins.get(uid, "") for uid in uids}
+
+
 def _load_hf(model_dir: str, uids: tuple[str, ...], device, progress: "_Progress") -> dict[str, nn.Module]:
     from moeswarm.model.hf_checkpoint import CheckpointReader
     from moeswarm.model.hf_experts import expert_from_weights

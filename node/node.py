@@ -24,7 +24,7 @@ from moeswarm.node.checkpoint import (
     os_failure, remove_unfinished_writes, write_identity,
 )
 from moeswarm.node.config import NodeConfig
-from moeswarm.node.model_source import check_swarm_agrees, load_expert_modules
+from moeswarm.node.model_source import check_swarm_agrees, expert_origins, load_expert_modules
 from moeswarm.node.registry import ExpertRegistry
 from moeswarm.node.replica_sync import ReplicaSync
 from moeswarm.node.service import SERVICE_NAME, ExpertServicer
@@ -95,6 +95,7 @@ class ExpertNode:
         self.registry = ExpertRegistry(
             config.model, self.uids, seed=config.seed, optimizer=config.optimizer, modules=modules, device=self.device,
             activation_cache_bytes=config.activation_cache_mb << 20, prepack_weights=config.prepack_weights,
+            origins=expert_origins(config.model_dir, self.uids) if config.model_dir else None,
         )
         if self.state_dir is not None:
             self._checkpointer = Checkpointer(self.state_dir, self._fingerprint, self._snapshot)
@@ -236,6 +237,7 @@ class ExpertNode:
             uid: ExpertRecord(
                 **load, version=hosted.visible_version, wire_dtypes=wire, trainable=self.config.trainable,
                 state=f"{self._process_id}.{hosted.revision}",  # unique per process start, then per weight change
+                origin=hosted.origin,
             )
             for uid, hosted in self.registry.experts.items()
         }

@@ -15,7 +15,7 @@ from torch import nn
 
 from moeswarm.model.experts import (
     PACKABLE_DTYPES, SwiGLUExpert, add_grads, check_prepacking, expert_backward, expert_forward, expert_forward_keep,
-    expert_param_grads, init_expert, prepack_weights,
+    expert_param_grads, init_expert, module_origin, prepack_weights,
 )
 from moeswarm.model.hf_experts import GptOssExpert, gpt_oss_forward
 from moeswarm.node.activations import ActivationCache
@@ -40,6 +40,7 @@ class HostedExpert:
     rows_served: int = 0  # forward + backward rows, for load reporting
     step_due: bool = False  # a deferred step (backward(defer_step=True)) not yet applied
     averaged: int = 0  # averaging rounds with peer replicas applied in this process
+    origin: str = ""  # the weights its line of training started from (ExpertRecord.origin); "" unknown
 
     @property
     def visible_version(self) -> int:
@@ -69,7 +70,7 @@ class ExpertRegistry:
     def __init__(
         self, spec: ModelSpec, uids: tuple[str, ...], *, seed: int, optimizer: OptimizerConfig,
         modules: dict[str, nn.Module] | None = None, device: torch.device | str = "cpu", activation_cache_bytes: int = 0,
-        prepack_weights: bool = False,
+        prepack_weights: bool = False, origins: dict[str, str] | None = None,
     ):
         """modules: uid -> expert module for the experts that start from given weights (a model
         directory or checkpoint); the others start from the deterministic (seed, uid) SwiGLU init,
@@ -78,16 +79,23 @@ class ExpertRegistry:
         arrive and outputs leave on the CPU (they come from and go to the wire).
         activation_cache_bytes: memory (on `device`) for what training forwards keep for their backward.
         prepack_weights: fp32 and bf16 SwiGLU experts on the CPU compute their forward with prepacked
-        weights (model/experts.py PackedWeights); ConfigError where torch has no oneDNN."""
+        weights (model/experts.py PackedWeights); ConfigError where torch has no oneDNN.
+        origins: uid -> origin of the given modules' weights ("" or absent: unknown); the seed's init
+        has the origin of its weights, the one a model directory written from it has too."""
         self.spec, self.optimizer_config, self.device = spec, optimizer, torch.device(device)
         self._on_cpu = self.device.type == "cpu"
         self.kept = ActivationCache(activation_cache_bytes)
         self.experts: dict[str, HostedExpert] = {}
         modules = modules or {}
         for uid in uids:
-            module = modules.get(uid) or init_expert(spec.d_model, spec.d_ff, seed=seed, uid=uid)
+            if uid in modules:
+                module, origin = modules[uid], (origins or {}).get(uid, "")
+            else:
+                module = init_expert(spec.d_model, spec.d_ff, seed=seed, uid=uid)
+                origin = module_origin(uid, module)
             module = module.to(self.device)
-            self.experts[uid] = HostedExpert(module, forward=gpt_oss_forward if isinstance(module, GptOssExpert) else expert_forward)
+            forward = gpt_oss_forward if isinstance(module, GptOssExpert) else expert_forward
+            self.experts[uid] = HostedExpert(module, forward=forward, origin=origin)
         if prepack_weights:
             self._prepack()
 

@@ -40,7 +40,7 @@ from moeswarm.model.directory import find_experts
 from moeswarm.node.batcher import Batcher
 from moeswarm.node.registry import ExpertRegistry
 from moeswarm.protocol.errors import AllReplicasFailed, MoeSwarmError, NodeUnavailable
-from moeswarm.protocol.records import ExpertRecord
+from moeswarm.protocol.records import ExpertRecord, same_origin
 from moeswarm.protocol.state_transfer import fetch_newest, fetch_state
 
 logger = logging.getLogger(__name__)
@@ -86,12 +86,26 @@ class ReplicaSync:
         # endpoints that did not answer in this pass (adopt_newest or one round): not tried again in
         # it, so a replica gone off the network costs one connect timeout per pass, not one per expert
         self._unreachable: set[str] = set()
+        self._other_origins: set[str] = set()  # peers found serving other weights under our UIDs (warned once)
 
     async def replicas(self, uids: list[str]) -> dict[str, list[ExpertRecord]]:
-        """uid -> the other nodes' announced replicas of it. A record's peer id is its signer's, so no
-        peer's record passes for this node's own and is skipped, nor this node's for another's."""
+        """uid -> the other nodes' announced replicas of it whose weights may share this one's origin
+        (a replica of other weights under the same UID is not one to average with or start from). A
+        record's peer id is its signer's, so no peer's record passes for this node's own and is
+        skipped, nor this node's for another's."""
         found = await asyncio.to_thread(find_experts, self._dht, self._swarm, uids)
-        return {uid: [r for r in records if r.peer_id != self._peer_id] for uid, records in found.items()}
+        replicas = {}
+        for uid, records in found.items():
+            own = self._registry.experts[uid].origin
+            replicas[uid] = [r for r in records if r.peer_id != self._peer_id and same_origin(r.origin, own)]
+            for other in (r for r in records if not same_origin(r.origin, own) and r.peer_id not in self._other_origins):
+                self._other_origins.add(other.peer_id)
+                logger.warning(
+                    "the node at %s (peer %s) serves %s from other weights than this node (origin %s, here %s): "
+                    "never averaged with or started from; check the model both were started from",
+                    other.endpoint, other.peer_id, uid, other.origin, own,
+                )
+        return replicas
 
     async def _fetch(self, record: ExpertRecord, uid: str) -> tuple[int, dict[str, torch.Tensor]]:
         if record.endpoint in self._unreachable:

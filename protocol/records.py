@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 _SWARM_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")  # fullmatch: "$" would allow a trailing "\n"
 _ENDPOINT_RE = re.compile(r"[A-Za-z0-9.\-\[\]:]{1,253}:\d{1,5}")
 _OWNER_RE = re.compile(rb"\[owner:([^\]]+)\]")  # RSASignatureValidator's marker, the whole subkey (fullmatch)
+_ORIGIN_RE = re.compile(r"[0-9a-f]{16}")  # ExpertRecord.origin (fullmatch)
 MAX_UIDS_PER_NODE = MAX_EXPERTS_PER_MODEL  # a node serves experts of one model
 
 
@@ -185,12 +186,17 @@ class ExpertRecord(_Record):
     trainable: bool = True  # accepts Backward; False: inference only (records from before this field: True)
     # names the weights this replica holds now: it changes whenever they change ("" from peers before this field)
     state: str = ""
+    # names the weights this replica's line of training started from (a model directory's, or the
+    # seed's init: model/model_dir.py expert_origin); "" where unknown (Hugging Face checkpoints, older peers)
+    origin: str = ""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _integer(self, "version")
         if self.state != "":
             _text(self, "state", max_length=64)
+        if self.origin != "" and not is_origin(self.origin):
+            raise ValueError(f"origin must be empty or 16 hex digits, got {str(self.origin)[:32]!r}")
         if not isinstance(self.trainable, bool):
             raise ValueError(f"trainable must be a boolean, got {str(self.trainable)[:32]!r}")
         dtypes = _strings(self, "wire_dtypes", max_items=64)
@@ -198,6 +204,17 @@ class ExpertRecord(_Record):
         if "float32" not in known:
             raise ValueError("wire_dtypes must include float32")
         object.__setattr__(self, "wire_dtypes", known)
+
+
+def is_origin(value: Any) -> bool:
+    """A well-formed ExpertRecord.origin: 16 hex digits (model/model_dir.py expert_origin)."""
+    return isinstance(value, str) and _ORIGIN_RE.fullmatch(value) is not None
+
+
+def same_origin(a: str, b: str) -> bool:
+    """Whether two replicas' weights may descend from the same weights: yes unless both origins are
+    known and differ."""
+    return not a or not b or a == b
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,6 +3,7 @@ generation gives the local tokens, nodes and client load a model directory, `moe
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 import subprocess
 import sys
@@ -11,7 +12,8 @@ import pytest
 import torch
 import yaml
 
-from procs import Proc, ProcGroup, read_until, spawn, start_dht_peer
+from procs import Proc, ProcGroup, read_until, spawn, start_dht_peer, wait_ready
+from moeswarm.model.directory import find_experts
 from moeswarm.model.generation import SamplingConfig, generate
 from moeswarm.model.lm import build_local_model, open_model, save_model
 from moeswarm.model.lm_config import MoELMConfig
@@ -162,6 +164,31 @@ def test_swarm_up_with_model_and_generate_cli(tmp_path):
             up.wait(20)
         finally:
             Proc(up, run_dir, {}).kill()
+
+
+def test_a_client_keeps_to_the_nodes_serving_its_directory_s_weights_beside_an_impostor(swarm, tmp_path, caplog):
+    """A node that loads the same model name and shapes from another directory (another seed) joins:
+    the client of the first directory prefers the replicas of its weights, names the other node,
+    and its logits stay the local ones."""
+    root, peers, client_dht = swarm
+    config = lm_config("topk")
+    save_model(build_local_model(dataclasses.replace(config, seed=config.seed + 1)), tmp_path / "other")
+    (tmp_path / "node").mkdir()
+    (tmp_path / "node" / "node.yaml").write_text(yaml.safe_dump(node_config(config, tmp_path / "other", peers, config.remote_uids())))
+    impostor = Proc(spawn(tmp_path / "node", "node", "--config", str(tmp_path / "node" / "node.yaml")), tmp_path / "node", {})
+    try:
+        impostor.ready = wait_ready(impostor.popen, impostor.work_dir)
+        ids = torch.randint(0, 258, (4, 24), generator=torch.Generator().manual_seed(2))
+        local_logits = open_model(root / "topk").model(ids)
+        with open_model(root / "topk", initial_peers=[], swarm=SWARM, dht=client_dht) as remote:
+            for uid in config.remote_uids():  # the impostor is announced beside the node of this directory
+                assert impostor.ready["endpoint"] in {r.endpoint for r in find_experts(client_dht, SWARM, [uid])[uid]}
+            for _ in range(3):  # spread over replicas, the impostor's outputs would show here
+                assert (remote.model(ids) - local_logits).abs().max().item() <= 1e-5
+        assert f"the node at {impostor.ready['endpoint']} (peer {impostor.ready['peer_id']}) serves lm-topk." in caplog.text
+    finally:
+        impostor.popen.terminate()  # a clean stop withdraws its records: the other tests see the module's swarm
+        impostor.popen.wait(10)
 
 
 def test_a_model_nobody_serves_warns_at_load_and_fails_clearly_at_use(swarm, tmp_path, caplog):

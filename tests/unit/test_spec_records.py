@@ -12,6 +12,7 @@ from hivemind.utils.timed_storage import ValueWithExpiration
 
 from moeswarm.protocol.errors import BadRequest, ConfigError
 from moeswarm.protocol.records import (
+    DEPARTED,
     MAX_UIDS_PER_NODE,
     ExpertRecord,
     NodeRecord,
@@ -21,6 +22,7 @@ from moeswarm.protocol.records import (
     expert_key,
     nodes_key,
     parse_entries,
+    same_origin,
     signer_peer_id,
 )
 from moeswarm.protocol.spec import MAX_EXPERTS_PER_MODEL, ExpertUID, ModelSpec, check_uid_in_spec, format_uid, parse_uid
@@ -428,6 +430,27 @@ def test_expert_record_state_is_optional_and_checked():
     for bad in (7, "x" * 65, None):
         with pytest.raises(ValueError, match="state must be a string of 1 to 64 characters"):
             ExpertRecord.model_validate({**LOAD, "version": 0, "state": bad})
+
+
+def test_expert_record_origin_is_optional_and_checked():
+    assert ExpertRecord.model_validate({**LOAD, "version": 0}).origin == ""  # unknown: a peer from before the field
+    named = ExpertRecord(**LOAD, version=0, origin="0123456789abcdef")
+    assert ExpertRecord.model_validate(named.model_dump()).origin == "0123456789abcdef"
+    for bad in (7, "0123456789ABCDEF", "0123456789abcde", "0123456789abcdef0", None):
+        with pytest.raises(ValueError, match="origin must be empty or 16 hex digits"):
+            ExpertRecord.model_validate({**LOAD, "version": 0, "origin": bad})
+    assert same_origin("", "0123456789abcdef") and same_origin("0123456789abcdef", "0123456789abcdef")
+    assert not same_origin("0123456789abcdef", "fedcba9876543210")
+
+
+def test_a_departed_marker_is_dropped_quietly_like_an_entry_that_was_never_there(owner_key, other_key):
+    value = {
+        dht_subkey(owner_key): ValueWithExpiration(DEPARTED, 123.0),
+        dht_subkey(other_key): ValueWithExpiration({**LOAD, "version": 1}, 123.0),
+    }
+    assert list(parse_entries(value, ExpertRecord)) == [dht_subkey(other_key)]
+    with pytest.raises(ValueError):  # what a reader without the marker makes of it: an invalid record, dropped
+        ExpertRecord.model_validate(DEPARTED)
 
 
 def test_lookup_answers_carry_plain_entries_and_drop_what_is_not_one():

@@ -150,6 +150,29 @@ def test_averaging_is_the_same_on_both_replicas_and_keeps_the_version():
     assert relative_distance(state_a, state_b) > 1.0  # two seeds: unrelated weights
 
 
+def test_weights_far_from_a_replicas_own_are_refused_not_averaged():
+    """The guard for peers of unknown origin (Hugging Face checkpoints, older nodes): another seed's
+    weights are as far apart as unrelated weights get."""
+    own, stranger = _registry(seed=0), _registry(seed=1)
+    sync = ReplicaSync(dht=None, swarm="s", peer_id="p", registry=own, batcher=None, max_message_bytes=1 << 20)
+    _, before = own.export_state(UID)
+    refused = sync._apply(UID, stranger.export_state(UID)[1], take=False)
+    assert refused is not None and "not the same expert (different seed or model_dir?)" in refused
+    assert all(torch.equal(tensor, before[name]) for name, tensor in own.export_state(UID)[1].items())
+    assert sync._apply(UID, before, take=False) is None  # its own weights: averaged (to themselves)
+
+
+def test_registry_origins_name_the_start_of_each_experts_weights():
+    """A seed's init names its weights; two seeds differ; given modules carry the origin given with them."""
+    a, a_again, b = _registry(seed=0), _registry(seed=0), _registry(seed=1)
+    assert len(a.experts[UID].origin) == 16 and a.experts[UID].origin == a_again.experts[UID].origin != b.experts[UID].origin
+    spec = ModelSpec(name="m", d_model=8, d_ff=16, n_layers=1, n_experts=2)
+    module = init_expert(8, 16, seed=5, uid=UID)
+    given = ExpertRegistry(spec, (UID,), seed=0, optimizer=OptimizerConfig(), modules={UID: module}, origins={UID: "0123456789abcdef"})
+    unknown = ExpertRegistry(spec, (UID,), seed=0, optimizer=OptimizerConfig(), modules={UID: module})
+    assert given.experts[UID].origin == "0123456789abcdef" and unknown.experts[UID].origin == ""
+
+
 def test_a_new_replica_adopts_a_peers_weights_and_version_with_fresh_optimizer_state():
     trained, fresh = _registry(), _registry()
     x, g = torch.randn(4, 8), torch.randn(4, 8)

@@ -36,6 +36,20 @@ def test_table_marks_inference_only_replicas():
     assert view_as_json(view)["experts"]["m.L1.E0"][0]["trainable"] is False
 
 
+def test_experts_whose_replicas_serve_different_weights_are_named():
+    def replica(port: int, origin: str) -> ExpertRecord:
+        return ExpertRecord(peer_id=f"p{port}", endpoint=f"127.0.0.1:{port}", queue_depth=0, rows_per_s=0.0, version=0, origin=origin)
+
+    a, b = "0123456789abcdef", "fedcba9876543210"
+    view = SwarmView(nodes={}, experts={
+        "m.L1.E0": [replica(1, a), replica(2, b), replica(3, "")],  # unknown origins are no evidence either way
+        "m.L1.E1": [replica(1, a), replica(3, "")],
+    })
+    assert view_as_json(view)["mixed_origins"] == {"m.L1.E0": {a: ["127.0.0.1:1"], b: ["127.0.0.1:2"]}}
+    assert f"1 experts are served from different weights by their replicas (e.g. m.L1.E0: origin {a} at 127.0.0.1:1; origin {b} at 127.0.0.1:2)" in format_expert_table(view)
+    assert "different weights" not in format_expert_table(_view(["m.L1.E0"]))
+
+
 def _node(peer: str, model: dict, uids: list[str]) -> NodeRecord:
     return NodeRecord(peer_id=peer, endpoint="127.0.0.1:5000", queue_depth=0, rows_per_s=0.0, model=model, uids=uids)
 
