@@ -97,9 +97,7 @@ def default_model_dir(name: str, parent: pathlib.Path) -> pathlib.Path:
     """Write (once) the small language model `swarm up` serves when no --model is given."""
     from moeswarm.deploy.model_cli import config_from_args
     from moeswarm.model.lm import build_local_model, save_model
-    from moeswarm.model.model_dir import MANIFEST
-
-    from moeswarm.model.model_dir import read_manifest
+    from moeswarm.model.model_dir import MANIFEST, read_manifest
 
     path = parent / "model"
     if not (path / MANIFEST).exists():

@@ -36,7 +36,6 @@ class Announcer:
         self._refusing = False  # the last announce had refused records
         self._stored_keys: set[str] = set()  # every key this node has stored an entry under
 
-
     async def announce_once(self) -> None:
         node_record, expert_records = self._records()
         keys = [nodes_key(self._swarm)] + [expert_key(self._swarm, uid) for uid in expert_records]

@@ -187,7 +187,7 @@ class ExpertRecord(_Record):
     # names the weights this replica holds now: it changes whenever they change ("" from peers before this field)
     state: str = ""
     # names the weights this replica's line of training started from (a model directory's, or the
-    # seed's init: model/model_dir.py expert_origin); "" where unknown (Hugging Face checkpoints, older peers)
+    # seed's init: model/experts.py expert_origin); "" where unknown (Hugging Face checkpoints, older peers)
     origin: str = ""
 
     def __post_init__(self) -> None:
@@ -207,7 +207,7 @@ class ExpertRecord(_Record):
 
 
 def is_origin(value: Any) -> bool:
-    """A well-formed ExpertRecord.origin: 16 hex digits (model/model_dir.py expert_origin)."""
+    """A well-formed ExpertRecord.origin: 16 hex digits (model/experts.py expert_origin)."""
     return isinstance(value, str) and _ORIGIN_RE.fullmatch(value) is not None
 
 
@@ -290,11 +290,11 @@ def parse_entries(value: Any, record_type: type[RecordT]) -> dict[bytes, RecordT
         if signer is None:
             logger.debug("dropping %s under subkey %.40r: not signed by an owner key", record_type.__name__, subkey)
             continue
-        value = getattr(entry, "value", None)
-        if is_departed(value):
+        data = getattr(entry, "value", None)
+        if is_departed(data):
             continue
         try:
-            record = record_type.model_validate(value)
+            record = record_type.model_validate(data)
         except (ValueError, TypeError) as e:
             logger.debug("dropping invalid %s of %s: %s", record_type.__name__, signer, e)
             continue
