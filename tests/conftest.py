@@ -21,8 +21,9 @@ def _remove_the_temp_folders_of_killed_processes():
 
 
 def remove_orphaned_multiprocessing_dirs(since: float) -> int:
-    """Remove pymp-* folders changed since `since` holding no socket that a live process has bound
-    (Linux: /proc/net/unix); returns how many. Elsewhere, nothing."""
+    """Remove pymp-* folders changed since `since` that hold sockets, none of them bound by a live
+    process (Linux: /proc/net/unix); returns how many. Elsewhere, nothing. (bind() makes the socket
+    file, so a folder another process is setting up is empty or has a bound socket: never removed.)"""
     try:
         bound = {line.split()[-1] for line in pathlib.Path("/proc/net/unix").read_text().splitlines()[1:] if len(line.split()) >= 8}
     except OSError:
@@ -30,7 +31,8 @@ def remove_orphaned_multiprocessing_dirs(since: float) -> int:
     removed = 0
     for folder in pathlib.Path(tempfile.gettempdir()).glob("pymp-*"):
         try:
-            if folder.stat().st_mtime < since or any(str(path) in bound for path in folder.iterdir()):
+            entries = [str(path) for path in folder.iterdir()] if folder.stat().st_mtime >= since else []
+            if not entries or any(entry in bound for entry in entries):
                 continue
         except OSError:  # gone meanwhile, or not ours to read
             continue
