@@ -73,6 +73,29 @@ def find_experts(dht, swarm: str, uids: list[str]) -> dict[str, list[ExpertRecor
     return {uid: list(parse_entries(found.get(expert_key(swarm, uid)), ExpertRecord).values()) for uid in uids}
 
 
+def warn_if_served_with_other_shapes(dht, swarm: str, spec: ModelSpec) -> list[str]:
+    """Log (once) where nodes announce model `spec.name` with other expert shapes than `spec` (a
+    model directory of another size under the same name): every call to them fails, naming only a
+    shape. Returns those nodes' peer ids. A warning, not an error: any peer can sign such a record."""
+    found = get_records(dht, [nodes_key(swarm)])
+    nodes = parse_entries(found.get(nodes_key(swarm)), NodeRecord).values()
+    others = [node for node in nodes if node.model.get("name") == spec.name and ModelSpec.from_record(node.model) != spec]
+    if others:
+        theirs = ModelSpec.from_record(others[0].model)
+        logger.warning(
+            "%d node(s) of swarm %r serve model %r with other expert shapes (e.g. %s at %s: %s) than this one (%s): "
+            "calls to them fail; load the model directory the swarm was started from, or start nodes from this one",
+            len(others), swarm, spec.name, others[0].peer_id, others[0].endpoint, _shapes(theirs), _shapes(spec),
+        )
+    return [node.peer_id for node in others]
+
+
+def _shapes(spec: ModelSpec | None) -> str:
+    if spec is None:
+        return "a spec this version cannot read"
+    return f"d_model {spec.d_model}, d_ff {spec.d_ff}, {spec.n_layers} layers, {spec.n_experts} experts"
+
+
 def read_swarm(dht, swarm: str) -> SwarmView:
     """Every node in the swarm and the experts they announce, up to MAX_VIEW_EXPERTS (see models_in_view)."""
     found = get_records(dht, [nodes_key(swarm)])

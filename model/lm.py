@@ -121,6 +121,7 @@ def open_model(
         model = build_local_model(config)
         client = None
     else:
+        from moeswarm.model.directory import warn_if_served_with_other_shapes
         from moeswarm.model.dispatcher import DispatchConfig
         from moeswarm.model.remote_moe import SwarmClient
 
@@ -130,6 +131,7 @@ def open_model(
         if client is not None:
             model = build_remote_model(config, client)
             client.directory.warn_if_missing(config.remote_uids())
+            warn_if_served_with_other_shapes(client.dht, swarm, config.spec())
         _load_weights(model, manifest)
     except BaseException:
         if client is not None:

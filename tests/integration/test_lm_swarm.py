@@ -191,6 +191,15 @@ def test_a_client_keeps_to_the_nodes_serving_its_directory_s_weights_beside_an_i
         impostor.popen.wait(10)
 
 
+def test_a_model_directory_of_other_shapes_than_the_swarm_s_is_named_at_load(swarm, tmp_path, caplog):
+    _, _, client_dht = swarm
+    config = dataclasses.replace(lm_config("topk"), d_model=2 * SMALL["d_model"])  # same name, twice as wide
+    save_model(build_local_model(config), tmp_path)
+    with open_model(tmp_path, initial_peers=[], swarm=SWARM, dht=client_dht):
+        assert "1 node(s) of swarm 'lm' serve model 'lm-topk' with other expert shapes" in caplog.text
+        assert f"than this one (d_model {2 * SMALL['d_model']}, d_ff" in caplog.text
+
+
 def test_a_model_nobody_serves_warns_at_load_and_fails_clearly_at_use(swarm, tmp_path, caplog):
     _, _, client_dht = swarm
     config = MoELMConfig(**SMALL, name="lm-unserved", routing=RoutingConfig(n_experts=4, k=2))
