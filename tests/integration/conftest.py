@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import pathlib
+import signal
+import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -59,3 +63,57 @@ def _single_thread_torch():
     yield
     torch.set_num_threads(previous)
 
+
+@pytest.fixture
+def cli_here(capfd):
+    """run(*args) -> subprocess.CompletedProcess of `moeswarm ARGS` in this process (`cli.main(args)`), for
+    commands that never fork (a client's DHT peer is a child interpreter: IsolatedDHT): no ~1.5 s of
+    imports per call. Its stdout and stderr are what a process of its own would print: file descriptors
+    1 and 2 captured, logging set up by main itself, warnings under Python's default filters. Afterwards
+    this process's signal handlers, log levels, torch thread count and transformers' verbosity are as
+    they were. Keep a subprocess where the console entry point itself is what a test is about."""
+    from moeswarm.deploy import cli as cli_module
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        root, ours = logging.getLogger(), logging.getLogger("moeswarm")
+        handlers, levels = root.handlers[:], (root.level, ours.level)
+        signals = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        verbosity, threads = _transformers_verbosity(), torch.get_num_threads()
+        capfd.readouterr()
+        root.handlers = []  # so main's logging.basicConfig writes to stderr, as in a process of its own
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.resetwarnings()  # Python's default filters, not pytest's
+                for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+                    warnings.simplefilter("ignore", category)
+                warnings.simplefilter("default", append=True)
+                try:
+                    code = cli_module.main(list(args))
+                except SystemExit as e:
+                    code = e.code
+        finally:
+            for handler in root.handlers:
+                handler.close()
+            root.handlers = handlers
+            root.setLevel(levels[0])
+            ours.setLevel(levels[1])
+            for sig, handler in signals.items():
+                signal.signal(sig, handler)
+            torch.set_num_threads(threads)
+            if verbosity is not None:
+                import transformers
+
+                transformers.logging.set_verbosity(verbosity)
+        out, err = capfd.readouterr()
+        err += "".join(f"{w.filename}:{w.lineno}: {w.category.__name__}: {w.message}\n" for w in caught)
+        return subprocess.CompletedProcess(["moeswarm", *args], code, out, err)
+
+    return run
+
+
+def _transformers_verbosity() -> int | None:
+    try:
+        import transformers
+    except ImportError:
+        return None
+    return transformers.logging.get_verbosity()

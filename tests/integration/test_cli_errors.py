@@ -1,17 +1,14 @@
 """Bad input to the `moeswarm` CLI ends in one line naming what is wrong (exit 2), not a traceback.
-Each case fails before any network is needed, so most run `cli.main` in this process (a subprocess
+Each case fails before any network is needed, so most run `cli.main` in this process (conftest.py cli_here) (a subprocess
 apiece cost about 1.5 s of imports, 30 s in all); the cases in SUBPROCESS go through the console entry
 point as a user's shell does."""
 
 from __future__ import annotations
 
 import json
-import logging
 import os
-import signal
 import subprocess
 import sys
-import warnings
 
 import pytest
 import torch
@@ -26,57 +23,6 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
         [sys.executable, "-m", "moeswarm.deploy.cli", *args], capture_output=True, text=True, timeout=120,
         env={**os.environ, **(env or {})},
     )
-
-
-@pytest.fixture
-def cli_here(capfd):
-    """cli() in this process: `cli.main(args)` with what a fresh process would print on stderr (file
-    descriptor 2 included, logging set up by main itself, warnings under Python's default filters),
-    then this process's signal handlers, log levels and transformers' verbosity as they were."""
-    from moeswarm.deploy import cli as cli_module
-
-    def run(*args: str) -> subprocess.CompletedProcess:
-        root, ours = logging.getLogger(), logging.getLogger("moeswarm")
-        handlers, levels = root.handlers[:], (root.level, ours.level)
-        signals = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-        verbosity = _transformers_verbosity()
-        capfd.readouterr()
-        root.handlers = []  # so main's logging.basicConfig writes to stderr, as in a process of its own
-        try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.resetwarnings()  # Python's default filters, not pytest's
-                for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
-                    warnings.simplefilter("ignore", category)
-                warnings.simplefilter("default", append=True)
-                try:
-                    code = cli_module.main(list(args))
-                except SystemExit as e:
-                    code = e.code
-        finally:
-            for handler in root.handlers:
-                handler.close()
-            root.handlers = handlers
-            root.setLevel(levels[0])
-            ours.setLevel(levels[1])
-            for sig, handler in signals.items():
-                signal.signal(sig, handler)
-            if verbosity is not None:
-                import transformers
-
-                transformers.logging.set_verbosity(verbosity)
-        out, err = capfd.readouterr()
-        err += "".join(f"{w.filename}:{w.lineno}: {w.category.__name__}: {w.message}\n" for w in caught)
-        return subprocess.CompletedProcess(["moeswarm", *args], code, out, err)
-
-    return run
-
-
-def _transformers_verbosity() -> int | None:
-    try:
-        import transformers
-    except ImportError:
-        return None
-    return transformers.logging.get_verbosity()
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, code: int, fragment: str) -> None:
