@@ -98,15 +98,12 @@ def test_swarm_logits_and_greedy_tokens_equal_transformers(swarm, key):
         model.moeswarm_client.close()
 
 
-def test_node_refuses_experts_the_checkpoint_does_not_have(swarm, tmp_path):
+def test_node_refuses_experts_the_checkpoint_does_not_have(swarm, tmp_path, cli_here):
     root, peers, _ = swarm
     model_dir = root / checkpoint_name("deepseek_v3", torch.float32, "per_expert", 1)
     cases = {"layers 0-1, experts 0": "layer 0 has no experts", "layers 1, experts 6-9": "expert 8 does not exist"}
     for i, (experts, message) in enumerate(cases.items()):
-        result = subprocess.run(
-            [sys.executable, "-m", "moeswarm.deploy.cli", *node_cmd(model_dir, experts, peers)],
-            capture_output=True, text=True, timeout=90,
-        )
+        result = cli_here(*node_cmd(model_dir, experts, peers))  # refused before the node starts anything
         assert result.returncode == 2 and message in result.stderr, result.stderr
         assert "MoE layers: 1-2" in result.stderr or "0-7" in result.stderr
 
@@ -124,7 +121,7 @@ def test_node_refuses_a_checkpoint_whose_experts_disagree_with_the_swarm(swarm, 
     assert "already serves model" in log and "d_ff=96" in log and "d_ff=64" in log, log[-2000:]
 
 
-def test_swarm_up_spreads_a_checkpoint_over_nodes_with_replicas(tmp_path):
+def test_swarm_up_spreads_a_checkpoint_over_nodes_with_replicas(tmp_path, cli_here):
     model_dir = tmp_path / "qwen3-tiny"
     save_tiny("qwen3_moe", model_dir)
     save_tiny_tokenizer(model_dir)
@@ -140,9 +137,7 @@ def test_swarm_up_spreads_a_checkpoint_over_nodes_with_replicas(tmp_path):
         rows = [line.split() for line in text.splitlines() if line.startswith("qwen3-tiny.L")]
         assert len(rows) == 2 * 8 and all(len(row) == 3 for row in rows)  # every expert on 2 endpoints
         printed = next(shlex.split(line) for line in text.splitlines() if line.strip().startswith("moeswarm generate"))
-        generated = subprocess.run(  # the generate command swarm up suggests works as printed
-            [*cli, *printed[1:], "--max-new-tokens", "4"], capture_output=True, text=True, timeout=120,
-        )
+        generated = cli_here(*printed[1:], "--max-new-tokens", "4")  # the generate command swarm up suggests works as printed
         assert generated.returncode == 0 and "4 tokens" in generated.stderr, generated.stderr
         model = moeswarm.model.from_pretrained(model_dir, initial_peers=[peer])
         try:
@@ -195,7 +190,7 @@ def test_training_through_an_imported_model_matches_transformers_grads_and_moves
         proc.kill()
 
 
-def test_generate_cli_streams_a_checkpoint_like_transformers(swarm, tmp_path):
+def test_generate_cli_streams_a_checkpoint_like_transformers(swarm, tmp_path, cli_here):
     """`moeswarm generate --model CHECKPOINT`: the checkpoint's tokenizer, transformers' generate(), the
     experts on the nodes; the text equals plain transformers' greedy continuation, and --local's."""
     root, peers, _ = swarm
@@ -207,13 +202,13 @@ def test_generate_cli_streams_a_checkpoint_like_transformers(swarm, tmp_path):
     reference = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     new_ids = reference.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0)[0, ids.shape[1]:]
     expected = prompt + tokenizer.decode(new_ids, skip_special_tokens=True) + "\n"
-    cli = [sys.executable, "-m", "moeswarm.deploy.cli", "generate", "--model", str(model_dir), "--prompt", prompt, "--max-new-tokens", "10"]
+    cli = ["generate", "--model", str(model_dir), "--prompt", prompt, "--max-new-tokens", "10"]
     runs = {"swarm": ["--initial-peers", *peers, "--swarm", SWARM], "local": ["--local"]}
     for name, extra in runs.items():
-        result = subprocess.run([*cli, *extra], capture_output=True, text=True, timeout=120)
+        result = cli_here(*cli, *extra)
         assert result.returncode == 0, result.stderr
         assert result.stdout == expected, (name, result.stdout, expected)
         assert "tokens/s decoding" in result.stderr and "Traceback" not in result.stderr, result.stderr
         assert ("waiting for experts" in result.stderr) == (name == "swarm"), result.stderr
-    too_long = subprocess.run([*cli[:-1], "100000", "--local"], capture_output=True, text=True, timeout=120)
+    too_long = cli_here(*cli[:-1], "100000", "--local")
     assert too_long.returncode == 2 and "--max-new-tokens 100000: the 9-token prompt leaves room for at most" in too_long.stderr
