@@ -127,18 +127,18 @@ def test_node_refuses_a_model_directory_of_another_model(swarm, tmp_path):
     assert "holds experts of shape" in log and "d_ff=96" in log and "Traceback" not in log
 
 
-def test_swarm_up_with_model_and_generate_cli(tmp_path):
-    """The README's story: model init, swarm up --model, generate; the text equals a local run."""
+def test_swarm_up_with_model_and_generate_cli(tmp_path, cli_here):
+    """The README's story: model init, swarm up --model, generate; the text equals a local run.
+    model init and the local run in this process; swarm up and the swarm's generate as a user runs them."""
     cli = [sys.executable, "-m", "moeswarm.deploy.cli"]
     model_dir = tmp_path / "model"
-    init = subprocess.run(
-        [*cli, "model", "init", str(model_dir), "--routing", "shared", "--set", "d_model=32", "--set", "n_heads=2",
-         "--set", "d_ff=32", "--set", "d_ff_dense=64", "--set", "n_layers=2"],
-        capture_output=True, text=True, timeout=120,
+    init = cli_here(
+        "model", "init", str(model_dir), "--routing", "shared", "--set", "d_model=32", "--set", "n_heads=2",
+        "--set", "d_ff=32", "--set", "d_ff_dense=64", "--set", "n_layers=2",
     )
     assert init.returncode == 0, init.stderr
     args = ["--model", str(model_dir), "--prompt", "import os\n", "--max-new-tokens", "12"]
-    local = subprocess.run([*cli, "generate", "--local", *args], capture_output=True, text=True, timeout=120)
+    local = cli_here("generate", "--local", *args)
     assert local.returncode == 0, local.stderr
     run_dir = tmp_path / "run"
     up = subprocess.Popen(

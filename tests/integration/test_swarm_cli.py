@@ -62,7 +62,7 @@ def initial_peer(text: str) -> str:
     return next(line.split()[-1] for line in text.splitlines() if line.startswith("initial peers:"))
 
 
-def test_swarm_up_status_and_ctrl_c(tmp_path):
+def test_swarm_up_status_and_ctrl_c(tmp_path, cli_here):
     with swarm_up(tmp_path, "--nodes", "3", "--replicas", "2", "--layers", "2", "--experts", "3", "--d-model", "32", "--d-ff", "64") as (swarm, output):
         text = read_until(swarm, output, READY_LINE, timeout_s=90)
         peer = initial_peer(text)
@@ -83,15 +83,14 @@ def test_swarm_up_status_and_ctrl_c(tmp_path):
         assert table.returncode == 0, table.stderr
         rows = [line.split() for line in table.stdout.splitlines() if line.startswith("tiny-moe.")]
         assert sorted(row[0] for row in rows) == sorted(uids) and all(row[1] == "2" for row in rows), table.stdout
-        a_second_swarm_up_on_its_run_dir_is_refused(tmp_path / "run", swarm.pid)
+        a_second_swarm_up_on_its_run_dir_is_refused(cli_here, tmp_path / "run", swarm.pid)
         ctrl_c_leaves_nothing_behind(swarm)
 
 
-def a_second_swarm_up_on_its_run_dir_is_refused(run_dir: pathlib.Path, holder_pid: int) -> None:
+def a_second_swarm_up_on_its_run_dir_is_refused(cli_here, run_dir: pathlib.Path, holder_pid: int) -> None:
     """...before it touches anything there: the first swarm's ready files and logs stay as they were."""
     before = {path: path.read_bytes() for path in run_dir.rglob("*") if path.name in ("ready.json", "log.txt")}
-    cmd = [sys.executable, "-m", "moeswarm.deploy.cli", "swarm", "up", *TINY, "--nodes", "1", "--replicas", "1", "--run-dir", str(run_dir)]
-    second = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    second = cli_here("swarm", "up", *TINY, "--nodes", "1", "--replicas", "1", "--run-dir", str(run_dir))
     assert second.returncode == 2, second.stderr
     assert f"--run-dir {run_dir} is in use by another swarm up (pid {holder_pid})" in second.stderr
     assert len(second.stderr.strip().splitlines()) == 1, second.stderr
@@ -178,18 +177,16 @@ def test_a_node_that_fails_to_start_is_explained_and_its_log_kept(tmp_path):
         (("--nodes", "1", "--replicas", "1", *TINY, "--run-dir", "{file}"), "--run-dir {file} is a file, not a folder"),
     ],
 )
-def test_swarm_up_refuses_a_bad_plan_in_one_line(tmp_path, args, message):
+def test_swarm_up_refuses_a_bad_plan_in_one_line(tmp_path, cli_here, args, message):
     file = tmp_path / "a-file"
     file.write_text("")
-    cmd = [sys.executable, "-m", "moeswarm.deploy.cli", "swarm", "up", *(arg.format(file=file) for arg in args)]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    result = cli_here("swarm", "up", *(arg.format(file=file) for arg in args))
     assert result.returncode == 2, result.stderr
     assert message.format(file=file) in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
-def test_swarm_up_rejects_more_replicas_than_nodes():
-    cmd = [sys.executable, "-m", "moeswarm.deploy.cli", "swarm", "up", "--nodes", "2", "--replicas", "3"]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+def test_swarm_up_rejects_more_replicas_than_nodes(cli_here):
+    result = cli_here("swarm", "up", "--nodes", "2", "--replicas", "3")
     assert result.returncode != 0
     assert "replicas=3" in result.stderr
 
