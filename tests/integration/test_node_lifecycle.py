@@ -317,12 +317,11 @@ def test_node_pinned_to_a_cpu_keeps_every_thread_and_child_there(node_factory):
     assert out.shape == (2, D) and torch.isfinite(out).all()
 
 
-def test_node_pinned_to_a_missing_cpu_stops_with_a_clear_error(tmp_path):
+def test_node_pinned_to_a_missing_cpu_stops_with_a_clear_error(tmp_path, cli_here):
     missing = max(os.sched_getaffinity(0)) + 1 if hasattr(os, "sched_getaffinity") else 0
     config = tmp_path / "node.yaml"
     config.write_text(yaml.safe_dump(node_config([], cpus=[missing]), sort_keys=False))
-    cmd = [sys.executable, "-m", "moeswarm.deploy.cli", "node", "--config", str(config)]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    result = cli_here("node", "--config", str(config))  # refused first thing, before the node pins or starts anything
     assert result.returncode != 0
     assert (f"cpus=[{missing}]" in result.stderr and "not available" in result.stderr) or "needs Linux" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
