@@ -538,31 +538,24 @@ def test_autograd_corner_cases_behave_as_a_local_layer_or_fail_clearly(split_swa
     assert torch.is_grad_enabled() and not any(out.requires_grad for out in outputs)  # grad mode is the caller's again
 
 
-def test_client_misuse_fails_at_once_with_a_message(split_swarm, dht, caplog):
+def test_client_misuse_fails_at_once_with_a_message(split_swarm, dht, caplog, monkeypatch):
     x = torch.randn(3, D)
     remote = RemoteMoE(model="split", layer=0, d_model=D, n_experts=E + 1, k=2, initial_peers=dht.ready["maddrs"][0], swarm="split")
     try:  # one peer as a plain string; the swarm lacks one of the layer's experts: said at once
         assert f"1 of {E + 1} experts have no node in swarm 'split'" in caplog.text
         with torch.no_grad():
             remote(x)
-        pid = os.fork()
-        if pid == 0:  # the child: the loop thread and DHT peer stayed in the parent
-            code = 3
-            try:
-                remote.client.dispatcher.run(asyncio.sleep(0))
-            except RuntimeError as e:
-                code = 0 if "before this process forked" in str(e) else 4
-            finally:
-                os._exit(code)
-        for _ in range(200):
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                break
-            time.sleep(0.05)
-        else:
-            os.kill(pid, signal.SIGKILL)
-            pytest.fail("the forked child hung")
-        assert os.waitstatus_to_exitcode(status) == 0
+        # As in a child forked after the client was made (its loop thread and DHT peer stay in the
+        # parent): the process id differs from the client's. (A real os.fork() of this multi-threaded
+        # process crashed in the at-fork handlers of the libraries' threads, before any code of ours
+        # ran: 28 of 200 children SIGSEGV here, and one suite run in three failed on it.)
+        monkeypatch.setattr(remote.client.dispatcher, "_pid", os.getpid() + 1)
+        with pytest.raises(RuntimeError, match="was made before this process forked; make one in each process"):
+            with torch.no_grad():
+                remote(x)
+        monkeypatch.undo()
+        with torch.no_grad():  # in the process that made it, it still works
+            remote(x)
     finally:
         remote.close()
     with pytest.raises(RuntimeError, match="this SwarmClient is closed"):
