@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import NamedTuple
 
 import numpy as np
@@ -118,3 +119,6 @@ def all_finite(tensor: torch.Tensor) -> bool:
 
 
 _BLAS_DOT = (np.dtype(np.float32), np.dtype(np.float64))  # numpy's dot is BLAS for these (fp16 is a slow loop)
+# x.x of huge finite entries overflows: expected, and decided by the exact check (a warning filter
+# costs nothing per call; np.errstate around the dot would cost more than the dot at one row).
+warnings.filterwarnings("ignore", message="overflow encountered in dot", category=RuntimeWarning, module=__name__)
