@@ -41,7 +41,7 @@ from common import Progress, finish, kill_descendants, machine_info, print_load,
 from soak_probe import ProcessProbe, Series, client_state, dir_usage, growth_figures  # noqa: E402
 
 NODES, REPLICAS, TORCH_THREADS = 3, 2, 1
-SIZES = dict(name="soak-moe", vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128, max_seq_len=128)
+SIZES = dict(name="soak-moe", vocab_size=258, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128, max_seq_len=128)
 N_EXPERTS, K = 4, 2
 BATCHES = (1, 4, 16, 64)  # sequences of SEQ tokens per inference call
 SEQ = 16
