@@ -73,26 +73,37 @@ def find_experts(dht, swarm: str, uids: list[str]) -> dict[str, list[ExpertRecor
     return {uid: list(parse_entries(found.get(expert_key(swarm, uid)), ExpertRecord).values()) for uid in uids}
 
 
+def nodes_with_other_shapes(dht, swarm: str, spec: ModelSpec, own_peer_id: str = "") -> list[tuple[NodeRecord, ModelSpec]]:
+    """(record, its spec) of the nodes announcing model `spec.name` with other expert shapes than
+    `spec` (a spec this version cannot parse is not ours to judge). Blocking; one DHT read. Any
+    peer can sign such a record: callers warn, or check it with the node (node/model_source.py)."""
+    found = get_records(dht, [nodes_key(swarm)]).get(nodes_key(swarm))
+    other = []
+    for record in parse_entries(found, NodeRecord).values():
+        if record.peer_id == own_peer_id or record.model.get("name") != spec.name:
+            continue
+        theirs = ModelSpec.from_record(record.model)
+        if theirs is not None and theirs != spec:
+            other.append((record, theirs))
+    return other
+
+
 def warn_if_served_with_other_shapes(dht, swarm: str, spec: ModelSpec) -> list[str]:
     """Log (once) where nodes announce model `spec.name` with other expert shapes than `spec` (a
     model directory of another size under the same name): every call to them fails, naming only a
     shape. Returns those nodes' peer ids. A warning, not an error: any peer can sign such a record."""
-    found = get_records(dht, [nodes_key(swarm)])
-    nodes = parse_entries(found.get(nodes_key(swarm)), NodeRecord).values()
-    others = [node for node in nodes if node.model.get("name") == spec.name and ModelSpec.from_record(node.model) != spec]
+    others = nodes_with_other_shapes(dht, swarm, spec)
     if others:
-        theirs = ModelSpec.from_record(others[0].model)
+        record, theirs = others[0]
         logger.warning(
             "%d node(s) of swarm %r serve model %r with other expert shapes (e.g. %s at %s: %s) than this one (%s): "
             "calls to them fail; load the model directory the swarm was started from, or start nodes from this one",
-            len(others), swarm, spec.name, others[0].peer_id, others[0].endpoint, _shapes(theirs), _shapes(spec),
+            len(others), swarm, spec.name, record.peer_id, record.endpoint, _shapes(theirs), _shapes(spec),
         )
-    return [node.peer_id for node in others]
+    return [record.peer_id for record, _ in others]
 
 
-def _shapes(spec: ModelSpec | None) -> str:
-    if spec is None:
-        return "a spec this version cannot read"
+def _shapes(spec: ModelSpec) -> str:
     return f"d_model {spec.d_model}, d_ff {spec.d_ff}, {spec.n_layers} layers, {spec.n_experts} experts"
 
 

@@ -79,6 +79,7 @@ def save_model(
     from their most trained replicas (model/swarm_weights.py; progress(done, total, uid, version))."""
     experts = expert_weights(model)
     remote = [uid for uid in model.config.spec().all_uids() if uid not in experts]
+    origins: dict[str, str] = {}  # of the experts pulled from the swarm
     if remote:
         if client is None:
             raise ConfigError(f"{len(remote)} experts of {model.config.name!r} run on the swarm: pass client= to pull them")
@@ -87,7 +88,7 @@ def save_model(
         expected = {name: (shape, torch.float32) for name, shape in expert_shapes(model.config).items()}
         pulled, origins = pull_swarm_experts(client, remote, expected, progress)
         experts.update(pulled)
-    return save_model_dir(path, model.config, dense_state(model), experts, tokenizer, origins=origins if remote else None)
+    return save_model_dir(path, model.config, dense_state(model), experts, tokenizer, origins=origins)
 
 
 @dataclasses.dataclass

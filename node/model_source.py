@@ -151,17 +151,9 @@ async def check_swarm_agrees(dht, swarm: str, spec: ModelSpec, own_peer_id: str)
     would otherwise get mismatched experts from different replicas): an operator's config mistake.
     Any peer can sign a node record saying so, so a record counts only once the node it names
     confirms it over Info at the endpoint it announced; one that does not is logged and ignored."""
-    from moeswarm.protocol.dht import get_records
-    from moeswarm.protocol.records import nodes_key, parse_entries
+    from moeswarm.model.directory import nodes_with_other_shapes
 
-    found = (await asyncio.to_thread(get_records, dht, [nodes_key(swarm)])).get(nodes_key(swarm))
-    disagreeing = []
-    for record in parse_entries(found, NodeRecord).values():
-        if record.peer_id == own_peer_id or record.model.get("name") != spec.name:
-            continue
-        theirs = ModelSpec.from_record(record.model)
-        if theirs is not None and theirs != spec:  # an unparsable spec is not ours to judge
-            disagreeing.append((record, theirs))
+    disagreeing = await asyncio.to_thread(nodes_with_other_shapes, dht, swarm, spec, own_peer_id)
     if len(disagreeing) > MAX_SPEC_CHECKS:
         logger.warning("%d node records disagree with model %r; checking %d of them", len(disagreeing), spec.name, MAX_SPEC_CHECKS)
     checked = disagreeing[:MAX_SPEC_CHECKS]
