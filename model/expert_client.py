@@ -1,9 +1,10 @@
 """Async client for one node's ExpertService: one channel per endpoint, every call with a deadline.
 
-Small requests go over one long-lived Stream call per node, which skips gRPC's per-call setup
-(about half of a small call's round trip); a request goes unary when the stream is busy with
-another one (so concurrent callers never queue behind each other) or when it is large (its time
-is in the bytes, and a message over the node's size limit would end the whole stream).
+Requests go over one long-lived Stream call per node, which skips gRPC's per-call setup (about
+half of a small call's round trip, and 0.2-0.5 ms of a 1 MiB one's); a request goes unary when the
+stream is busy with another one, so concurrent callers never queue behind each other. A request the
+node refuses at the transport (over its message size limit) ends the stream with the status a unary
+call would get; the next request opens a fresh one.
 Requests and responses are written and read by protocol/wire.py: for large payloads, one copy on the
 way out and none on the way in.
 """
@@ -22,7 +23,6 @@ from moeswarm.protocol.errors import BadRequest, NodeUnavailable, error_from_rpc
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
 DEFAULT_MAX_ROWS = 8192  # a node's default limit of rows per expert batch (node config max_rows)
-STREAM_MAX_BYTES = 256 << 10  # requests up to this payload use the stream
 _METHOD = "/moeswarm.ExpertService/"
 
 
@@ -120,7 +120,7 @@ class ExpertClient:
     ) -> dict[str, torch.Tensor]:
         backward = grad_outputs is not None
         payload = wire.payload_bytes(inputs.values(), wire_dtype) * (2 if backward else 1)
-        on_stream = not self._stream_busy and payload <= STREAM_MAX_BYTES
+        on_stream = not self._stream_busy
         request = wire.write_request(
             model, keep_as or next(self._request_ids), inputs, grad_outputs, backward=backward and on_stream,
             wire_dtype=wire_dtype, keep_activations=bool(keep_as), forward_ids=forward_ids, input_grads_only=input_grads_only,

@@ -361,12 +361,13 @@ def test_a_call_on_a_closed_client_is_a_node_failure(plain_node):
     not with grpc's UsageError (a crash of the whole layer call)."""
     endpoint = plain_node.ready["endpoint"]
 
-    async def on_a_closed_client(rows: int):
+    async def on_a_closed_client(stream_busy: bool):
         client = ExpertClient(endpoint)
         await client.forward(MODEL["name"], {"itest.L1.E1": torch.randn(1, D)}, timeout_s=10)
         await client.close()
-        return await client.forward(MODEL["name"], {"itest.L1.E1": torch.randn(rows, D)}, timeout_s=10)
+        client._stream_busy = stream_busy  # busy: the request goes unary, as beside another call
+        return await client.forward(MODEL["name"], {"itest.L1.E1": torch.randn(2, D)}, timeout_s=10)
 
-    for rows in (2, 4096):  # on the stream; unary (over STREAM_MAX_BYTES)
+    for stream_busy in (False, True):  # on the stream; unary
         with pytest.raises(NodeUnavailable, match="closed|ended"):
-            run(on_a_closed_client(rows))
+            run(on_a_closed_client(stream_busy))

@@ -14,10 +14,9 @@ import torch
 from conftest import MODEL
 from procs import run
 from test_node_rpc import _request, local_expert
-from moeswarm.model import expert_client
 from moeswarm.model.expert_client import ExpertClient
 from moeswarm.protocol import codec, expert_pb2
-from moeswarm.protocol.errors import BadRequest, ExpertNotFound, NodeUnavailable
+from moeswarm.protocol.errors import BadRequest, ExpertNotFound, NodeUnavailable, Overloaded
 
 D = MODEL["d_model"]
 UID = "itest.L0.E0"
@@ -99,33 +98,59 @@ def test_unary_call_refuses_the_stream_only_backward_field(node_factory):
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "call Backward" in error.details()
 
 
-def test_client_uses_the_stream_for_small_requests_and_unary_for_large(node_factory):
+def test_client_uses_the_stream_when_free_and_unary_when_busy(node_factory):
     node = node_factory(max_rows=4096)
-    small, large = torch.randn(2, D), torch.randn(expert_client.STREAM_MAX_BYTES // (4 * D) + 1, D)
+    small, large = torch.randn(2, D), torch.randn(4096, D)  # 512 KiB: large requests ride the stream too
 
     async def calls():
         client = ExpertClient(node.ready["endpoint"])
         try:
             out_large = await client.forward("itest", {UID: large}, timeout_s=10)
-            opened_by_large = client._stream is not None
-            out_small = await client.forward("itest", {UID: small}, timeout_s=10)
             stream = client._stream
+            out_small = await client.forward("itest", {UID: small}, timeout_s=10)
+            same_stream = client._stream is stream
             # An error answered in-stream raises our error and keeps the stream open.
             with pytest.raises(ExpertNotFound, match="itest.L0.E9"):
                 await client.forward("itest", {"itest.L0.E9": small}, timeout_s=10)
             with pytest.raises(BadRequest, match="shape"):
                 await client.forward("itest", {UID: torch.randn(2, D + 1)}, timeout_s=10)
+            # Two at once: the second finds the stream busy and goes unary (the stream stays open).
+            together = await asyncio.gather(*(client.forward("itest", {UID: x}, timeout_s=10) for x in (large, small)))
             again = await client.forward("itest", {UID: small}, timeout_s=10)
-            return out_large[UID], out_small[UID], again[UID], opened_by_large, stream, client._stream
+            return out_large[UID], out_small[UID], [t[UID] for t in together], again[UID], stream, same_stream, client._stream
         finally:
             await client.close()
 
-    out_large, out_small, again, opened_by_large, stream, stream_after_errors = run(calls())
+    out_large, out_small, together, again, stream, same_stream, stream_after = run(calls())
     expert = local_expert(UID)
     with torch.no_grad():
         assert torch.equal(out_large, expert(large)) and torch.equal(out_small, expert(small))
-        assert torch.equal(again, out_small)
-    assert not opened_by_large and stream is not None and stream_after_errors is stream
+        assert torch.equal(together[0], out_large) and torch.equal(together[1], out_small) and torch.equal(again, out_small)
+    assert stream is not None and same_stream and stream_after is stream
+
+
+def test_a_request_over_the_nodes_size_limit_fails_alone_and_the_next_opens_a_fresh_stream(node_factory):
+    """The node's transport refuses a message over its limit by ending the stream: that request gets
+    the status a unary call gets (RESOURCE_EXHAUSTED: Overloaded), and the next one is served."""
+    node = node_factory(max_message_bytes=1 << 20)
+    small, too_large = torch.randn(2, D), torch.randn(8192, D)  # 1 MiB of payload, plus framing
+
+    async def calls():
+        client = ExpertClient(node.ready["endpoint"])  # its own limit (64 MiB) does not split it
+        try:
+            before = await client.forward("itest", {UID: small}, timeout_s=10)
+            stream = client._stream
+            with pytest.raises(Overloaded, match="RESOURCE_EXHAUSTED"):
+                await client.forward("itest", {UID: too_large}, timeout_s=10)
+            after = await client.forward("itest", {UID: small}, timeout_s=10)
+            return before[UID], after[UID], stream, client._stream
+        finally:
+            await client.close()
+
+    before, after, stream, stream_after = run(calls())
+    assert "Traceback" not in node.log and " ERROR " not in node.log  # a client's mistake, not the node's
+    assert torch.equal(before, after)
+    assert stream is not None and stream_after is not None and stream_after is not stream
 
 
 def test_a_stopped_node_times_out_on_the_stream_and_a_fresh_stream_serves_after_resume(node_factory):
