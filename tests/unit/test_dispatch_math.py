@@ -107,6 +107,27 @@ def test_gather_and_scatter_put_every_row_back_in_its_place(tokens):
     assert not served_TK.any() and not y_TKD.any()
 
 
+@pytest.mark.parametrize("k", [1, 2, 4])
+@pytest.mark.parametrize("wire_dtype", [torch.float32, torch.bfloat16])
+def test_one_token_rows_and_outputs_land_in_their_slots(k, wire_dtype):
+    """Decoding one sequence takes a path of its own (shared index tensors, one cat): the same
+    rows and the same fp32 outputs as for any other call, in a tensor of its own."""
+    topk_ids_TK = torch.randperm(len(UIDS), generator=torch.Generator().manual_seed(k))[:k][None]
+    rows = group_rows(topk_ids_TK, UIDS)
+    assert list(rows) == sorted((UIDS[e] for e in topk_ids_TK[0].tolist()), key=UIDS.index)
+    for slot, expert in enumerate(topk_ids_TK[0].tolist()):
+        r = rows[UIDS[expert]]
+        assert (r.token_idx.tolist(), r.slot_idx.tolist(), r.flat_idx.tolist()) == ([0], [slot], [slot])
+    x_TD = _randn(1, D, seed=k)
+    outputs = {uid: (x_ND * (UIDS.index(uid) + 1)).to(wire_dtype) for uid, x_ND in gather_rows(x_TD, rows).items()}
+    y_TKD, served_TK = _scatter_outputs(topk_ids_TK, D, rows, outputs)
+    expected_TKD = torch.stack([outputs[UIDS[e]][0].float() for e in topk_ids_TK[0].tolist()])[None]
+    assert y_TKD.dtype == torch.float32 and torch.equal(y_TKD, expected_TKD) and served_TK.tolist() == [[True] * k]
+    y_TKD.zero_()  # the caller's own tensor: the answers (and the shared index tensors) stay as they were
+    assert torch.equal(torch.stack([outputs[UIDS[e]][0].float() for e in topk_ids_TK[0].tolist()])[None], expected_TKD)
+    assert group_rows(topk_ids_TK, UIDS)[UIDS[topk_ids_TK[0, 0]]].slot_idx.tolist() == [0]
+
+
 def test_backward_of_a_layer_call_that_sent_no_slot_is_all_zeros():
     """Every slot dropped (a capacity limit): no RPC goes out and the input grads are zeros."""
     dispatcher = Dispatcher(directory=None, model="tiny", config=DispatchConfig())
