@@ -6,9 +6,10 @@ Measured, all on 127.0.0.1 with a bootstrap DHT process and node processes start
     against its floors (raw echoes, a d_ff=1 expert) and to a second node serving the same expert
     with busy_poll_us=2000 (node/busy_poll.py; off by default, so the target figure is the first node's);
   * payload bandwidth: round trips carrying a 1 MiB fp32 tensor [1024, 256] each way to a node whose
-    expert has d_ff=1 (compute negligible: transport + codec + validation), against a raw grpc.aio
-    echo of 1 MiB of bytes served by a separate process (generic handler, no serialisation);
-    calls alternate in blocks so both see the same machine noise; MB/s counts both directions;
+    expert has d_ff=1 (compute negligible: transport + codec + validation; ExpertClient sends it on
+    its open Stream call), against a raw grpc.aio unary echo of 1 MiB of bytes served by a separate
+    process (generic handler, no serialisation), and for context the same echo on an open stream;
+    calls alternate in blocks so all see the same machine noise; MB/s counts both directions;
   * launch-to-visible: from Popen of a fresh node until find_experts() on a client DHT in this
     process returns its expert (polled every 50 ms, at most 60 s);
   * processes and memory of a node's tree (node, its DHT child, p2pd): count, RSS, PSS;
@@ -308,25 +309,37 @@ async def measure_bandwidth(client, echo_endpoint: str, pick: int) -> tuple[list
     x_ND = torch.randn(PAYLOAD_ROWS, BW_MODEL["d_model"])
     payload = x_ND.numpy().tobytes()
     channel = grpc.aio.insecure_channel(echo_endpoint, options=GRPC_OPTIONS)
+    stream = channel.stream_stream(STREAM_ECHO_METHOD)()
+
+    async def stream_echo():
+        await stream.write(payload)
+        return await stream.read()
+
     try:
         echo = channel.unary_unary(ECHO_METHOD)  # no serializers: bytes in, bytes out
         calls = {
             "raw": functools.partial(echo, payload, timeout=CALL_TIMEOUT_S),
+            "raw stream": stream_echo,
             "moeswarm": functools.partial(client.forward, BW_MODEL["name"], {BW_UID: x_ND}, timeout_s=CALL_TIMEOUT_S),
         }
-        if len(await calls["raw"]()) != len(payload) or (await calls["moeswarm"]())[BW_UID].shape != x_ND.shape:
-            raise RuntimeError("an echo or a Forward came back with a different size than sent")
+        for side, call in calls.items():
+            answer = await call()
+            if (answer[BW_UID].shape != x_ND.shape) if side == "moeswarm" else len(answer) != len(payload):
+                raise RuntimeError(f"{side}: an answer came back with a different size than sent")
         seconds = await alternate(calls, BANDWIDTH_CALLS[pick], WARMUP_CALLS[pick])
     finally:
+        stream.cancel()
         await channel.close()
     moved_mb = 2 * len(payload) / 1e6  # request and response
     rate = {side: moved_mb / median(s) for side, s in seconds.items()}
     figures = [
         figure("raw_1mib_roundtrip_ms", "raw gRPC echo 1 MiB round trip, median", median(seconds["raw"]) * 1e3, "ms"),
+        figure("raw_stream_1mib_roundtrip_ms", "raw gRPC echo on an open stream, 1 MiB, median", median(seconds["raw stream"]) * 1e3, "ms"),
         figure("moeswarm_1mib_roundtrip_ms", "moeswarm Forward 1 MiB round trip, median", median(seconds["moeswarm"]) * 1e3, "ms"),
         figure("raw_mb_per_s", "raw gRPC echo, both ways", rate["raw"], "MB/s"),
         figure("moeswarm_mb_per_s", "moeswarm Forward (d_ff=1), both ways", rate["moeswarm"], "MB/s"),
         figure("bandwidth_ratio", "bandwidth moeswarm / raw", rate["moeswarm"] / rate["raw"], "x", at_least=0.70),
+        figure("bandwidth_ratio_stream", "bandwidth moeswarm / raw on an open stream", rate["moeswarm"] / rate["raw stream"], "x"),
     ]
     return figures, {side: stats_ms(s) for side, s in seconds.items()}
 
