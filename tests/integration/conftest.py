@@ -13,7 +13,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from procs import Proc, start_dht_peer, start_node  # noqa: E402
+from procs import Proc, ProcGroup, node_args, start_dht_peer, start_node  # noqa: E402
 
 MODEL = dict(name="itest", d_model=32, d_ff=64, n_layers=2, n_experts=4)
 
@@ -33,7 +33,9 @@ def dht_peer(tmp_path_factory) -> Proc:
 
 @pytest.fixture
 def node_factory(tmp_path, dht_peer):
-    """start(**config_overrides) -> Proc; every node started is killed at the end of the test."""
+    """start(name, **config_overrides) -> Proc; start.all(name=config_overrides, ...) -> [Proc], the
+    nodes started in parallel (about 1 s less a node on 2 cores). Every node started is killed at the
+    end of the test."""
     started: list[Proc] = []
 
     def start(name: str = "node", **overrides) -> Proc:
@@ -41,6 +43,15 @@ def node_factory(tmp_path, dht_peer):
         started.append(proc)
         return proc
 
+    def start_all(**configs: dict) -> list[Proc]:
+        group = ProcGroup()
+        for name, overrides in configs.items():
+            group.spawn(tmp_path / name, *node_args(tmp_path / name, node_config(dht_peer.ready["maddrs"], **overrides)))
+        started.extend(group.procs)
+        group.wait_ready()
+        return group.procs
+
+    start.all = start_all
     yield start
     for proc in started:
         proc.kill()

@@ -18,7 +18,7 @@ def _hosts(client_dht, swarm: str) -> dict[str, set[str]]:
 
 def test_a_node_stopped_cleanly_leaves_every_view_at_once_one_killed_stays_until_its_ttl(node_factory, client_dht):
     config = dict(experts=UIDS, swarm="departure", announce_ttl_s=600)  # expiry cannot explain what follows
-    stays, leaves, killed = (node_factory(name, **config) for name in ("stays", "leaves", "killed"))
+    stays, leaves, killed = node_factory.all(stays=config, leaves=config, killed=config)
     everyone = {node.ready["endpoint"] for node in (stays, leaves, killed)}
     wait_for(lambda: all(hosts == everyone for hosts in _hosts(client_dht, "departure").values()), what="three replicas")
 

@@ -25,8 +25,9 @@ D = MODEL["d_model"]
 
 
 def test_client_finds_every_expert_through_the_dht(node_factory, client_dht):
-    a = node_factory("a", experts=["itest.L0.E0", "itest.L0.E1"], swarm="discovery")
-    b = node_factory("b", experts=["itest.L0.E1", "itest.L1.E3"], swarm="discovery")
+    a, b = node_factory.all(
+        a=dict(experts=["itest.L0.E0", "itest.L0.E1"], swarm="discovery"), b=dict(experts=["itest.L0.E1", "itest.L1.E3"], swarm="discovery")
+    )
     # each node stored its records before it reported ready, but another peer may see them a moment later
     uids = ["itest.L0.E0", "itest.L0.E1", "itest.L1.E3", "itest.L1.E0"]
     found = wait_for(lambda: (f := find_experts(client_dht, "discovery", uids)) and len(f["itest.L0.E1"]) == 2 and f["itest.L1.E3"] and f)

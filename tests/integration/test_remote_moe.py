@@ -34,14 +34,18 @@ def model_spec(name: str) -> dict:
     return dict(name=name, d_model=D, d_ff=F, n_layers=1, n_experts=E)
 
 
-def start_nodes(root: pathlib.Path, peers: list[str], name: str, hosted: list[list[int]], **extra) -> list[Proc]:
-    """Nodes hosting these experts of layer 0, started in parallel (as `swarm up` starts them)."""
+def start_nodes(
+    root: pathlib.Path, peers: list[str], name: str, hosted: list[list[int]], *, each: list[dict] | None = None, **extra
+) -> list[Proc]:
+    """Nodes hosting these experts of layer 0, started in parallel (as `swarm up` starts them); each:
+    config overrides of the nodes one by one, after extra's, which all of them take."""
     group = ProcGroup()
     try:
         for i, experts in enumerate(hosted):
             config = dict(model=model_spec(name), experts=[f"{name}.L0.E{e}" for e in experts], initial_peers=peers)
             config.update(seed=SEED, torch_threads=1, swarm=name, optimizer=NO_UPDATES)
             config.update(extra)
+            config.update(each[i] if each else {})
             work_dir = root / f"{name}-n{i}"
             group.spawn(work_dir, *node_args(work_dir, config))
         group.wait_ready()
@@ -427,11 +431,7 @@ def test_two_client_processes_at_once(split_swarm, dht):
 
 def test_training_through_remote_moe_lowers_loss_and_moves_remote_experts(dht, tmp_path, reap):
     trained = dict(name="sgd", lr=0.05, update_every=1)
-    nodes = reap([])
-    for i, experts in enumerate([[0, 1], [2, 3]]):
-        config = dict(model=model_spec("train"), experts=[f"train.L0.E{e}" for e in experts])
-        config.update(initial_peers=dht.ready["maddrs"], seed=SEED, torch_threads=1, swarm="train", optimizer=trained)
-        nodes.append(start_node(tmp_path / f"trained{i}", config))
+    nodes = reap(start_nodes(tmp_path, dht.ready["maddrs"], "train", [[0, 1], [2, 3]], optimizer=trained))
     local, remote = make_pair("train", 2, dht.ready["maddrs"])
     reap(remote)
     try:
@@ -465,10 +465,8 @@ def test_training_through_remote_moe_lowers_loss_and_moves_remote_experts(dht, t
 
 def test_training_goes_to_the_replica_that_accepts_gradients(dht, tmp_path, reap):
     # Both nodes host every expert; one is a public inference-only node (trainable: false).
-    frozen = reap(start_nodes(tmp_path / "frozen", dht.ready["maddrs"], "mixed", [list(range(E))], trainable=False))[0]
-    config = dict(model=model_spec("mixed"), experts=[f"mixed.L0.E{e}" for e in range(E)], initial_peers=dht.ready["maddrs"])
-    config.update(seed=SEED, torch_threads=1, swarm="mixed", optimizer=dict(name="sgd", lr=0.05, update_every=1))
-    learner = reap(start_node(tmp_path / "learner", config))
+    learns = dict(optimizer=dict(name="sgd", lr=0.05, update_every=1))
+    frozen, learner = reap(start_nodes(tmp_path, dht.ready["maddrs"], "mixed", [list(range(E))] * 2, each=[dict(trainable=False), learns]))
     _, remote = make_pair("mixed", 2, dht.ready["maddrs"], replicas=2)
     reap(remote)
     x = torch.randn(64, D)
