@@ -57,6 +57,15 @@ def node_factory(tmp_path, dht_peer):
         proc.kill()
 
 
+@pytest.fixture(scope="module")
+def plain_node(dht_peer, tmp_path_factory) -> Proc:
+    """One default node shared by a module's tests that only run forwards on it (which change nothing):
+    a node start costs about 2 s."""
+    node = start_node(tmp_path_factory.mktemp("plain"), node_config(dht_peer.ready["maddrs"]))
+    yield node
+    node.kill()
+
+
 @pytest.fixture
 def client_dht(dht_peer):
     from moeswarm.protocol.client_dht import IsolatedDHT

@@ -7,8 +7,8 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from conftest import MODEL, node_config
-from procs import run, start_node
+from conftest import MODEL
+from procs import run
 from moeswarm.model.expert_client import ExpertClient
 from moeswarm.model.experts import expert_backward, expert_forward, init_expert, prepack_weights
 from moeswarm.protocol import codec, expert_pb2
@@ -27,15 +27,6 @@ async def _forward(endpoint: str, inputs: dict, **kwargs) -> dict:
         return await client.forward(MODEL["name"], inputs, timeout_s=10, **kwargs)
     finally:
         await client.close()
-
-
-@pytest.fixture(scope="module")
-def plain_node(dht_peer, tmp_path_factory):
-    """One default node shared by the tests that only run forwards on it (which change nothing):
-    a node start costs about 2 s."""
-    node = start_node(tmp_path_factory.mktemp("plain"), node_config(dht_peer.ready["maddrs"]))
-    yield node
-    node.kill()
 
 
 @pytest.mark.parametrize("rows", [1, 7, 64, 300])

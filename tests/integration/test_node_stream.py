@@ -85,8 +85,8 @@ def test_stream_backward_matches_autograd(node_factory):
     assert torch.allclose(codec.decode(answer.tensors[0]), x_ref.grad, atol=1e-6, rtol=0)
 
 
-def test_unary_call_refuses_the_stream_only_backward_field(node_factory):
-    node = node_factory()
+def test_unary_call_refuses_the_stream_only_backward_field(plain_node):
+    node = plain_node
 
     async def call():
         async with grpc.aio.insecure_channel(node.ready["endpoint"]) as channel:
