@@ -275,12 +275,7 @@ async def measure_batch1_breakdown(node, bw, poll, echo_endpoint: str, pick: int
     x_1D = torch.randn(1, MODEL["d_model"])
     payload = x_1D.numpy().tobytes()
     channel = grpc.aio.insecure_channel(echo_endpoint, options=GRPC_OPTIONS)
-    stream = channel.stream_stream(STREAM_ECHO_METHOD)()
-
-    async def stream_echo():
-        await stream.write(payload)
-        return await stream.read()
-
+    stream, stream_echo = open_stream_echo(channel, payload)
     try:
         calls = {
             "raw echo": functools.partial(channel.unary_unary(ECHO_METHOD), payload, timeout=CALL_TIMEOUT_S),
@@ -309,12 +304,7 @@ async def measure_bandwidth(client, echo_endpoint: str, pick: int) -> tuple[list
     x_ND = torch.randn(PAYLOAD_ROWS, BW_MODEL["d_model"])
     payload = x_ND.numpy().tobytes()
     channel = grpc.aio.insecure_channel(echo_endpoint, options=GRPC_OPTIONS)
-    stream = channel.stream_stream(STREAM_ECHO_METHOD)()
-
-    async def stream_echo():
-        await stream.write(payload)
-        return await stream.read()
-
+    stream, stream_echo = open_stream_echo(channel, payload)
     try:
         echo = channel.unary_unary(ECHO_METHOD)  # no serializers: bytes in, bytes out
         calls = {
@@ -342,6 +332,17 @@ async def measure_bandwidth(client, echo_endpoint: str, pick: int) -> tuple[list
         figure("bandwidth_ratio_stream", "bandwidth moeswarm / raw on an open stream", rate["moeswarm"] / rate["raw stream"], "x"),
     ]
     return figures, {side: stats_ms(s) for side, s in seconds.items()}
+
+
+def open_stream_echo(channel, payload: bytes):
+    """(the open StreamEcho call, a coroutine function sending payload on it and reading its echo)."""
+    stream = channel.stream_stream(STREAM_ECHO_METHOD)()
+
+    async def stream_echo():
+        await stream.write(payload)
+        return await stream.read()
+
+    return stream, stream_echo
 
 
 async def alternate(calls: dict, n: int, warmup: int) -> dict[str, list[float]]:
