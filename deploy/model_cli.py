@@ -115,14 +115,21 @@ def check_length(prompt_tokens: int, max_new_tokens: int, max_seq_len: int) -> N
     )
 
 
-def run_generate(args) -> int:
+def start_client_dht(args):
+    """`generate`'s client DHT peer (None with --local), after checking every flag. Its process starts
+    at once and imports and joins while the caller goes on: start it before importing torch."""
     check_generate_flags(args)
-    started = time.monotonic()
-    dht = None
-    if not args.local:  # first: the client DHT peer starts (imports, joins) while we import torch
-        from moeswarm.protocol.client_dht import IsolatedDHT
+    if args.local:
+        return None
+    from moeswarm.protocol.client_dht import IsolatedDHT
 
-        dht = IsolatedDHT(args.initial_peers, wait=False)
+    return IsolatedDHT(args.initial_peers, wait=False)
+
+
+def run_generate(args) -> int:
+    """args.client_dht: the client DHT peer, where the CLI started it before importing torch."""
+    started = time.monotonic()
+    dht = args.client_dht if "client_dht" in vars(args) else start_client_dht(args)
     try:
         return _generate(args, dht, started)
     finally:

@@ -23,6 +23,7 @@ from moeswarm.protocol.dht import (
     start_dht, stop_dht,
 )
 from moeswarm.protocol.errors import NodeUnavailable
+from moeswarm.protocol.quick_import import import_with_gc_paused
 
 
 class IsolatedDHT:
@@ -120,6 +121,7 @@ def _serve_lookups() -> None:
     """Body of `python -m moeswarm.protocol.client_dht`: one client DHT peer serving one owner."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the owner process decides when we stop
     import_dht_only()
+    import_with_gc_paused("hivemind.dht")  # and torch with it: this process is ready ~0.15 s sooner
     request = json.loads(sys.stdin.readline())
     authkey = bytes.fromhex(request["authkey"])
     listening = threading.Event()
