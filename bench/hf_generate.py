@@ -86,7 +86,7 @@ SETTLE_S = 0.5  # after ready, before reading memory: let late frees and the fir
 RATIO_TARGET = 1.3
 SELECTIVE_TARGET = 0.1  # of the checkpoint size difference
 EXPERT_TENSOR = re.compile(r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.")
-LOADED = re.compile(r"loaded (\d+) experts from .* in ([\d.]+) s")
+LOADED = re.compile(r"loaded (\d+)/\d+ experts \([\d.]+ GB\) in ([\d.]+) s from ")  # node/model_source.py _Progress.done
 MIB = 1 << 20
 # (full, --quick)
 NEW_TOKENS = (96, 24)
