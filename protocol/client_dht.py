@@ -40,8 +40,11 @@ class IsolatedDHT:
         """wait=False returns at once: the child starts (imports, joins the swarm) while the caller goes
         on, e.g. importing torch; the first lookup (or wait_ready) waits for it."""
         self._authkey = secrets.token_bytes(32)
+        # Its own session: a Ctrl-C in the owner's terminal, sent to the whole foreground group, could
+        # otherwise reach it before it ignores SIGINT (its first ~50 ms) and print a traceback there.
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "moeswarm.protocol.client_dht"], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+            [sys.executable, "-m", "moeswarm.protocol.client_dht"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            start_new_session=True,
         )
         config = {"authkey": self._authkey.hex(), "initial_peers": list(initial_peers)}
         self._proc.stdin.write(json.dumps(config).encode() + b"\n")
@@ -122,7 +125,10 @@ def _serve_lookups() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the owner process decides when we stop
     import_dht_only()
     import_with_gc_paused("hivemind.dht")  # and torch with it: this process is ready ~0.15 s sooner
-    request = json.loads(sys.stdin.readline())
+    line = sys.stdin.readline()
+    if not line:  # the owner died before it sent what to join
+        return
+    request = json.loads(line)
     authkey = bytes.fromhex(request["authkey"])
     listening = threading.Event()
     with tempfile.TemporaryDirectory(prefix="moeswarm-dht-") as tmp:
@@ -130,7 +136,7 @@ def _serve_lookups() -> None:
         try:
             dht = start_dht(initial_peers=request["initial_peers"], client_mode=True)
         except NodeUnavailable as e:  # the owner raises it (bad or unreachable peers): no traceback here
-            print(f"failed {e}", flush=True)
+            _tell_owner(f"failed {e}")
             sys.exit(1)
         # After start_dht: it forks, and a fork taken while a thread blocks in a read of stdin could
         # not close the inherited stdin (multiprocessing's bootstrap does) and would hang.
@@ -138,11 +144,25 @@ def _serve_lookups() -> None:
         try:
             with multiprocessing.connection.Listener(address, family="AF_UNIX", authkey=authkey) as listener:
                 listening.set()
-                print(f"ready {address}", flush=True)
+                if not _tell_owner(f"ready {address}"):
+                    return  # no one will connect
                 with listener.accept() as conn:
                     _answer(conn, dht)
         finally:
             stop_dht(dht)
+
+
+def _tell_owner(line: str) -> bool:
+    """Write a line to the owner's pipe; False where the owner is gone (the pipe broke), with our
+    stdout silenced: the owner's terminal (our stderr) gets no traceback, now or when Python flushes
+    stdout at exit. `moeswarm generate` starts us before it imports torch: a Ctrl-C during that import
+    ends it while we start."""
+    try:
+        print(line, flush=True)
+        return True
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return False
 
 
 def _stop_when_owner_dies(address: str, authkey: bytes, listening: threading.Event) -> None:

@@ -104,6 +104,31 @@ def test_owner_killed_before_connecting_leaves_no_process(dht_peer):
     assert not _still_running(seen), f"left behind after the owner died: {_still_running(seen)}"
 
 
+_OWNER_GONE_AT_ONCE = """
+import os, sys
+from moeswarm.protocol.client_dht import IsolatedDHT
+dht = IsolatedDHT(sys.argv[1:], wait=False)
+print(dht._proc.pid, flush=True)
+os._exit(130)  # what a Ctrl-C does to `moeswarm generate` while it imports torch, with its DHT child starting
+"""
+
+
+def test_owner_gone_while_its_dht_child_starts_leaves_no_traceback_and_no_process(dht_peer):
+    # The child told a dead owner it was ready: BrokenPipeError, with a traceback on the owner's terminal.
+    owner = subprocess.Popen(
+        [sys.executable, "-c", _OWNER_GONE_AT_ONCE, *dht_peer.ready["maddrs"]],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    child = int(owner.stdout.readline())
+    _, err = owner.communicate(timeout=60)  # the child writes to the same stderr: its end closes when it exits
+    assert owner.returncode == 130
+    assert "Traceback" not in err and "Error" not in err, err[-3000:]
+    deadline = time.monotonic() + 15
+    while alive({child}) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive({child})
+
+
 def test_lookups_through_a_client_dht_peer_that_died_say_so_at_once(dht_peer):
     dht = IsolatedDHT(dht_peer.ready["maddrs"])
     try:
