@@ -23,16 +23,17 @@ def main(argv: list[str] | None = None) -> int:
     # Still under exit-at-once: a KeyboardInterrupt inside torch's import (about 1 s, numpy's within
     # it) was swallowed there in 3 of 14 Ctrl-Cs (generate then ran to its end) and once aborted the process.
     import_with_gc_paused("torch")  # every command imports it (hivemind's DHT does too)
-    if args.func not in (_cmd_node, _cmd_dht, _cmd_swarm_up):  # the others stop on KeyboardInterrupt
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        if previous[signal.SIGINT] is signal.default_int_handler:  # not where SIGINT was ignored (nohup, &)
-            interrupted = _note_interrupts()
-    from moeswarm.protocol.dht import import_dht_only
+    try:  # from here a Ctrl-C may raise KeyboardInterrupt: all of it inside the try (one at ~1 s, in
+        # import_dht_only, escaped it: exit by SIGINT with a traceback instead of 130)
+        if args.func not in (_cmd_node, _cmd_dht, _cmd_swarm_up):  # the others stop on KeyboardInterrupt
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            if previous[signal.SIGINT] is signal.default_int_handler:  # not where SIGINT was ignored (nohup, &)
+                interrupted = _note_interrupts()
+        from moeswarm.protocol.dht import import_dht_only
 
-    import_dht_only()  # before anything imports hivemind: our processes need only its DHT
-    configure_logging(args.log_level)
-    try:
+        import_dht_only()  # before anything imports hivemind: our processes need only its DHT
+        configure_logging(args.log_level)
         return args.func(args)
     except SystemExit:
         raise
