@@ -64,6 +64,12 @@ class ReplicaPicker:
         latency_s = health.latency_s if health.measured else min(prior_s, UNKNOWN_LATENCY_S)
         return latency_s * (1.0 + record.queue_depth / 1024) * self._rng.uniform(0.8, 1.25)
 
+    def latency_s(self, endpoint: str) -> float:
+        """Mean latency of its successful calls; 0 before the first one (as rank() does, an unknown
+        replica is taken to be as fast as any, so it gets tried)."""
+        health = self._get(endpoint)
+        return health.latency_s if health.measured else 0.0
+
     def failures(self, endpoint: str) -> int:
         """Consecutive failures of this endpoint (0 after any success)."""
         return self._get(endpoint).failures

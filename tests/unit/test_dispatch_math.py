@@ -10,13 +10,15 @@ import pytest
 import torch
 
 from moeswarm.model.dispatcher import (
-    DispatchConfig, DispatchResult, Dispatcher, _scatter_outputs, gather_rows, group_rows, pick_endpoint,
+    AFFINITY_MAX_EXPERTS, AFFINITY_MAX_ROWS, DispatchConfig, DispatchResult, Dispatcher, _scatter_outputs, gather_rows,
+    group_rows, pick_endpoint,
 )
 from moeswarm.model.expert_client import split_rows
 from moeswarm.model.experts import init_expert
 from moeswarm.model.local_moe import LocalMoE, combine
 from moeswarm.model.remote_moe import RemoteMoE, check_min_experts
 from moeswarm.protocol.errors import AllReplicasFailed, ConfigError
+from moeswarm.protocol.records import ExpertRecord
 
 D = 8
 UIDS = [f"tiny.L0.E{e}" for e in range(4)]
@@ -414,11 +416,46 @@ def test_pick_endpoint_prefers_the_forward_replica_then_a_node_already_called_th
     is_banned = banned.__contains__
     assert pick_endpoint(["a", "b"], is_banned, preferred="b") == "b"  # backward follows the forward
     assert pick_endpoint(["a", "b"], is_banned, preferred="c") == "a"  # unless that replica is banned
-    assert pick_endpoint(["a", "b"], is_banned, joinable={"b": []}) == "b"  # join the RPC already planned
-    assert pick_endpoint(["a", "c"], is_banned, joinable={"c": []}) == "a"  # never join a banned node
+    assert pick_endpoint(["a", "b"], is_banned, planned={"b": ["E0"]}) == "b"  # join the RPC already planned
+    assert pick_endpoint(["a", "c"], is_banned, planned={"c": ["E0"]}) == "a"  # never join a banned node
     assert pick_endpoint(["a", "b"], is_banned) == "a"
     assert pick_endpoint(["c"], is_banned) == "c"  # banned replicas stay a last resort
     assert pick_endpoint([], is_banned) is None
+
+
+def test_pick_endpoint_spreads_a_batch_of_small_experts_over_replicas_about_as_fast():
+    never_banned = lambda endpoint: False  # noqa: E731
+    latency = {"a": 0.001, "b": 0.0015, "slow": 0.05}.__getitem__
+    full = ["E%d" % i for i in range(AFFINITY_MAX_EXPERTS)]
+    # decoding one token: its experts share one RPC
+    assert pick_endpoint(["a", "b"], never_banned, planned={"b": full[:-1]}, latency_s=latency) == "b"
+    # a node already called has all the experts it takes: a replica as fast gets its own RPC
+    assert pick_endpoint(["a", "b"], never_banned, planned={"b": full}, latency_s=latency) == "a"
+    # ... but not a much slower one: the expert joins after all (the least loaded node called)
+    assert pick_endpoint(["slow", "a"], never_banned, planned={"a": full}, latency_s=latency) == "a"
+    assert pick_endpoint(["a", "b"], never_banned, planned={"a": full + ["E9"], "b": full}, latency_s=latency) == "b"
+    # a replica never measured counts as fast (latency_s 0), so it gets tried
+    assert pick_endpoint(["new", "a"], never_banned, planned={"a": full}, latency_s={"new": 0.0, "a": 0.001}.__getitem__) == "new"
+
+
+def test_a_layer_call_of_many_small_experts_goes_to_every_replicated_node_and_one_token_to_one():
+    class EveryExpertOnTwoNodes:  # what ExpertDirectory.replicas answers (no lookup needed here)
+        def replicas(self, uid):
+            return [ExpertRecord(f"peer-{n}", f"127.0.0.1:{5000 + n}", 0, 0.0, version=0) for n in range(2)]
+
+    dispatcher = Dispatcher(directory=EveryExpertOnTwoNodes(), model="m", config=DispatchConfig())
+    try:
+        uids = [f"m.L0.E{e}" for e in range(8)]
+
+        def assign(pending, rows):
+            return dispatcher._assign(set(pending), {uid: [] for uid in pending}, {}, dict.fromkeys(pending, rows), False)
+
+        assert len(assign(uids[:2], 1)) == 1  # a decoding step of one sequence: its 2 experts in one RPC
+        assert sorted(map(len, assign(uids, 2).values())) == [4, 4]  # of 8 sequences: both nodes, evenly
+        big = assign(uids, AFFINITY_MAX_ROWS + 1)  # big batches: each expert to its best replica
+        assert sum(map(len, big.values())) == 8
+    finally:
+        dispatcher.close()
 
 
 def test_dispatcher_makes_its_channels_only_on_its_loop_thread():
