@@ -2,8 +2,9 @@
 
 Model: 4 blocks, each with an MoE FFN (8 SwiGLU experts of hidden 512, top-2), d_model 256, 4 heads, byte
 vocabulary, fp32, random weights (seed 0), written as a model directory (model/lm.py save_model). Swarm:
-deploy/swarm.py LocalSwarm, a bootstrap DHT and 2 node processes hosting the 32 experts once (1 replica),
-all on 127.0.0.1; the bench process, the nodes and the echo servers run torch with 1 thread.
+deploy/swarm.py LocalSwarm, a bootstrap DHT and 2 node processes hosting the 32 experts once (1 replica;
+--replicas 2: both host all of them, and the dispatcher picks a replica per expert), all on 127.0.0.1; the
+bench process, the nodes and the echo servers run torch with 1 thread.
 Greedy decoding (model/generation.py generate, KV cache) of prompts of BOS + 16 bytes of stdlib source, N new
 tokens (128; 48 with --quick), at batch 1 and 8 (8 different prompts): the same model directory opened
 locally (every expert in this process) and on the swarm (dense part here, experts on the nodes), one
@@ -24,7 +25,7 @@ Figures: ms/step and tokens/s (batch / median step) local and remote; remote exp
 Targets, at each batch: overhead per MoE layer <= 0.6 ms (one loopback round trip); remote greedy tokens
 == local greedy tokens (0 differing).
 Run, with moeswarm importable (installed, or on PYTHONPATH):
-    python bench/generate.py [--quick] [--json out.json]
+    python bench/generate.py [--quick] [--json out.json] [--placement spread|by-layer] [--replicas 1|2]
 --quick (48 new tokens, 3 rounds) takes under a minute on a 2-core machine; the full run (128, 6) about two.
 """
 
@@ -70,7 +71,7 @@ PROMPT_SOURCES = ("textwrap.dedent", "textwrap.indent", "textwrap.shorten", "jso
                   "shlex.quote", "shlex.split", "fnmatch.fnmatch")
 PROMPT_BYTES = 16
 BATCHES = (1, 8)
-NODES, REPLICAS, TORCH_THREADS = 2, 1, 1
+NODES, TORCH_THREADS = 2, 1
 TARGET_OVERHEAD_MS = 0.6  # per MoE layer: one loopback round trip
 ECHO_SERVERS = 2
 ECHO_BYTES = 1024  # one batch-1 row: 256 fp32
@@ -95,6 +96,8 @@ def main() -> int:
     parser.add_argument("--json", metavar="PATH", help="also write every figure, sizes and the machine info here")
     parser.add_argument("--placement", default="spread", choices=["spread", "by-layer"],
                         help="how the swarm places experts (coordinator/placement.py); by-layer: ~1 RPC per layer")
+    parser.add_argument("--replicas", type=int, default=1, choices=range(1, NODES + 1),
+                        help="nodes hosting each expert (default 1); 2: both nodes host every expert, the dispatcher chooses")
     parser.add_argument("--node-set", action="append", default=[], metavar="KEY=VALUE",
                         help="a node config key for every node, as `swarm up --node-set` (e.g. busy_poll_us=2000)")
     args = parser.parse_args()
@@ -104,7 +107,7 @@ def main() -> int:
     started, load_before = time.monotonic(), os.getloadavg()
     try:
         with tempfile.TemporaryDirectory(prefix="moeswarm-bench-") as tmp:
-            runs, floor, details = run_all(pathlib.Path(tmp), pick, args.placement, tuple(args.node_set))
+            runs, floor, details = run_all(pathlib.Path(tmp), pick, args.placement, args.replicas, tuple(args.node_set))
     finally:
         kill_descendants()  # what libraries started here: the client's DHT child, torch_shm_manager
     floor_figures = floor_figures_of(floor, details)  # first: the decode details compare against the floor
@@ -119,7 +122,7 @@ def report(figures: list[Figure], details: dict, quick: bool) -> dict:
         "model": {**SIZES, "n_experts": N_EXPERTS, "k": K, "moe_layers": details["n_moe_layers"], "vocab": "bytes"},
         "dtype": "float32", "batches": BATCHES, "prompt_tokens": 1 + PROMPT_BYTES, "prompt_sources": PROMPT_SOURCES,
         "new_tokens": NEW_TOKENS[pick], "decoding_steps_per_generation": NEW_TOKENS[pick] - 1,
-        "rounds": ROUNDS[pick], "warmup_tokens": WARMUP_TOKENS, "nodes": NODES, "replicas": REPLICAS,
+        "rounds": ROUNDS[pick], "warmup_tokens": WARMUP_TOKENS, "nodes": NODES, "replicas": details["replicas"],
         "placement": details["placement"], "node_set": details["node_set"],
         "torch_threads_bench": TORCH_THREADS, "torch_threads_nodes": TORCH_THREADS,
         "echo_servers": ECHO_SERVERS, "echo_bytes": ECHO_BYTES, "expert_floor_rows": 1,
@@ -162,7 +165,7 @@ def print_context(details: dict) -> None:
         print(f"  b{batch} GenerationResult.expert_wait_s includes the prompt: {acct['total_ms']:.1f} ms per "
               f"generation, {acct['prefill_ms']:.1f} of it prefill (excluded above); prefill local "
               f"{acct['local_prefill_ms']:.1f} ms, remote {acct['remote_prefill_ms']:.1f} ms")
-    print(f"  placement {details['placement']}; nodes set: {', '.join(details['node_set']) or 'nothing (defaults)'}")
+    print(f"  placement {details['placement']}, {details['replicas']} replica(s) of each expert; nodes set: {', '.join(details['node_set']) or 'nothing (defaults)'}")
     print_greedy_check(details, BATCHES, "remote greedy tokens differ from local")
     print(f"  prompt b1: {details['prompts'][0]!r}; first new tokens (random weights): {details['b1_first_tokens']}")
     print_load(details)
@@ -276,20 +279,30 @@ class Generation:
     wait: list[float]  # and expert wait inside them
     call: list[float]  # per MoE layer call while decoding: wall time,
     call_wait: list[float]  # expert wait,
-    call_nodes: list[int]  # and nodes hosting its chosen experts (remote only)
+    call_nodes: list[int]  # and nodes it called (remote only)
 
 
 class StepProbe:
     """Times the decoding steps of one model: generate's on_tokens callback marks each step's end; hooks
     around each MoE module time its forward and read the client's expert_wait_s (None: a local model)."""
 
-    def __init__(self, model, client, node_of: dict[str, int] | None = None):
-        self.model, self.client, self.node_of = model, client, node_of
-        self._calls: list[tuple[float, float, object]] = []  # (wall, wait, module) of each MoE call this step
+    def __init__(self, model, client):
+        self.model, self.client = model, client
+        self._calls: list[tuple[float, float, int]] = []  # (wall, wait, nodes called) of each MoE call this step
         self._entered = (0.0, 0.0)
+        self._endpoints: dict[str, str] = {}  # of the last dispatch: uid -> node that served it (remote only)
         for moe in model.moe_layers():
             moe.register_forward_pre_hook(self._enter)
             moe.register_forward_hook(self._exit)
+        if client is not None:  # the nodes each layer call reached (whichever replicas the dispatcher chose)
+            dispatch = client.dispatch
+
+            def counting_dispatch(*args, **kwargs):
+                result = dispatch(*args, **kwargs)
+                self._endpoints = result.endpoints
+                return result
+
+            client.dispatch = counting_dispatch
 
     def _wait_s(self) -> float:
         return self.client.expert_wait_s if self.client is not None else 0.0
@@ -301,14 +314,7 @@ class StepProbe:
     def _exit(self, module, args, output) -> None:
         now = time.perf_counter()
         wait, started = self._entered
-        self._calls.append((now - started, self._wait_s() - wait, module))
-
-    def _nodes(self, module) -> int:
-        """Nodes hosting the experts `module` chose in its last call (0 for a local model)."""
-        if self.node_of is None:
-            return 0
-        ids = module.last_routing.topk_ids_TK[module.last_routing.mask_TK].unique().tolist()
-        return len({self.node_of[module.uids[e]] for e in ids})
+        self._calls.append((now - started, self._wait_s() - wait, len(set(self._endpoints.values()))))
 
     def generate(self, prompt_BT: torch.Tensor, new_tokens: int) -> Generation:
         from moeswarm.model.generation import SamplingConfig, generate
@@ -326,7 +332,7 @@ class StepProbe:
                 gen.wait.append(sum(wait for _, wait, _ in self._calls))
                 gen.call += [wall for wall, _, _ in self._calls]
                 gen.call_wait += [wait for _, wait, _ in self._calls]
-                gen.call_nodes += [self._nodes(module) for _, _, module in self._calls]  # untimed: after `now`
+                gen.call_nodes += [nodes for _, _, nodes in self._calls]
             self._calls = []
             last[:] = [time.perf_counter()]  # the callback's own bookkeeping is not the next step's
 
@@ -347,7 +353,7 @@ def load_prompts(tokenizer) -> tuple[list[str], torch.Tensor]:
     return texts, torch.tensor([tokenizer.encode(text) for text in texts])
 
 
-def run_all(work_dir: pathlib.Path, pick: int, placement: str, node_set: tuple[str, ...] = ()) -> tuple[dict, dict, dict]:
+def run_all(work_dir: pathlib.Path, pick: int, placement: str, replicas: int = 1, node_set: tuple[str, ...] = ()) -> tuple[dict, dict, dict]:
     """Write the model, start echo servers and the swarm, decode in alternating rounds; stop them all."""
     from moeswarm.deploy.swarm import LocalSwarm, SwarmPlan
     from moeswarm.model.lm import build_local_model, open_model, save_model
@@ -356,7 +362,7 @@ def run_all(work_dir: pathlib.Path, pick: int, placement: str, node_set: tuple[s
 
     config = MoELMConfig(**SIZES, routing=RoutingConfig(n_experts=N_EXPERTS, k=K))
     model_dir = save_model(build_local_model(config), work_dir / "model")
-    plan = SwarmPlan(model=config.spec(), nodes=NODES, replicas=REPLICAS, model_dir=str(model_dir), seed=config.seed,
+    plan = SwarmPlan(model=config.spec(), nodes=NODES, replicas=replicas, model_dir=str(model_dir), seed=config.seed,
                      uids=tuple(config.remote_uids()), torch_threads=TORCH_THREADS, run_dir=work_dir / "swarm",
                      placement=placement, node_overrides=node_set)
     with Children(work_dir) as children:
@@ -364,15 +370,14 @@ def run_all(work_dir: pathlib.Path, pick: int, placement: str, node_set: tuple[s
         with LocalSwarm(plan) as swarm:
             endpoints = [wait_ready(ready, proc, f"echo server {i}")["endpoint"] for i, (proc, ready) in enumerate(echoes)]
             progress(f"swarm up: {NODES} nodes, {len(plan.uids)} experts")
-            node_of = {uid: i for i, node in enumerate(swarm.ready) for uid in node["uids"]}
             # Both models (the remote one spawns its DHT peer) before this process makes any gRPC call.
             with open_model(model_dir) as local, open_model(model_dir, initial_peers=swarm.initial_peers) as remote:
                 with FloorCalls(endpoints, node_experts(swarm.ready), config.name) as floor:
-                    probes = {"local": StepProbe(local.model, None), "remote": StepProbe(remote.model, remote.client, node_of)}
+                    probes = {"local": StepProbe(local.model, None), "remote": StepProbe(remote.model, remote.client)}
                     texts, prompts_BT = load_prompts(local.tokenizer)
                     runs, floor_s = decode_rounds(probes, prompts_BT, floor, pick)
     first_tokens = runs["local", BATCHES[0]][0].result.tokens[0][:12]
-    details = {"placement": placement, "node_set": list(node_set), "n_moe_layers": len(config.moe_layers()), "prompts": texts[: max(BATCHES)], "b1_first_tokens": first_tokens}
+    details = {"placement": placement, "replicas": replicas, "node_set": list(node_set), "n_moe_layers": len(config.moe_layers()), "prompts": texts[: max(BATCHES)], "b1_first_tokens": first_tokens}
     return runs, floor_s, details
 
 
