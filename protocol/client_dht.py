@@ -190,9 +190,13 @@ def _answer(conn, dht) -> None:
             return
         request_id, keys, timeout_s = request
         try:
-            conn.send((request_id, True, get_records(dht, keys, timeout_s)))
+            answer = (request_id, True, get_records(dht, keys, timeout_s))
         except NodeUnavailable as e:
-            conn.send((request_id, False, str(e)))
+            answer = (request_id, False, str(e))
+        try:
+            conn.send(answer)
+        except (BrokenPipeError, ConnectionResetError):  # the owner died mid-lookup (a Ctrl-C in `generate`):
+            return  # no traceback on its terminal, which is our stderr too
 
 
 if __name__ == "__main__":
