@@ -7,6 +7,7 @@ from __future__ import annotations
 import sys
 import time
 
+from moeswarm.deploy.stop_signals import exit_at_once_on_ctrl_c
 from moeswarm.protocol.errors import ConfigError
 
 
@@ -43,6 +44,8 @@ def generate_hf(args, dht, started: float) -> int:
             )
         waited_s = client.expert_wait_s - waited_before if client is not None else None
         print(streamer.summary(waited_s), file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        exit_at_once_on_ctrl_c()  # all is said: a Ctrl-C while the client closes just ends the process
     finally:
         if client is not None:
             client.close()

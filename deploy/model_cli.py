@@ -9,6 +9,7 @@ import pathlib
 import sys
 import time
 
+from moeswarm.deploy.stop_signals import exit_at_once_on_ctrl_c
 from moeswarm.protocol.errors import ConfigError
 
 # Routing presets after the systems they come from; every other key can be changed with --set.
@@ -175,10 +176,12 @@ def _generate(args, dht, started: float) -> int:
 
         result = generate(lm.model, prompt, sampling, on_tokens=stream)
         sys.stdout.write(decoder.flush() + "\n")
-    n_new = len(result.tokens[0])
-    print(
-        f"[{n_new} tokens; prompt {result.prefill_s * 1e3:.0f} ms; {result.decode_tokens_per_s:.1f} tokens/s decoding; "
-        f"{result.expert_wait_s / max(result.prefill_s + result.decode_s, 1e-9):.0%} of the time waiting for experts]",
-        file=sys.stderr, flush=True,
-    )
+        sys.stdout.flush()
+        n_new = len(result.tokens[0])
+        print(
+            f"[{n_new} tokens; prompt {result.prefill_s * 1e3:.0f} ms; {result.decode_tokens_per_s:.1f} tokens/s decoding; "
+            f"{result.expert_wait_s / max(result.prefill_s + result.decode_s, 1e-9):.0%} of the time waiting for experts]",
+            file=sys.stderr, flush=True,
+        )
+        exit_at_once_on_ctrl_c()  # all is said: a Ctrl-C while the client closes just ends the process
     return 0

@@ -27,6 +27,16 @@ def exit_at_once_on_stop_signals() -> dict[int, object]:
     return {sig: signal.signal(sig, _exit_now) for sig in STOP_SIGNALS}
 
 
+def exit_at_once_on_ctrl_c() -> None:
+    """From now on SIGINT ends the process at once with 130, unless it is ignored (nohup, &). For a
+    command whose output is complete and that only closes what it used: a KeyboardInterrupt raised
+    there can land in a finalizer or a weakref callback (the client's closing loop frees its tasks),
+    where Python prints "Exception ignored ... KeyboardInterrupt" with a traceback and goes on.
+    What the process started sees it go (the client DHT peer stops when its stdin closes). Main thread only."""
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        signal.signal(signal.SIGINT, _exit_now)
+
+
 def _exit_now(signum: int, _frame) -> None:
     os._exit(exit_code_when_stopped([signum]))
 
