@@ -41,7 +41,6 @@ import pathlib
 import signal
 import sys
 import tempfile
-import threading
 import time
 
 import torch
@@ -83,8 +82,8 @@ ROUNDS = (6, 3)  # one local and one remote generation per round, per batch
 FLOOR_BLOCK = (20, 10)  # calls per floor side after each round
 FLOOR_SIDES = {  # side -> table label
     "raw": "floor: gRPC echo 1 KiB, in its loop",
-    "bridged": "floor: echo 1 KiB via loop thread",
-    "bridged_x2": "floor: 2 echoes at once, loop thread",
+    "bridged": "floor: echo 1 KiB from a sync caller",
+    "bridged_x2": "floor: 2 echoes at once, sync caller",
     "expert": "floor: ExpertClient.forward, 1 row",
     "expert_x2": "floor: 2 of them at once, 2 nodes",
 }
@@ -153,7 +152,7 @@ def print_context(details: dict) -> None:
               f"{call['remote_module_ms']:.3f} ms, of which expert wait {call['remote_wait_ms']:.3f} ms\n"
               f"     nodes called per layer call {call['nodes_mean']:.2f} (mean); 1-row ExpertClient floor for "
               f"that mix {call['expert_floor_ms']:.3f} ms")
-    print(f"  floor: raw echo {floor['raw']:.3f} ms in its loop, {floor['bridged']:.3f} ms via the loop thread, "
+    print(f"  floor: raw echo {floor['raw']:.3f} ms in its loop, {floor['bridged']:.3f} ms from a sync caller, "
           f"{floor['bridged_x2']:.3f} ms for 2 at once;\n"
           f"     ExpertClient.forward of 1 row {floor['expert']:.3f} ms, {floor['expert_x2']:.3f} ms for 2 nodes at once")
     for batch in BATCHES:
@@ -407,14 +406,15 @@ def decode_rounds(probes: dict[str, StepProbe], prompts_BT: torch.Tensor, floor:
 
 class FloorCalls:
     """The floor under an MoE layer's expert wait: raw echoes of ECHO_BYTES to the echo servers and
-    ExpertClient.forward calls of 1 row straight to the nodes (no dispatcher), from an event loop on its own
-    thread, as the dispatcher calls nodes. Use as a context manager (closes channels, stops the loop)."""
+    ExpertClient.forward calls of 1 row straight to the nodes (no dispatcher), on an event loop run by the
+    calling thread, as the dispatcher calls nodes (model/loop_runner.py). Use as a context manager
+    (closes channels and the loop)."""
 
     def __init__(self, echo_endpoints: list[str], experts: list[tuple[str, str]], model: str):
         """experts: (endpoint, uid) of one expert on each of two nodes."""
-        self.loop = new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name="bench-floor", daemon=True)
-        self._thread.start()
+        from moeswarm.model.loop_runner import LoopRunner
+
+        self.runner = LoopRunner(new_event_loop(), "bench-floor")
         self.payload, self.model = os.urandom(ECHO_BYTES), model
         self.uids, self.x_1D = [uid for _, uid in experts], torch.randn(1, ECHO_BYTES // 4)
         self.channels, self.stubs, self.clients = self.run(self._open(echo_endpoints, [e for e, _ in experts]))
@@ -424,12 +424,10 @@ class FloorCalls:
 
     def __exit__(self, *exc) -> None:
         self.run(self._close())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(timeout=5)
-        self.loop.close()
+        self.runner.close()
 
     def run(self, coro):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(CALL_TIMEOUT_S * 2)
+        return self.runner.run(coro, CALL_TIMEOUT_S * 2)
 
     async def _open(self, echo_endpoints: list[str], node_endpoints: list[str]):
         import grpc

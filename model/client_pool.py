@@ -5,7 +5,6 @@ afresh) or when its endpoint left the swarm (churn does not grow the pool)."""
 from __future__ import annotations
 
 import asyncio
-import threading
 
 from moeswarm.model.directory import ExpertDirectory
 from moeswarm.model.expert_client import ExpertClient
@@ -13,8 +12,8 @@ from moeswarm.model.replicas import ReplicaPicker
 
 
 class ClientPool:
-    def __init__(self, loop_thread: threading.Thread, directory: ExpertDirectory | None, picker: ReplicaPicker):
-        self._loop_thread, self._directory, self._picker = loop_thread, directory, picker
+    def __init__(self, loop: asyncio.AbstractEventLoop, directory: ExpertDirectory | None, picker: ReplicaPicker):
+        self._loop, self._directory, self._picker = loop, directory, picker
         self.clients: dict[str, ExpertClient] = {}  # by endpoint
         self.dropping: dict[asyncio.Task, ExpertClient] = {}  # the close of each dropped client
 
@@ -23,8 +22,8 @@ class ClientPool:
         if client is None:
             # A grpc.aio channel belongs to the loop it was made on: one made elsewhere would hang
             # every later call on this loop until its deadline. Fail loudly instead.
-            if threading.current_thread() is not self._loop_thread:
-                raise RuntimeError("Dispatcher clients are made on its loop thread: call through Dispatcher.run()")
+            if asyncio._get_running_loop() is not self._loop:
+                raise RuntimeError("Dispatcher clients are made on its event loop: call through Dispatcher.run()")
             if self._directory is not None:
                 self._forget_departed(self._directory.endpoints() | {endpoint})
             client = self.clients[endpoint] = ExpertClient(endpoint)

@@ -2,7 +2,7 @@
 deadline; falls back to other replicas, bans failing ones and hedges slow forwards (never a backward:
 both replicas would apply its gradients).
 
-Owns the client's single event loop, on its own thread: the sync<->async bridge (`run`).
+Owns the client's single event loop, run by the threads that call it (`run`, model/loop_runner.py).
 Legend: T tokens, K experts per token, D model dim, N rows of one expert.
 """
 
@@ -15,7 +15,6 @@ import itertools
 import logging
 import math
 import os
-import threading
 import time
 import uuid
 from typing import Callable, Collection, Mapping
@@ -24,6 +23,7 @@ import torch
 
 from moeswarm.model.client_pool import ClientPool
 from moeswarm.model.directory import ExpertDirectory
+from moeswarm.model.loop_runner import LoopRunner
 from moeswarm.model.replicas import ReplicaPicker
 from moeswarm.protocol.codec import WIRE_DTYPES
 from moeswarm.protocol.errors import AllReplicasFailed, BadRequest, ConfigError, ExpertNotFound, MoeSwarmError, NotTrainable
@@ -231,9 +231,8 @@ class Dispatcher:
         prefix = uuid.uuid4().hex[:12]  # once: inside the generator expression it ran for every id
         self._forward_ids = (f"{prefix}-f{i}" for i in itertools.count())
         self._loop = _new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="moeswarm-dispatch", daemon=True)
-        self._thread.start()
-        self.clients = ClientPool(self._thread, directory, self.picker)  # one per node, used on the loop thread
+        self._runner = LoopRunner(self._loop)
+        self.clients = ClientPool(self._loop, directory, self.picker)  # one per node, used on the loop
         self._pid, self._closed = os.getpid(), False
 
     def run(self, coro, timeout_s: float | None = None):
@@ -242,17 +241,13 @@ class Dispatcher:
             coro.close()
             if self._closed:
                 raise RuntimeError("this SwarmClient is closed; make a new one")
-            raise RuntimeError(  # the loop thread and the DHT peer stayed in the parent: it would hang
+            raise RuntimeError(  # its channels and the DHT peer stayed in the parent: it would hang
                 "this SwarmClient was made before this process forked; make one in each process (after the fork)"
             )
-        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
         bound = timeout_s if timeout_s is not None else self.config.timeout_s * (self.config.max_attempts + 1)
         try:
-            return future.result(bound)
-        except TimeoutError:
-            future.cancel()  # do not leave the work running on the loop after the caller gave up
-            raise TimeoutError(f"no result within {bound:.3g} s (the dispatcher's bound for one call)") from None
-        except concurrent.futures.CancelledError:
+            return self._runner.run(coro, bound)
+        except (asyncio.CancelledError, concurrent.futures.CancelledError):
             if self._closed:
                 raise RuntimeError("the SwarmClient was closed during this call") from None
             raise
@@ -414,14 +409,15 @@ class Dispatcher:
         return self.picker.on_failure(endpoint)
 
     def close(self) -> None:
+        if self._closed:
+            return
         self._closed = True  # before the channels close: calls they cancel say why
-        if self._loop.is_running():
-            try:
-                asyncio.run_coroutine_threadsafe(self.clients.close(), self._loop).result(5)
-            finally:
-                self._loop.call_soon_threadsafe(self._loop.stop)
-                self._thread.join(timeout=5)
-        self._loop.close()
+        try:
+            self._runner.run(self.clients.close(), 5.0)
+        except Exception as e:  # closing must not fail: what is left is cancelled below
+            logger.debug("closing the dispatcher's channels: %r", e)
+        finally:
+            self._runner.close()
 
 
 def _new_event_loop() -> asyncio.AbstractEventLoop:
@@ -440,9 +436,13 @@ def _skip_events_of_closed_loops(loop: asyncio.AbstractEventLoop, context: dict)
     the queue hands each event to the loop its call was made on. An event that comes after that loop
     was closed (another client of this process, closed a moment before) raises "Event loop is closed"
     in the loop that read it, a traceback in the user's output. Its call was over: nothing waits for
-    the event, and the other events stay queued for the next read. Skip those; report the rest."""
+    the event, and the other events stay queued for the next read. Skip those; report the rest.
+    Also skipped: a Ctrl-C's KeyboardInterrupt left in a task it ended (the caller's thread runs the loop,
+    so Python's SIGINT handler may run inside a task); the same exception ended the caller's call."""
     error, handle = context.get("exception"), context.get("handle")
     if isinstance(error, RuntimeError) and str(error) == "Event loop is closed" and "PollerCompletionQueue" in repr(handle):
         logger.debug("skipped a gRPC completion event of a closed event loop")
+        return
+    if isinstance(error, (KeyboardInterrupt, SystemExit)) and "never retrieved" in context.get("message", ""):
         return
     loop.default_exception_handler(context)

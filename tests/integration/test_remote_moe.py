@@ -543,7 +543,7 @@ def test_client_misuse_fails_at_once_with_a_message(split_swarm, dht, caplog, mo
         assert f"1 of {E + 1} experts have no node in swarm 'split'" in caplog.text
         with torch.no_grad():
             remote(x)
-        # As in a child forked after the client was made (its loop thread and DHT peer stay in the
+        # As in a child forked after the client was made (its channels and DHT peer stay in the
         # parent): the process id differs from the client's. (A real os.fork() of this multi-threaded
         # process crashed in the at-fork handlers of the libraries' threads, before any code of ours
         # ran: 28 of 200 children SIGSEGV here, and one suite run in three failed on it.)

@@ -458,12 +458,12 @@ def test_a_layer_call_of_many_small_experts_goes_to_every_replicated_node_and_on
         dispatcher.close()
 
 
-def test_dispatcher_makes_its_channels_only_on_its_loop_thread():
+def test_dispatcher_makes_its_channels_only_on_its_event_loop():
     from moeswarm.model.dispatcher import DispatchConfig, Dispatcher
 
     dispatcher = Dispatcher(directory=None, model="m", config=DispatchConfig())
     try:
-        with pytest.raises(RuntimeError, match="loop thread"):
+        with pytest.raises(RuntimeError, match="on its event loop"):
             dispatcher.clients.get("127.0.0.1:1")
 
         async def make():
