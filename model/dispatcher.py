@@ -427,11 +427,11 @@ def _new_event_loop() -> asyncio.AbstractEventLoop:
         loop = asyncio.new_event_loop()
     else:
         loop = uvloop.new_event_loop()
-    loop.set_exception_handler(_skip_events_of_closed_loops)
+    loop.set_exception_handler(_skip_expected_loop_errors)
     return loop
 
 
-def _skip_events_of_closed_loops(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+def _skip_expected_loop_errors(loop: asyncio.AbstractEventLoop, context: dict) -> None:
     """grpc.aio's poller queues every completion event of the process, and whichever bound loop reads
     the queue hands each event to the loop its call was made on. An event that comes after that loop
     was closed (another client of this process, closed a moment before) raises "Event loop is closed"

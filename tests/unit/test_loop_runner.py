@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import threading
+import time
 
 import pytest
 
@@ -34,6 +35,14 @@ async def _sleep_noting_the_end(ended: list) -> None:
         ended.append(True)
 
 
+def _wait_until_the_loop_runs(runner: LoopRunner) -> None:
+    for _ in range(5000):
+        if runner._running.locked():
+            return
+        time.sleep(0.001)
+    raise AssertionError("no thread ran the loop within ~5 s")
+
+
 def test_a_call_runs_on_the_callers_own_thread(runner):
     assert runner.run(_thread_name(), 5) == threading.current_thread().name
     done = []
@@ -57,8 +66,7 @@ def test_concurrent_callers_all_finish_and_a_waiter_takes_the_loop_over(runner):
 
     first = threading.Thread(target=call, args=(0, 0.2), name="t0")
     first.start()
-    while not runner._running.locked():  # t0 runs the loop
-        pass
+    _wait_until_the_loop_runs(runner)  # on t0
     others = [threading.Thread(target=call, args=(i, 0.4 + 0.1 * i), name=f"t{i}") for i in (1, 2, 3)]
     for thread in others:
         thread.start()
@@ -80,8 +88,7 @@ def test_a_waiter_past_its_bound_raises_timeout_while_another_thread_runs_the_lo
     holder = threading.Thread(target=runner.run, args=(asyncio.sleep(1.0), 5))
     holder.start()
     try:
-        while not runner._running.locked():
-            pass
+        _wait_until_the_loop_runs(runner)
         with pytest.raises(TimeoutError):
             runner.run(asyncio.sleep(30), 0.2)
     finally:
