@@ -429,6 +429,40 @@ def test_two_client_processes_at_once(split_swarm, dht):
         assert proc.returncode == 0 and "client ok" in out, out[-2000:]
 
 
+def test_threads_of_one_process_share_a_remote_moe_forward_and_backward(split_swarm, dht, reap):
+    """The thread that calls runs the client's event loop (model/loop_runner.py): threads calling at
+    once take turns at it, each call still exact, none waiting out its deadline."""
+    local, remote = make_pair("split", 2, dht.ready["maddrs"])
+    reap(remote)
+    remote.train_experts = False  # input grads only: the shared experts stay as the local copy
+    inputs = [torch.randn(n, D, generator=torch.Generator().manual_seed(n)) for n in (1, 5, 33, 64)]
+    expected = []
+    for x in inputs:
+        x_local = x.clone().requires_grad_(True)
+        local(x_local).sum().backward()
+        expected.append((local(x).detach(), x_local.grad))
+    failures = []
+
+    def worker(index: int) -> None:
+        try:
+            for round_ in range(15):
+                x = inputs[(index + round_) % len(inputs)].clone().requires_grad_(True)
+                y = remote(x)
+                y.sum().backward()
+                y_expected, grad_expected = expected[(index + round_) % len(inputs)]
+                torch.testing.assert_close(y.detach(), y_expected, rtol=0, atol=1e-6)
+                torch.testing.assert_close(x.grad, grad_expected, rtol=0, atol=1e-6)
+        except BaseException as e:  # noqa: BLE001 (reported below)
+            failures.append(repr(e)[:500])
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert failures == [] and not any(thread.is_alive() for thread in threads)
+
+
 def test_training_through_remote_moe_lowers_loss_and_moves_remote_experts(dht, tmp_path, reap):
     trained = dict(name="sgd", lr=0.05, update_every=1)
     nodes = reap(start_nodes(tmp_path, dht.ready["maddrs"], "train", [[0, 1], [2, 3]], optimizer=trained))
