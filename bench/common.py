@@ -237,7 +237,8 @@ class Children:
             try:
                 proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                print(f"bench: pid {proc.pid} did not stop in {grace_s:.0f} s; killing it", file=sys.stderr)
+                if grace_s > 0:  # (0: killed at once on purpose)
+                    print(f"bench: pid {proc.pid} did not stop in {grace_s:.0f} s; killing it", file=sys.stderr)
             _kill_group(proc, trees[proc.pid])
             self.procs.remove(proc)
 
