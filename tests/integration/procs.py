@@ -49,6 +49,8 @@ def spawn(work_dir: pathlib.Path, *args: str, prefix: Sequence[str] = ()) -> sub
     work_dir.mkdir(parents=True, exist_ok=True)
     (work_dir / "ready.json").unlink(missing_ok=True)
     cmd = [*prefix, sys.executable, "-m", "moeswarm.deploy.cli", *args, "--ready-file", str(work_dir / "ready.json")]
+    if args[0] in ("node", "dht"):  # a pytest killed mid-run (a CI timeout, a second Ctrl-C) leaves no node behind
+        cmd.append("--exit-with-parent")
     with open(work_dir / "log.txt", "ab") as log:
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
