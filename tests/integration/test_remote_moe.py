@@ -463,6 +463,38 @@ def test_threads_of_one_process_share_a_remote_moe_forward_and_backward(split_sw
     assert failures == [] and not any(thread.is_alive() for thread in threads)
 
 
+def test_closing_the_client_ends_a_call_that_another_thread_waits_on(dht, tmp_path, reap):
+    """That thread runs the client's loop, waiting on a stopped node; close() from the main thread
+    must end its call at once with a clear error, not leave it to its deadline or hang it."""
+    nodes = reap(start_nodes(tmp_path, dht.ready["maddrs"], "closing", [list(range(E))]))
+    _, remote = make_pair("closing", 1, dht.ready["maddrs"], timeout_s=30.0)
+    reap(remote)
+    x = torch.randn(4, D)
+    with torch.no_grad():
+        remote(x)
+    outcome = []
+
+    def call() -> None:
+        try:
+            with torch.no_grad():
+                remote(x)
+            outcome.append("returned")
+        except BaseException as e:  # noqa: BLE001 (checked below)
+            outcome.append(e)
+
+    os.kill(nodes[0].popen.pid, signal.SIGSTOP)
+    try:
+        caller = threading.Thread(target=call)
+        caller.start()
+        time.sleep(0.5)  # the call is in flight on the stopped node
+        remote.close()
+        caller.join(10)  # far under the 30 s deadline: close() ended the call
+        assert not caller.is_alive() and len(outcome) == 1
+        assert isinstance(outcome[0], RuntimeError) and "closed" in str(outcome[0]), repr(outcome[0])
+    finally:
+        os.kill(nodes[0].popen.pid, signal.SIGCONT)
+
+
 def test_training_through_remote_moe_lowers_loss_and_moves_remote_experts(dht, tmp_path, reap):
     trained = dict(name="sgd", lr=0.05, update_every=1)
     nodes = reap(start_nodes(tmp_path, dht.ready["maddrs"], "train", [[0, 1], [2, 3]], optimizer=trained))
