@@ -50,7 +50,10 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         raise
     finally:
-        if interrupted is not None:  # main() called from Python: the caller's Ctrl-C is Python's again
+        if argv is not None:  # main([...]) from Python: the caller's handlers come back, whatever the command set
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        elif interrupted is not None:  # the caller's Ctrl-C is Python's again
             signal.signal(signal.SIGINT, previous[signal.SIGINT])
 
 

@@ -159,11 +159,10 @@ def test_the_systemd_unit_does_not_restart_a_node_on_the_exit_code_of_a_config_e
     config = tmp_path / "node.yaml"
     config.write_text("model: {name: m, d_model: 8, d_ff: 8, n_layers: 1, n_experts: 2}\nexperts: all\nno_such_key: 1\n")
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        code = cli.main(["node", "--config", str(config)])
-    finally:  # `node` leaves its exit-at-once handlers (the process ends next): not in pytest's process
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
+    code = cli.main(["node", "--config", str(config)])
+    # called from Python, main() gives the caller's handlers back: it had left `node`'s exit-at-once
+    # ones, and a later Ctrl-C test in this process then killed pytest
+    assert {sig: signal.getsignal(sig) for sig in handlers} == handlers
     assert "no_such_key" in capsys.readouterr().err
     unit = (pathlib.Path(cli.__file__).parent / "moeswarm-node.service").read_text()
     prevented = [line.split("=", 1)[1].split() for line in unit.splitlines() if line.startswith("RestartPreventExitStatus=")]
