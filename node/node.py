@@ -37,7 +37,13 @@ from moeswarm.protocol.records import ExpertRecord, NodeRecord, dht_subkey, sign
 logger = logging.getLogger(__name__)
 SHUTDOWN_GRACE_S = 2.0
 WITHDRAW_TIMEOUT_S = 1.5  # at shutdown, alongside the grace period: SIGTERM to exit stays under 5 s
-INLINE_FLOPS = 2_000_000
+# Batches up to this many FLOPs per expert run inline on the event loop while the compute thread is
+# idle. A few rows cost about one pass over the expert's weights whatever their number (memory-bound),
+# and a hand-off to the compute thread and back wakes two threads: 2 MFLOP (1-2 rows of a 256x512
+# expert) sent batch-8 decoding's 3-4-row batches to the thread; 8 MFLOP took bench/generate.py's
+# batch-8 step from 1.23-1.37 to 1.11-1.22 ms per MoE layer over the local step (658-679 -> 696-734
+# tokens/s; 3 alternating pairs), batch 1 unchanged, bench/remote_moe.py forward at batch 16 +12%.
+INLINE_FLOPS = 8_000_000
 
 
 def compute_device(name: str) -> torch.device:
@@ -102,7 +108,6 @@ class ExpertNode:
         self._restore()
         if (warning := config.exposure_warning()) is not None:
             logger.warning(warning)
-        # Inline below ~2 MFLOP (about the cost of handing work to another thread and back).
         inline_rows = INLINE_FLOPS // (6 * config.model.d_model * config.model.d_ff)
         self.batcher = Batcher(self._compute, self._executor, max_rows=config.batch_max_rows, inline_rows=inline_rows)
         await self._start_server()
