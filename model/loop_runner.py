@@ -68,7 +68,7 @@ class LoopRunner:
                 task.cancel()
             if pending:
                 self.loop.run_until_complete(asyncio.wait_for(asyncio.gather(*pending, return_exceptions=True), timeout_s))
-        except (TimeoutError, *_CANCELLED):
+        except (TimeoutError, asyncio.TimeoutError, *_CANCELLED):  # (Python 3.10: asyncio's own TimeoutError)
             pass
         finally:
             self.loop.close()
