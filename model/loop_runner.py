@@ -66,9 +66,9 @@ class LoopRunner:
             pending = [task for task in asyncio.all_tasks(self.loop) if not task.done()]
             for task in pending:
                 task.cancel()
-            if pending:
-                self.loop.run_until_complete(asyncio.wait_for(asyncio.gather(*pending, return_exceptions=True), timeout_s))
-        except (TimeoutError, asyncio.TimeoutError, *_CANCELLED):  # (Python 3.10: asyncio's own TimeoutError)
+            if pending:  # (asyncio.wait returns at the timeout; wait_for would wait on a task that ignores its cancel)
+                self.loop.run_until_complete(asyncio.wait(pending, timeout=timeout_s))
+        except _CANCELLED:
             pass
         finally:
             self.loop.close()

@@ -171,3 +171,26 @@ def test_a_ctrl_c_that_ends_a_task_of_the_call_leaves_no_task_error_in_the_log(c
         del runner
         gc.collect()
     assert [r.getMessage() for r in caplog.records] == []
+
+
+def test_close_is_bounded_even_when_a_task_ignores_its_cancellation():
+    # asyncio.wait_for(gather(...)) waited for the cancelled gather to end, so one task that kept
+    # catching CancelledError hung close(), and with it SwarmClient.close(), for good.
+    runner = LoopRunner(_new_event_loop())
+
+    async def stubborn():
+        for _ in range(100):
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                continue
+
+    async def start_and_leave():
+        asyncio.ensure_future(stubborn())
+        await asyncio.sleep(0)
+
+    runner.run(start_and_leave(), 5)
+    closing = threading.Thread(target=runner.close, kwargs={"timeout_s": 0.2})
+    closing.start()
+    closing.join(10)
+    assert not closing.is_alive() and runner.loop.is_closed()
