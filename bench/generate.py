@@ -412,9 +412,10 @@ class FloorCalls:
 
     def __init__(self, echo_endpoints: list[str], experts: list[tuple[str, str]], model: str):
         """experts: (endpoint, uid) of one expert on each of two nodes."""
+        from moeswarm.model.dispatcher import _new_event_loop  # the dispatcher's own kind of loop
         from moeswarm.model.loop_runner import LoopRunner
 
-        self.runner = LoopRunner(new_event_loop(), "bench-floor")
+        self.runner = LoopRunner(_new_event_loop(), "bench-floor")
         self.payload, self.model = os.urandom(ECHO_BYTES), model
         self.uids, self.x_1D = [uid for _, uid in experts], torch.randn(1, ECHO_BYTES // 4)
         self.channels, self.stubs, self.clients = self.run(self._open(echo_endpoints, [e for e, _ in experts]))
@@ -470,15 +471,6 @@ class FloorCalls:
         for side, call in bridged.items():
             seconds[side] = [time_call(lambda: self.run(call())) for _ in range(n)]
         return seconds
-
-
-def new_event_loop() -> asyncio.AbstractEventLoop:
-    """uvloop when installed, as the dispatcher uses."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
 
 
 if __name__ == "__main__":
