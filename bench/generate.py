@@ -17,8 +17,8 @@ generate's on_tokens callbacks; hooks on each MoE module time its forward and re
 Floor, in the same run (a block after each round), each timed from the main thread through an event loop on
 its own thread (the dispatcher's sync<->async bridge): a raw grpc.aio unary echo of 1 KiB (one batch-1 row of
 d_model fp32) to separate echo server processes (generic handler, no serialisation), also timed inside the
-loop; 2 such echoes at once to 2 servers; one ExpertClient.forward of 1 row straight to a node (codec, node
-handler, expert compute; no dispatcher); 2 of those at once to the 2 nodes (a token whose 2 experts sit on
+loop; 2 such echoes at once to 2 servers; one ExpertClient.forward of 1 row straight to a node over its data
+port, as the dispatcher calls it (codec, node handler, expert compute; no dispatcher); 2 of those at once to the 2 nodes (a token whose 2 experts sit on
 different nodes: the layer call's floor, weighted by how often that happens, is printed per batch).
 Figures: ms/step and tokens/s (batch / median step) local and remote; remote expert wait and local compute
 (step - wait) per step; overhead per MoE layer = (remote step - local step) / MoE layers; remote / local.
@@ -84,7 +84,7 @@ FLOOR_SIDES = {  # side -> table label
     "raw": "floor: gRPC echo 1 KiB, in its loop",
     "bridged": "floor: echo 1 KiB from a sync caller",
     "bridged_x2": "floor: 2 echoes at once, sync caller",
-    "expert": "floor: ExpertClient.forward, 1 row",
+    "expert": "floor: ExpertClient.forward, 1 row, data port",
     "expert_x2": "floor: 2 of them at once, 2 nodes",
 }
 
@@ -380,9 +380,9 @@ def run_all(work_dir: pathlib.Path, pick: int, placement: str, replicas: int = 1
     return runs, floor_s, details
 
 
-def node_experts(ready: list[dict]) -> list[tuple[str, str]]:
-    """(endpoint, first uid) of the first two nodes, from what they reported when ready."""
-    return [(node["endpoint"], sorted(node["uids"])[0]) for node in ready[:2]]
+def node_experts(ready: list[dict]) -> list[tuple[str, str | None, str]]:
+    """(endpoint, data port, first uid) of the first two nodes, from what they reported when ready."""
+    return [(node["endpoint"], node.get("data_endpoint"), sorted(node["uids"])[0]) for node in ready[:2]]
 
 
 def decode_rounds(probes: dict[str, StepProbe], prompts_BT: torch.Tensor, floor: FloorCalls, pick: int):
@@ -411,14 +411,14 @@ class FloorCalls:
     (closes channels and the loop)."""
 
     def __init__(self, echo_endpoints: list[str], experts: list[tuple[str, str]], model: str):
-        """experts: (endpoint, uid) of one expert on each of two nodes."""
+        """experts: (endpoint, data port, uid) of one expert on each of two nodes."""
         from moeswarm.model.dispatcher import _new_event_loop  # the dispatcher's own kind of loop
         from moeswarm.model.loop_runner import LoopRunner
 
         self.runner = LoopRunner(_new_event_loop(), "bench-floor")
         self.payload, self.model = os.urandom(ECHO_BYTES), model
-        self.uids, self.x_1D = [uid for _, uid in experts], torch.randn(1, ECHO_BYTES // 4)
-        self.channels, self.stubs, self.clients = self.run(self._open(echo_endpoints, [e for e, _ in experts]))
+        self.uids, self.x_1D = [uid for _, _, uid in experts], torch.randn(1, ECHO_BYTES // 4)
+        self.channels, self.stubs, self.clients = self.run(self._open(echo_endpoints, [(e, d) for e, d, _ in experts]))
 
     def __enter__(self) -> "FloorCalls":
         return self
@@ -430,14 +430,14 @@ class FloorCalls:
     def run(self, coro):
         return self.runner.run(coro, CALL_TIMEOUT_S * 2)
 
-    async def _open(self, echo_endpoints: list[str], node_endpoints: list[str]):
+    async def _open(self, echo_endpoints: list[str], node_endpoints: list[tuple[str, str | None]]):
         import grpc
 
         from moeswarm.model.expert_client import ExpertClient
 
         channels = [grpc.aio.insecure_channel(endpoint, options=GRPC_OPTIONS) for endpoint in echo_endpoints]
         stubs = [channel.unary_unary(ECHO_METHOD) for channel in channels]  # bytes in, bytes out
-        return channels, stubs, [ExpertClient(endpoint) for endpoint in node_endpoints]
+        return channels, stubs, [ExpertClient(endpoint, data_endpoint=data) for endpoint, data in node_endpoints]
 
     async def _close(self) -> None:
         await asyncio.gather(*(channel.close() for channel in self.channels), *(c.close() for c in self.clients))

@@ -181,12 +181,13 @@ def run_swarm(work_dir: pathlib.Path, pick: int) -> tuple[list[Figure], dict]:
             bw, bw_ready = spawn_node(children, work_dir, "bw", BW_MODEL, "all", peers)
             poll, poll_ready = spawn_node(children, work_dir, "poll", MODEL, [LATENCY_UID], peers, busy_poll_us=BUSY_POLL_US)
             echo, echo_ready = spawn_echo(children, work_dir)
-            endpoints = {
-                "node": wait_ready(node_ready, node, "latency node")["endpoint"],
-                "bw": wait_ready(bw_ready, bw, "bandwidth node")["endpoint"],
-                "poll": wait_ready(poll_ready, poll, "busy-polling node")["endpoint"],
-                "echo": wait_ready(echo_ready, echo, "echo server")["endpoint"],
+            endpoints = {  # name -> (gRPC endpoint, data port)
+                "node": wait_ready(node_ready, node, "latency node"),
+                "bw": wait_ready(bw_ready, bw, "bandwidth node"),
+                "poll": wait_ready(poll_ready, poll, "busy-polling node"),
+                "echo": wait_ready(echo_ready, echo, "echo server"),
             }
+            endpoints = {name: (ready["endpoint"], ready.get("data_endpoint")) for name, ready in endpoints.items()}
             launch = functools.partial(launch_node, children, work_dir, peers=peers, dht=dht)
             figures, details = run_event_loop(measure_async(endpoints, launch, pick))
             tree_figures, details["node_processes"] = measure_tree(node.pid)
@@ -211,14 +212,17 @@ def measure_tree(pid: int) -> tuple[list[Figure], list[dict]]:
 async def measure_async(endpoints: dict, launch, pick: int) -> tuple[list[Figure], dict]:
     from moeswarm.model.expert_client import ExpertClient
 
-    node, bw, poll = ExpertClient(endpoints["node"]), ExpertClient(endpoints["bw"]), ExpertClient(endpoints["poll"])
+    # As a dispatcher makes them: over each node's data port; and gRPC-only ones for comparison.
+    node, bw, poll = (ExpertClient(endpoint, data_endpoint=data) for endpoint, data in map(endpoints.get, ("node", "bw", "poll")))
+    node_grpc, bw_grpc = ExpertClient(endpoints["node"][0]), ExpertClient(endpoints["bw"][0])
+    echo = endpoints["echo"][0]
     try:
         figures, details = await measure_latency(node, pick)
-        small_figures, details["batch1_breakdown"] = await measure_batch1_breakdown(node, bw, poll, endpoints["echo"], pick)
-        bw_figures, details["bandwidth"] = await measure_bandwidth(bw, endpoints["echo"], pick)
+        small_figures, details["batch1_breakdown"] = await measure_batch1_breakdown(node, node_grpc, bw, poll, echo, pick)
+        bw_figures, details["bandwidth"] = await measure_bandwidth(bw, bw_grpc, echo, pick)
         samples = [await launch(i + 1) for i in range(LAUNCHES[pick])]
     finally:
-        for client in (node, bw, poll):
+        for client in (node, bw, poll, node_grpc, bw_grpc):
             await client.close()
     details["launches"] = samples
     visible = [s["visible_s"] for s in samples]
@@ -264,11 +268,12 @@ async def time_calls(call, n: int) -> list[float]:
     return seconds
 
 
-async def measure_batch1_breakdown(node, bw, poll, echo_endpoint: str, pick: int) -> tuple[list[Figure], dict]:
+async def measure_batch1_breakdown(node, node_grpc, bw, poll, echo_endpoint: str, pick: int) -> tuple[list[Figure], dict]:
     """Batch-1 call against its floors, in alternating blocks: raw gRPC echo of the same 1 KiB, unary
-    and on an open stream (ExpertClient sends small requests on one), the same Forward on an expert
-    with d_ff=1 (our path without compute), the real expert, and the real expert on a node that
-    busy-polls after each answer (config busy_poll_us)."""
+    and on an open stream, the same Forward on an expert with d_ff=1 (our path without compute), the
+    real expert (over the node's data port, as clients call it, and over gRPC's Stream, as clients
+    do where a node has no data port), and the real expert on a node that busy-polls after each
+    answer (config busy_poll_us)."""
     import grpc
     import torch
 
@@ -282,6 +287,7 @@ async def measure_batch1_breakdown(node, bw, poll, echo_endpoint: str, pick: int
             "raw stream echo": stream_echo,
             "d_ff=1 expert": functools.partial(bw.forward, BW_MODEL["name"], {BW_UID: x_1D}, timeout_s=CALL_TIMEOUT_S),
             "real expert": functools.partial(node.forward, MODEL["name"], {LATENCY_UID: x_1D}, timeout_s=CALL_TIMEOUT_S),
+            "real expert, gRPC only": functools.partial(node_grpc.forward, MODEL["name"], {LATENCY_UID: x_1D}, timeout_s=CALL_TIMEOUT_S),
             f"real expert, node busy_poll_us={BUSY_POLL_US}": functools.partial(
                 poll.forward, MODEL["name"], {LATENCY_UID: x_1D}, timeout_s=CALL_TIMEOUT_S
             ),
@@ -297,7 +303,7 @@ async def measure_batch1_breakdown(node, bw, poll, echo_endpoint: str, pick: int
     return figures, {side: stats_ms(s) for side, s in seconds.items()}
 
 
-async def measure_bandwidth(client, echo_endpoint: str, pick: int) -> tuple[list[Figure], dict]:
+async def measure_bandwidth(client, client_grpc, echo_endpoint: str, pick: int) -> tuple[list[Figure], dict]:
     import grpc
     import torch
 
@@ -311,10 +317,11 @@ async def measure_bandwidth(client, echo_endpoint: str, pick: int) -> tuple[list
             "raw": functools.partial(echo, payload, timeout=CALL_TIMEOUT_S),
             "raw stream": stream_echo,
             "moeswarm": functools.partial(client.forward, BW_MODEL["name"], {BW_UID: x_ND}, timeout_s=CALL_TIMEOUT_S),
+            "moeswarm gRPC only": functools.partial(client_grpc.forward, BW_MODEL["name"], {BW_UID: x_ND}, timeout_s=CALL_TIMEOUT_S),
         }
         for side, call in calls.items():
             answer = await call()
-            if (answer[BW_UID].shape != x_ND.shape) if side == "moeswarm" else len(answer) != len(payload):
+            if (answer[BW_UID].shape != x_ND.shape) if side.startswith("moeswarm") else len(answer) != len(payload):
                 raise RuntimeError(f"{side}: an answer came back with a different size than sent")
         seconds = await alternate(calls, BANDWIDTH_CALLS[pick], WARMUP_CALLS[pick])
     finally:
@@ -326,10 +333,13 @@ async def measure_bandwidth(client, echo_endpoint: str, pick: int) -> tuple[list
         figure("raw_1mib_roundtrip_ms", "raw gRPC echo 1 MiB round trip, median", median(seconds["raw"]) * 1e3, "ms"),
         figure("raw_stream_1mib_roundtrip_ms", "raw gRPC echo on an open stream, 1 MiB, median", median(seconds["raw stream"]) * 1e3, "ms"),
         figure("moeswarm_1mib_roundtrip_ms", "moeswarm Forward 1 MiB round trip, median", median(seconds["moeswarm"]) * 1e3, "ms"),
+        figure("moeswarm_grpc_1mib_roundtrip_ms", "moeswarm Forward 1 MiB over gRPC only, median",
+               median(seconds["moeswarm gRPC only"]) * 1e3, "ms"),
         figure("raw_mb_per_s", "raw gRPC echo, both ways", rate["raw"], "MB/s"),
         figure("moeswarm_mb_per_s", "moeswarm Forward (d_ff=1), both ways", rate["moeswarm"], "MB/s"),
         figure("bandwidth_ratio", "bandwidth moeswarm / raw", rate["moeswarm"] / rate["raw"], "x", at_least=0.70),
         figure("bandwidth_ratio_stream", "bandwidth moeswarm / raw on an open stream", rate["moeswarm"] / rate["raw stream"], "x"),
+        figure("bandwidth_ratio_grpc", "bandwidth moeswarm over gRPC only / raw", rate["moeswarm gRPC only"] / rate["raw"], "x"),
     ]
     return figures, {side: stats_ms(s) for side, s in seconds.items()}
 

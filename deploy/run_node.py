@@ -51,9 +51,10 @@ async def _serve(config: NodeConfig, ready_file: str | None, exit_with_parent: b
             maddrs = node.dht_maddrs()
             print(f"moeswarm node ready: {len(node.uids)} experts of {config.model.name}", flush=True)
             print(f"  grpc endpoint : {node.endpoint}", flush=True)
+            print(f"  data port     : {node.data_endpoint or 'off (data_port: null)'}", flush=True)
             print(f"  dht multiaddr : {maddrs[0] if maddrs else '(none)'}", flush=True)
             if ready_file:
-                ready = {"endpoint": node.endpoint, "maddrs": maddrs, "peer_id": node.peer_id, "uids": list(node.uids)}
+                ready = {"endpoint": node.endpoint, "data_endpoint": node.data_endpoint, "maddrs": maddrs, "peer_id": node.peer_id, "uids": list(node.uids)}
                 write_atomic(pathlib.Path(ready_file), lambda file: file.write(json.dumps(ready).encode()))
             await stop.wait()
             logger.info("stopping: finishing in-flight requests and writing a last checkpoint")

@@ -1,4 +1,5 @@
-"""The client's connections to nodes: one ExpertClient (one gRPC channel) per node endpoint, made on
+"""The client's connections to nodes: one ExpertClient (a gRPC channel, and a data connection where
+the node announces a data port) per node endpoint, made on
 first use on the dispatcher's event loop, dropped when its replica is banned (the next call connects
 afresh) or when its endpoint left the swarm (churn does not grow the pool)."""
 
@@ -24,9 +25,11 @@ class ClientPool:
             # every later call on this loop until its deadline. Fail loudly instead.
             if asyncio._get_running_loop() is not self._loop:
                 raise RuntimeError("Dispatcher clients are made on its event loop: call through Dispatcher.run()")
+            data_endpoint = None
             if self._directory is not None:
                 self._forget_departed(self._directory.endpoints() | {endpoint})
-            client = self.clients[endpoint] = ExpertClient(endpoint)
+                data_endpoint = self._directory.data_endpoint(endpoint)
+            client = self.clients[endpoint] = ExpertClient(endpoint, data_endpoint=data_endpoint)
         return client
 
     def _forget_departed(self, announced: set[str]) -> None:

@@ -181,6 +181,14 @@ class ExpertDirectory:
         """The endpoints of every replica in the current view (records that expired are gone)."""
         return {record.endpoint for records in self._view.values() for record in records}
 
+    def data_endpoint(self, endpoint: str) -> str | None:
+        """The data port (host:port) the node at `endpoint` announces, or None (none, or not in view)."""
+        for records in self._view.values():
+            for record in records:
+                if record.endpoint == endpoint:
+                    return record.data_endpoint
+        return None
+
     def warn_if_missing(self, uids: list[str]) -> list[str]:
         """Log (once per call) the experts no node announces; returns them. Routing to them fails with
         AllReplicasFailed until a node hosting them shows up (picked up within one refresh)."""

@@ -24,6 +24,7 @@ from moeswarm.node.checkpoint import (
     os_failure, remove_unfinished_writes, write_identity,
 )
 from moeswarm.node.config import NodeConfig
+from moeswarm.node.data_server import DataServer
 from moeswarm.node.model_source import check_swarm_agrees, expert_origins, load_expert_modules
 from moeswarm.node.registry import ExpertRegistry
 from moeswarm.node.replica_sync import ReplicaSync
@@ -68,6 +69,8 @@ class ExpertNode:
         self.uids = config.hosted_uids()
         self.state_dir = pathlib.Path(config.state_dir) if config.state_dir else None
         self.endpoint = ""
+        self.data_port = 0  # the data port's number once it listens (0: off, config data_port null)
+        self._data_server: DataServer | None = None
         self.peer_id = ""  # known once the DHT peer is up
         self.dht: hivemind.DHT | None = None
         self._server: grpc.aio.Server | None = None
@@ -184,8 +187,19 @@ class ExpertNode:
             raise ConfigError(f"port={config.port}: cannot bind gRPC on {config.host} ({e})") from e
         self.endpoint = grpc_endpoint(config.public_host, port)  # what the DHT records tell clients
         await self._server.start()
+        if config.data_port is not None:
+            self._data_server = DataServer(self._servicer, max_message_bytes=config.max_message_bytes)
+            try:
+                self.data_port = await self._data_server.start(config.host, config.data_port)
+            except OSError as e:
+                raise ConfigError(f"data_port={config.data_port}: cannot listen on {config.host} ({e}); null turns the data port off") from e
         for name in ("", SERVICE_NAME):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    @property
+    def data_endpoint(self) -> str | None:
+        """host:port of the data port as clients reach it (None: off)."""
+        return grpc_endpoint(self.config.public_host, self.data_port) if self.data_port else None
 
     async def _export_state(self, uid: str) -> tuple[int, dict[str, torch.Tensor]]:
         return await self.batcher.run_on_compute_thread(self.registry.export_state, uid)
@@ -233,7 +247,7 @@ class ExpertNode:
         )
 
     def _records(self) -> tuple[NodeRecord, dict[str, ExpertRecord]]:
-        load = dict(peer_id=self.peer_id, endpoint=self.endpoint, queue_depth=self.batcher.queued_rows)
+        load = dict(peer_id=self.peer_id, endpoint=self.endpoint, data_port=self.data_port, queue_depth=self.batcher.queued_rows)
         load["rows_per_s"] = self.batcher.meter.rate()
         spec = self.config.model
         node = NodeRecord(**load, model=vars(spec).copy(), uids=self.uids)
@@ -341,7 +355,9 @@ class ExpertNode:
         if self._server is not None:
             await self._health.enter_graceful_shutdown()
             self._servicer.close_idle_streams()
-            await self._server.stop(SHUTDOWN_GRACE_S)
+            await asyncio.gather(
+                self._server.stop(SHUTDOWN_GRACE_S), *([self._data_server.close(SHUTDOWN_GRACE_S)] if self._data_server else [])
+            )
         if withdrawing is not None:
             await withdrawing
         try:

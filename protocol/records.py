@@ -151,6 +151,8 @@ class _Record:
     endpoint: str  # gRPC host:port
     queue_depth: int  # rows waiting for compute
     rows_per_s: float  # recent throughput
+    # the node's data port (protocol/framing.py) on the endpoint's host; 0: none (gRPC only, or an older peer)
+    data_port: int = dataclasses.field(default=0, kw_only=True)
 
     def __post_init__(self) -> None:
         _text(self, "peer_id", max_length=128)
@@ -158,6 +160,9 @@ class _Record:
         if not _ENDPOINT_RE.fullmatch(endpoint) or not 0 < int(endpoint.rsplit(":", 1)[1]) < 65536:
             raise ValueError(f"bad endpoint {endpoint[:64]!r}")
         _integer(self, "queue_depth")
+        _integer(self, "data_port")
+        if self.data_port > 65535:
+            raise ValueError(f"data_port must be a TCP port (0: none), got {self.data_port}")
         rate = self.rows_per_s
         if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < math.inf:
             raise ValueError(f"rows_per_s must be a finite number >= 0, got {str(rate)[:32]!r}")
@@ -175,6 +180,11 @@ class _Record:
 
     def model_dump(self) -> dict[str, Any]:
         return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+
+    @property
+    def data_endpoint(self) -> str | None:
+        """host:port of the node's data port, or None if it announces none."""
+        return f"{self.endpoint.rsplit(':', 1)[0]}:{self.data_port}" if self.data_port else None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,189 @@
+"""The node's data port (protocol/framing.py): exact results, hostile connections, fallback to gRPC,
+shutdown with idle connections; against real node processes."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import time
+
+import grpc
+import pytest
+import torch
+
+from conftest import MODEL
+from procs import run
+from test_node_rpc import _request, local_expert
+from moeswarm.model.expert_client import ExpertClient
+from moeswarm.protocol import expert_pb2
+from moeswarm.protocol.errors import BadRequest, ExpertNotFound
+from moeswarm.protocol.framing import LENGTH, PREFACE
+
+D = MODEL["d_model"]
+UID = "itest.L0.E1"
+
+
+def _data_client(node) -> ExpertClient:
+    return ExpertClient(node.ready["endpoint"], data_endpoint=node.ready["data_endpoint"])
+
+
+@pytest.mark.parametrize("rows", [1, 300, 1024])  # 1024 rows: a frame over framing.SMALL_FRAME, read in place
+def test_forward_and_backward_over_the_data_port_are_exact(plain_node, rows):
+    x, grad_y = torch.randn(rows, D), torch.randn(rows, D)
+    reference = local_expert(UID)
+    x_ref = x.clone().requires_grad_(True)
+    expected = reference(x_ref)
+    expected.backward(grad_y)
+
+    async def calls():
+        client = _data_client(plain_node)
+        try:
+            out = await client.forward(MODEL["name"], {UID: x, "itest.L1.E3": x[:3]}, timeout_s=10)
+            grad_x = await client.backward(MODEL["name"], {UID: x}, {UID: grad_y}, timeout_s=10, input_grads_only={UID})
+            used_data_port = client._data is not None and client._stream is None
+            return out, grad_x[UID], used_data_port
+        finally:
+            await client.close()
+
+    out, grad_x, used_data_port = run(calls())
+    assert used_data_port, "the calls went over gRPC, not the data port"
+    assert torch.equal(out[UID], expected.detach())
+    with torch.no_grad():
+        assert torch.equal(out["itest.L1.E3"], local_expert("itest.L1.E3")(x[:3]))
+    torch.testing.assert_close(grad_x, x_ref.grad, rtol=0, atol=1e-6)
+
+
+def test_errors_come_back_as_ours_and_the_connection_stays_usable(plain_node):
+    async def calls():
+        client = _data_client(plain_node)
+        try:
+            with pytest.raises(BadRequest, match="shape"):
+                await client.forward(MODEL["name"], {UID: torch.randn(2, D + 1)}, timeout_s=10)
+            with pytest.raises(ExpertNotFound):
+                await client.forward(MODEL["name"], {"itest.L0.E9": torch.randn(2, D)}, timeout_s=10)
+            connection = client._data
+            out = await client.forward(MODEL["name"], {UID: torch.ones(1, D)}, timeout_s=10)
+            return connection is client._data is not None, out[UID]
+        finally:
+            await client.close()
+
+    same_connection, out = run(calls())
+    assert same_connection, "an error answer dropped the data connection"
+    with torch.no_grad():
+        assert torch.equal(out, local_expert(UID)(torch.ones(1, D)))
+
+
+def _connect(node) -> socket.socket:
+    host, port = node.ready["data_endpoint"].rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    return sock
+
+
+def _read_frame(sock: socket.socket) -> bytes | None:
+    """One frame, or None when the node closed the connection first."""
+    data = b""
+    while len(data) < LENGTH.size or len(data) < LENGTH.size + LENGTH.unpack_from(data)[0]:
+        chunk = sock.recv(1 << 16)
+        if not chunk:
+            return None
+        data += chunk
+    (size,) = LENGTH.unpack_from(data)
+    assert len(data) == LENGTH.size + size, "the node answered more than one frame"
+    return data[LENGTH.size :]
+
+
+def _closed_by_node(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+def _frame(message: bytes) -> bytes:
+    return LENGTH.pack(len(message)) + message
+
+
+def test_hostile_connections_get_a_status_and_the_node_serves_on(plain_node):
+    good = _request(UID, torch.randn(2, D))
+    # not our preface: answered INVALID_ARGUMENT, then closed
+    with _connect(plain_node) as sock:
+        sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        answer = expert_pb2.ExpertResponse.FromString(_read_frame(sock))
+        assert answer.error_code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and "preface" in answer.error_message
+        assert _closed_by_node(sock)
+    # a frame claiming more than max_message_bytes: RESOURCE_EXHAUSTED before any of it is read, then closed
+    with _connect(plain_node) as sock:
+        sock.sendall(PREFACE + LENGTH.pack(2**32 - 1))
+        answer = expert_pb2.ExpertResponse.FromString(_read_frame(sock))
+        assert answer.error_code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0] and "limit" in answer.error_message
+        assert _closed_by_node(sock)
+    # garbage inside a frame: INVALID_ARGUMENT in the answer, and the same connection serves the next request
+    with _connect(plain_node) as sock:
+        sock.sendall(PREFACE + _frame(b"\xff\xfe garbage" * 30))
+        answer = expert_pb2.ExpertResponse.FromString(_read_frame(sock))
+        assert answer.error_code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and "not a valid" in answer.error_message
+        sock.sendall(_frame(good))
+        answer = expert_pb2.ExpertResponse.FromString(_read_frame(sock))
+        assert answer.error_code == 0 and len(answer.tensors) == 1
+    # a connection that dies halfway through a frame, and many that open and say nothing
+    with _connect(plain_node) as sock:
+        sock.sendall(PREFACE + _frame(good)[:-7])
+    idle = [_connect(plain_node) for _ in range(20)]
+    try:
+        out = run(_data_client_forward(plain_node, torch.randn(3, D)))
+        assert out.shape == (3, D)
+    finally:
+        for sock in idle:
+            sock.close()
+
+
+async def _data_client_forward(node, x: torch.Tensor) -> torch.Tensor:
+    client = _data_client(node)
+    try:
+        return (await client.forward(MODEL["name"], {UID: x}, timeout_s=10))[UID]
+    finally:
+        await client.close()
+
+
+def test_a_data_port_that_cannot_be_reached_falls_back_to_grpc(plain_node):
+    with socket.socket() as unused:  # a port nobody listens on
+        unused.bind(("127.0.0.1", 0))
+        closed = f"127.0.0.1:{unused.getsockname()[1]}"
+
+    async def calls():
+        client = ExpertClient(plain_node.ready["endpoint"], data_endpoint=closed)
+        try:
+            first = await client.forward(MODEL["name"], {UID: torch.ones(1, D)}, timeout_s=10)
+            second = await client.forward(MODEL["name"], {UID: torch.ones(1, D)}, timeout_s=10)
+            return first[UID], second[UID], client.data_endpoint, client._stream is not None
+        finally:
+            await client.close()
+
+    first, second, data_endpoint, on_stream = run(calls())
+    assert torch.equal(first, second)
+    assert data_endpoint is None and on_stream, "the client kept trying the unreachable data port"
+
+
+def test_node_without_a_data_port_and_shutdown_with_idle_data_connections(node_factory):
+    off = node_factory(data_port=None)
+    assert off.ready["data_endpoint"] is None
+    node = node_factory()
+
+    async def open_idle_connection():
+        client = _data_client(node)
+        await client.forward(MODEL["name"], {UID: torch.ones(1, D)}, timeout_s=10)
+        return client  # left open and idle
+
+    loop = asyncio.new_event_loop()
+    try:
+        client = loop.run_until_complete(open_idle_connection())
+        started = time.monotonic()
+        node.popen.send_signal(signal.SIGTERM)
+        code = node.popen.wait(timeout=20)
+        took = time.monotonic() - started
+        loop.run_until_complete(client.close())
+    finally:
+        loop.close()
+    assert code == 0
+    assert took < 5.0, f"an idle data connection held the node's shutdown for {took:.1f} s"
