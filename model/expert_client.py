@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import socket
 import uuid
 
 import grpc
@@ -217,9 +216,6 @@ class ExpertClient:
         _, connection = await asyncio.get_running_loop().create_connection(
             lambda: FrameProtocol(self._max_message_bytes), host.strip("[]"), int(port)
         )
-        sock = connection.transport.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         connection.transport.write(PREFACE)
         return connection
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 
 from moeswarm.node.service import ExpertServicer
 from moeswarm.protocol import expert_pb2
@@ -29,21 +28,13 @@ class DataServer:
         self._server = await loop.create_server(self._protocol, host, port, reuse_address=True, reuse_port=False)
         return self._server.sockets[0].getsockname()[1]
 
-    def _protocol(self) -> FrameProtocol:
-        protocol = FrameProtocol(self._max_message_bytes, expect_preface=True)
-        connected = protocol.connection_made
+    def _protocol(self) -> "_Connection":
+        return _Connection(self)
 
-        def connection_made(transport) -> None:
-            connected(transport)
-            sock = transport.get_extra_info("socket")
-            if sock is not None:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            task = asyncio.ensure_future(self._serve(protocol))
-            self._connections.add(task)
-            task.add_done_callback(self._connections.discard)
-
-        protocol.connection_made = connection_made
-        return protocol
+    def _accept(self, connection: FrameProtocol) -> None:
+        task = asyncio.ensure_future(self._serve(connection))
+        self._connections.add(task)
+        task.add_done_callback(self._connections.discard)
 
     async def _serve(self, connection: FrameProtocol) -> None:
         try:
@@ -75,6 +66,18 @@ class DataServer:
             await asyncio.wait(self._connections, timeout=grace_s)
         for task in self._connections:
             task.cancel()
+
+
+class _Connection(FrameProtocol):
+    """One accepted connection: served (DataServer._serve) from the moment it is made."""
+
+    def __init__(self, server: DataServer):
+        super().__init__(server._max_message_bytes, expect_preface=True)
+        self._server = server
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._server._accept(self)
 
 
 async def _requests(connection: FrameProtocol):

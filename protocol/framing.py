@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import socket
 import struct
 
 import torch
@@ -75,6 +76,9 @@ class FrameProtocol(asyncio.BufferedProtocol):
     # ---- asyncio callbacks
     def connection_made(self, transport) -> None:
         self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:  # small frames leave at once (asyncio's and uvloop's TCP default too)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def get_buffer(self, sizehint: int):
         if self._body is not None:

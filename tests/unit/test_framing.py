@@ -26,6 +26,9 @@ class _Transport:
     def is_closing(self):
         return False
 
+    def get_extra_info(self, name, default=None):
+        return default
+
     def writelines(self, chunks):
         self.written.extend(bytes(chunk) for chunk in chunks)
 
