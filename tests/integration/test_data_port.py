@@ -187,3 +187,30 @@ def test_node_without_a_data_port_and_shutdown_with_idle_data_connections(node_f
         loop.close()
     assert code == 0
     assert took < 5.0, f"an idle data connection held the node's shutdown for {took:.1f} s"
+
+
+def test_remote_moe_finds_the_data_port_in_the_dht_and_calls_over_it(node_factory, dht_peer):
+    """The node's records announce its data port; the dispatcher's clients use it (not gRPC), and the
+    layer's output equals the local experts'. (A swarm of its own: the nodes other tests killed keep
+    records in the default one until they expire.)"""
+    from moeswarm.model.remote_moe import RemoteMoE
+
+    node = node_factory(swarm="dataport")
+    endpoint = node.ready["endpoint"]
+    with RemoteMoE(model=MODEL["name"], layer=0, d_model=D, n_experts=MODEL["n_experts"], k=2,
+                   initial_peers=dht_peer.ready["maddrs"], swarm="dataport") as moe:
+        x = torch.randn(5, D)
+        with torch.no_grad():
+            out = moe(x)
+        records = [r for uid in moe.uids for r in moe.client.directory.replicas(uid)]
+        client = moe.client.dispatcher.clients.clients[endpoint]
+        assert records and all(r.endpoint == endpoint and r.data_endpoint == node.ready["data_endpoint"] for r in records)
+        assert client.data_endpoint == node.ready["data_endpoint"] and client._data is not None and client._stream is None
+        routing = moe.last_routing
+    expected = torch.zeros(5, D)
+    with torch.no_grad():
+        for t in range(5):
+            for slot in range(2):
+                uid = moe.uids[int(routing.topk_ids_TK[t, slot])]
+                expected[t] += routing.weights_TK[t, slot] * local_expert(uid)(x[t : t + 1])[0]
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)

@@ -461,3 +461,14 @@ def test_lookup_answers_carry_plain_entries_and_drop_what_is_not_one():
     assert entries == {subkey: DHTEntry({**LOAD, "version": 0}, 5.0), b"x": DHTEntry(None, 0.0)}
     assert all(type(entry) is DHTEntry for entry in entries.values())  # no hivemind type left to unpickle
     assert _plain([1, 2]) == [1, 2]  # not a dictionary: left to parse_entries, which drops it
+
+
+def test_a_record_s_data_port_is_optional_checked_and_names_its_endpoint():
+    old = ExpertRecord.model_validate({**LOAD, "version": 0})  # a peer from before data ports
+    assert old.data_port == 0 and old.data_endpoint is None
+    record = ExpertRecord(**{**LOAD, "endpoint": "[::1]:50051"}, version=0, data_port=50052)
+    assert record.data_endpoint == "[::1]:50052"
+    assert ExpertRecord.model_validate(record.model_dump()) == record
+    for bad in (-1, 65536, True, "50052", 1.5):
+        with pytest.raises(ValueError, match="data_port"):
+            ExpertRecord.model_validate({**LOAD, "version": 0, "data_port": bad})
