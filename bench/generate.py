@@ -14,8 +14,8 @@ generate's on_tokens callbacks; hooks on each MoE module time its forward and re
 (time blocked in Dispatcher.run) around it. Per step, medians over every step of every round:
   step = dense (embedding, attention, norms, dense head, sampling) + MoE modules;
   remote MoE modules = client side (router, combine, bookkeeping) + expert wait (round trips, node compute).
-Floor, in the same run (a block after each round), each timed from the main thread through an event loop on
-its own thread (the dispatcher's sync<->async bridge): a raw grpc.aio unary echo of 1 KiB (one batch-1 row of
+Floor, in the same run (a block after each round), each timed from the main thread through an event loop of
+the dispatcher's kind, run by the calling thread as the dispatcher's is (model/loop_runner.py): a raw grpc.aio unary echo of 1 KiB (one batch-1 row of
 d_model fp32) to separate echo server processes (generic handler, no serialisation), also timed inside the
 loop; 2 such echoes at once to 2 servers; one ExpertClient.forward of 1 row straight to a node over its data
 port, as the dispatcher calls it (codec, node handler, expert compute; no dispatcher); 2 of those at once to the 2 nodes (a token whose 2 experts sit on
