@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 RUN_DIR_LOCK = "swarm.lock"  # in --run-dir: held by the swarm up using it
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 8.0
+SIGNAL_GRACE_S = 1.0  # a child killed by SIGINT while starting: how long the launcher's own Ctrl-C may take to show
 RESTART_LIMIT = 3  # restarts of one node within RESTART_WINDOW_S before swarm up leaves it down
 RESTART_WINDOW_S = 600.0
 
@@ -137,6 +138,10 @@ class LocalSwarm:
             if ready_file.exists():
                 return json.loads(ready_file.read_text())
             if proc.poll() is not None:
+                # A Ctrl-C that lands while a child is spawned reaches it too (it joins a session of its
+                # own between fork and exec, and dies of the SIGINT it got before): a stop, not a failure.
+                if self._stop.is_set() or (proc.returncode == -signal.SIGINT and self._stop.wait(SIGNAL_GRACE_S)):
+                    raise StartInterrupted(work_dir.name)
                 raise StartupError(f"{work_dir.name} exited with code {proc.returncode}{self._why(work_dir)}")
             if self._stop.wait(0.05):
                 raise StartInterrupted(work_dir.name)

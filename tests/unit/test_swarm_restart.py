@@ -76,3 +76,34 @@ def test_no_restart_leaves_a_dead_child_down(caplog):
         tick(supervised, watch, now, restart=False)
     assert supervised.restarted_at == [] and "leaving it down (--no-restart)" in caplog.text
     assert caplog.text.count("leaving it down") == 1  # reported once
+
+
+def _wait_ready_of(proc, stop, tmp_path):
+    """LocalSwarm._wait_ready on a child that is not ready (its only state: the stop flag, the logs)."""
+    import types
+
+    from moeswarm.deploy.swarm import LocalSwarm
+
+    launcher = types.SimpleNamespace(_stop=stop, _why=lambda work_dir: "")
+    return LocalSwarm._wait_ready(launcher, tmp_path, proc)
+
+
+def test_a_child_the_launcher_s_ctrl_c_killed_while_starting_is_a_stop_not_a_failure(tmp_path):
+    """The Ctrl-C reaches a child spawned at that moment (before it is in its own session): it dies
+    of SIGINT, and the launcher's own handler may record the signal a moment later."""
+    import signal
+    import threading
+
+    import pytest
+
+    from moeswarm.deploy.swarm import StartInterrupted, StartupError
+
+    stop = threading.Event()
+    threading.Timer(0.2, stop.set).start()  # the launcher's handler, a moment after the child died
+    with pytest.raises(StartInterrupted):
+        _wait_ready_of(FakeProc(-signal.SIGINT), stop, tmp_path)
+    # the same death without a stop, or any other exit, is the child's failure
+    with pytest.raises(StartupError, match="exited with code -2"):
+        _wait_ready_of(FakeProc(-signal.SIGINT), threading.Event(), tmp_path)
+    with pytest.raises(StartupError, match="exited with code 1"):
+        _wait_ready_of(FakeProc(1), threading.Event(), tmp_path)
