@@ -28,7 +28,7 @@ import torch
 PREFACE = b"MSWDATA\x01"
 LENGTH = struct.Struct("<I")
 SMALL_FRAME = 64 << 10  # frames up to this size are copied out of the read buffer; larger ones are read in place
-_READ_BUFFER = 256 << 10
+_READ_BUFFER = SMALL_FRAME  # per connection: a node with its 1024 data connections open holds 64 MiB of them
 
 
 class FrameTooLarge(Exception):
