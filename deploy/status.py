@@ -53,6 +53,11 @@ def mixed_origins(view: SwarmView) -> dict[str, dict[str, list[str]]]:
 
 def format_expert_table(view: SwarmView) -> str:
     lines = [f"{len(view.nodes)} nodes, {len(view.experts)} experts"]
+    grpc_only = sorted(record.endpoint for record in view.nodes.values() if not record.data_port)
+    if grpc_only:
+        shown = ", ".join(grpc_only[:4]) + (", ..." if len(grpc_only) > 4 else "")
+        lines.append(f"nodes without a data port (data_port: null, or an older version; clients reach them over gRPC, "
+                     f"~0.2-0.3 ms slower per call): {len(grpc_only)}: {shown}")
     if mixed := mixed_origins(view):
         uid = min(mixed, key=uid_sort_key)
         example = "; ".join(f"origin {origin} at {', '.join(endpoints)}" for origin, endpoints in mixed[uid].items())

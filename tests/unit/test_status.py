@@ -87,3 +87,14 @@ def test_an_expert_index_on_no_node_in_any_layer_is_named_apart_as_shared_expert
     assert view_as_json(view)["unserved_in_every_layer"] == {"s": [2, 3]}
     table = format_expert_table(view)
     assert "model s: 1 experts have no replica: s.L1.E1" in table and "model s: experts E2, E3 are on no node in any layer" in table
+
+
+def test_table_names_the_nodes_that_announce_no_data_port():
+    load = dict(queue_depth=0, rows_per_s=0.0)
+    nodes = {
+        "p1": NodeRecord(peer_id="p1", endpoint="127.0.0.1:5000", data_port=5001, **load, model=SPEC, uids=["m.L1.E0"]),
+        "p2": NodeRecord(peer_id="p2", endpoint="127.0.0.1:6000", **load, model=SPEC, uids=["m.L1.E1"]),
+    }
+    table = format_expert_table(SwarmView(nodes=nodes, experts={}))
+    assert "nodes without a data port" in table and "127.0.0.1:6000" in table and "127.0.0.1:5000" not in table
+    assert "data port" not in format_expert_table(SwarmView(nodes={"p1": nodes["p1"]}, experts={}))
