@@ -181,13 +181,10 @@ def run_swarm(work_dir: pathlib.Path, pick: int) -> tuple[list[Figure], dict]:
             bw, bw_ready = spawn_node(children, work_dir, "bw", BW_MODEL, "all", peers)
             poll, poll_ready = spawn_node(children, work_dir, "poll", MODEL, [LATENCY_UID], peers, busy_poll_us=BUSY_POLL_US)
             echo, echo_ready = spawn_echo(children, work_dir)
-            endpoints = {  # name -> (gRPC endpoint, data port)
-                "node": wait_ready(node_ready, node, "latency node"),
-                "bw": wait_ready(bw_ready, bw, "bandwidth node"),
-                "poll": wait_ready(poll_ready, poll, "busy-polling node"),
-                "echo": wait_ready(echo_ready, echo, "echo server"),
-            }
-            endpoints = {name: (ready["endpoint"], ready.get("data_endpoint")) for name, ready in endpoints.items()}
+            started = {"node": (node_ready, node, "latency node"), "bw": (bw_ready, bw, "bandwidth node"),
+                       "poll": (poll_ready, poll, "busy-polling node"), "echo": (echo_ready, echo, "echo server")}
+            ready = {name: wait_ready(*args) for name, args in started.items()}
+            endpoints = {name: (r["endpoint"], r.get("data_endpoint")) for name, r in ready.items()}  # (gRPC, data port)
             launch = functools.partial(launch_node, children, work_dir, peers=peers, dht=dht)
             figures, details = run_event_loop(measure_async(endpoints, launch, pick))
             tree_figures, details["node_processes"] = measure_tree(node.pid)

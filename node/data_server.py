@@ -9,7 +9,7 @@ import logging
 
 from moeswarm.node.service import ExpertServicer
 from moeswarm.protocol import expert_pb2
-from moeswarm.protocol.errors import BadRequest, Overloaded, status_of
+from moeswarm.protocol.errors import Overloaded, status_of
 from moeswarm.protocol.framing import BadPreface, FrameProtocol, FrameTooLarge
 
 logger = logging.getLogger(__name__)
@@ -43,8 +43,7 @@ class DataServer:
             async for response in self._servicer.Stream(_requests(connection), None):
                 await connection.send(response if isinstance(response, bytes) else response.SerializeToString())
         except (FrameTooLarge, BadPreface, Overloaded) as e:  # answered, then the connection ends
-            error = Overloaded(str(e)) if isinstance(e, FrameTooLarge) else e if isinstance(e, Overloaded) else BadRequest(str(e))
-            answer = expert_pb2.ExpertResponse(error_code=status_of(error).value[0], error_message=str(error))
+            answer = expert_pb2.ExpertResponse(error_code=status_of(e).value[0], error_message=str(e))
             try:
                 await connection.send(answer.SerializeToString())
             except ConnectionError:

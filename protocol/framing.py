@@ -25,19 +25,21 @@ import struct
 
 import torch
 
+from moeswarm.protocol.errors import BadRequest, Overloaded
+
 PREFACE = b"MSWDATA\x01"
 LENGTH = struct.Struct("<I")
 SMALL_FRAME = 64 << 10  # frames up to this size are copied out of the read buffer; larger ones are read in place
 _READ_BUFFER = SMALL_FRAME  # per connection: a node with its 1024 data connections open holds 64 MiB of them
 
 
-class FrameTooLarge(Exception):
+class FrameTooLarge(Overloaded):  # RESOURCE_EXHAUSTED, as gRPC answers a message over its limit
     def __init__(self, size: int, limit: int):
         super().__init__(f"a frame of {size} bytes is over the limit of {limit} bytes (max_message_bytes)")
         self.size, self.limit = size, limit
 
 
-class BadPreface(Exception):
+class BadPreface(BadRequest):  # INVALID_ARGUMENT
     pass
 
 
