@@ -412,10 +412,10 @@ class FloorCalls:
 
     def __init__(self, echo_endpoints: list[str], experts: list[tuple[str, str]], model: str):
         """experts: (endpoint, data port, uid) of one expert on each of two nodes."""
-        from moeswarm.model.dispatcher import _new_event_loop  # the dispatcher's own kind of loop
+        from moeswarm.model.loop_runner import new_event_loop  # the dispatcher's own kind of loop
         from moeswarm.model.loop_runner import LoopRunner
 
-        self.runner = LoopRunner(_new_event_loop(), "bench-floor")
+        self.runner = LoopRunner(new_event_loop(), "bench-floor")
         self.payload, self.model = os.urandom(ECHO_BYTES), model
         self.uids, self.x_1D = [uid for _, _, uid in experts], torch.randn(1, ECHO_BYTES // 4)
         self.channels, self.stubs, self.clients = self.run(self._open(echo_endpoints, [(e, d) for e, d, _ in experts]))

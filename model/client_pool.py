@@ -32,6 +32,15 @@ class ClientPool:
             client = self.clients[endpoint] = ExpertClient(endpoint, data_endpoint=data_endpoint)
         return client
 
+    def existing(self, endpoint: str) -> ExpertClient | None:
+        """The client of `endpoint` if there is one (from any thread while the loop is held; get() makes one)."""
+        return self.clients.get(endpoint)
+
+    def interrupt_blocking(self) -> None:
+        """From any thread: wake the calls a blocking caller waits on (ExpertClient.interrupt_blocking)."""
+        for client in [*self.clients.values(), *self.dropping.values()]:
+            client.interrupt_blocking()
+
     def _forget_departed(self, announced: set[str]) -> None:
         """Close the idle channels to endpoints no longer announced, and forget their health. A node
         that restarts on a new port, or a volunteer that leaves, would otherwise keep a channel and a
@@ -46,7 +55,7 @@ class ClientPool:
         flight end for up to grace_s (None: cancel them now; see ExpertClient.close)."""
         client = self.clients.pop(endpoint, None)
         if client is not None:
-            closing = asyncio.ensure_future(client.close(grace_s=grace_s))
+            closing = self._loop.create_task(client.close(grace_s=grace_s))  # (also from a thread holding the loop)
             self.dropping[closing] = client
             closing.add_done_callback(self.dropping.pop)
 

@@ -17,20 +17,25 @@ import math
 import os
 import time
 import uuid
-from typing import Callable, Collection, Mapping
 
 import torch
 
 from moeswarm.model.client_pool import ClientPool
+from moeswarm.model.expert_client import ExpertClient
 from moeswarm.model.directory import ExpertDirectory
-from moeswarm.model.loop_runner import LoopRunner
-from moeswarm.model.replicas import ReplicaPicker
+from moeswarm.model.expert_rows import ExpertRows, gather_at, gather_rows, group_rows, scatter_outputs
+from moeswarm.model.loop_runner import LoopRunner, new_event_loop
+from moeswarm.model.replicas import AFFINITY_MAX_ROWS, ReplicaPicker, candidates, pick_endpoint
+from moeswarm.protocol import wire
 from moeswarm.protocol.codec import WIRE_DTYPES
-from moeswarm.protocol.errors import AllReplicasFailed, BadRequest, ConfigError, ExpertNotFound, MoeSwarmError, NotTrainable
-from moeswarm.protocol.records import ExpertRecord
+from moeswarm.protocol.errors import (
+    AllReplicasFailed, BadRequest, ConfigError, ExpertNotFound, MoeSwarmError, NodeUnavailable, NotTrainable,
+)
 
 logger = logging.getLogger(__name__)
 Attempts = dict[str, list[tuple[str, str]]]  # uid -> [(endpoint, reason)]
+# An inference forward carrying at most this much goes out from the calling thread (forward_blocking).
+BLOCKING_MAX_BYTES = 1 << 20
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -45,16 +50,6 @@ class DispatchConfig:
             raise ConfigError(f"invalid dispatch config {self}")
         if self.wire_dtype not in WIRE_DTYPES:
             raise ConfigError(f"wire_dtype={self.wire_dtype!r}: one of {sorted(WIRE_DTYPES)}")
-
-
-@dataclasses.dataclass(frozen=True)
-class ExpertRows:
-    """Read-only: the tensors of a one-token call's rows are shared by every call (_ONE_TOKEN_ROWS)."""
-
-    token_idx: torch.Tensor  # [N] long: which tokens were routed to this expert
-    slot_idx: torch.Tensor  # [N] long: in which of their k slots
-    flat_idx: torch.Tensor  # [N] long: token_idx * k + slot_idx, the row in a [T * k, ...] view
-    one_slot: int = -1  # the slot, as an int, when the call has one token (else -1)
 
 
 @dataclasses.dataclass
@@ -87,139 +82,14 @@ class _Job:
         return self.op == "backward" and not self.maybe_applied.issuperset(self.inputs) or self.keep
 
 
-def group_rows(topk_ids_TK: torch.Tensor, uids: list[str]) -> dict[str, ExpertRows]:
-    """Which (token, slot) pairs each expert of the layer gets; ids < 0 mark slots not to send. Pure.
-    Experts in increasing id order, rows in token order."""
-    if topk_ids_TK.numel() <= SMALL_ROUTING_SLOTS:
-        return _group_rows_small(topk_ids_TK, uids)
-    # One stable sort of the flattened (token, slot) ids by expert, cut into one run per expert:
-    # a fixed handful of torch ops, however many experts the layer has.
-    K = topk_ids_TK.shape[1]
-    flat_ids = topk_ids_TK.reshape(-1)
-    order = torch.argsort(flat_ids, stable=True)
-    experts, counts = torch.unique_consecutive(flat_ids[order], return_counts=True)
-    token_idx, slot_idx = order // K, order % K
-    rows, start = {}, 0
-    for expert, count in zip(experts.tolist(), counts.tolist()):
-        if expert >= 0:
-            run = slice(start, start + count)
-            rows[uids[expert]] = ExpertRows(token_idx[run], slot_idx[run], order[run])
-        start += count
-    return rows
+@dataclasses.dataclass(frozen=True)
+class _Sent:
+    """A forward the calling thread sent (forward_blocking), its answer not read yet."""
 
-
-def gather_rows(x_TD: torch.Tensor, rows: dict[str, ExpertRows]) -> dict[str, torch.Tensor]:
-    """Each expert's input rows {uid: x_ND}: one gather for the whole layer, then views of it."""
-    if x_TD.shape[0] == 1 and all(r.token_idx.numel() == 1 for r in rows.values()):
-        return dict.fromkeys(rows, x_TD)  # decoding one sequence: every expert gets the one token, no copy
-    return _gather(x_TD, rows, "token_idx")
-
-
-def _gather(x: torch.Tensor, rows: dict[str, ExpertRows], index: str) -> dict[str, torch.Tensor]:
-    """{uid: x[rows[uid].<index>]}: per expert when there are few, else one gather split into views."""
-    if len(rows) <= 2:
-        return {uid: x[getattr(r, index)] for uid, r in rows.items()}
-    gathered = x[torch.cat([getattr(r, index) for r in rows.values()])]
-    return dict(zip(rows, gathered.split([r.token_idx.numel() for r in rows.values()])))
-
-
-SMALL_ROUTING_SLOTS = 64  # up to this many (token, slot) pairs, plain Python beats a dozen tiny torch ops
-_SLOTS = torch.arange(SMALL_ROUTING_SLOTS)
-# Decoding one sequence: the rows of the expert in each slot, made once (token 0; its flat index is the slot).
-_ONE_TOKEN_ROWS = tuple(ExpertRows(_SLOTS[:1], _SLOTS[s : s + 1], _SLOTS[s : s + 1], s) for s in range(SMALL_ROUTING_SLOTS))
-
-
-def _group_rows_small(topk_ids_TK: torch.Tensor, uids: list[str]) -> dict[str, ExpertRows]:
-    """group_rows for decoding-sized batches (a few tokens): same result, ~10x fewer microseconds.
-    One tensor holds every expert's (token, slot, flat) indices; each ExpertRows views its columns."""
-    K = topk_ids_TK.shape[1]
-    ids = topk_ids_TK.tolist()
-    if len(ids) == 1:  # one token, each expert in one slot (top-k picks distinct ones): no torch op at all
-        slot_of = {expert: slot for slot, expert in enumerate(ids[0]) if expert >= 0}
-        if len(slot_of) == sum(expert >= 0 for expert in ids[0]):
-            return {uids[expert]: _ONE_TOKEN_ROWS[slot_of[expert]] for expert in sorted(slot_of)}
-    buckets: dict[int, list[tuple[int, int]]] = {}
-    for token, row in enumerate(ids):
-        for slot, expert in enumerate(row):
-            if expert >= 0:
-                buckets.setdefault(expert, []).append((token, slot))
-    if not buckets:
-        return {}
-    experts = sorted(buckets)
-    pairs = [pair for e in experts for pair in buckets[e]]
-    index_3N = torch.tensor([[t for t, _ in pairs], [s for _, s in pairs], [t * K + s for t, s in pairs]])
-    parts = index_3N.split([len(buckets[e]) for e in experts], dim=1)
-    return {uids[e]: ExpertRows(*part.unbind(0)) for e, part in zip(experts, parts)}
-
-
-def _scatter_outputs(
-    topk_ids_TK: torch.Tensor, d_model: int, rows: dict[str, ExpertRows], outputs: dict[str, torch.Tensor]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y_TKD, served_TK): each answered expert's rows in its (token, slot) places, in fp32; zeros
-    and False where an expert was not answered or a slot was not sent. One copy for all experts."""
-    T, K = topk_ids_TK.shape
-    answered = [uid for uid in rows if uid in outputs]
-    if len(answered) == K and all(rows[uid].one_slot >= 0 for uid in answered):  # one token, every slot answered
-        by_slot = sorted(answered, key=lambda uid: rows[uid].one_slot)
-        return torch.cat([outputs[uid] for uid in by_slot]).float().view(1, K, d_model), torch.ones(1, K, dtype=torch.bool)
-    y_TKD = torch.zeros(T, K, d_model, dtype=torch.float32)
-    if not answered:
-        return y_TKD, torch.zeros(T, K, dtype=torch.bool)
-    flat_idx = torch.cat([rows[uid].flat_idx for uid in answered])
-    y_TKD.view(T * K, d_model).index_copy_(0, flat_idx, torch.cat([outputs[uid] for uid in answered]).float())
-    if len(answered) == len(rows):
-        return y_TKD, topk_ids_TK >= 0
-    served_TK = torch.zeros(T, K, dtype=torch.bool)
-    served_TK.view(-1)[flat_idx] = True
-    return y_TKD, served_TK
-
-
-def candidates(replicas: list[ExpertRecord], training: bool) -> list[ExpertRecord]:
-    """The replicas to choose from. Pure. Training work goes to replicas that accept gradients while
-    there are any (then a step's backward finds its forward's node); otherwise to all of them, so an
-    expert served only by inference-only nodes fails with their answers, not an empty list."""
-    if not training:
-        return replicas
-    return [record for record in replicas if record.trainable] or replicas
-
-
-AFFINITY_MAX_ROWS = 32  # an expert with this few rows joins a node already called rather than adding an RPC,
-AFFINITY_MAX_EXPERTS = 2  # while that node has fewer experts than this in the call; then a replica not yet
-SPREAD_MAX_LATENCY_RATIO = 2.0  # called, if about as fast, gets its own RPC, so that the nodes compute in parallel.
-# Measured (bench/generate.py with 2 nodes each hosting every expert: 8 per layer of 256x512, top-2),
-# decoding 8 sequences: all joined onto one node cost 1.26 ms per MoE layer over local, split 0.84 ms
-# (544 vs 491 tokens/s); decoding one, a token's 2 experts still share one RPC (0.78 ms either way).
-
-
-def pick_endpoint(
-    ranked: list[str], is_banned: Callable[[str], bool], preferred: str | None = None,
-    planned: Mapping[str, Collection[str]] | None = None, latency_s: Callable[[str], float] | None = None,
-) -> str | None:
-    """The replica to call for one expert. Pure. `ranked`: candidates best first (ReplicaPicker.rank,
-    excluded ones already dropped). preferred (the replica that served the forward) wins unless banned.
-    planned: the experts this layer call already sends to each node, given for an expert with few rows:
-    it joins one of those RPCs (one RPC more costs more than a slightly slower replica for a few rows)
-    while that node has room (AFFINITY_MAX_EXPERTS); when all it could join are full, it goes to its
-    best replica not called yet if that one's latency_s is within SPREAD_MAX_LATENCY_RATIO of theirs
-    (the nodes then compute in parallel), else to the one with the fewest experts planned. Without
-    `planned`: the best usable replica."""
-    if preferred is not None and not is_banned(preferred):
-        return preferred
-    usable = [endpoint for endpoint in ranked if not is_banned(endpoint)]
-    if not usable:
-        return ranked[0] if ranked else None
-    if not planned:
-        return usable[0]
-    joinable = [endpoint for endpoint in usable if endpoint in planned]
-    for endpoint in joinable:
-        if len(planned[endpoint]) < AFFINITY_MAX_EXPERTS:
-            return endpoint
-    fresh = [endpoint for endpoint in usable if endpoint not in planned]
-    if not joinable:
-        return fresh[0]
-    if fresh and (latency_s is None or latency_s(fresh[0]) <= SPREAD_MAX_LATENCY_RATIO * min(map(latency_s, joinable))):
-        return fresh[0]
-    return min(joinable, key=lambda endpoint: len(planned[endpoint]))  # stable: the best ranked among the least loaded
+    endpoint: str
+    uids: list[str]
+    client: ExpertClient
+    started: float  # time.monotonic() when sent
 
 
 class Dispatcher:
@@ -230,23 +100,34 @@ class Dispatcher:
         # ids under which nodes keep a training forward's activations: unique per client and call
         prefix = uuid.uuid4().hex[:12]  # once: inside the generator expression it ran for every id
         self._forward_ids = (f"{prefix}-f{i}" for i in itertools.count())
-        self._loop = _new_event_loop()
+        self._loop = new_event_loop()
         self._runner = LoopRunner(self._loop)
         self.clients = ClientPool(self._loop, directory, self.picker)  # one per node, used on the loop
         self._pid, self._closed = os.getpid(), False
 
     def run(self, coro, timeout_s: float | None = None):
         """Run a coroutine on the dispatcher's loop from any thread; block for its result."""
-        if self._closed or os.getpid() != self._pid:
+        try:
+            self._check_usable()
+        except RuntimeError:
             coro.close()
-            if self._closed:
-                raise RuntimeError("this SwarmClient is closed; make a new one")
+            raise
+        return self._closed_if_cancelled(self._runner.run, coro, self._bound(timeout_s))
+
+    def _bound(self, timeout_s: float | None = None) -> float:
+        return timeout_s if timeout_s is not None else self.config.timeout_s * (self.config.max_attempts + 1)
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise RuntimeError("this SwarmClient is closed; make a new one")
+        if os.getpid() != self._pid:
             raise RuntimeError(  # its channels and the DHT peer stayed in the parent: it would hang
                 "this SwarmClient was made before this process forked; make one in each process (after the fork)"
             )
-        bound = timeout_s if timeout_s is not None else self.config.timeout_s * (self.config.max_attempts + 1)
+
+    def _closed_if_cancelled(self, run, *args):
         try:
-            return self._runner.run(coro, bound)
+            return run(*args)
         except (asyncio.CancelledError, concurrent.futures.CancelledError):
             if self._closed:
                 raise RuntimeError("the SwarmClient was closed during this call") from None
@@ -260,8 +141,93 @@ class Dispatcher:
         inputs = gather_rows(x_TD, rows)
         forward_ids: dict[str, str] = {}
         outputs, endpoints, attempts = await self._run_experts(_Job("forward", inputs, keep=keep_activations), {}, forward_ids)
-        y_TKD, served_TK = _scatter_outputs(topk_ids_TK, x_TD.shape[-1], rows, outputs)
+        y_TKD, served_TK = scatter_outputs(topk_ids_TK, x_TD.shape[-1], rows, outputs)
         return DispatchResult(y_TKD, served_TK, rows, endpoints, attempts, forward_ids)
+
+    def forward_blocking(self, uids: list[str], x_TD: torch.Tensor, topk_ids_TK: torch.Tensor) -> DispatchResult:
+        """run(forward(...)) of an inference forward (nothing kept for a backward), its first round sent
+        and answered by the calling thread itself where it can: decoding's path. The loop then does
+        not run around the call, which on the 2-core VM saved ~0.19 ms per batch-1 layer call
+        (bench/generate.py --quick: 0.68 -> 0.49 ms per MoE layer over the local step). It can when no
+        other thread runs the loop, every node of the call has a client already (made on the loop, at
+        an earlier call) whose data port answers, and the call carries at most BLOCKING_MAX_BYTES.
+        What that round leaves (a failed node, an answer past its hedge delay) goes on through the
+        loop, with forward()'s retries, hedges and bans."""
+        if not self._runner.hold():
+            return self.run(self.forward(uids, x_TD, topk_ids_TK))
+        held = True
+        try:
+            self._check_usable()
+            rows = group_rows(topk_ids_TK, uids)
+            inputs = gather_rows(x_TD, rows)
+            job, done, late = _Job("forward", inputs), None, []
+            sent = self._send_blocking(job, attempts := {uid: [] for uid in inputs})
+            if sent is not None:
+                done = ({}, {}, attempts)
+                late = self._receive_blocking(job, sent, *done)
+            if done is None or late or len(done[0]) < len(inputs):  # the rest through the loop
+                held = False
+                work = self._run_experts(job, {}, {}, done=done, sent=late)
+                done = self._closed_if_cancelled(self._runner.run_held, work, self._bound())
+            outputs, served_by, attempts = done
+            y_TKD, served_TK = scatter_outputs(topk_ids_TK, x_TD.shape[-1], rows, outputs)
+            return DispatchResult(y_TKD, served_TK, rows, served_by, attempts, {})
+        finally:
+            if held:
+                self._runner.release()
+
+    def _send_blocking(self, job: _Job, attempts: Attempts) -> list[_Sent] | None:
+        """forward_blocking's first round, sent from the calling thread; None (nothing sent) where it
+        cannot go so."""
+        if wire.payload_bytes(job.inputs.values(), self._wire_dtype) > BLOCKING_MAX_BYTES:
+            return None
+        plan = self._assign(set(job.inputs), attempts, {}, {uid: x.shape[0] for uid, x in job.inputs.items()}, False)
+        clients = [self.clients.existing(endpoint) for endpoint in plan]
+        if not all(client is not None and client.can_call_blocking() for client in clients):
+            return None
+        sent = []
+        for (endpoint, uids), client in zip(plan.items(), clients):
+            started = time.monotonic()
+            try:
+                client.forward_send(self.model, {uid: job.inputs[uid] for uid in uids}, timeout_s=self.config.timeout_s, wire_dtype=self._wire_dtype)
+            except MoeSwarmError as e:
+                self._failed(job, endpoint, uids, attempts, e)
+                continue
+            sent.append(_Sent(endpoint, uids, client, started))
+        return sent
+
+    def _receive_blocking(self, job: _Job, sent: list[_Sent], outputs: dict, served_by: dict, attempts: Attempts) -> list[_Sent]:
+        """The answers to _send_blocking's requests, read on the calling thread, each until its deadline
+        or (experts with another replica) its hedge delay; returns those still unanswered then."""
+        late, unread = [], list(sent)
+        try:
+            while unread:
+                call = unread[0]
+                hedges = any(len(self.directory.replicas(uid)) >= 2 for uid in call.uids)
+                limit_s = min(self.picker.hedge_after_s(call.endpoint, self.config.hedge_floor_s) if hedges else math.inf, self.config.timeout_s)
+                try:
+                    out = call.client.forward_receive({uid: job.inputs[uid] for uid in call.uids}, call.started + limit_s - time.monotonic())
+                    if out is None and limit_s >= self.config.timeout_s:
+                        call.client.forward_abandon()
+                        raise NodeUnavailable(f"{call.endpoint}: DEADLINE_EXCEEDED: no answer within {self.config.timeout_s:.3g} s")
+                except BadRequest:
+                    raise  # our request was malformed: a bug, not a replica fault
+                except MoeSwarmError as e:
+                    if self._closed:  # close() from another thread cut the connection
+                        raise RuntimeError("the SwarmClient was closed during this call") from None
+                    self._failed(job, call.endpoint, call.uids, attempts, e)
+                    out = {}
+                unread.pop(0)
+                if out is None:
+                    late.append(call)
+                elif out:
+                    for uid, (tensor, endpoint, _) in self._succeeded(call.endpoint, call.started, out, "").items():
+                        outputs[uid], served_by[uid] = tensor, endpoint
+        except BaseException:  # their answers would pair with the next requests on these connections
+            for call in unread:
+                call.client.forward_abandon()
+            raise
+        return late
 
     async def backward(
         self, result: DispatchResult, x_TD: torch.Tensor, grad_y_TKD: torch.Tensor, *, apply: bool = True
@@ -270,7 +236,7 @@ class Dispatcher:
         apply=False: input grads alone; the nodes change nothing."""
         served = {uid: result.rows[uid] for uid in result.endpoints}
         inputs = gather_rows(x_TD, served)
-        grads = _gather(grad_y_TKD.reshape(-1, grad_y_TKD.shape[-1]), served, "flat_idx")
+        grads = gather_at(grad_y_TKD.reshape(-1, grad_y_TKD.shape[-1]), served, "flat_idx")
         kept_on = {uid: (result.endpoints[uid], fid) for uid, fid in result.forward_ids.items() if uid in result.endpoints}
         job = _Job("backward", inputs, grads, kept_on=kept_on, maybe_applied=set() if apply else set(inputs))
         grad_x, _, attempts = await self._run_experts(job, result.endpoints, {})
@@ -285,16 +251,28 @@ class Dispatcher:
             grad_x_TD.index_add_(0, token_idx, torch.cat([grad_x[uid] for uid in order]).float())
         return grad_x_TD
 
-    async def _run_experts(self, job: _Job, preferred: dict[str, str], forward_ids: dict[str, str]):
+    async def _run_experts(
+        self, job: _Job, preferred: dict[str, str], forward_ids: dict[str, str], *,
+        done: tuple[dict, dict, Attempts] | None = None, sent: list[_Sent] = (),
+    ):
         """Up to max_attempts rounds: each round groups the pending experts by chosen replica.
-        forward_ids is filled with the id each served expert's node kept its activations under."""
-        outputs, served_by, attempts = {}, {}, {uid: [] for uid in job.inputs}
-        pending = set(job.inputs)
-        for _ in range(self.config.max_attempts):
-            plan = self._assign(pending, attempts, preferred, {uid: job.inputs[uid].shape[0] for uid in pending}, job.trains)
-            if not plan:
+        forward_ids is filled with the id each served expert's node kept its activations under.
+        done: (outputs, served_by, attempts) of a first round forward_blocking ran; sent: its requests
+        still unanswered, whose answers (and hedges) join the next round."""
+        outputs, served_by, attempts = done if done is not None else ({}, {}, {uid: [] for uid in job.inputs})
+        pending = set(job.inputs) - set(outputs)
+        rounds = self.config.max_attempts - (done is not None)
+        for round_ in range(max(rounds, 1 if sent else 0)):
+            flying = {uid for call in sent for uid in call.uids}
+            plan = {}
+            if round_ < rounds:
+                rows = {uid: job.inputs[uid].shape[0] for uid in pending - flying}
+                plan = self._assign(pending - flying, attempts, preferred, rows, job.trains)
+            calls = [self._call_hedged(job, call.endpoint, call.uids, attempts, call) for call in sent]
+            calls += [self._call_hedged(job, endpoint, uids, attempts) for endpoint, uids in plan.items()]
+            sent = ()
+            if not calls:
                 break
-            calls = [self._call_hedged(job, endpoint, uids, attempts) for endpoint, uids in plan.items()]
             for answered in (await asyncio.gather(*calls)) if len(calls) > 1 else [await calls[0]]:
                 for uid, (tensor, endpoint, forward_id) in answered.items():
                     outputs[uid], served_by[uid] = tensor, endpoint
@@ -323,16 +301,19 @@ class Dispatcher:
         ranked = self.picker.rank(candidates(self.directory.replicas(uid), training), exclude)
         return pick_endpoint([r.endpoint for r in ranked], self.picker.is_banned, preferred if preferred not in exclude else None)
 
-    async def _call_hedged(self, job: _Job, endpoint, uids, attempts: Attempts) -> dict:
+    async def _call_hedged(self, job: _Job, endpoint, uids, attempts: Attempts, sent: _Sent | None = None) -> dict:
         """Call one node; if a forward runs past its hedge delay, send the same experts to other replicas
         too and take whichever answers first. A backward is never hedged: both replicas would apply its
         gradients (it waits for its node, or its deadline and then another replica).
+        sent: the call was sent already (forward_blocking); wait for its answer here.
         Returns {uid: (tensor, endpoint, forward id)} for what succeeded."""
         op = job.op
+        call = self._call(job, endpoint, uids, attempts) if sent is None else self._receive(job, sent, attempts)
         if op == "backward" or all(len(self.directory.replicas(uid)) < 2 for uid in uids):  # no hedge: skip the timer task
-            return await self._call(job, endpoint, uids, attempts)
-        primary = asyncio.ensure_future(self._call(job, endpoint, uids, attempts))
-        done, _ = await asyncio.wait({primary}, timeout=self.picker.hedge_after_s(endpoint, self.config.hedge_floor_s))
+            return await call
+        primary = asyncio.ensure_future(call)
+        delay_s = self.picker.hedge_after_s(endpoint, self.config.hedge_floor_s) - (time.monotonic() - sent.started if sent else 0.0)
+        done, _ = await asyncio.wait({primary}, timeout=max(delay_s, 0.0))
         if done:
             return primary.result()
         exclude = {uid: {endpoint} | {e for e, _ in attempts[uid]} for uid in uids}
@@ -382,22 +363,43 @@ class Dispatcher:
         except BadRequest:
             raise  # our request was malformed: a bug, not a replica fault; never retried
         except MoeSwarmError as e:
-            reason = str(e).split(": ", 1)[-1][:200]
-            for uid in uids:
-                attempts[uid].append((endpoint, reason))
-            if not isinstance(e, (ExpertNotFound, NotTrainable)):  # else the node is fine: it no longer hosts it, or serves inference only
-                if op == "backward":
-                    job.maybe_applied.update(uids)
-                ban_s = self._ban(endpoint)
-                # once per outage, not a line per call: with no replica left, every call tries the banned ones
-                failures = self.picker.failures(endpoint)
-                (logger.warning if failures == 1 else logger.debug)(
-                    "%s to %s failed (%s); banned for %.0f s%s", op, endpoint, reason, ban_s,
-                    "" if failures > 1 else " (further failures in a row are logged at debug level)",
-                )
+            self._failed(job, endpoint, uids, attempts, e)
             return {}
+        return self._succeeded(endpoint, started, out, keep_as)
+
+    async def _receive(self, job: _Job, sent: _Sent, attempts: Attempts) -> dict:
+        """The answer to a forward the calling thread sent (forward_blocking), read on the loop."""
+        try:
+            out = await sent.client.forward_receive_async(
+                {uid: job.inputs[uid] for uid in sent.uids}, sent.started + self.config.timeout_s - time.monotonic()
+            )
+        except BadRequest:
+            raise
+        except MoeSwarmError as e:
+            self._failed(job, sent.endpoint, sent.uids, attempts, e)
+            return {}
+        return self._succeeded(sent.endpoint, sent.started, out, "")
+
+    def _succeeded(self, endpoint: str, started: float, out: dict[str, torch.Tensor], keep_as: str) -> dict:
         self.picker.on_success(endpoint, time.monotonic() - started)
         return {uid: (tensor, endpoint, keep_as) for uid, tensor in out.items()}
+
+    def _failed(self, job: _Job, endpoint: str, uids: list[str], attempts: Attempts, error: MoeSwarmError) -> None:
+        """Record a failed call (and ban its replica, unless the node is fine)."""
+        reason = str(error).split(": ", 1)[-1][:200]
+        for uid in uids:
+            attempts[uid].append((endpoint, reason))
+        if isinstance(error, (ExpertNotFound, NotTrainable)):  # the node no longer hosts it, or serves inference only
+            return
+        if job.op == "backward":
+            job.maybe_applied.update(uids)
+        ban_s = self._ban(endpoint)
+        # once per outage, not a line per call: with no replica left, every call tries the banned ones
+        failures = self.picker.failures(endpoint)
+        (logger.warning if failures == 1 else logger.debug)(
+            "%s to %s failed (%s); banned for %.0f s%s", job.op, endpoint, reason, ban_s,
+            "" if failures > 1 else " (further failures in a row are logged at debug level)",
+        )
 
     def _ban(self, endpoint: str) -> float:
         """Ban a failing replica (returns the ban, s) and drop its client, so that the call after the
@@ -412,38 +414,10 @@ class Dispatcher:
         if self._closed:
             return
         self._closed = True  # before the channels close: calls they cancel say why
+        self.clients.interrupt_blocking()  # a thread blocked in forward_blocking returns, and releases the loop
         try:
             self._runner.run(self.clients.close(), 5.0)
         except Exception as e:  # closing must not fail: what is left is cancelled below
             logger.debug("closing the dispatcher's channels: %r", e)
         finally:
             self._runner.close()
-
-
-def _new_event_loop() -> asyncio.AbstractEventLoop:
-    """The client's loop: asyncio's own, not uvloop (nodes use uvloop). The calling thread runs it for
-    each call (model/loop_runner.py), and uvloop, run from the main thread, makes and closes a
-    socket pair and sets Python's signal wakeup fd at every run: a run of an empty coroutine took
-    70 us against 43-46 us for asyncio's loop, with the caches cold as between two decoding layers.
-    bench/generate.py --quick, 2 alternating pairs: batch 1, 0.638 / 0.654 against 0.719 / 0.723 ms
-    per MoE layer over the local step; batch 8 and bench/remote_moe.py within their noise."""
-    loop = asyncio.new_event_loop()
-    loop.set_exception_handler(_skip_expected_loop_errors)
-    return loop
-
-
-def _skip_expected_loop_errors(loop: asyncio.AbstractEventLoop, context: dict) -> None:
-    """grpc.aio's poller queues every completion event of the process, and whichever bound loop reads
-    the queue hands each event to the loop its call was made on. An event that comes after that loop
-    was closed (another client of this process, closed a moment before) raises "Event loop is closed"
-    in the loop that read it, a traceback in the user's output. Its call was over: nothing waits for
-    the event, and the other events stay queued for the next read. Skip those; report the rest.
-    Also skipped: a Ctrl-C's KeyboardInterrupt left in a task it ended (the caller's thread runs the loop,
-    so Python's SIGINT handler may run inside a task); the same exception ended the caller's call."""
-    error, handle = context.get("exception"), context.get("handle")
-    if isinstance(error, RuntimeError) and str(error) == "Event loop is closed" and "PollerCompletionQueue" in repr(handle):
-        logger.debug("skipped a gRPC completion event of a closed event loop")
-        return
-    if isinstance(error, (KeyboardInterrupt, SystemExit)) and "never retrieved" in context.get("message", ""):
-        return
-    loop.default_exception_handler(context)

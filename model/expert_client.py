@@ -23,7 +23,7 @@ import torch
 
 from moeswarm.protocol import codec, expert_pb2, expert_pb2_grpc, wire
 from moeswarm.protocol.errors import BadRequest, NodeUnavailable, error_from_rpc, error_from_status
-from moeswarm.protocol.framing import PREFACE, FrameProtocol, FrameTooLarge
+from moeswarm.protocol.framing import PREFACE, BlockingConnection, FrameProtocol, FrameTooLarge
 
 logger = logging.getLogger(__name__)
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
@@ -63,6 +63,9 @@ class ExpertClient:
         self._backward = self._channel.unary_unary(_METHOD + "Backward")
         self._stream = None  # the open Stream call, made on first use and dropped on any failure
         self._data: FrameProtocol | None = None  # the open data connection, likewise
+        self._blocking: BlockingConnection | None = None  # a second data connection, for blocking callers
+        self._blocking_busy = False  # a request on it waits for its answer
+        self._blocking_refused = False  # it could not be opened: blocking callers go through the loop
         self._stream_busy = False
         self._closed = False
         self.in_flight = 0  # Forward/Backward calls not finished (a dispatcher closes only idle clients)
@@ -149,12 +152,98 @@ class ExpertClient:
                 raise error_from_rpc(e, self.endpoint) from e
             except grpc.aio.UsageError as e:  # closed under a call of several requests (Dispatcher._ban)
                 raise NodeUnavailable(f"{self.endpoint}: this client was closed ({e})") from e
+        return self._answer(data, inputs)
+
+    def _answer(self, data: bytes | memoryview, inputs: dict) -> dict[str, torch.Tensor]:
+        """The node's answer to a request for `inputs`, decoded; its error as ours."""
         response = self._parse(data, len(inputs))
         if response.error_code:
             raise error_from_status(response.error_code, response.error_message, self.endpoint)
         if len(response.tensors) != len(inputs):
             raise NodeUnavailable(f"{self.endpoint}: answered {len(response.tensors)} tensors for {len(inputs)} expert batches")
         return {uid: self._decode(tensor) for uid, tensor in zip(inputs, response.tensors)}
+
+    # ---- the blocking connection: a forward sent and answered on the caller's thread (Dispatcher.forward_blocking)
+
+    def can_call_blocking(self) -> bool:
+        """Whether forward_send() can be used now: the node has a data port and the blocking connection
+        is open or opens now (in at most DATA_CONNECT_TIMEOUT_S; if it cannot, never again: callers
+        go through the loop, which falls back to gRPC itself)."""
+        if self._blocking is None and self.data_endpoint and not self._closed and not self._blocking_refused:
+            host, port = self.data_endpoint.rsplit(":", 1)
+            try:
+                self._blocking = BlockingConnection.connect(
+                    host.strip("[]"), int(port), timeout_s=DATA_CONNECT_TIMEOUT_S, max_frame_bytes=self._max_message_bytes
+                )
+            except OSError as e:
+                logger.info("cannot connect to the data port %s of %s (%r): calling through the event loop", self.data_endpoint, self.endpoint, e)
+                self._blocking_refused = True
+        return self._blocking is not None and not self._blocking_busy and not self._closed
+
+    def forward_send(self, model: str, inputs: dict[str, torch.Tensor], *, timeout_s: float, wire_dtype=None) -> None:
+        """Send a forward of these experts on the blocking connection (can_call_blocking() first); read
+        its answer with forward_receive() or forward_receive_async(). Raises NodeUnavailable."""
+        request = wire.write_request(model, next(self._request_ids), inputs, None, wire_dtype=wire_dtype)
+        self._blocking_busy = True
+        self.in_flight += 1
+        try:
+            self._blocking.send(request, timeout_s)
+        except OSError as e:
+            self._blocking_done(failed=True)
+            raise NodeUnavailable(f"{self.endpoint}: the data connection to {self.data_endpoint} broke ({e!r})") from e
+
+    def forward_receive(self, inputs: dict[str, torch.Tensor], timeout_s: float) -> dict[str, torch.Tensor] | None:
+        """The answer to forward_send(inputs), or None if it has not come within timeout_s (the request
+        is still in flight: call again, or forward_receive_async()). Raises our errors."""
+        try:
+            data = self._blocking.receive(timeout_s)
+        except (OSError, FrameTooLarge) as e:
+            self._blocking_done(failed=True)
+            raise NodeUnavailable(f"{self.endpoint}: the data connection to {self.data_endpoint} broke ({e!r})") from e
+        except BaseException:  # Ctrl-C: the answer would be read as the next request's
+            self._blocking_done(failed=True)
+            raise
+        if data is None:
+            return None
+        self._blocking_done(failed=False)
+        return self._answer(data, inputs)
+
+    async def forward_receive_async(self, inputs: dict[str, torch.Tensor], timeout_s: float) -> dict[str, torch.Tensor]:
+        """forward_receive() on the event loop, for an answer that did not come on the caller's thread
+        in time for its hedge: waits up to timeout_s more, then raises DEADLINE_EXCEEDED."""
+        try:
+            data = await asyncio.wait_for(self._blocking.receive_async(), max(timeout_s, 0.0))
+        except asyncio.TimeoutError:
+            self._blocking_done(failed=True)
+            raise NodeUnavailable(f"{self.endpoint}: DEADLINE_EXCEEDED: no answer in time") from None
+        except (OSError, FrameTooLarge) as e:
+            self._blocking_done(failed=True)
+            raise NodeUnavailable(f"{self.endpoint}: the data connection to {self.data_endpoint} broke ({e!r})") from e
+        except BaseException:  # cancelled (a hedge won): its answer must not pair with the next request
+            self._blocking_done(failed=True)
+            raise
+        self._blocking_done(failed=False)
+        return self._answer(data, inputs)
+
+    def forward_abandon(self) -> None:
+        """Give up a forward_send() whose answer is no longer wanted (its deadline passed, the caller
+        failed): the connection closes, so that answer never pairs with a later request."""
+        self._blocking_done(failed=True)
+
+    def interrupt_blocking(self) -> None:
+        """From any thread: a forward_receive() blocked on this client returns at once (NodeUnavailable)."""
+        connection = self._blocking
+        if connection is not None:
+            connection.interrupt()
+
+    def _blocking_done(self, *, failed: bool) -> None:
+        if not self._blocking_busy:  # (abandoning a request already answered or failed changes nothing)
+            return
+        self._blocking_busy = False
+        self.in_flight -= 1
+        if (failed or self._closed) and self._blocking is not None:
+            self._blocking.close()
+            self._blocking = None
 
     async def _call_on_stream(self, request: bytes, timeout_s: float) -> bytes:
         """One request on the open connection (at most one in flight, so answers pair with requests in
@@ -245,6 +334,9 @@ class ExpertClient:
         self._closed = True
         if grace_s is None or not self._stream_busy:
             self._drop_stream()
+        if self._blocking is not None and not self._blocking_busy:  # else its reader closes it when done
+            self._blocking.close()
+            self._blocking = None
         await self._channel.close(grace_s)
 
 

@@ -64,7 +64,9 @@ class SwarmClient:
         started = time.perf_counter()
         keep = torch.is_grad_enabled() if keep_activations is None else keep_activations
         try:
-            return self.dispatcher.run(self.dispatcher.forward(uids, x_TD.detach(), topk_ids_TK, keep_activations=keep))
+            if not keep:  # sent and answered on this thread where it can: Dispatcher.forward_blocking
+                return self.dispatcher.forward_blocking(uids, x_TD.detach(), topk_ids_TK)
+            return self.dispatcher.run(self.dispatcher.forward(uids, x_TD.detach(), topk_ids_TK, keep_activations=True))
         finally:
             self.expert_wait_s += time.perf_counter() - started
 

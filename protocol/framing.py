@@ -14,6 +14,10 @@ The protocol, both directions on one connection:
     ExpertResponse, in order (a failed request gets error_code/error_message, a gRPC status number).
 A node answers a preface it does not know, or a frame over its max_message_bytes, with one error
 response and closes the connection. Clients keep one request in flight per connection.
+
+A client's connection is driven either by its event loop (FrameProtocol as an asyncio protocol) or
+by a blocking caller (BlockingConnection: the decoding fast path, model/dispatcher.py); both frame
+what they receive with FrameProtocol.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import asyncio
 import collections
 import socket
 import struct
+import time
 
 import torch
 
@@ -132,6 +137,15 @@ class FrameProtocol(asyncio.BufferedProtocol):
             self.transport.resume_reading()
         return frame
 
+    def take_frame(self) -> bytes | memoryview | None:
+        """The next frame if one is complete, else None (for a reader that feeds this protocol itself,
+        without a transport: BlockingConnection); raises the failure once the frames before it are taken."""
+        if self._frames:
+            return self._frames.popleft()
+        if self._error is not None:
+            raise self._error
+        return None
+
     async def send(self, message: bytes | memoryview) -> None:
         """Write one frame; waits while the transport's buffer is over its high-water mark."""
         if self.transport is None or self.transport.is_closing():
@@ -198,3 +212,72 @@ class FrameProtocol(asyncio.BufferedProtocol):
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
+
+
+class BlockingConnection:
+    """A client's data connection driven by a blocking caller instead of an event loop: it writes a
+    request and reads the answer itself, with no event-loop run around the call (model/dispatcher.py,
+    forward_blocking). One request at a time. An answer not complete by a deadline stays readable:
+    receive() again, or finish it on an event loop with receive_async(). interrupt(), from any
+    thread, wakes a blocked receive() with a ConnectionError."""
+
+    def __init__(self, sock: socket.socket, max_frame_bytes: int):
+        self._sock, self._reader = sock, FrameProtocol(max_frame_bytes)
+
+    @classmethod
+    def connect(cls, host: str, port: int, *, timeout_s: float, max_frame_bytes: int) -> "BlockingConnection":
+        sock = socket.create_connection((host, port), timeout=timeout_s)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.sendall(PREFACE)
+        except BaseException:
+            sock.close()
+            raise
+        return cls(sock, max_frame_bytes)
+
+    def send(self, message: bytes | memoryview, timeout_s: float) -> None:
+        """Write one frame (raises OSError; TimeoutError when the peer takes none of it for timeout_s)."""
+        self._sock.settimeout(timeout_s)
+        for chunk in frame_chunks(message):
+            self._sock.sendall(chunk)
+
+    def receive(self, timeout_s: float) -> bytes | memoryview | None:
+        """The next frame, or None if it has not all arrived within timeout_s (what came is kept).
+        Raises ConnectionError (closed by the peer, or interrupted), FrameTooLarge, OSError."""
+        deadline = time.monotonic() + timeout_s
+        while (frame := self._reader.take_frame()) is None:
+            left_s = deadline - time.monotonic()
+            if left_s <= 0:
+                return None
+            self._sock.settimeout(left_s)
+            try:
+                received = self._sock.recv_into(self._reader.get_buffer(-1))
+            except TimeoutError:
+                return None
+            self._feed(received)
+        return frame
+
+    async def receive_async(self) -> bytes | memoryview:
+        """The next frame, read on the running event loop (no deadline: wrap it in one)."""
+        loop = asyncio.get_running_loop()
+        self._sock.setblocking(False)  # as the loop's socket calls need; receive() sets a timeout again
+        while (frame := self._reader.take_frame()) is None:
+            self._feed(await loop.sock_recv_into(self._sock, self._reader.get_buffer(-1)))
+        return frame
+
+    def _feed(self, received: int) -> None:
+        if received:
+            self._reader.buffer_updated(received)
+        else:
+            self._reader.eof_received()
+
+    def interrupt(self) -> None:
+        """End the connection's reading and writing now: a receive() blocked in another thread returns
+        with a ConnectionError. The socket stays open until close()."""
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:  # not connected any more, or closed already
+            pass
+
+    def close(self) -> None:
+        self._sock.close()

@@ -4,8 +4,10 @@ shutdown with idle connections; against real node processes."""
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import socket
+import threading
 import time
 
 import grpc
@@ -206,11 +208,64 @@ def test_remote_moe_finds_the_data_port_in_the_dht_and_calls_over_it(node_factor
         client = moe.client.dispatcher.clients.clients[endpoint]
         assert records and all(r.endpoint == endpoint and r.data_endpoint == node.ready["data_endpoint"] for r in records)
         assert client.data_endpoint == node.ready["data_endpoint"] and client._data is not None and client._stream is None
-        routing = moe.last_routing
-    expected = torch.zeros(5, D)
+        expected = _local_output(moe, x)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+
+
+def _local_output(moe, x: torch.Tensor) -> torch.Tensor:
+    """What moe(x) should have returned, from its last routing and the local experts."""
+    routing, expected = moe.last_routing, torch.zeros_like(x)
     with torch.no_grad():
-        for t in range(5):
-            for slot in range(2):
+        for t in range(x.shape[0]):
+            for slot in range(routing.topk_ids_TK.shape[1]):
                 uid = moe.uids[int(routing.topk_ids_TK[t, slot])]
                 expected[t] += routing.weights_TK[t, slot] * local_expert(uid)(x[t : t + 1])[0]
-    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+    return expected
+
+
+def test_inference_calls_go_out_and_come_back_on_the_callers_thread(node_factory, dht_peer, monkeypatch):
+    """Dispatcher.forward_blocking: once the node's client exists, an inference call is sent and
+    answered by the calling thread over a blocking data connection; the event loop does not run."""
+    from moeswarm.model.remote_moe import RemoteMoE
+
+    node = node_factory(swarm="blocking")
+    with RemoteMoE(model=MODEL["name"], layer=0, d_model=D, n_experts=MODEL["n_experts"], k=2,
+                   initial_peers=dht_peer.ready["maddrs"], swarm="blocking") as moe:
+        with torch.no_grad():
+            moe(torch.randn(1, D))  # the first call makes the node's client, on the loop
+        loop_runs = []
+        loop = moe.client.dispatcher._runner.loop
+        monkeypatch.setattr(loop, "run_until_complete", lambda *a: loop_runs.append(a) or pytest.fail("the loop ran"))
+        for rows in (1, 1, 3, 17):
+            x = torch.randn(rows, D)
+            with torch.no_grad():
+                out = moe(x)
+            torch.testing.assert_close(out, _local_output(moe, x), rtol=0, atol=1e-5)
+        assert loop_runs == []
+        assert moe.client.dispatcher.clients.existing(node.ready["endpoint"])._blocking is not None
+        monkeypatch.undo()
+
+
+def test_ctrl_c_during_a_blocking_call_leaves_the_next_answers_paired_with_their_requests(node_factory, dht_peer):
+    """A Ctrl-C while the caller waits for a stopped node: the answer that node sends once resumed
+    must not be taken for the next request's (each call has new inputs, so a mix-up shows)."""
+    from moeswarm.model.remote_moe import RemoteMoE
+
+    node = node_factory(swarm="ctrlc")
+    with RemoteMoE(model=MODEL["name"], layer=0, d_model=D, n_experts=MODEL["n_experts"], k=2,
+                   initial_peers=dht_peer.ready["maddrs"], swarm="ctrlc") as moe:
+        with torch.no_grad():
+            moe(torch.randn(1, D))
+            os.kill(node.popen.pid, signal.SIGSTOP)
+            previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+            try:
+                threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+                with pytest.raises(KeyboardInterrupt):
+                    moe(torch.randn(1, D))
+            finally:
+                signal.signal(signal.SIGINT, previous)
+                os.kill(node.popen.pid, signal.SIGCONT)
+            time.sleep(0.2)  # the resumed node answers the interrupted request
+            for _ in range(3):
+                x = torch.randn(1, D)
+                torch.testing.assert_close(moe(x), _local_output(moe, x), rtol=0, atol=1e-5)

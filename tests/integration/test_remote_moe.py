@@ -225,7 +225,6 @@ def test_sigstop_replica_is_hedged_avoided_and_used_again_after_sigcont(dht, tmp
     try:
         x = torch.randn(16, D)
         with torch.no_grad():
-            expected = local(x)
             for _ in range(10):
                 remote(x)  # warm up both replicas' latency estimates
             picker = remote.client.dispatcher.picker
@@ -234,8 +233,9 @@ def test_sigstop_replica_is_hedged_avoided_and_used_again_after_sigcont(dht, tmp
                 picker.on_success(nodes[1].ready["endpoint"], 0.02)
             os.kill(stopped.popen.pid, signal.SIGSTOP)
             for i in range(20):
+                x = torch.randn(16, D)  # new inputs each call: an answer paired with the wrong request shows
                 started = time.monotonic()
-                assert torch.equal(remote(x), expected)
+                assert torch.equal(remote(x), local(x))
                 assert time.monotonic() - started < remote.config.timeout_s, f"call {i} waited for a deadline"
             # Penalised (banned after losing the hedge; re-probed only when a ban runs out).
             assert picker.failures(stopped.ready["endpoint"]) >= 1
@@ -243,7 +243,8 @@ def test_sigstop_replica_is_hedged_avoided_and_used_again_after_sigcont(dht, tmp
             before = sum(_rows_served(stopped, f"stop.L0.E{e}") for e in range(E))
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline:
-                assert torch.equal(remote(x), expected)
+                x = torch.randn(16, D)
+                assert torch.equal(remote(x), local(x))
                 if sum(_rows_served(stopped, f"stop.L0.E{e}") for e in range(E)) > before:
                     break
                 time.sleep(0.1)

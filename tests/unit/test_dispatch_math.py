@@ -9,10 +9,9 @@ import logging
 import pytest
 import torch
 
-from moeswarm.model.dispatcher import (
-    AFFINITY_MAX_EXPERTS, AFFINITY_MAX_ROWS, DispatchConfig, DispatchResult, Dispatcher, _scatter_outputs, gather_rows,
-    group_rows, pick_endpoint,
-)
+from moeswarm.model.dispatcher import DispatchConfig, DispatchResult, Dispatcher
+from moeswarm.model.expert_rows import gather_rows, group_rows, scatter_outputs
+from moeswarm.model.replicas import AFFINITY_MAX_EXPERTS, AFFINITY_MAX_ROWS, pick_endpoint
 from moeswarm.model.expert_client import split_rows
 from moeswarm.model.experts import init_expert
 from moeswarm.model.local_moe import LocalMoE, combine
@@ -83,7 +82,7 @@ def test_group_rows_random_routing_partitions_all_pairs():
 
 @pytest.mark.parametrize("tokens", [1, 5, 40])  # decoding, small path, sorted path
 def test_gather_and_scatter_put_every_row_back_in_its_place(tokens):
-    """gather_rows then _scatter_outputs is the identity on sent slots: each expert's output row i
+    """gather_rows then scatter_outputs is the identity on sent slots: each expert's output row i
     lands at (token_idx[i], slot_idx[i]); unsent slots (-1) and unanswered experts stay 0 / unserved."""
     generator = torch.Generator().manual_seed(tokens)
     topk_ids_TK = torch.randint(-1, len(UIDS), (tokens, 2), generator=generator)
@@ -96,16 +95,16 @@ def test_gather_and_scatter_put_every_row_back_in_its_place(tokens):
     twice = group_rows(torch.tensor([[2, 2]]), UIDS)  # no gate does this; the rows must still match
     assert gather_rows(x_TD[:1], twice)[UIDS[2]].shape == (2, D)
     outputs = {uid: x_ND * (UIDS.index(uid) + 1) for uid, x_ND in inputs.items()}  # expert e scales by e+1
-    y_TKD, served_TK = _scatter_outputs(topk_ids_TK, D, rows, outputs)
+    y_TKD, served_TK = scatter_outputs(topk_ids_TK, D, rows, outputs)
     expected_TKD = x_TD[:, None, :] * (topk_ids_TK + 1).clamp(min=0)[..., None].float()
     assert torch.equal(y_TKD, expected_TKD) and torch.equal(served_TK, topk_ids_TK >= 0)
     missing = UIDS[1]  # every replica of one expert failed
     partial = {uid: y for uid, y in outputs.items() if uid != missing}
-    y_TKD, served_TK = _scatter_outputs(topk_ids_TK, D, rows, partial)
+    y_TKD, served_TK = scatter_outputs(topk_ids_TK, D, rows, partial)
     lost_TK = topk_ids_TK == 1
     assert torch.equal(served_TK, (topk_ids_TK >= 0) & ~lost_TK)
     assert torch.equal(y_TKD, expected_TKD * served_TK[..., None])
-    y_TKD, served_TK = _scatter_outputs(topk_ids_TK, D, rows, {})
+    y_TKD, served_TK = scatter_outputs(topk_ids_TK, D, rows, {})
     assert not served_TK.any() and not y_TKD.any()
 
 
@@ -122,7 +121,7 @@ def test_one_token_rows_and_outputs_land_in_their_slots(k, wire_dtype):
         assert (r.token_idx.tolist(), r.slot_idx.tolist(), r.flat_idx.tolist()) == ([0], [slot], [slot])
     x_TD = _randn(1, D, seed=k)
     outputs = {uid: (x_ND * (UIDS.index(uid) + 1)).to(wire_dtype) for uid, x_ND in gather_rows(x_TD, rows).items()}
-    y_TKD, served_TK = _scatter_outputs(topk_ids_TK, D, rows, outputs)
+    y_TKD, served_TK = scatter_outputs(topk_ids_TK, D, rows, outputs)
     expected_TKD = torch.stack([outputs[UIDS[e]][0].float() for e in topk_ids_TK[0].tolist()])[None]
     assert y_TKD.dtype == torch.float32 and torch.equal(y_TKD, expected_TKD) and served_TK.tolist() == [[True] * k]
     y_TKD.zero_()  # the caller's own tensor: the answers (and the shared index tensors) stay as they were
@@ -137,7 +136,7 @@ def test_backward_of_a_layer_call_that_sent_no_slot_is_all_zeros():
         topk_ids_TK = torch.full((3, 2), -1)
         x_TD = _randn(3, D)
         rows = group_rows(topk_ids_TK, UIDS)
-        y_TKD, served_TK = _scatter_outputs(topk_ids_TK, D, rows, {})
+        y_TKD, served_TK = scatter_outputs(topk_ids_TK, D, rows, {})
         result = DispatchResult(y_TKD, served_TK, rows, endpoints={}, attempts={})
         grad_x_TD = dispatcher.run(dispatcher.backward(result, x_TD, torch.ones(3, 2, D)))
     finally:
@@ -475,13 +474,13 @@ def test_dispatcher_makes_its_channels_only_on_its_event_loop():
 
 
 def test_dispatcher_loops_skip_grpc_events_of_closed_loops_and_report_the_rest(caplog):
-    from moeswarm.model.dispatcher import _new_event_loop
+    from moeswarm.model.loop_runner import new_event_loop
 
     class PollerCompletionQueue:  # the repr grpc's handle carries: functools.partial(<bound method PollerCompletionQueue._handle_events ...>)
         def _handle_events(self):
             pass
 
-    loop = _new_event_loop()
+    loop = new_event_loop()
     try:
         late = loop.call_soon(PollerCompletionQueue()._handle_events)
         other = loop.call_soon(lambda: None)

@@ -1,12 +1,18 @@
-"""protocol/framing.py: frames split anywhere across reads, large frames read in place, limits."""
+"""protocol/framing.py: frames split anywhere across reads, large frames read in place, limits; the
+blocking connection over a socket pair."""
 
 from __future__ import annotations
 
 import asyncio
+import socket
+import threading
+import time
 
 import pytest
 
-from moeswarm.protocol.framing import LENGTH, PREFACE, SMALL_FRAME, BadPreface, FrameProtocol, FrameTooLarge, frame_chunks
+from moeswarm.protocol.framing import (
+    LENGTH, PREFACE, SMALL_FRAME, BadPreface, BlockingConnection, FrameProtocol, FrameTooLarge, frame_chunks,
+)
 
 
 class _Transport:
@@ -158,3 +164,94 @@ def test_closing_cancels_a_reader_waiting_for_a_frame():
             await waiter
 
     asyncio.run(run())
+
+
+# ---------------------------------------------------------------- BlockingConnection (a socket pair)
+
+
+def _blocking_pair(max_frame_bytes: int = 1 << 20):
+    ours, peer = socket.socketpair()
+    return BlockingConnection(ours, max_frame_bytes), peer
+
+
+def _send_from_a_thread(peer: socket.socket, data: bytes, delay_s: float = 0.0) -> threading.Thread:
+    """The peer's send, on its own thread: a frame larger than the socket buffers waits for the reader."""
+    thread = threading.Timer(delay_s, peer.sendall, (data,))
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize("size", [0, 5, SMALL_FRAME + 1, 300 << 10])
+def test_blocking_connection_sends_a_frame_and_receives_the_answer(size):
+    connection, peer = _blocking_pair()
+    try:
+        connection.send(b"question", timeout_s=5)
+        assert peer.recv(64) == _frame(b"question")
+        answer = bytes(range(256)) * (size // 256) + b"\x01" * (size % 256)
+        sender = _send_from_a_thread(peer, _frame(answer))
+        assert bytes(connection.receive(timeout_s=5)) == answer
+        sender.join(5)
+    finally:
+        connection.close()
+        peer.close()
+
+
+def test_an_answer_late_for_its_deadline_is_kept_and_finished_on_an_event_loop():
+    connection, peer = _blocking_pair()
+    answer = b"\x05" * (SMALL_FRAME * 2)  # a large frame: read in place, in pieces
+    whole = _frame(answer)
+    try:
+        assert connection.receive(timeout_s=0.05) is None  # nothing yet
+        peer.sendall(whole[:1000])
+        assert connection.receive(timeout_s=0.05) is None  # part of it: kept, not lost
+        assert connection.receive(timeout_s=0.05) is None
+
+        sender = _send_from_a_thread(peer, whole[1000:], delay_s=0.05)
+        assert bytes(asyncio.run(connection.receive_async())) == answer
+        sender.join(5)
+        peer.sendall(_frame(b"next"))  # and the connection goes on, blocking again
+        assert connection.receive(timeout_s=5) == b"next"
+    finally:
+        connection.close()
+        peer.close()
+
+
+def test_interrupt_wakes_a_receive_blocked_in_another_thread():
+    connection, peer = _blocking_pair()
+    outcome = []
+
+    def receive():
+        try:
+            outcome.append(connection.receive(timeout_s=30))
+        except BaseException as e:  # noqa: BLE001 (checked below)
+            outcome.append(e)
+
+    thread = threading.Thread(target=receive)
+    try:
+        thread.start()
+        time.sleep(0.1)
+        connection.interrupt()
+        thread.join(5)
+        assert not thread.is_alive() and isinstance(outcome[0], ConnectionError), outcome
+    finally:
+        connection.close()
+        peer.close()
+
+
+def test_blocking_connection_fails_on_a_closed_peer_and_on_a_frame_over_its_limit():
+    connection, peer = _blocking_pair(max_frame_bytes=100)
+    peer.sendall(LENGTH.pack(101))
+    with pytest.raises(FrameTooLarge):
+        connection.receive(timeout_s=5)
+    connection.close()
+    peer.close()
+    connection, peer = _blocking_pair()
+    peer.sendall(_frame(b"whole"))
+    peer.sendall(LENGTH.pack(10) + b"part")
+    peer.close()
+    try:
+        assert connection.receive(timeout_s=5) == b"whole"  # what came before the close is still read
+        with pytest.raises(ConnectionError):
+            connection.receive(timeout_s=5)
+    finally:
+        connection.close()

@@ -12,13 +12,13 @@ import time
 
 import pytest
 
-from moeswarm.model.dispatcher import _new_event_loop
+from moeswarm.model.loop_runner import new_event_loop
 from moeswarm.model.loop_runner import LoopRunner
 
 
 @pytest.fixture
 def runner():
-    runner = LoopRunner(_new_event_loop())
+    runner = LoopRunner(new_event_loop())
     yield runner
     runner.close()
 
@@ -112,6 +112,28 @@ def test_a_blocking_call_from_a_coroutine_on_its_own_loop_is_refused(runner):
     assert runner.run(reentrant(), 5) == "refused"
 
 
+def test_a_thread_holding_the_loop_keeps_others_waiting_then_runs_its_own_call_on_it(runner):
+    """hold(): a blocking caller's own work on the loop's state (Dispatcher.forward_blocking); others
+    wait for release(), or for the end of run_held(), and then take the loop themselves."""
+    assert runner.hold()
+    assert not runner.hold()  # held already (by this thread: it is not a reentrant lock)
+    results = []
+    other = threading.Thread(target=lambda: results.append(runner.run(_thread_name(), 10)), name="other-caller")
+    other.start()
+    time.sleep(0.2)
+    assert results == []  # nobody ran the loop while it was held
+    assert runner.run_held(_thread_name(), 5) == threading.current_thread().name  # ran here, then released
+    other.join(10)
+    assert results == [threading.current_thread().name]  # its coroutine, queued on the loop, ran with run_held
+    assert runner.hold()  # free again
+    runner.release()
+
+    async def inside_a_loop():
+        return runner.hold()
+
+    assert asyncio.run(inside_a_loop()) is False  # a coroutine's thread cannot block on a call of its own
+
+
 @pytest.mark.skipif(threading.current_thread() is not threading.main_thread(), reason="signals reach the main thread")
 def test_ctrl_c_inside_a_call_cancels_it_and_leaves_the_loop_usable(runner):
     ended = []
@@ -128,7 +150,7 @@ def test_ctrl_c_inside_a_call_cancels_it_and_leaves_the_loop_usable(runner):
 
 
 def test_close_cancels_what_is_left_on_the_loop_and_closes_it():
-    runner = LoopRunner(_new_event_loop())
+    runner = LoopRunner(new_event_loop())
     ended = []
 
     async def start_and_leave():
@@ -141,7 +163,7 @@ def test_close_cancels_what_is_left_on_the_loop_and_closes_it():
 
 
 def test_close_from_async_code_closes_the_loop_too():
-    runner = LoopRunner(_new_event_loop())
+    runner = LoopRunner(new_event_loop())
     runner.run(_thread_name(), 5)
 
     async def teardown():  # e.g. an async test fixture closing its client
@@ -155,7 +177,7 @@ def test_a_ctrl_c_that_ends_a_task_of_the_call_leaves_no_task_error_in_the_log(c
     # The loop runs on the caller's (main) thread, so Python's SIGINT handler may run inside one of
     # the call's tasks: that task ends with the KeyboardInterrupt, which also ends the call. At close,
     # asyncio logged "Task exception was never retrieved" with a traceback under `generate`'s Ctrl-C.
-    runner = LoopRunner(_new_event_loop())
+    runner = LoopRunner(new_event_loop())
 
     async def one_node_call():
         await asyncio.sleep(0)
@@ -176,7 +198,7 @@ def test_a_ctrl_c_that_ends_a_task_of_the_call_leaves_no_task_error_in_the_log(c
 def test_close_is_bounded_even_when_a_task_ignores_its_cancellation():
     # asyncio.wait_for(gather(...)) waited for the cancelled gather to end, so one task that kept
     # catching CancelledError hung close(), and with it SwarmClient.close(), for good.
-    runner = LoopRunner(_new_event_loop())
+    runner = LoopRunner(new_event_loop())
 
     async def stubborn():
         for _ in range(100):

@@ -9,7 +9,8 @@ import weakref
 
 import torch
 
-from moeswarm.model.dispatcher import DispatchResult, group_rows
+from moeswarm.model.dispatcher import DispatchResult
+from moeswarm.model.expert_rows import group_rows
 from moeswarm.model.remote_moe import RemoteExperts
 
 UIDS = [f"m.L0.E{e}" for e in range(4)]

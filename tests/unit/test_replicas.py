@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from moeswarm.model.dispatcher import candidates
+from moeswarm.model.replicas import candidates
 from moeswarm.model.replicas import UNKNOWN_LATENCY_S, ReplicaPicker
 from moeswarm.protocol.records import ExpertRecord
 
