@@ -147,8 +147,9 @@ class Dispatcher:
     def forward_blocking(self, uids: list[str], x_TD: torch.Tensor, topk_ids_TK: torch.Tensor) -> DispatchResult:
         """run(forward(...)) of an inference forward (nothing kept for a backward), its first round sent
         and answered by the calling thread itself where it can: decoding's path. The loop then does
-        not run around the call, which on the 2-core VM saved ~0.19 ms per batch-1 layer call
-        (bench/generate.py --quick: 0.68 -> 0.49 ms per MoE layer over the local step). It can when no
+        not run around the call: its tasks, futures and selector cost a decoding layer call ~0.15 ms of
+        Python with the caches cold after the dense compute (bench/generate.py, full runs, per MoE
+        layer over the local step: batch 1 0.67-0.69 -> 0.52-0.53 ms, batch 8 0.71-0.76 -> 0.39-0.42 ms). It can when no
         other thread runs the loop, every node of the call has a client already (made on the loop, at
         an earlier call) whose data port answers, and the call carries at most BLOCKING_MAX_BYTES.
         What that round leaves (a failed node, an answer past its hedge delay) goes on through the
