@@ -148,7 +148,7 @@ def _timeout(bound_s: float) -> TimeoutError:
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
     """The client's loop: asyncio's own, not uvloop (nodes use uvloop). The calling thread runs it for
-    each call (model/loop_runner.py), and uvloop, run from the main thread, makes and closes a
+    each call (LoopRunner), and uvloop, run from the main thread, makes and closes a
     socket pair and sets Python's signal wakeup fd at every run: a run of an empty coroutine took
     70 us against 43-46 us for asyncio's loop, with the caches cold as between two decoding layers.
     bench/generate.py --quick, 2 alternating pairs: batch 1, 0.638 / 0.654 against 0.719 / 0.723 ms
