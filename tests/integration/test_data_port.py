@@ -269,3 +269,38 @@ def test_ctrl_c_during_a_blocking_call_leaves_the_next_answers_paired_with_their
             for _ in range(3):
                 x = torch.randn(1, D)
                 torch.testing.assert_close(moe(x), _local_output(moe, x), rtol=0, atol=1e-5)
+
+
+def test_a_stopped_node_fails_a_blocking_call_at_its_deadline_and_serves_again_after(node_factory, dht_peer):
+    """forward_blocking with one replica: no hedge, so the calling thread waits for the call's deadline
+    (not longer), the error names it, and once the node is back (its ban over) calls are exact again."""
+    from moeswarm.model.dispatcher import DispatchConfig
+    from moeswarm.model.remote_moe import RemoteMoE
+    from moeswarm.protocol.errors import AllReplicasFailed
+
+    node = node_factory(swarm="deadline")
+    with RemoteMoE(model=MODEL["name"], layer=0, d_model=D, n_experts=MODEL["n_experts"], k=2,
+                   initial_peers=dht_peer.ready["maddrs"], swarm="deadline", config=DispatchConfig(timeout_s=1.0)) as moe:
+        with torch.no_grad():
+            moe(torch.randn(1, D))  # the node's client exists: the next call is a blocking one
+            os.kill(node.popen.pid, signal.SIGSTOP)
+            try:
+                started = time.monotonic()
+                with pytest.raises(AllReplicasFailed, match="DEADLINE_EXCEEDED"):
+                    moe(torch.randn(1, D))
+                took = time.monotonic() - started
+            finally:
+                os.kill(node.popen.pid, signal.SIGCONT)
+            assert 1.0 <= took < 4.0, took  # the deadline, not the dispatcher's bound of a call (4 s: timeout x (attempts + 1))
+            deadline = time.monotonic() + 10
+            while True:  # banned for 1 s, then tried again
+                x = torch.randn(1, D)
+                try:
+                    out = moe(x)
+                    break
+                except AllReplicasFailed:
+                    assert time.monotonic() < deadline, "the node was never used again"
+                    time.sleep(0.2)
+            torch.testing.assert_close(out, _local_output(moe, x), rtol=0, atol=1e-5)
+            x = torch.randn(1, D)
+            torch.testing.assert_close(moe(x), _local_output(moe, x), rtol=0, atol=1e-5)
