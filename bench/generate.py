@@ -2,7 +2,8 @@
 
 Model: 4 blocks, each with an MoE FFN (8 SwiGLU experts of hidden 512, top-2), d_model 256, 4 heads, byte
 vocabulary, fp32, random weights (seed 0), written as a model directory (model/lm.py save_model). Swarm:
-deploy/swarm.py LocalSwarm, a bootstrap DHT and 2 node processes hosting the 32 experts once (1 replica;
+deploy/swarm.py LocalSwarm (nodes as `swarm up` starts them: each pinned to a core, sched_batch), a
+bootstrap DHT and 2 node processes hosting the 32 experts once (1 replica;
 --replicas 2: both host all of them, and the dispatcher picks a replica per expert), all on 127.0.0.1; the
 bench process, the nodes and the echo servers run torch with 1 thread.
 Greedy decoding (model/generation.py generate, KV cache) of prompts of BOS + 16 bytes of stdlib source, N new

@@ -11,7 +11,7 @@ import signal
 import sys
 
 from moeswarm.deploy.stop_signals import exit_code_when_stopped
-from moeswarm.node.affinity import pin_process
+from moeswarm.node.affinity import batch_scheduling, pin_process
 from moeswarm.node.config import NodeConfig
 from moeswarm.protocol.malloc import keep_freed_memory
 
@@ -25,6 +25,8 @@ def run_node(config: NodeConfig, *, ready_file: str | None = None, exit_with_par
         pin_process(config.cpus)
         if len(config.cpus) < config.torch_threads:
             logger.warning("torch_threads=%d on %d pinned CPUs: the threads will take turns", config.torch_threads, len(config.cpus))
+    if config.sched_batch:  # likewise inherited
+        batch_scheduling()
     keep_freed_memory()
     try:
         import uvloop

@@ -4,6 +4,7 @@ the command line, each node's config, CPU pinning; bad flags are ConfigErrors he
 from __future__ import annotations
 
 import dataclasses
+import os
 import pathlib
 
 from moeswarm.coordinator.placement import place_experts
@@ -63,6 +64,8 @@ def node_configs(plan: SwarmPlan, initial_peers: list[str], run_dir: pathlib.Pat
             "state_dir": str(run_dir / f"node{i}"),
             "torch_threads": plan.torch_threads,
             **({"cpus": list(cpus[i])} if cpus else {}),
+            # the nodes share this machine with a client, often: they must not preempt it (node/affinity.py)
+            **({"sched_batch": True} if hasattr(os, "SCHED_BATCH") else {}),
         }
         for i, uids in enumerate(placement)
     ]

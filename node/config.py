@@ -76,6 +76,8 @@ class NodeConfig:
     average_every_s: float = 60.0  # trainable nodes average each expert with a trainable replica this often, inference-only
     # ones (sync_from_replicas) check for replicas trained further this often; 0: never
     prepack_weights: bool = False  # CPU serving: forward with oneDNN-prepacked weights (fp32, bf16; 1.1-1.8x faster; 2x weight memory)
+    sched_batch: bool = False  # Linux: the node's threads run as SCHED_BATCH, so a request does not preempt what runs on
+    # its CPU (a client on the same machine keeps its core until it waits); `swarm up` turns it on (node/affinity.py)
     busy_poll_us: int = 0  # after each answer, keep polling (not sleeping) this long: lower latency for a client calling
     # again at once (decoding), for a core's CPU time meanwhile; 0: off (node/busy_poll.py)
     optimizer: OptimizerConfig = OptimizerConfig()

@@ -318,6 +318,22 @@ def test_node_pinned_to_a_cpu_keeps_every_thread_and_child_there(node_factory):
     assert out.shape == (2, D) and torch.isfinite(out).all()
 
 
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux only")
+def test_a_node_with_sched_batch_runs_every_thread_and_child_as_batch_work(node_factory):
+    node = node_factory("batch", sched_batch=True)
+    tree = process_tree(node.popen.pid)
+    policies = {}
+    for pid in tree:
+        for task in pathlib.Path(f"/proc/{pid}/task").iterdir():
+            try:
+                policies[pid, int(task.name)] = os.sched_getscheduler(int(task.name))
+            except ProcessLookupError:  # the thread ended meanwhile
+                continue
+    assert len(policies) > len(tree) and set(policies.values()) == {os.SCHED_BATCH}, policies
+    out, _ = run(probe(node.ready["endpoint"], MODEL["name"], "itest.L0.E0", torch.ones(2, D)))  # and it serves as usual
+    assert out.shape == (2, D) and torch.isfinite(out).all()
+
+
 def test_node_pinned_to_a_missing_cpu_stops_with_a_clear_error(tmp_path, cli_here):
     missing = max(os.sched_getaffinity(0)) + 1 if hasattr(os, "sched_getaffinity") else 0
     config = tmp_path / "node.yaml"

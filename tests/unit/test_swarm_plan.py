@@ -1,7 +1,10 @@
 """deploy/swarm.py: the node configs `moeswarm swarm up` writes, with --node-set overrides and CPU pinning."""
 
 import dataclasses
+import os
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -91,6 +94,33 @@ def test_node_set_torch_threads_gives_each_pinned_node_that_many_cpus(monkeypatc
     monkeypatch.setattr(plan_module, "available_cpus", lambda: [0, 1])
     assert ["cpus" in c for c in node_configs(plan, [], tmp_path)] == [False, False]
     assert "not pinned (2 nodes x 2 threads > 2 CPUs)" in describe_pinning(plan)
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux only")
+def test_swarm_up_nodes_run_as_batch_work_unless_told_otherwise():
+    """They share the machine with a client, often (node/affinity.py batch_scheduling)."""
+    assert [build(NodeConfig, data).sched_batch for data in node_configs(_plan(), [], pathlib.Path("run"))] == [True, True]
+    plan = dataclasses.replace(_plan(), node_overrides=("sched_batch=false",))
+    assert [build(NodeConfig, data).sched_batch for data in node_configs(plan, [], pathlib.Path("run"))] == [False, False]
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux only")
+def test_batch_scheduling_reaches_every_thread_and_those_started_later():
+    """In a child process: the test process keeps its own policy."""
+    code = """
+import os, threading
+from moeswarm.node.affinity import batch_scheduling
+before = threading.Event(); stop = threading.Event()
+early = threading.Thread(target=lambda: (before.set(), stop.wait())); early.start(); before.wait()
+batch_scheduling()
+late = threading.Thread(target=stop.wait); late.start()
+policies = {os.sched_getscheduler(int(tid)) for tid in os.listdir("/proc/self/task")}
+stop.set(); early.join(); late.join()
+print(sorted(policies) == [os.SCHED_BATCH], len(os.listdir("/proc/self/task")))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True).stdout.split()
+    assert out[0] == "True", out
+    assert os.sched_getscheduler(0) != os.SCHED_BATCH
 
 
 def test_format_cpus_joins_runs():
