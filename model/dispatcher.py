@@ -3,6 +3,9 @@ deadline; falls back to other replicas, bans failing ones and hedges slow forwar
 both replicas would apply its gradients).
 
 Owns the client's single event loop, run by the threads that call it (`run`, model/loop_runner.py).
+An inference forward's first round skips the loop: the calling thread sends it and reads the answers
+on blocking data connections (`forward_blocking`); the loop takes over only what that round leaves.
+Row bookkeeping is in model/expert_rows.py, replica choice in model/replicas.py.
 Legend: T tokens, K experts per token, D model dim, N rows of one expert.
 """
 
