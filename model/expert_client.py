@@ -190,7 +190,7 @@ class ExpertClient:
             self._blocking.send(request, timeout_s)
         except OSError as e:
             self._blocking_done(failed=True)
-            raise NodeUnavailable(f"{self.endpoint}: the data connection to {self.data_endpoint} broke ({e!r})") from e
+            raise self._broken(e) from e
 
     def forward_receive(self, inputs: dict[str, torch.Tensor], timeout_s: float) -> dict[str, torch.Tensor] | None:
         """The answer to forward_send(inputs), or None if it has not come within timeout_s (the request
@@ -199,7 +199,7 @@ class ExpertClient:
             data = self._blocking.receive(timeout_s)
         except (OSError, FrameTooLarge) as e:
             self._blocking_done(failed=True)
-            raise NodeUnavailable(f"{self.endpoint}: the data connection to {self.data_endpoint} broke ({e!r})") from e
+            raise self._broken(e) from e
         except BaseException:  # Ctrl-C: the answer would be read as the next request's
             self._blocking_done(failed=True)
             raise
@@ -218,7 +218,7 @@ class ExpertClient:
             raise NodeUnavailable(f"{self.endpoint}: DEADLINE_EXCEEDED: no answer in time") from None
         except (OSError, FrameTooLarge) as e:
             self._blocking_done(failed=True)
-            raise NodeUnavailable(f"{self.endpoint}: the data connection to {self.data_endpoint} broke ({e!r})") from e
+            raise self._broken(e) from e
         except BaseException:  # cancelled (a hedge won): its answer must not pair with the next request
             self._blocking_done(failed=True)
             raise
@@ -267,7 +267,7 @@ class ExpertClient:
             raise error_from_rpc(e, self.endpoint) from e
         except (ConnectionError, FrameTooLarge) as e:
             self._drop_stream()
-            raise NodeUnavailable(f"{self.endpoint}: the data connection to {self.data_endpoint} broke ({e})") from e
+            raise self._broken(e) from e
         except (asyncio.InvalidStateError, grpc.aio.UsageError) as e:  # the stream ended between our check
             self._drop_stream()  # and the write, or the client was closed under a call of several requests
             raise NodeUnavailable(f"{self.endpoint}: the stream ended ({e})") from e
@@ -307,6 +307,9 @@ class ExpertClient:
         )
         connection.transport.write(PREFACE)
         return connection
+
+    def _broken(self, error: BaseException) -> NodeUnavailable:
+        return NodeUnavailable(f"{self.endpoint}: the data connection to {self.data_endpoint} broke ({error!r})")
 
     def _parse(self, data: bytes, tensors: int):
         try:
